@@ -1,0 +1,326 @@
+//! `wglb-lab demo`: runs wglb in front of real WireGuard gateways and narrates a failover.
+
+use std::fmt::Display;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context, Result};
+use wglb_lab::{require_root, terminate, Family, Netns, Pinger, Rig, RigSpec};
+
+const USAGE: &str = "usage: wglb-lab demo [--wglb PATH]";
+const GATEWAYS: usize = 3;
+const CLIENTS: u16 = 6;
+const FIRST_CLIENT_PORT: u16 = 41000;
+const METRICS_ADDR: &str = "127.0.0.1:9638";
+/// Failover cannot be faster than WireGuard's ~15 s of retrying the dead session before it
+/// handshakes again; the rest is margin for the balancer's health checks.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(40);
+
+fn main() -> ExitCode {
+    let result = match parse_args() {
+        Ok(Some(wglb)) => demo(&wglb),
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("wglb-lab: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The wglb executable to run, or `None` when help was asked for.
+fn parse_args() -> Result<Option<PathBuf>> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("demo") => {}
+        Some("-h" | "--help") => return Ok(None),
+        _ => bail!(USAGE),
+    }
+    let mut wglb = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--wglb" => wglb = Some(PathBuf::from(args.next().context("--wglb needs a path")?)),
+            "-h" | "--help" => return Ok(None),
+            _ => bail!("unexpected argument {arg:?}\n{USAGE}"),
+        }
+    }
+    match wglb {
+        Some(path) => Ok(Some(path)),
+        None => Ok(Some(
+            std::env::current_exe()
+                .context("locating this executable")?
+                .with_file_name("wglb"),
+        )),
+    }
+}
+
+struct Narrator {
+    start: Instant,
+}
+
+impl Narrator {
+    fn say(&self, message: impl Display) {
+        println!("[{:6.2}s] {message}", self.start.elapsed().as_secs_f64());
+    }
+}
+
+fn demo(wglb: &Path) -> Result<()> {
+    let narrator = Narrator {
+        start: Instant::now(),
+    };
+    ensure!(
+        wglb.is_file(),
+        "no wglb executable at {} (build it with `cargo build -p wglb`, or pass --wglb PATH)",
+        wglb.display()
+    );
+    require_root()?;
+
+    narrator.say(format!(
+        "building a rig: {GATEWAYS} gateways, {CLIENTS} clients, IPv4"
+    ));
+    let mut rig = Rig::new(RigSpec {
+        family: Family::V4,
+        gateways: GATEWAYS,
+        client_ports: (FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + CLIENTS).collect(),
+        keepalive: None,
+    })?;
+    narrator.say(format!(
+        "rig {} is up; its files are in {} (set WGLB_LAB_KEEP_TEMP=1 to keep them)",
+        rig.id(),
+        rig.temp_dir().display()
+    ));
+
+    let config = write_config(&rig)?;
+    let mut balancer = Balancer::start(&rig, wglb, &config)?;
+    narrator.say(format!(
+        "started {} run --config {} in {}; its log: {}",
+        wglb.display(),
+        config.display(),
+        rig.balancer_ns().name(),
+        balancer.log.display()
+    ));
+
+    if let Err(error) = exercise(&mut rig, &narrator) {
+        balancer.report_failure();
+        return Err(error);
+    }
+
+    narrator.say("stopping the balancer (SIGTERM)");
+    let status = balancer.stop()?;
+    narrator.say(format!("balancer exited: {status}"));
+    drop(rig);
+    narrator.say("rig torn down");
+    Ok(())
+}
+
+/// Steps 3 to 5: traffic through the balancer, a gateway failure, and the balancer's metrics.
+fn exercise(rig: &mut Rig, narrator: &Narrator) -> Result<()> {
+    let clients = usize::from(CLIENTS);
+    for i in 0..clients {
+        rig.start_client(i)?;
+    }
+    let pingers = (0..clients)
+        .map(|i| rig.pinger(i))
+        .collect::<Result<Vec<_>>>()?;
+    narrator.say(format!(
+        "started {clients} clients, each pinging the gateway through its tunnel"
+    ));
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..clients {
+        rig.wait_handshake(i, deadline.saturating_duration_since(Instant::now()))?;
+    }
+    narrator.say("every client has completed a handshake through the balancer");
+    let mut serving = Vec::with_capacity(clients);
+    for (i, pinger) in pingers.iter().enumerate() {
+        let gateway = rig
+            .gateway_serving(i)?
+            .with_context(|| format!("no gateway has a handshake with client {i}"))?;
+        pinger.wait_reply_after(SystemTime::now(), Duration::from_secs(5))?;
+        narrator.say(format!(
+            "client {i} ({}) is served by gw{gateway}; pings flow",
+            rig.client_addr(i)
+        ));
+        serving.push(gateway);
+    }
+
+    let victim = serving[0];
+    let sent_before: Vec<u32> = pingers.iter().map(Pinger::sent).collect();
+    let killed_at = SystemTime::now();
+    rig.stop_gateway(victim)?;
+    narrator.say(format!(
+        "stopped gw{victim}, which served client 0 (WireGuard and health port)"
+    ));
+    let reply = pingers[0]
+        .wait_reply_after(killed_at, FAILOVER_TIMEOUT)
+        .context("waiting for client 0 to fail over")?;
+    let failover = reply.duration_since(killed_at).unwrap_or_default();
+    let new_gateway = match rig.gateway_serving(0)? {
+        Some(j) => format!("gw{j}"),
+        None => "no gateway with a handshake (?)".to_owned(),
+    };
+    narrator.say(format!(
+        "client 0 got a reply {:.1} s after the kill; it is now served by {new_gateway}",
+        failover.as_secs_f64()
+    ));
+
+    let sent_at_reply: Vec<u32> = pingers.iter().map(Pinger::sent).collect();
+    // Pings still in flight when client 0 recovered need a moment to be answered or reported
+    // missing (ping reports a miss when it sends the next one, 0.2 s later).
+    let settled = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settled
+        && pingers
+            .iter()
+            .zip(&sent_at_reply)
+            .any(|(pinger, &sent)| pinger.sent() <= sent)
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+    for i in 1..clients {
+        let window = sent_before[i] + 1..=sent_at_reply[i];
+        let lost = pingers[i].lost_between(*window.start(), *window.end());
+        let note = if serving[i] == victim {
+            ", the stopped gateway too"
+        } else {
+            ""
+        };
+        let verdict = if lost.is_empty() {
+            format!("no ping lost of {}", window.count())
+        } else {
+            format!("lost {} of {} pings {lost:?}", lost.len(), window.count())
+        };
+        narrator.say(format!(
+            "client {i} (was on gw{}{note}): {verdict}",
+            serving[i]
+        ));
+    }
+
+    match fetch_metrics(rig.balancer_ns()) {
+        Ok(lines) => {
+            narrator.say(format!(
+                "nonzero wglb_ metrics from http://{METRICS_ADDR}/metrics:"
+            ));
+            for line in lines {
+                println!("    {line}");
+            }
+        }
+        Err(error) => narrator.say(format!("could not fetch the metrics: {error:#}")),
+    }
+    Ok(())
+}
+
+fn write_config(rig: &Rig) -> Result<PathBuf> {
+    let mut config = format!(
+        "[metrics]\nlisten = \"{METRICS_ADDR}\"\n\n\
+         [[listener]]\nname = \"demo\"\nlisten = \"0.0.0.0:51820\"\nhash_key = \"source-ip-port\"\n"
+    );
+    for j in 0..GATEWAYS {
+        config.push_str(&format!(
+            "\n[[listener.gateway]]\nname = \"gw{j}\"\naddress = \"{}\"\nhealth_port = {}\n",
+            rig.gateway_addr(j),
+            rig.gateway_health_port()
+        ));
+    }
+    let path = rig.temp_dir().join("wglb.toml");
+    fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The wglb process under demonstration; dropping it stops it.
+struct Balancer {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Balancer {
+    fn start(rig: &Rig, wglb: &Path, config: &Path) -> Result<Balancer> {
+        let log = rig.temp_dir().join("wglb.log");
+        let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = rig
+            .balancer_ns()
+            .command(wglb)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().context("duplicating a log file handle")?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {} in the balancer namespace", wglb.display()))?;
+        Ok(Balancer { child, log })
+    }
+
+    fn stop(mut self) -> Result<ExitStatus> {
+        terminate(&mut self.child, Duration::from_secs(10)).context("stopping wglb")
+    }
+
+    /// The balancer's log is deleted with the rig, so show its end before it goes.
+    fn report_failure(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            eprintln!("wglb exited early: {status}");
+        }
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("last lines of {}:", self.log.display());
+        for line in &lines[lines.len().saturating_sub(30)..] {
+            eprintln!("    {line}");
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = terminate(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+/// The balancer's metrics listen on loopback inside its namespace, so fetch them from there.
+fn fetch_metrics(ns: &Netns) -> Result<Vec<String>> {
+    let response = ns.run(|| -> Result<String> {
+        let addr: SocketAddr = METRICS_ADDR.parse()?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.0\r\nHost: {METRICS_ADDR}\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head.lines().next().unwrap_or_default();
+    ensure!(
+        status.contains(" 200"),
+        "metrics endpoint answered {status:?}"
+    );
+    Ok(body
+        .lines()
+        .filter(|line| line.starts_with("wglb_") && metric_value(line).is_some_and(|v| v != 0.0))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The sample value of a Prometheus text-format line; label values may contain spaces, so look
+/// after the closing brace.
+fn metric_value(line: &str) -> Option<f64> {
+    let rest = match line.rfind('}') {
+        Some(brace) => &line[brace + 1..],
+        None => line.split_once(' ')?.1,
+    };
+    rest.split_whitespace().next()?.parse().ok()
+}

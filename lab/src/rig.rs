@@ -1,0 +1,481 @@
+//! The test network: namespaces, veth links, wireguard-go peers and gateway health servers.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::cmd;
+use crate::health::HealthServer;
+use crate::netns::Netns;
+use crate::ping::Pinger;
+use crate::wg::{self, Keypair, WgProcess};
+
+/// The port the balancer listens on and the gateways' WireGuard port, as in a Defguard deployment.
+const WG_PORT: u16 = 51820;
+/// The Defguard gateway's health endpoint port.
+const HEALTH_PORT: u16 = 55003;
+/// Every gateway has this tunnel address: they are interchangeable copies of one gateway.
+const GATEWAY_TUNNEL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// Client i's tunnel address is 10.99.0.{FIRST_CLIENT_HOST + i}.
+const FIRST_CLIENT_HOST: usize = 10;
+
+/// Client links are 10.201.i.0/24 or fd00:201:i::/64, gateway links 10.202.j.0/24 or
+/// fd00:202:j::/64: the second octet / segment for each address family.
+const CLIENT_LINKS: (u8, u16) = (201, 0x201);
+const GATEWAY_LINKS: (u8, u16) = (202, 0x202);
+
+/// Makes rig ids unique within the process; the process id makes them unique across processes.
+static RIG_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Set to keep each rig's temporary directory (wireguard-go, ping and balancer logs) after the rig
+/// is dropped, to investigate a failing test.
+const KEEP_TEMP_ENV: &str = "WGLB_LAB_KEEP_TEMP";
+
+/// The address family of the outer network, the one the balancer forwards; tunnels are always
+/// IPv4.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+#[derive(Clone, Debug)]
+pub struct RigSpec {
+    pub family: Family,
+    pub gateways: usize,
+    /// One entry per client: its WireGuard listen port, fixed so that the source address the
+    /// balancer sees (and hashes) is known in advance.
+    pub client_ports: Vec<u16>,
+    /// Persistent keepalive of the clients; without it a client is silent unless it has traffic.
+    pub keepalive: Option<u16>,
+}
+
+/// A test network of WireGuard clients, a balancer namespace and gateways sharing one key.
+///
+/// Client i and gateway j each have their own namespace joined to the balancer namespace by a
+/// veth link: 10.201.i.0/24 and 10.202.j.0/24 (IPv6: fd00:201:i::/64 and fd00:202:j::/64, i and
+/// j in hex), the far end .2 (::2) and the balancer end .1 (::1). Nothing routes between links:
+/// a balancer must proxy, receiving on client links and sending from its gateway-link addresses.
+///
+/// Everything is torn down on drop, in field order: processes first, then namespaces, then the
+/// temporary directory.
+pub struct Rig {
+    clients: Vec<Client>,
+    gateways: Vec<Gateway>,
+    balancer: Netns,
+    temp: TempDir,
+    id: String,
+    family: Family,
+    keepalive: Option<u16>,
+    gateway_public: String,
+}
+
+struct Client {
+    // Declared before `ns` so that it is dropped, and wireguard-go stopped, first.
+    wg: Option<WgProcess>,
+    ns: Netns,
+    ifname: String,
+    port: u16,
+    outer: IpAddr,
+    balancer_side: IpAddr,
+    public: String,
+    key_file: PathBuf,
+}
+
+struct Gateway {
+    health: Option<HealthServer>,
+    wg: Option<WgProcess>,
+    ns: Netns,
+    ifname: String,
+    outer: IpAddr,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Rig {
+    /// Builds the network and starts every gateway, but no client: tests start clients once
+    /// their balancer is listening, so the first handshake goes through it.
+    pub fn new(spec: RigSpec) -> Result<Rig> {
+        ensure!(
+            spec.client_ports.len() <= 255 - FIRST_CLIENT_HOST,
+            "at most {} clients fit the tunnel subnet",
+            255 - FIRST_CLIENT_HOST
+        );
+        ensure!(
+            spec.gateways <= 256,
+            "at most 256 gateways fit the address plan"
+        );
+        ensure!(
+            !spec.client_ports.contains(&0),
+            "client ports must be fixed, not 0"
+        );
+        let (id, temp) = claim_id()?;
+        let balancer = Netns::create(format!("wglb-{id}-b"))?;
+        let gateway_key = Keypair::generate()?;
+        let gateway_key_file = temp.path.join("gateway.key");
+        gateway_key.write_private(&gateway_key_file)?;
+        let mut rig = Rig {
+            clients: Vec::new(),
+            gateways: Vec::new(),
+            balancer,
+            temp,
+            id,
+            family: spec.family,
+            keepalive: spec.keepalive,
+            gateway_public: gateway_key.public,
+        };
+        for (i, &port) in spec.client_ports.iter().enumerate() {
+            let client = rig
+                .add_client(i, port)
+                .with_context(|| format!("setting up client {i}"))?;
+            rig.clients.push(client);
+        }
+        for j in 0..spec.gateways {
+            let gateway = rig
+                .add_gateway(j, &gateway_key_file)
+                .with_context(|| format!("setting up gateway {j}"))?;
+            rig.gateways.push(gateway);
+        }
+        tracing::info!(id = %rig.id, temp = %rig.temp.path.display(), "rig ready");
+        Ok(rig)
+    }
+
+    fn add_client(&self, i: usize, port: u16) -> Result<Client> {
+        let id = &self.id;
+        let ns = Netns::create(format!("wglb-{id}-c{i}"))?;
+        let (outer, balancer_side) = self.link_addrs(CLIENT_LINKS, i);
+        self.connect(
+            &ns,
+            &format!("v{id}c{i}"),
+            &format!("v{id}C{i}"),
+            outer,
+            balancer_side,
+        )?;
+        let key = Keypair::generate()?;
+        let key_file = self.temp.path.join(format!("c{i}.key"));
+        key.write_private(&key_file)?;
+        Ok(Client {
+            wg: None,
+            ns,
+            ifname: format!("wg{id}c{i}"),
+            port,
+            outer,
+            balancer_side,
+            public: key.public,
+            key_file,
+        })
+    }
+
+    fn add_gateway(&self, j: usize, key_file: &Path) -> Result<Gateway> {
+        let id = &self.id;
+        let ns = Netns::create(format!("wglb-{id}-g{j}"))?;
+        let (outer, balancer_side) = self.link_addrs(GATEWAY_LINKS, j);
+        self.connect(
+            &ns,
+            &format!("v{id}g{j}"),
+            &format!("v{id}G{j}"),
+            outer,
+            balancer_side,
+        )?;
+        let ifname = format!("wg{id}g{j}");
+        let log = self.temp.path.join(format!("g{j}-wireguard-go.log"));
+        let wg = WgProcess::spawn(&ns, &ifname, &log)?;
+        let mut set = ns.command("wg");
+        set.args(["set", &ifname, "private-key"])
+            .arg(key_file)
+            .args(["listen-port", &WG_PORT.to_string()]);
+        for (i, client) in self.clients.iter().enumerate() {
+            set.args([
+                "peer",
+                &client.public,
+                "allowed-ips",
+                &client_tunnel_cidr(i, 32),
+            ]);
+        }
+        cmd::run(&mut set)?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{GATEWAY_TUNNEL_ADDR}/24"),
+            "dev",
+            &ifname,
+        ])?;
+        ns.ip(&["link", "set", &ifname, "up"])?;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let health =
+            HealthServer::start(&ns, SocketAddr::new(outer, HEALTH_PORT), healthy.clone())?;
+        Ok(Gateway {
+            health: Some(health),
+            wg: Some(wg),
+            ns,
+            ifname,
+            outer,
+            healthy,
+        })
+    }
+
+    /// The far-end and balancer-end addresses of link `index` of the given kind.
+    fn link_addrs(&self, (v4_octet, v6_segment): (u8, u16), index: usize) -> (IpAddr, IpAddr) {
+        match self.family {
+            Family::V4 => {
+                let addr = |host| IpAddr::V4(Ipv4Addr::new(10, v4_octet, index as u8, host));
+                (addr(2), addr(1))
+            }
+            Family::V6 => {
+                let addr = |host| {
+                    IpAddr::V6(Ipv6Addr::new(
+                        0xfd00,
+                        v6_segment,
+                        index as u16,
+                        0,
+                        0,
+                        0,
+                        0,
+                        host,
+                    ))
+                };
+                (addr(2), addr(1))
+            }
+        }
+    }
+
+    /// Links `ns` to the balancer namespace with a veth pair and addresses both ends.
+    fn connect(
+        &self,
+        ns: &Netns,
+        far_if: &str,
+        near_if: &str,
+        far: IpAddr,
+        near: IpAddr,
+    ) -> Result<()> {
+        ns.ip(&[
+            "link", "add", far_if, "type", "veth", "peer", "name", near_if,
+        ])?;
+        ns.ip(&["link", "set", near_if, "netns", self.balancer.name()])?;
+        for (netns, ifname, addr) in [(ns, far_if, far), (&self.balancer, near_if, near)] {
+            let mut args = vec!["addr", "add"];
+            let cidr = match addr {
+                IpAddr::V4(_) => format!("{addr}/24"),
+                IpAddr::V6(_) => format!("{addr}/64"),
+            };
+            args.extend([cidr.as_str(), "dev", ifname]);
+            if addr.is_ipv6() {
+                // Duplicate address detection would hold the address back for a second or more.
+                args.push("nodad");
+            }
+            netns.ip(&args)?;
+            netns.ip(&["link", "set", ifname, "up"])?;
+        }
+        Ok(())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn balancer_ns(&self) -> &Netns {
+        &self.balancer
+    }
+
+    pub fn client_ns(&self, i: usize) -> &Netns {
+        &self.clients[i].ns
+    }
+
+    pub fn gateway_ns(&self, j: usize) -> &Netns {
+        &self.gateways[j].ns
+    }
+
+    /// Where client i sends its WireGuard packets: the balancer's address on client i's link.
+    pub fn listen_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(self.clients[i].balancer_side, WG_PORT)
+    }
+
+    /// Client i's outer address and WireGuard port: the source the balancer sees.
+    pub fn client_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(self.clients[i].outer, self.clients[i].port)
+    }
+
+    pub fn gateway_addr(&self, j: usize) -> SocketAddr {
+        SocketAddr::new(self.gateways[j].outer, WG_PORT)
+    }
+
+    pub fn gateway_health_port(&self) -> u16 {
+        HEALTH_PORT
+    }
+
+    /// Starts client i's wireguard-go, configured with the balancer as its gateway's endpoint.
+    /// It stays silent until it has traffic to send (or a keepalive is due).
+    pub fn start_client(&mut self, i: usize) -> Result<()> {
+        let client = &self.clients[i];
+        if client.wg.is_some() {
+            bail!("client {i} is already running");
+        }
+        let log = self.temp.path.join(format!("c{i}-wireguard-go.log"));
+        let wg = WgProcess::spawn(&client.ns, &client.ifname, &log)
+            .with_context(|| format!("starting client {i}"))?;
+        let mut set = client.ns.command("wg");
+        set.args(["set", &client.ifname, "private-key"])
+            .arg(&client.key_file)
+            .args(["listen-port", &client.port.to_string()])
+            .args(["peer", &self.gateway_public])
+            .args(["endpoint", &self.listen_addr(i).to_string()])
+            .args(["allowed-ips", &format!("{GATEWAY_TUNNEL_ADDR}/32")]);
+        if let Some(keepalive) = self.keepalive {
+            set.args(["persistent-keepalive", &keepalive.to_string()]);
+        }
+        cmd::run(&mut set)?;
+        let cidr = client_tunnel_cidr(i, 24);
+        client
+            .ns
+            .ip(&["addr", "add", &cidr, "dev", &client.ifname])?;
+        client.ns.ip(&["link", "set", &client.ifname, "up"])?;
+        self.clients[i].wg = Some(wg);
+        Ok(())
+    }
+
+    /// Simulates a gateway host going down: its WireGuard port and its health port both stop
+    /// answering (the namespace and link stay, so packets to it are refused, not black-holed).
+    /// Stopping a stopped gateway does nothing.
+    pub fn stop_gateway(&mut self, j: usize) -> Result<()> {
+        let gateway = &mut self.gateways[j];
+        if let Some(wg) = gateway.wg.take() {
+            wg.stop()
+                .with_context(|| format!("stopping gateway {j}'s wireguard-go"))?;
+        }
+        drop(gateway.health.take());
+        Ok(())
+    }
+
+    /// Switches what gateway j's health endpoint reports, as a Defguard gateway does when it
+    /// loses its connection to the core.
+    pub fn set_gateway_health(&self, j: usize, healthy: bool) {
+        self.gateways[j].healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Unix time of client i's latest handshake with the gateway key, `None` before the first.
+    pub fn client_latest_handshake(&self, i: usize) -> Result<Option<u64>> {
+        let client = &self.clients[i];
+        ensure!(client.wg.is_some(), "client {i} is not running");
+        let values = wg::show_peer(
+            &client.ns,
+            &client.ifname,
+            "latest-handshakes",
+            &self.gateway_public,
+        )?;
+        Ok(handshake_time(&values))
+    }
+
+    pub fn gateway_handshake_with(&self, j: usize, client: usize) -> Result<Option<u64>> {
+        let gateway = &self.gateways[j];
+        ensure!(gateway.wg.is_some(), "gateway {j} is stopped");
+        let peer = &self.clients[client].public;
+        let values = wg::show_peer(&gateway.ns, &gateway.ifname, "latest-handshakes", peer)?;
+        Ok(handshake_time(&values))
+    }
+
+    /// Bytes gateway j has received from the client's peer, whichever path they took.
+    pub fn gateway_rx_bytes_from(&self, j: usize, client: usize) -> Result<u64> {
+        let gateway = &self.gateways[j];
+        ensure!(gateway.wg.is_some(), "gateway {j} is stopped");
+        let peer = &self.clients[client].public;
+        let values = wg::show_peer(&gateway.ns, &gateway.ifname, "transfer", peer)?;
+        values
+            .first()
+            .copied()
+            .context("`wg show transfer` gave no rx bytes")
+    }
+
+    /// The running gateway that handshook with the client most recently: the one the balancer
+    /// sends it to, since all gateways share one key and the client cannot tell them apart.
+    pub fn gateway_serving(&self, client: usize) -> Result<Option<usize>> {
+        let mut serving: Option<(usize, u64)> = None;
+        for (j, gateway) in self.gateways.iter().enumerate() {
+            if gateway.wg.is_none() {
+                continue;
+            }
+            if let Some(at) = self.gateway_handshake_with(j, client)? {
+                if serving.is_none_or(|(_, latest)| at > latest) {
+                    serving = Some((j, at));
+                }
+            }
+        }
+        Ok(serving.map(|(j, _)| j))
+    }
+
+    /// Waits for client i's first handshake; something must make the client send (a
+    /// [`Pinger`] or a keepalive), as WireGuard only handshakes when it has data to send.
+    pub fn wait_handshake(&self, i: usize, timeout: Duration) -> Result<()> {
+        cmd::wait_for(format!("a handshake of client {i}"), timeout, || {
+            self.client_latest_handshake(i)
+        })
+        .map(drop)
+    }
+
+    /// Pings the gateways' tunnel address through client i's tunnel, which must be started.
+    pub fn pinger(&self, i: usize) -> Result<Pinger> {
+        let client = &self.clients[i];
+        ensure!(
+            client.wg.is_some(),
+            "client {i} is not running: start_client({i}) before pinger({i})"
+        );
+        let stderr = self.temp.path.join(format!("c{i}-ping.log"));
+        Pinger::spawn(&client.ns, GATEWAY_TUNNEL_ADDR, &stderr)
+    }
+
+    /// A directory for this rig's logs, keys and whatever a test wants to put there (a balancer
+    /// config, its log); removed with the rig unless `WGLB_LAB_KEEP_TEMP` is set.
+    pub fn temp_dir(&self) -> &Path {
+        &self.temp.path
+    }
+}
+
+fn client_tunnel_cidr(i: usize, prefix: u8) -> String {
+    format!("10.99.0.{}/{prefix}", FIRST_CLIENT_HOST + i)
+}
+
+fn handshake_time(values: &[u64]) -> Option<u64> {
+    values.first().copied().filter(|&at| at != 0)
+}
+
+/// Picks an id no other rig, in this process or another, is using. The temporary directory is
+/// the claim: creating it is atomic, and a leftover namespace of a killed run is skipped too.
+fn claim_id() -> Result<(String, TempDir)> {
+    for _ in 0..256 {
+        let n = RIG_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:05x}", ((std::process::id() & 0xfff) << 8) | (n & 0xff));
+        if Path::new(&format!("/var/run/netns/wglb-{id}-b")).exists() {
+            continue;
+        }
+        let path = std::env::temp_dir().join(format!("wglb-lab-{id}"));
+        match fs::create_dir(&path) {
+            Ok(()) => return Ok((id, TempDir { path })),
+            Err(error) if error.kind() == ErrorKind::AlreadyExists => continue,
+            Err(error) => {
+                return Err(error).with_context(|| format!("creating {}", path.display()));
+            }
+        }
+    }
+    bail!("no free rig id: too many rigs (or leftovers of killed runs: `ip netns list`, wglb-lab-* in the temp dir)")
+}
+
+struct TempDir {
+    path: PathBuf,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os(KEEP_TEMP_ENV).is_some() {
+            eprintln!("wglb-lab: keeping {}", self.path.display());
+            return;
+        }
+        if let Err(error) = fs::remove_dir_all(&self.path) {
+            tracing::warn!("could not remove {}: {error}", self.path.display());
+        }
+    }
+}

@@ -1,0 +1,716 @@
+//! The balancer's configuration: a TOML file or command-line flags, both validated by the same
+//! code so a mistake is refused the same way wherever it was made. Errors name the place (the
+//! file line or the flag), the field and the reason.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::pool::{AdminState, AllDownPolicy, HashKey};
+
+/// Maglev's usual table size: prime, and more than 100 slots per gateway for up to 655 gateways.
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
+/// At least REJECT_AFTER_TIME (180 s): a shorter idle timeout would re-place quiet but live
+/// sessions on another gateway, which cannot decrypt them.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+pub const DEFAULT_TABLE_SIZE: usize = 65_536;
+pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub health: HealthCheckConfig,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// One front door (one VPN location) and its gateway pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Address the balancer sends to gateways from; the unspecified address of the gateways'
+    /// family when absent, so the kernel picks by route.
+    pub source: Option<IpAddr>,
+    pub hash_key: HashKey,
+    pub idle_timeout: Duration,
+    pub table_size: NonZeroUsize,
+    pub maglev_size: u32,
+    pub all_down: AllDownPolicy,
+    pub socket_buffer: usize,
+    pub gateways: Vec<GatewayConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+    /// Port of Defguard's `GET /health` on the gateway's address; no built-in check without it.
+    pub health_port: Option<u16>,
+}
+
+/// The built-in checker's timing. Defaults are Defguard's Envoy example: 1 s interval and
+/// timeout, one result to change state either way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 1,
+            fall: 1,
+        }
+    }
+}
+
+/// A refused configuration: where, which field, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub place: String,
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.place, self.reason)
+        } else {
+            write!(f, "{}: field `{}`: {}", self.place, self.field, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---- the TOML file ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    health: RawHealth,
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
+    listener: Vec<Spanned<RawListener>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<String>,
+    #[serde(default, with = "opt_duration")]
+    interval: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    timeout: Option<Duration>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: SocketAddr,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<String>,
+    listen: Option<SocketAddr>,
+    source: Option<IpAddr>,
+    hash_key: Option<HashKey>,
+    #[serde(default, with = "opt_duration")]
+    idle_timeout: Option<Duration>,
+    table_size: Option<usize>,
+    maglev_size: Option<u32>,
+    all_down: Option<AllDownPolicy>,
+    socket_buffer: Option<usize>,
+    #[serde(default)]
+    gateway: Vec<Spanned<RawGateway>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    name: String,
+    address: SocketAddr,
+    weight: Option<u32>,
+    state: Option<AdminState>,
+    health_port: Option<u16>,
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write e.g. \"1s\" or \"500ms\""
+            ))
+        })
+    }
+}
+
+/// Where a piece of configuration came from, for error messages.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    File { path: &'a str, text: &'a str },
+    Flags,
+}
+
+impl Origin<'_> {
+    fn place(&self, span: Option<Range<usize>>, what: &str) -> String {
+        match (self, span) {
+            (Origin::File { path, text }, Some(span)) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                if what.is_empty() {
+                    format!("{path} line {line}")
+                } else {
+                    format!("{path} line {line} ({what})")
+                }
+            }
+            (Origin::File { path, .. }, None) => format!("{path} ({what})"),
+            (Origin::Flags, _) => format!("command line ({what})"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        Ok(Config::parse(&text, &path.display().to_string())?)
+    }
+
+    /// Parses and validates TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let origin = Origin::File { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            place: origin.place(e.span(), ""),
+            field: String::new(),
+            reason: e.message().trim().to_string(),
+        })?;
+        build(raw, origin)
+    }
+
+    /// Builds a configuration with one listener from command-line values.
+    pub fn from_flags(flags: &ListenerFlags) -> Result<Config, ConfigError> {
+        let mut gateways = Vec::new();
+        for spec in &flags.gateways {
+            gateways.push(Spanned::new(0..0, parse_gateway_flag(spec)?));
+        }
+        let listener = RawListener {
+            name: Some(flags.name.clone()),
+            listen: Some(flags.listen),
+            source: flags.source,
+            hash_key: flags.hash_key,
+            idle_timeout: flags.idle_timeout,
+            table_size: flags.table_size,
+            maglev_size: None,
+            all_down: flags.all_down,
+            socket_buffer: None,
+            gateway: gateways,
+        };
+        let raw = RawConfig {
+            health: RawHealth::default(),
+            metrics: flags.metrics_listen.map(|listen| RawMetrics { listen }),
+            listener: vec![Spanned::new(0..0, listener)],
+        };
+        build(raw, Origin::Flags)
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+/// The single-listener form of the configuration, as `wglb run` flags give it.
+#[derive(Clone, Debug)]
+pub struct ListenerFlags {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub source: Option<IpAddr>,
+    pub gateways: Vec<String>,
+    pub hash_key: Option<HashKey>,
+    pub idle_timeout: Option<Duration>,
+    pub table_size: Option<usize>,
+    pub all_down: Option<AllDownPolicy>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `NAME=ADDR:PORT[,weight=N][,state=S][,health-port=P]`
+fn parse_gateway_flag(spec: &str) -> Result<RawGateway, ConfigError> {
+    let err = |field: &str, reason: String| ConfigError {
+        place: format!("command line (--gateway {spec})"),
+        field: field.into(),
+        reason,
+    };
+    let (name, rest) = spec.split_once('=').ok_or_else(|| {
+        err(
+            "gateway",
+            "expected NAME=ADDRESS:PORT[,weight=N][,state=active|draining|down][,health-port=P]"
+                .into(),
+        )
+    })?;
+    let mut parts = rest.split(',');
+    let address = parts.next().unwrap_or_default();
+    let address: SocketAddr = address.parse().map_err(|e| {
+        err(
+            "address",
+            format!("`{address}` is not ADDRESS:PORT ({e}); IPv6 as [::1]:51820"),
+        )
+    })?;
+    let mut gateway = RawGateway {
+        name: name.to_string(),
+        address,
+        weight: None,
+        state: None,
+        health_port: None,
+    };
+    for option in parts {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| err(option, "expected KEY=VALUE".into()))?;
+        match key {
+            "weight" => {
+                gateway.weight = Some(
+                    value
+                        .parse()
+                        .map_err(|e| err("weight", format!("`{value}`: {e}")))?,
+                )
+            }
+            "state" => {
+                gateway.state = Some(AdminState::parse(value).ok_or_else(|| {
+                    err(
+                        "state",
+                        format!("`{value}` is not one of active, draining, down"),
+                    )
+                })?)
+            }
+            "health-port" => {
+                gateway.health_port = Some(
+                    value
+                        .parse()
+                        .map_err(|e| err("health-port", format!("`{value}`: {e}")))?,
+                )
+            }
+            other => {
+                return Err(err(
+                    other,
+                    "unknown option; known: weight, state, health-port".into(),
+                ))
+            }
+        }
+    }
+    Ok(gateway)
+}
+
+fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
+    let defaults = HealthCheckConfig::default();
+    let health = HealthCheckConfig {
+        path: raw.health.path.unwrap_or(defaults.path),
+        interval: raw.health.interval.unwrap_or(defaults.interval),
+        timeout: raw.health.timeout.unwrap_or(defaults.timeout),
+        rise: raw.health.rise.unwrap_or(defaults.rise),
+        fall: raw.health.fall.unwrap_or(defaults.fall),
+    };
+    let health_err = |field: &str, reason: &str| ConfigError {
+        place: origin.place(None, "[health]"),
+        field: field.into(),
+        reason: reason.into(),
+    };
+    if !health.path.starts_with('/') {
+        return Err(health_err("path", "must start with `/`"));
+    }
+    if health.interval.is_zero() {
+        return Err(health_err("interval", "must be greater than zero"));
+    }
+    if health.timeout.is_zero() {
+        return Err(health_err("timeout", "must be greater than zero"));
+    }
+    if health.rise == 0 || health.fall == 0 {
+        return Err(health_err(
+            if health.rise == 0 { "rise" } else { "fall" },
+            "must be at least 1",
+        ));
+    }
+
+    if raw.listener.is_empty() {
+        return Err(ConfigError {
+            place: origin.place(None, "top level"),
+            field: "listener".into(),
+            reason: "no [[listener]] configured; a balancer needs at least one".into(),
+        });
+    }
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    for (index, spanned) in raw.listener.into_iter().enumerate() {
+        let span = spanned.span();
+        let listener = spanned.into_inner();
+        let what = format!(
+            "listener {}",
+            listener
+                .name
+                .as_deref()
+                .map_or(format!("#{}", index + 1), |n| format!("`{n}`"))
+        );
+        let place = origin.place(Some(span.clone()), &what);
+        let err = |field: &str, reason: String| ConfigError {
+            place: place.clone(),
+            field: field.into(),
+            reason,
+        };
+        let name = listener.name.ok_or_else(|| err("name", "missing".into()))?;
+        if name.is_empty() {
+            return Err(err("name", "must not be empty".into()));
+        }
+        if !names.insert(name.clone()) {
+            return Err(err("name", format!("listener name `{name}` is used twice")));
+        }
+        let listen = listener
+            .listen
+            .ok_or_else(|| err("listen", "missing (e.g. \"0.0.0.0:51820\")".into()))?;
+        if listen.port() == 0 {
+            return Err(err("listen", "port must not be 0".into()));
+        }
+        if !addresses.insert(listen) {
+            return Err(err(
+                "listen",
+                format!("{listen} is used by another listener"),
+            ));
+        }
+        let table_size = listener.table_size.unwrap_or(DEFAULT_TABLE_SIZE);
+        let table_size = NonZeroUsize::new(table_size)
+            .ok_or_else(|| err("table_size", "must be at least 1".into()))?;
+        let maglev_size = listener.maglev_size.unwrap_or(DEFAULT_MAGLEV_SIZE);
+        if !is_prime(maglev_size) {
+            return Err(err(
+                "maglev_size",
+                format!(
+                    "{maglev_size} is not prime; Maglev needs a prime (65537 is the usual choice)"
+                ),
+            ));
+        }
+        let idle_timeout = listener.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        if idle_timeout.is_zero() {
+            return Err(err("idle_timeout", "must be greater than zero".into()));
+        }
+        let socket_buffer = listener.socket_buffer.unwrap_or(DEFAULT_SOCKET_BUFFER);
+        if listener.gateway.is_empty() {
+            return Err(err("gateway", "no [[listener.gateway]] configured".into()));
+        }
+        if (maglev_size as usize) < listener.gateway.len() {
+            return Err(err(
+                "maglev_size",
+                format!(
+                    "{maglev_size} slots cannot hold {} gateways",
+                    listener.gateway.len()
+                ),
+            ));
+        }
+        let mut gateways: Vec<GatewayConfig> = Vec::new();
+        for spanned in listener.gateway {
+            let span = spanned.span();
+            let gateway = spanned.into_inner();
+            let place = origin.place(Some(span), &format!("{what}, gateway `{}`", gateway.name));
+            let err = |field: &str, reason: String| ConfigError {
+                place: place.clone(),
+                field: field.into(),
+                reason,
+            };
+            if gateway.name.is_empty() {
+                return Err(err("name", "must not be empty".into()));
+            }
+            if gateways.iter().any(|g| g.name == gateway.name) {
+                return Err(err(
+                    "name",
+                    format!(
+                        "gateway name `{}` is used twice in this listener",
+                        gateway.name
+                    ),
+                ));
+            }
+            if gateway.address.port() == 0 || gateway.address.ip().is_unspecified() {
+                return Err(err(
+                    "address",
+                    format!("{} is not a gateway address", gateway.address),
+                ));
+            }
+            if let Some(other) = gateways.iter().find(|g| g.address == gateway.address) {
+                return Err(err(
+                    "address",
+                    format!("{} is also gateway `{}`", gateway.address, other.name),
+                ));
+            }
+            if let Some(source) = listener.source {
+                if source.is_ipv4() != gateway.address.is_ipv4() {
+                    return Err(err(
+                        "address",
+                        format!(
+                            "{} is not of the family of the listener's source {source}",
+                            gateway.address
+                        ),
+                    ));
+                }
+            }
+            let weight = gateway.weight.unwrap_or(1);
+            if weight == 0 || weight > u16::MAX as u32 {
+                return Err(err("weight", format!("{weight} is outside 1..=65535; to take a gateway out of placement set state = \"draining\"")));
+            }
+            if gateway.health_port == Some(0) {
+                return Err(err("health_port", "must not be 0".into()));
+            }
+            gateways.push(GatewayConfig {
+                name: gateway.name,
+                address: gateway.address,
+                weight,
+                state: gateway.state.unwrap_or(AdminState::Active),
+                health_port: gateway.health_port,
+            });
+        }
+        listeners.push(ListenerConfig {
+            name,
+            listen,
+            source: listener.source,
+            hash_key: listener.hash_key.unwrap_or(HashKey::SourceIp),
+            idle_timeout,
+            table_size,
+            maglev_size,
+            all_down: listener.all_down.unwrap_or(AllDownPolicy::FailOpen),
+            socket_buffer,
+            gateways,
+        });
+    }
+    Ok(Config {
+        listeners,
+        health,
+        metrics_listen: raw.metrics.map(|m| m.listen),
+    })
+}
+
+fn is_prime(n: u32) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n as u64)
+            .all(|d| n as u64 % d != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[health]
+interval = "500ms"
+fall = 2
+
+[metrics]
+listen = "127.0.0.1:9638"
+
+[[listener]]
+name = "office"
+listen = "0.0.0.0:51820"
+hash_key = "source-ip-port"
+idle_timeout = "5m"
+
+[[listener.gateway]]
+name = "gw1"
+address = "10.0.0.2:51820"
+health_port = 55003
+
+[[listener.gateway]]
+name = "gw2"
+address = "10.0.0.3:51820"
+weight = 3
+state = "draining"
+
+[[listener]]
+name = "lab6"
+listen = "[::]:51821"
+all_down = "drop"
+
+[[listener.gateway]]
+name = "v6"
+address = "[fd00::2]:51820"
+"#;
+
+    #[test]
+    fn parses_a_full_file() {
+        let config = Config::parse(GOOD, "wglb.toml").unwrap();
+        assert_eq!(config.health.interval, Duration::from_millis(500));
+        assert_eq!(config.health.fall, 2);
+        assert_eq!(config.health.rise, 1);
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9638".parse().unwrap())
+        );
+        let office = config.listener("office").unwrap();
+        assert_eq!(office.hash_key, HashKey::SourceIpPort);
+        assert_eq!(office.idle_timeout, Duration::from_secs(300));
+        assert_eq!(office.table_size.get(), DEFAULT_TABLE_SIZE);
+        assert_eq!(office.gateways[1].weight, 3);
+        assert_eq!(office.gateways[1].state, AdminState::Draining);
+        assert_eq!(office.gateways[0].health_port, Some(55003));
+        let lab6 = config.listener("lab6").unwrap();
+        assert_eq!(lab6.hash_key, HashKey::SourceIp);
+        assert_eq!(lab6.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(lab6.all_down, AllDownPolicy::Drop);
+        assert!(lab6.gateways[0].address.is_ipv6());
+    }
+
+    fn refused(text: &str) -> String {
+        Config::parse(text, "wglb.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn names_line_field_and_reason() {
+        let duplicate = GOOD.replace("name = \"gw2\"", "name = \"gw1\"");
+        let msg = refused(&duplicate);
+        assert!(msg.starts_with("wglb.toml line 20"), "{msg}");
+        assert!(
+            msg.contains("field `name`") && msg.contains("used twice"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace("weight = 3", "weight = 0"));
+        assert!(
+            msg.contains("line 20") && msg.contains("field `weight`") && msg.contains("draining"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace("\"10.0.0.3:51820\"", "\"10.0.0.3\""));
+        assert!(
+            msg.contains("line 22") && msg.contains("invalid socket address"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace("state = \"draining\"", "state = \"sleepy\""));
+        assert!(msg.contains("line 24") && msg.contains("sleepy"), "{msg}");
+
+        let msg = refused(&GOOD.replace("idle_timeout = \"5m\"", "idle_timeout = \"soon\""));
+        assert!(
+            msg.contains("line 13") && msg.contains("not a duration"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace("hash_key = \"source-ip-port\"", "hash_key = \"dest\""));
+        assert!(msg.contains("line 12") && msg.contains("dest"), "{msg}");
+
+        let msg = refused(&GOOD.replace("health_port = 55003", "helth_port = 55003"));
+        assert!(
+            msg.contains("line 18") && msg.contains("helth_port"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace("listen = \"[::]:51821\"", "listen = \"0.0.0.0:51820\""));
+        assert!(
+            msg.contains("line 26")
+                && msg.contains("field `listen`")
+                && msg.contains("another listener"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace(
+            "all_down = \"drop\"",
+            "all_down = \"drop\"\nmaglev_size = 65536",
+        ));
+        assert!(
+            msg.contains("line 26") && msg.contains("not prime"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace("fall = 2", "fall = 0"));
+        assert!(
+            msg.contains("[health]") && msg.contains("field `fall`"),
+            "{msg}"
+        );
+
+        let msg = refused("[health]\n");
+        assert!(msg.contains("no [[listener]]"), "{msg}");
+
+        let msg = refused("[[listener]]\nname = \"x\"\nlisten = \"0.0.0.0:1\"\n");
+        assert!(
+            msg.contains("line 1") && msg.contains("no [[listener.gateway]]"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn refuses_mixed_families_with_a_source() {
+        let text = "[[listener]]\nname = \"x\"\nlisten = \"0.0.0.0:1\"\nsource = \"10.0.0.1\"\n\n[[listener.gateway]]\nname = \"g\"\naddress = \"[fd00::1]:51820\"\n";
+        let msg = refused(text);
+        assert!(msg.contains("line 6") && msg.contains("family"), "{msg}");
+    }
+
+    #[test]
+    fn builds_from_flags() {
+        let flags = ListenerFlags {
+            name: "default".into(),
+            listen: "0.0.0.0:51820".parse().unwrap(),
+            gateways: vec![
+                "gw1=10.0.0.2:51820".into(),
+                "gw2=[fd00::3]:51820,weight=2,state=down,health-port=55003".into(),
+            ],
+            source: None,
+            hash_key: None,
+            idle_timeout: None,
+            table_size: None,
+            all_down: None,
+            metrics_listen: None,
+        };
+        let config = Config::from_flags(&flags).unwrap();
+        let gateways = &config.listeners[0].gateways;
+        assert_eq!(gateways[0].weight, 1);
+        assert_eq!(gateways[1].weight, 2);
+        assert_eq!(gateways[1].state, AdminState::Down);
+        assert_eq!(gateways[1].health_port, Some(55003));
+
+        let bad = ListenerFlags {
+            gateways: vec!["gw1=10.0.0.2:51820,speed=9".into()],
+            ..flags.clone()
+        };
+        let msg = Config::from_flags(&bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("--gateway gw1=10.0.0.2:51820,speed=9") && msg.contains("speed"),
+            "{msg}"
+        );
+        let bad = ListenerFlags {
+            gateways: vec![],
+            ..flags
+        };
+        let msg = Config::from_flags(&bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("command line") && msg.contains("gateway"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65_537) && is_prime(2) && is_prime(251));
+        assert!(!is_prime(65_536) && !is_prime(1) && !is_prime(0) && !is_prime(65_535));
+    }
+}

@@ -1,0 +1,508 @@
+//! The userspace datapath: a full-NAT UDP relay.
+//!
+//! Clients talk to the listener socket. Each session gets its own upstream socket, connected to
+//! its gateway, so the gateway's replies identify the session by the socket they arrive on (a
+//! shared socket could only tell clients apart by WireGuard index, which gateway-initiated
+//! handshakes do not carry). Replies leave through the listener socket, from the address the
+//! client sent to.
+//!
+//! One task per listener receives client datagrams in batches (recvmmsg, and GRO where the kernel
+//! offers it) and owns the session table; one small task per session waits on its upstream socket
+//! and relays replies, borrowing a per-thread batch buffer only while it drains. Decisions come
+//! from the [`ListenerPlan`]; this module only executes them.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use wglb_common::wireguard::{classify, MessageType};
+
+use crate::config::ListenerConfig;
+use crate::control::ListenerPlan;
+use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
+use crate::pool::GatewayId;
+use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
+
+/// Room for one GRO batch: the kernel coalesces up to 64 KiB.
+const RECV_BUFFER: usize = 64 * 1024;
+/// How often idle sessions are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Receive batches handled before the listener task looks at plan changes and timers again.
+const BATCHES_PER_TURN: usize = 16;
+
+/// A UDP socket with quinn-udp's batched, offload-aware I/O.
+pub struct UdpEndpoint {
+    io: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl UdpEndpoint {
+    fn from_socket2(socket: Socket) -> io::Result<UdpEndpoint> {
+        socket.set_nonblocking(true)?;
+        let std: std::net::UdpSocket = socket.into();
+        let state = UdpSocketState::new((&std).into())?;
+        Ok(UdpEndpoint {
+            io: UdpSocket::from_std(std)?,
+            state,
+        })
+    }
+
+    /// Opens a listener: reuse-port so a restarted balancer binds while the old one drains, large
+    /// buffers so bursts are not dropped by the kernel. An IPv6 listener takes IPv6 only, so a
+    /// `0.0.0.0` listener on the same port can take IPv4.
+    pub fn listen(address: SocketAddr, buffer: usize) -> io::Result<UdpEndpoint> {
+        let socket = Socket::new(
+            Domain::for_address(address),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )?;
+        if address.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        // The kernel caps these at net.core.[rw]mem_max; smaller buffers still work.
+        let _ = socket.set_recv_buffer_size(buffer);
+        let _ = socket.set_send_buffer_size(buffer);
+        socket.bind(&address.into())?;
+        UdpEndpoint::from_socket2(socket)
+    }
+
+    /// Opens a session's socket towards its gateway.
+    fn upstream(gateway: SocketAddr, source: Option<IpAddr>) -> io::Result<UdpEndpoint> {
+        let socket = Socket::new(
+            Domain::for_address(gateway),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )?;
+        let local = match (source, gateway) {
+            (Some(ip), _) => SocketAddr::new(ip, 0),
+            (None, SocketAddr::V4(_)) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+            (None, SocketAddr::V6(_)) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
+        };
+        socket.bind(&local.into())?;
+        // Connected: the kernel hands this socket only the gateway's datagrams.
+        socket.connect(&gateway.into())?;
+        UdpEndpoint::from_socket2(socket)
+    }
+
+    /// Sends `data`, split into `stride`-sized datagrams, in one GSO send when the kernel allows.
+    fn send(
+        &self,
+        destination: SocketAddr,
+        src_ip: Option<IpAddr>,
+        data: &[u8],
+        stride: usize,
+    ) -> io::Result<()> {
+        let segments = data.len().div_ceil(stride);
+        if segments == 1 || segments <= self.state.max_gso_segments() {
+            return self.send_one(destination, src_ip, data, (segments > 1).then_some(stride));
+        }
+        data.chunks(stride)
+            .try_for_each(|datagram| self.send_one(destination, src_ip, datagram, None))
+    }
+
+    fn send_one(
+        &self,
+        destination: SocketAddr,
+        src_ip: Option<IpAddr>,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip,
+        };
+        self.io.try_io(Interest::WRITABLE, || {
+            self.state.try_send((&self.io).into(), &transmit)
+        })
+    }
+
+    /// Receives one batch without waiting; Err(WouldBlock) when nothing is queued.
+    fn recv_batch(&self, buffers: &mut RecvBuffers) -> io::Result<usize> {
+        let mut slices: Vec<IoSliceMut<'_>> = buffers
+            .data
+            .iter_mut()
+            .map(|b| IoSliceMut::new(b))
+            .collect();
+        self.io.try_io(Interest::READABLE, || {
+            self.state
+                .recv((&self.io).into(), &mut slices, &mut buffers.meta)
+        })
+    }
+}
+
+struct RecvBuffers {
+    data: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+}
+
+impl RecvBuffers {
+    fn new() -> RecvBuffers {
+        RecvBuffers {
+            data: vec![vec![0; RECV_BUFFER]; BATCH_SIZE],
+            meta: vec![RecvMeta::default(); BATCH_SIZE],
+        }
+    }
+}
+
+thread_local! {
+    /// Reply tasks drain their socket synchronously, so one buffer set per worker thread serves
+    /// every session: a quiet session holds no buffer at all.
+    static REPLY_BUFFERS: RefCell<RecvBuffers> = RefCell::new(RecvBuffers::new());
+}
+
+/// What the session table holds for a session besides its gateway.
+struct Link {
+    upstream: Arc<UdpEndpoint>,
+    replies: AbortHandle,
+    counters: Arc<GatewayCounters>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.replies.abort();
+        self.counters.sessions.dec();
+    }
+}
+
+/// Whether every datagram of a batch is WireGuard; counts and logs the ones that are not.
+fn all_wireguard(
+    data: &[u8],
+    stride: usize,
+    direction: Direction,
+    counters: &ListenerCounters,
+    peer: SocketAddr,
+) -> bool {
+    let mut clean = true;
+    for datagram in data.chunks(stride) {
+        if let Err(junk) = classify(datagram) {
+            counters.junk(direction, junk).inc();
+            tracing::debug!(%peer, len = datagram.len(), reason = junk.as_str(), "dropped a datagram that is not WireGuard");
+            clean = false;
+        }
+    }
+    clean
+}
+
+/// Counts forwarded datagrams and the handshake messages among them.
+fn count_forwarded(data: &[u8], stride: usize, direction: Direction, counters: &GatewayCounters) {
+    for datagram in data.chunks(stride) {
+        let (packets, bytes) = match direction {
+            Direction::ToGateway => (&counters.packets_to_gateway, &counters.bytes_to_gateway),
+            Direction::ToClient => (&counters.packets_to_client, &counters.bytes_to_client),
+        };
+        packets.inc();
+        bytes.inc_by(datagram.len() as u64);
+        match (direction, classify(datagram)) {
+            (Direction::ToGateway, Ok(MessageType::HandshakeInitiation)) => {
+                counters.initiations.inc()
+            }
+            (Direction::ToClient, Ok(MessageType::HandshakeResponse)) => counters.responses.inc(),
+            (Direction::ToClient, Ok(MessageType::CookieReply)) => counters.cookies.inc(),
+            _ => {}
+        }
+    }
+}
+
+/// Forwards `data` (one datagram, or a GRO batch of `stride`-sized ones) that passed the filter,
+/// one datagram at a time when some of the batch was junk.
+fn forward(
+    to: &UdpEndpoint,
+    destination: SocketAddr,
+    src_ip: Option<IpAddr>,
+    data: &[u8],
+    stride: usize,
+    clean: bool,
+) -> io::Result<()> {
+    if clean {
+        return to.send(destination, src_ip, data, stride);
+    }
+    data.chunks(stride)
+        .filter(|d| classify(d).is_ok())
+        .try_for_each(|d| to.send_one(destination, src_ip, d, None))
+}
+
+struct ReplyPath {
+    upstream: Arc<UdpEndpoint>,
+    listener: Arc<UdpEndpoint>,
+    client: SocketAddr,
+    /// The address the client sent to, so replies come from the address it expects.
+    reply_from: Option<IpAddr>,
+    activity: Arc<Activity>,
+    gateway: Arc<GatewayCounters>,
+    counters: Arc<ListenerCounters>,
+}
+
+impl ReplyPath {
+    async fn run(self) {
+        loop {
+            if self.upstream.io.readable().await.is_err() {
+                return;
+            }
+            REPLY_BUFFERS.with_borrow_mut(|buffers| self.drain(buffers));
+        }
+    }
+
+    fn drain(&self, buffers: &mut RecvBuffers) {
+        loop {
+            let count = match self.upstream.recv_batch(buffers) {
+                Ok(count) => count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ICMP errors (port unreachable from a dead gateway) surface here.
+                    tracing::debug!(client = %self.client, "upstream receive error: {e}");
+                    continue;
+                }
+            };
+            self.activity.touch(now_ms());
+            for (meta, data) in buffers.meta[..count].iter().zip(&buffers.data) {
+                let data = &data[..meta.len];
+                let stride = meta.stride.max(1);
+                let clean =
+                    all_wireguard(data, stride, Direction::ToClient, &self.counters, meta.addr);
+                match forward(
+                    &self.listener,
+                    self.client,
+                    self.reply_from,
+                    data,
+                    stride,
+                    clean,
+                ) {
+                    Ok(()) => count_forwarded(data, stride, Direction::ToClient, &self.gateway),
+                    Err(e) => {
+                        self.counters.send_failed_to_client.inc();
+                        tracing::debug!(client = %self.client, "dropped a reply: send failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A listener's relay state, owned by its task.
+struct Relay {
+    name: String,
+    socket: Arc<UdpEndpoint>,
+    source: Option<IpAddr>,
+    plan: Arc<ListenerPlan>,
+    sessions: SessionTable<Link>,
+    metrics: Metrics,
+    counters: Arc<ListenerCounters>,
+    gateway_counters: HashMap<GatewayId, Arc<GatewayCounters>>,
+}
+
+impl Relay {
+    fn apply(&mut self, plan: Arc<ListenerPlan>) {
+        self.plan = plan;
+        self.sessions.set_idle_timeout(self.plan.idle_timeout);
+        for _ in self.sessions.set_capacity(self.plan.table_size) {
+            self.counters.eviction(EvictionReason::TableFull).inc();
+        }
+        let placement = &self.plan.placement;
+        let gone = self
+            .sessions
+            .evict_where(|s| !placement.keeps(s.gateway, s.gateway_address));
+        if !gone.is_empty() {
+            self.counters
+                .eviction(EvictionReason::GatewayGone)
+                .inc_by(gone.len() as u64);
+            tracing::info!(listener = %self.name, evicted = gone.len(), "evicted sessions of gateways that are down, moved or removed");
+        }
+        self.gateway_counters
+            .retain(|id, _| placement.gateway(*id).is_some());
+        self.counters
+            .failing_open
+            .set(placement.failing_open() as i64);
+    }
+
+    fn counters_for(&mut self, id: GatewayId, name: &str) -> Arc<GatewayCounters> {
+        let metrics = &self.metrics;
+        let listener = &self.name;
+        self.gateway_counters
+            .entry(id)
+            .or_insert_with(|| Arc::new(metrics.gateway(listener, name)))
+            .clone()
+    }
+
+    fn expire(&mut self) {
+        let expired = self.sessions.expire_idle(now_ms());
+        if !expired.is_empty() {
+            self.counters
+                .eviction(EvictionReason::Idle)
+                .inc_by(expired.len() as u64);
+            tracing::debug!(listener = %self.name, expired = expired.len(), "idle sessions expired");
+        }
+    }
+
+    fn from_client(&mut self, meta: &RecvMeta, data: &[u8]) {
+        let client = meta.addr;
+        let stride = meta.stride.max(1);
+        let clean = all_wireguard(data, stride, Direction::ToGateway, &self.counters, client);
+        if !clean && data.chunks(stride).all(|d| classify(d).is_err()) {
+            return;
+        }
+        let now = now_ms();
+        if let Some(session) = self.sessions.lookup(&client, now) {
+            if self
+                .plan
+                .placement
+                .keeps(session.gateway, session.gateway_address)
+            {
+                to_gateway(session, &self.counters, client, data, stride, clean);
+                return;
+            }
+            self.sessions.remove(&client);
+            self.counters.eviction(EvictionReason::GatewayGone).inc();
+            tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
+        }
+        if self.open_session(client, meta.dst_ip, now) {
+            if let Some(session) = self.sessions.lookup(&client, now) {
+                to_gateway(session, &self.counters, client, data, stride, clean);
+            }
+        }
+    }
+
+    /// Places a new session; false (counted) when it cannot be.
+    fn open_session(&mut self, client: SocketAddr, reply_from: Option<IpAddr>, now: u64) -> bool {
+        let Some(gateway) = self.plan.placement.place(client) else {
+            self.counters.no_gateway.inc();
+            tracing::debug!(listener = %self.name, %client, "dropped: no gateway takes new sessions");
+            return false;
+        };
+        let (id, name, address) = (gateway.id, gateway.name.clone(), gateway.address);
+        let upstream = match UdpEndpoint::upstream(address, self.source) {
+            Ok(upstream) => Arc::new(upstream),
+            Err(e) => {
+                self.counters.upstream_unavailable.inc();
+                tracing::warn!(listener = %self.name, %client, gateway = %name, "dropped: cannot open a socket towards the gateway: {e}");
+                return false;
+            }
+        };
+        let counters = self.counters_for(id, &name);
+        let activity = Arc::new(Activity::default());
+        activity.touch(now);
+        let replies = tokio::spawn(
+            ReplyPath {
+                upstream: upstream.clone(),
+                listener: self.socket.clone(),
+                client,
+                reply_from,
+                activity: activity.clone(),
+                gateway: counters.clone(),
+                counters: self.counters.clone(),
+            }
+            .run(),
+        )
+        .abort_handle();
+        counters.sessions.inc();
+        counters.sessions_created.inc();
+        tracing::debug!(listener = %self.name, %client, gateway = %name, "new session");
+        let session = Session {
+            gateway: id,
+            gateway_address: address,
+            activity,
+            link: Link {
+                upstream,
+                replies,
+                counters,
+            },
+        };
+        if let Some((evicted, _)) = self.sessions.insert(client, session) {
+            self.counters.eviction(EvictionReason::TableFull).inc();
+            tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
+        }
+        true
+    }
+}
+
+fn to_gateway(
+    session: &Session<Link>,
+    counters: &ListenerCounters,
+    client: SocketAddr,
+    data: &[u8],
+    stride: usize,
+    clean: bool,
+) {
+    match forward(
+        &session.link.upstream,
+        session.gateway_address,
+        None,
+        data,
+        stride,
+        clean,
+    ) {
+        Ok(()) => count_forwarded(data, stride, Direction::ToGateway, &session.link.counters),
+        Err(e) => {
+            counters.send_failed_to_gateway.inc();
+            tracing::debug!(%client, "dropped a datagram: send to gateway failed: {e}");
+        }
+    }
+}
+
+/// Runs one listener until its plan channel closes. The socket is bound by the caller so that a
+/// bad address fails the start, not a background task.
+pub async fn run_listener(
+    config: &ListenerConfig,
+    socket: UdpEndpoint,
+    mut plans: watch::Receiver<Arc<ListenerPlan>>,
+    metrics: Metrics,
+) -> io::Result<()> {
+    let plan = plans.borrow_and_update().clone();
+    let mut relay = Relay {
+        name: config.name.clone(),
+        socket: Arc::new(socket),
+        source: config.source,
+        sessions: SessionTable::new(plan.table_size, plan.idle_timeout),
+        counters: Arc::new(metrics.listener(&config.name)),
+        metrics,
+        plan: plan.clone(),
+        gateway_counters: HashMap::new(),
+    };
+    relay.apply(plan);
+    let mut buffers = RecvBuffers::new();
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let socket = relay.socket.clone();
+    loop {
+        tokio::select! {
+            biased;
+            changed = plans.changed() => match changed {
+                Ok(()) => {
+                    let plan = plans.borrow_and_update().clone();
+                    relay.apply(plan);
+                }
+                Err(_) => return Ok(()),
+            },
+            _ = sweep.tick() => relay.expire(),
+            ready = socket.io.readable() => {
+                ready?;
+                for _ in 0..BATCHES_PER_TURN {
+                    let count = match socket.recv_batch(&mut buffers) {
+                        Ok(count) => count,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::debug!(listener = %relay.name, "receive error: {e}");
+                            continue;
+                        }
+                    };
+                    for (meta, data) in buffers.meta[..count].iter().zip(&buffers.data) {
+                        relay.from_client(meta, &data[..meta.len]);
+                    }
+                }
+            }
+        }
+    }
+}

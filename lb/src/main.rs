@@ -1,0 +1,300 @@
+//! The `wglb` command: runs the balancer, checks configurations, answers placement questions.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use wglb::config::{Config, ListenerFlags};
+use wglb::control::ControlPlane;
+use wglb::datapath::{run_listener, UdpEndpoint};
+use wglb::metrics::{self, Metrics};
+use wglb::pool::{AllDownPolicy, GatewayId, GatewayView, HashKey, Placement};
+
+#[derive(Parser)]
+#[command(name = "wglb", version, about = "A WireGuard-aware UDP load balancer")]
+struct Cli {
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `wglb=debug`.
+    #[arg(long, global = true, env = "WGLB_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the balancer (SIGHUP reloads the configuration file).
+    Run(RunArgs),
+    /// Validate a configuration file and print what it sets up.
+    CheckConfig { config: PathBuf },
+    /// Print the gateway a client would be placed on when every gateway is healthy.
+    Place {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The listener to ask (default: the first).
+        #[arg(long)]
+        listener: Option<String>,
+        /// The client's source address and port.
+        client: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A TOML configuration file.
+    #[arg(long, short, conflicts_with_all = ["listen", "gateways"])]
+    config: Option<PathBuf>,
+    /// Address to receive WireGuard clients on (instead of a file; one listener).
+    #[arg(long, requires = "gateways")]
+    listen: Option<SocketAddr>,
+    /// A gateway: NAME=ADDRESS:PORT[,weight=N][,state=active|draining|down][,health-port=P]
+    #[arg(long = "gateway", value_name = "SPEC")]
+    gateways: Vec<String>,
+    /// source-ip or source-ip-port.
+    #[arg(long)]
+    hash_key: Option<HashKey>,
+    /// Forget a session after this long without a packet either way, e.g. 180s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Most sessions kept at once.
+    #[arg(long)]
+    table_size: Option<usize>,
+    /// fail-open or drop, when no gateway is healthy.
+    #[arg(long)]
+    all_down: Option<AllDownPolicy>,
+    /// Address to send to gateways from.
+    #[arg(long)]
+    source: Option<IpAddr>,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+                eprintln!("wglb: bad --log filter `{}`: {e}; using info", cli.log);
+                tracing_subscriber::EnvFilter::new("info")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => load(&args).and_then(|(config, path)| {
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(run(config, path))
+        }),
+        Command::CheckConfig { config } => {
+            Config::load(&config).map(|c| print!("{}", describe(&c)))
+        }
+        Command::Place {
+            config,
+            listener,
+            client,
+        } => place(&config, listener.as_deref(), client),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wglb: {e:#}");
+            ExitCode::from(if e.is::<wglb::config::ConfigError>() {
+                2
+            } else {
+                1
+            })
+        }
+    }
+}
+
+fn load(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    if let Some(path) = &args.config {
+        return Ok((Config::load(path)?, Some(path.clone())));
+    }
+    let Some(listen) = args.listen else {
+        anyhow::bail!(
+            "give --config FILE, or --listen ADDRESS with one or more --gateway NAME=ADDRESS:PORT"
+        );
+    };
+    let flags = ListenerFlags {
+        name: "default".into(),
+        listen,
+        source: args.source,
+        gateways: args.gateways.clone(),
+        hash_key: args.hash_key,
+        idle_timeout: args.idle_timeout,
+        table_size: args.table_size,
+        all_down: args.all_down,
+        metrics_listen: args.metrics_listen,
+    };
+    Ok((Config::from_flags(&flags)?, None))
+}
+
+async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Every session holds a socket towards its gateway.
+    let wanted: u64 = config
+        .listeners
+        .iter()
+        .map(|l| l.table_size.get() as u64 + 64)
+        .sum();
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open-file limit is below the session table sizes; sessions beyond it are dropped"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+    let metrics = Metrics::new();
+    let mut sockets = Vec::new();
+    for listener in &config.listeners {
+        let socket =
+            UdpEndpoint::listen(listener.listen, listener.socket_buffer).with_context(|| {
+                format!(
+                    "listener `{}`: cannot listen on {}",
+                    listener.name, listener.listen
+                )
+            })?;
+        sockets.push((listener.clone(), socket));
+    }
+    let metrics_socket = match config.metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot serve metrics on {address}"))?,
+        ),
+        None => None,
+    };
+    let (observations_tx, observations) = mpsc::channel(1024);
+    let (reload_tx, reloads) = mpsc::channel(4);
+    let (control, mut plans) = ControlPlane::new(config.clone(), metrics.clone(), observations_tx);
+    let mut tasks = JoinSet::new();
+    for (listener, socket) in sockets {
+        let plan = plans.remove(&listener.name).expect("a plan per listener");
+        let metrics = metrics.clone();
+        tracing::info!(listener = %listener.name, listen = %listener.listen, gateways = listener.gateways.len(), "listening");
+        tasks.spawn(async move {
+            run_listener(&listener, socket, plan, metrics)
+                .await
+                .with_context(|| format!("listener `{}` failed", listener.name))
+        });
+    }
+    let control = tokio::spawn(control.run(observations, reloads));
+    if let Some(socket) = metrics_socket {
+        tracing::info!(listen = %socket.local_addr()?, "serving Prometheus metrics on /metrics");
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            metrics::serve(socket, metrics)
+                .await
+                .context("metrics server failed")
+        });
+    }
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match &path {
+                Some(path) => match Config::load(path) {
+                    Ok(config) => {
+                        tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
+                        let _ = reload_tx.send(config).await;
+                    }
+                    Err(e) => {
+                        metrics.reload(false);
+                        tracing::error!("SIGHUP: configuration refused, keeping the running one: {e:#}");
+                    }
+                },
+                None => tracing::warn!("SIGHUP: started from flags, there is no file to reload"),
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            Some(ended) = tasks.join_next() => {
+                return Err(match ended {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => anyhow::anyhow!("a listener stopped"),
+                    Err(e) => anyhow::anyhow!("a task died: {e}"),
+                });
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    control.abort();
+    Ok(())
+}
+
+fn describe(config: &Config) -> String {
+    let mut out = String::new();
+    let health = &config.health;
+    out += &format!(
+        "health checks: GET {} every {:?}, timeout {:?}, rise {}, fall {}\n",
+        health.path, health.interval, health.timeout, health.rise, health.fall
+    );
+    if let Some(metrics) = config.metrics_listen {
+        out += &format!("metrics: http://{metrics}/metrics\n");
+    }
+    for l in &config.listeners {
+        out += &format!(
+            "listener {} on {}: hash {:?}, idle timeout {:?}, up to {} sessions, Maglev {} slots, all down: {:?}\n",
+            l.name, l.listen, l.hash_key, l.idle_timeout, l.table_size, l.maglev_size, l.all_down
+        );
+        for g in &l.gateways {
+            let check = g.health_port.map_or("no health check".to_string(), |p| {
+                format!("health port {p}")
+            });
+            out += &format!(
+                "  gateway {} at {}: {}, weight {}, {check}\n",
+                g.name,
+                g.address,
+                g.state.as_str(),
+                g.weight
+            );
+        }
+    }
+    out
+}
+
+fn place(path: &std::path::Path, listener: Option<&str>, client: SocketAddr) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let listener = match listener {
+        Some(name) => config
+            .listener(name)
+            .with_context(|| format!("no listener `{name}` in {}", path.display()))?,
+        None => &config.listeners[0],
+    };
+    let gateways = listener
+        .gateways
+        .iter()
+        .enumerate()
+        .map(|(i, g)| GatewayView {
+            id: GatewayId(i as u32),
+            name: g.name.clone(),
+            address: g.address,
+            weight: g.weight,
+            admin: g.state,
+            healthy: true,
+        })
+        .collect();
+    let placement = Placement::new(
+        gateways,
+        listener.hash_key,
+        listener.all_down,
+        listener.maglev_size,
+    );
+    match placement.place(client) {
+        Some(g) => println!("{} {}", g.name, g.address),
+        None => anyhow::bail!(
+            "no gateway of listener `{}` takes new sessions",
+            listener.name
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! Prometheus metrics. Label values come only from configuration (listener and gateway names)
+//! and fixed enums, never from clients, so cardinality is bounded. The datapath resolves label
+//! sets once per gateway ([`GatewayCounters`]) and per listener ([`ListenerCounters`]) rather than
+//! per packet.
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use wglb_common::wireguard::{Junk, MessageType};
+
+use crate::pool::{AdminState, GatewayView};
+use crate::session::EvictionReason;
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    dropped: IntCounterVec,
+    sessions: IntGaugeVec,
+    sessions_created: IntCounterVec,
+    evictions: IntCounterVec,
+    handshakes: IntCounterVec,
+    gateway_up: IntGaugeVec,
+    gateway_state: IntGaugeVec,
+    failing_open: IntGaugeVec,
+    reloads: IntCounterVec,
+}
+
+/// Why the datapath dropped a packet; the label values of `wglb_dropped_packets_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    NotWireguard(Junk),
+    /// No gateway may take a new session (all down with the drop policy, or all draining).
+    NoGateway,
+    /// The socket towards the gateway could not be opened (e.g. out of ports or descriptors).
+    UpstreamUnavailable,
+    /// The kernel refused the send (buffer full, no route).
+    SendFailed,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NotWireguard(Junk::Truncated) => "not_wireguard_truncated",
+            DropReason::NotWireguard(Junk::UnknownType) => "not_wireguard_unknown_type",
+            DropReason::NotWireguard(Junk::ReservedNotZero) => "not_wireguard_reserved_not_zero",
+            DropReason::NotWireguard(Junk::BadLength) => "not_wireguard_bad_length",
+            DropReason::NoGateway => "no_gateway",
+            DropReason::UpstreamUnavailable => "upstream_unavailable",
+            DropReason::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// Which way a packet went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    ToGateway,
+    ToClient,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ToGateway => "to_gateway",
+            Direction::ToClient => "to_client",
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(vec.clone()))
+                .expect("unique metric");
+            vec
+        }
+        fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(vec.clone()))
+                .expect("unique metric");
+            vec
+        }
+        let build_info = gauge(
+            &registry,
+            "wglb_build_info",
+            "Always 1; labels carry the build.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let r = &registry;
+        Metrics {
+            packets: counter(r, "wglb_packets_total", "Packets forwarded.", &["listener", "gateway", "direction"]),
+            bytes: counter(r, "wglb_bytes_total", "UDP payload bytes forwarded.", &["listener", "gateway", "direction"]),
+            dropped: counter(r, "wglb_dropped_packets_total", "Packets dropped, by reason.", &["listener", "direction", "reason"]),
+            sessions: gauge(r, "wglb_sessions", "Sessions pinned to a gateway now.", &["listener", "gateway"]),
+            sessions_created: counter(r, "wglb_sessions_created_total", "Sessions placed on a gateway.", &["listener", "gateway"]),
+            evictions: counter(r, "wglb_session_evictions_total", "Sessions removed, by reason.", &["listener", "reason"]),
+            handshakes: counter(
+                r,
+                "wglb_handshake_messages_total",
+                "WireGuard handshake messages forwarded (initiations to gateways, responses and cookies to clients).",
+                &["listener", "gateway", "message"],
+            ),
+            gateway_up: gauge(r, "wglb_gateway_healthy", "1 when the gateway's health verdict is up.", &["listener", "gateway"]),
+            gateway_state: gauge(r, "wglb_gateway_admin_state", "1 for the gateway's configured state.", &["listener", "gateway", "state"]),
+            failing_open: gauge(r, "wglb_failing_open", "1 while no gateway is healthy and health is ignored.", &["listener"]),
+            reloads: counter(r, "wglb_config_reloads_total", "Configuration reloads, by result.", &["result"]),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
+        String::from_utf8(out).expect("utf-8 metrics")
+    }
+
+    pub fn listener(&self, listener: &str) -> ListenerCounters {
+        let dropped = |direction: Direction, reason: DropReason| {
+            self.dropped
+                .with_label_values(&[listener, direction.as_str(), reason.as_str()])
+        };
+        ListenerCounters {
+            junk_from_client: Junk::ALL
+                .map(|j| dropped(Direction::ToGateway, DropReason::NotWireguard(j))),
+            junk_from_gateway: Junk::ALL
+                .map(|j| dropped(Direction::ToClient, DropReason::NotWireguard(j))),
+            no_gateway: dropped(Direction::ToGateway, DropReason::NoGateway),
+            upstream_unavailable: dropped(Direction::ToGateway, DropReason::UpstreamUnavailable),
+            send_failed_to_gateway: dropped(Direction::ToGateway, DropReason::SendFailed),
+            send_failed_to_client: dropped(Direction::ToClient, DropReason::SendFailed),
+            evictions: EvictionReason::ALL
+                .map(|r| self.evictions.with_label_values(&[listener, r.as_str()])),
+            failing_open: self.failing_open.with_label_values(&[listener]),
+        }
+    }
+
+    pub fn gateway(&self, listener: &str, gateway: &str) -> GatewayCounters {
+        let labels = |direction: Direction| [listener, gateway, direction.as_str()];
+        let handshake = |message: MessageType| {
+            self.handshakes
+                .with_label_values(&[listener, gateway, message.as_str()])
+        };
+        GatewayCounters {
+            packets_to_gateway: self
+                .packets
+                .with_label_values(&labels(Direction::ToGateway)),
+            packets_to_client: self.packets.with_label_values(&labels(Direction::ToClient)),
+            bytes_to_gateway: self.bytes.with_label_values(&labels(Direction::ToGateway)),
+            bytes_to_client: self.bytes.with_label_values(&labels(Direction::ToClient)),
+            initiations: handshake(MessageType::HandshakeInitiation),
+            responses: handshake(MessageType::HandshakeResponse),
+            cookies: handshake(MessageType::CookieReply),
+            sessions: self.sessions.with_label_values(&[listener, gateway]),
+            sessions_created: self
+                .sessions_created
+                .with_label_values(&[listener, gateway]),
+        }
+    }
+
+    /// Mirrors a gateway's health and configured state.
+    pub fn set_gateway(&self, listener: &str, gateway: &GatewayView) {
+        self.gateway_up
+            .with_label_values(&[listener, &gateway.name])
+            .set(gateway.healthy as i64);
+        for state in [AdminState::Active, AdminState::Draining, AdminState::Down] {
+            self.gateway_state
+                .with_label_values(&[listener, &gateway.name, state.as_str()])
+                .set((gateway.admin == state) as i64);
+        }
+    }
+
+    /// Removes the series of a gateway that left the configuration.
+    pub fn forget_gateway(&self, listener: &str, gateway: &str) {
+        let _ = self.gateway_up.remove_label_values(&[listener, gateway]);
+        let _ = self.sessions.remove_label_values(&[listener, gateway]);
+        for state in [AdminState::Active, AdminState::Draining, AdminState::Down] {
+            let _ = self
+                .gateway_state
+                .remove_label_values(&[listener, gateway, state.as_str()]);
+        }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+pub struct ListenerCounters {
+    junk_from_client: [IntCounter; 4],
+    junk_from_gateway: [IntCounter; 4],
+    pub no_gateway: IntCounter,
+    pub upstream_unavailable: IntCounter,
+    pub send_failed_to_gateway: IntCounter,
+    pub send_failed_to_client: IntCounter,
+    evictions: [IntCounter; 3],
+    pub failing_open: IntGauge,
+}
+
+impl ListenerCounters {
+    pub fn junk(&self, direction: Direction, junk: Junk) -> &IntCounter {
+        let index = Junk::ALL.iter().position(|j| *j == junk).expect("listed");
+        match direction {
+            Direction::ToGateway => &self.junk_from_client[index],
+            Direction::ToClient => &self.junk_from_gateway[index],
+        }
+    }
+
+    pub fn eviction(&self, reason: EvictionReason) -> &IntCounter {
+        &self.evictions[EvictionReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("listed")]
+    }
+}
+
+pub struct GatewayCounters {
+    pub packets_to_gateway: IntCounter,
+    pub packets_to_client: IntCounter,
+    pub bytes_to_gateway: IntCounter,
+    pub bytes_to_client: IntCounter,
+    pub initiations: IntCounter,
+    pub responses: IntCounter,
+    pub cookies: IntCounter,
+    pub sessions: IntGauge,
+    pub sessions_created: IntCounter,
+}
+
+/// Serves `GET /metrics` in Prometheus' text format on an already bound socket.
+pub async fn serve(socket: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
+    use axum::{routing::get, Router};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(socket, app).await
+}

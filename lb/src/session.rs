@@ -1,0 +1,265 @@
+//! The session table: which gateway each client source tuple is pinned to.
+//!
+//! It is bounded (least recently used sessions make room for new ones), so a flood of spoofed
+//! source tuples costs at most `capacity` entries; and it forgets sessions idle in both directions
+//! for longer than the idle timeout. What a session carries besides its gateway (`L`, the link) is
+//! up to the datapath: the userspace datapath keeps its upstream socket there.
+//!
+//! Memory: an entry is the key (a `SocketAddr`, 32 bytes), a [`Session`] (gateway id, gateway
+//! address, created time, activity pointer and the link) and the LRU's two list pointers plus a
+//! hash slot; [`Session::<()>::BASE_SIZE`] documents the fixed part.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+
+use crate::pool::GatewayId;
+
+/// Milliseconds on a process-wide monotonic clock: cheap to store in an atomic.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Last time a packet of a session went either way; shared with whatever forwards its replies.
+#[derive(Debug, Default)]
+pub struct Activity(AtomicU64);
+
+impl Activity {
+    pub fn touch(&self, now_ms: u64) {
+        self.0.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_ms(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub struct Session<L> {
+    pub gateway: GatewayId,
+    /// The address the session was placed at; a gateway that moves loses its sessions.
+    pub gateway_address: SocketAddr,
+    pub activity: Arc<Activity>,
+    pub link: L,
+}
+
+impl Session<()> {
+    /// Bytes of an entry not counting the link and the shared activity cell.
+    pub const BASE_SIZE: usize = std::mem::size_of::<(SocketAddr, Session<()>)>();
+}
+
+/// Why a session left the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EvictionReason {
+    Idle,
+    /// Its gateway went down (health or operator), moved, or was removed.
+    GatewayGone,
+    /// The table was full and it was the least recently used.
+    TableFull,
+}
+
+impl EvictionReason {
+    pub const ALL: [EvictionReason; 3] = [
+        EvictionReason::Idle,
+        EvictionReason::GatewayGone,
+        EvictionReason::TableFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictionReason::Idle => "idle",
+            EvictionReason::GatewayGone => "gateway_gone",
+            EvictionReason::TableFull => "table_full",
+        }
+    }
+}
+
+pub struct SessionTable<L> {
+    sessions: LruCache<SocketAddr, Session<L>>,
+    idle_timeout_ms: u64,
+}
+
+impl<L> SessionTable<L> {
+    pub fn new(capacity: NonZeroUsize, idle_timeout: Duration) -> SessionTable<L> {
+        SessionTable {
+            sessions: LruCache::new(capacity),
+            idle_timeout_ms: idle_timeout.as_millis() as u64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    pub fn set_idle_timeout(&mut self, idle_timeout: Duration) {
+        self.idle_timeout_ms = idle_timeout.as_millis() as u64;
+    }
+
+    /// Changes the bound; returns the least recently used sessions that no longer fit.
+    pub fn set_capacity(&mut self, capacity: NonZeroUsize) -> Vec<(SocketAddr, Session<L>)> {
+        let mut evicted = Vec::new();
+        while self.sessions.len() > capacity.get() {
+            evicted.extend(self.sessions.pop_lru());
+        }
+        self.sessions.resize(capacity);
+        evicted
+    }
+
+    /// Looks a client up, marking it as recently used and active now.
+    pub fn lookup(&mut self, client: &SocketAddr, now_ms: u64) -> Option<&Session<L>> {
+        let session = self.sessions.get(client)?;
+        session.activity.touch(now_ms);
+        Some(session)
+    }
+
+    /// Adds a session; returns the one it pushed out if the table was full.
+    pub fn insert(
+        &mut self,
+        client: SocketAddr,
+        session: Session<L>,
+    ) -> Option<(SocketAddr, Session<L>)> {
+        match self.sessions.push(client, session) {
+            Some((evicted, _)) if evicted == client => None,
+            other => other,
+        }
+    }
+
+    pub fn remove(&mut self, client: &SocketAddr) -> Option<Session<L>> {
+        self.sessions.pop(client)
+    }
+
+    /// Removes every session for which `evict` says so, without changing the order of the rest.
+    pub fn evict_where(
+        &mut self,
+        mut evict: impl FnMut(&Session<L>) -> bool,
+    ) -> Vec<(SocketAddr, Session<L>)> {
+        let doomed: Vec<SocketAddr> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| evict(s))
+            .map(|(c, _)| *c)
+            .collect();
+        doomed
+            .into_iter()
+            .filter_map(|c| self.sessions.pop_entry(&c))
+            .collect()
+    }
+
+    /// Removes sessions with no packet either way for the idle timeout. A full scan, once a second
+    /// or so: reply traffic does not reorder the LRU list, so its tail is not always the idlest.
+    pub fn expire_idle(&mut self, now_ms: u64) -> Vec<(SocketAddr, Session<L>)> {
+        let limit = self.idle_timeout_ms;
+        self.evict_where(|s| now_ms.saturating_sub(s.activity.last_ms()) >= limit)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &Session<L>)> {
+        self.sessions.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(gateway: u32, now: u64) -> Session<()> {
+        let activity = Arc::new(Activity::default());
+        activity.touch(now);
+        Session {
+            gateway: GatewayId(gateway),
+            gateway_address: "10.0.0.1:51820".parse().unwrap(),
+            activity,
+            link: (),
+        }
+    }
+
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn stays_bounded_under_a_flood_and_evicts_the_least_recent() {
+        let mut table =
+            SessionTable::new(NonZeroUsize::new(100).unwrap(), Duration::from_secs(180));
+        table.insert(client(1), session(1, 0));
+        for port in 2..=1000 {
+            // client 1 keeps talking, so the flood pushes out only the flood.
+            assert!(table.lookup(&client(1), port as u64).is_some());
+            let evicted = table.insert(client(port), session(2, 0));
+            assert_eq!(evicted.is_some(), port > 100);
+            if let Some((evicted, _)) = evicted {
+                assert_ne!(evicted, client(1));
+            }
+            assert!(table.len() <= 100);
+        }
+        assert_eq!(table.lookup(&client(1), 0).unwrap().gateway, GatewayId(1));
+    }
+
+    #[test]
+    fn reinserting_a_client_is_not_an_eviction() {
+        let mut table = SessionTable::new(NonZeroUsize::new(2).unwrap(), Duration::from_secs(1));
+        assert!(table.insert(client(1), session(1, 0)).is_none());
+        assert!(table.insert(client(1), session(2, 0)).is_none());
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn idle_sessions_expire_and_replies_count_as_activity() {
+        let mut table = SessionTable::new(NonZeroUsize::new(10).unwrap(), Duration::from_secs(180));
+        table.insert(client(1), session(1, 0));
+        table.insert(client(2), session(1, 0));
+        table.insert(client(3), session(1, 0));
+        table.lookup(&client(1), 100_000);
+        // a reply to client 2, which does not go through lookup
+        table
+            .iter()
+            .find(|(c, _)| **c == client(2))
+            .unwrap()
+            .1
+            .activity
+            .touch(150_000);
+        let expired: Vec<SocketAddr> = table
+            .expire_idle(180_000)
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        assert_eq!(expired, vec![client(3)]);
+        let expired: Vec<SocketAddr> = table
+            .expire_idle(280_000)
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        assert_eq!(expired, vec![client(1)]);
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn evicts_by_gateway() {
+        let mut table = SessionTable::new(NonZeroUsize::new(10).unwrap(), Duration::from_secs(180));
+        for port in 0..6 {
+            table.insert(client(port), session(port as u32 % 2, 0));
+        }
+        let evicted = table.evict_where(|s| s.gateway == GatewayId(1));
+        assert_eq!(evicted.len(), 3);
+        assert!(table.iter().all(|(_, s)| s.gateway == GatewayId(0)));
+    }
+
+    #[test]
+    fn entry_size_is_what_the_design_says() {
+        // Key, gateway id, gateway address, activity pointer: keep it under a cache line.
+        assert!(
+            Session::<()>::BASE_SIZE <= 80,
+            "{}",
+            Session::<()>::BASE_SIZE
+        );
+    }
+}
