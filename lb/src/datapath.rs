@@ -125,9 +125,10 @@ impl UdpEndpoint {
             segment_size,
             src_ip,
         };
-        self.io.try_io(Interest::WRITABLE, || {
-            self.state.try_send((&self.io).into(), &transmit)
-        })
+        // Straight to the non-blocking socket, not through tokio's readiness flags: a new socket
+        // is not known writable until the reactor has polled it, and a relay drops (counted)
+        // rather than waits when the kernel's send buffer is full.
+        self.state.try_send((&self.io).into(), &transmit)
     }
 
     /// Receives one batch without waiting; Err(WouldBlock) when nothing is queued.
