@@ -83,7 +83,7 @@ pub(crate) fn wait_for<T>(
             return Ok(value);
         }
         if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
+            bail!("timed out after {timeout:.1?} waiting for {what}");
         }
         thread::sleep(POLL_INTERVAL);
     }

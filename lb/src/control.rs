@@ -255,6 +255,12 @@ impl ControlPlane {
     }
 }
 
+/// The placement a freshly started balancer uses for `listener`, every gateway healthy: what
+/// `wglb place` answers, and what tests predict clients' gateways with.
+pub fn initial_placement(listener: &ListenerConfig) -> Placement {
+    build_plan(listener, &mut ListenerState::default(), &Metrics::new()).placement
+}
+
 fn build_plan(
     listener: &ListenerConfig,
     state: &mut ListenerState,

@@ -11,10 +11,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use wglb::config::{Config, ListenerFlags};
-use wglb::control::ControlPlane;
+use wglb::control::{initial_placement, ControlPlane};
 use wglb::datapath::{run_listener, UdpEndpoint};
 use wglb::metrics::{self, Metrics};
-use wglb::pool::{AllDownPolicy, GatewayId, GatewayView, HashKey, Placement};
+use wglb::pool::{AllDownPolicy, HashKey};
 
 #[derive(Parser)]
 #[command(name = "wglb", version, about = "A WireGuard-aware UDP load balancer")]
@@ -271,25 +271,7 @@ fn place(path: &std::path::Path, listener: Option<&str>, client: SocketAddr) -> 
             .with_context(|| format!("no listener `{name}` in {}", path.display()))?,
         None => &config.listeners[0],
     };
-    let gateways = listener
-        .gateways
-        .iter()
-        .enumerate()
-        .map(|(i, g)| GatewayView {
-            id: GatewayId(i as u32),
-            name: g.name.clone(),
-            address: g.address,
-            weight: g.weight,
-            admin: g.state,
-            healthy: true,
-        })
-        .collect();
-    let placement = Placement::new(
-        gateways,
-        listener.hash_key,
-        listener.all_down,
-        listener.maglev_size,
-    );
+    let placement = initial_placement(listener);
     match placement.place(client) {
         Some(g) => println!("{} {}", g.name, g.address),
         None => anyhow::bail!(

@@ -17,6 +17,7 @@ const GATEWAYS: usize = 3;
 const CLIENTS: u16 = 6;
 const FIRST_CLIENT_PORT: u16 = 41000;
 const METRICS_ADDR: &str = "127.0.0.1:9638";
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Failover cannot be faster than WireGuard's ~15 s of retrying the dead session before it
 /// handshakes again; the rest is margin for the balancer's health checks.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(40);
@@ -111,7 +112,7 @@ fn demo(wglb: &Path) -> Result<()> {
         balancer.log.display()
     ));
 
-    if let Err(error) = exercise(&mut rig, &narrator) {
+    if let Err(error) = exercise(&mut rig, &mut balancer, &narrator) {
         balancer.report_failure();
         return Err(error);
     }
@@ -125,7 +126,7 @@ fn demo(wglb: &Path) -> Result<()> {
 }
 
 /// Steps 3 to 5: traffic through the balancer, a gateway failure, and the balancer's metrics.
-fn exercise(rig: &mut Rig, narrator: &Narrator) -> Result<()> {
+fn exercise(rig: &mut Rig, balancer: &mut Balancer, narrator: &Narrator) -> Result<()> {
     let clients = usize::from(CLIENTS);
     for i in 0..clients {
         rig.start_client(i)?;
@@ -137,17 +138,31 @@ fn exercise(rig: &mut Rig, narrator: &Narrator) -> Result<()> {
         "started {clients} clients, each pinging the gateway through its tunnel"
     ));
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for i in 0..clients {
-        rig.wait_handshake(i, deadline.saturating_duration_since(Instant::now()))?;
-    }
+    let mut waiting: Vec<usize> = (0..clients).collect();
+    balancer
+        .wait("every client's handshake", HANDSHAKE_TIMEOUT, || {
+            let mut still_waiting = Vec::new();
+            for &i in &waiting {
+                if rig.client_latest_handshake(i)?.is_none() {
+                    still_waiting.push(i);
+                }
+            }
+            waiting = still_waiting;
+            Ok(waiting.is_empty().then_some(()))
+        })
+        .with_context(|| format!("clients {waiting:?} have no handshake"))?;
     narrator.say("every client has completed a handshake through the balancer");
     let mut serving = Vec::with_capacity(clients);
     for (i, pinger) in pingers.iter().enumerate() {
         let gateway = rig
             .gateway_serving(i)?
             .with_context(|| format!("no gateway has a handshake with client {i}"))?;
-        pinger.wait_reply_after(SystemTime::now(), Duration::from_secs(5))?;
+        let now = SystemTime::now();
+        balancer.wait(
+            format_args!("a ping reply to client {i}"),
+            Duration::from_secs(5),
+            || Ok(pinger.first_reply_after(now)),
+        )?;
         narrator.say(format!(
             "client {i} ({}) is served by gw{gateway}; pings flow",
             rig.client_addr(i)
@@ -162,9 +177,11 @@ fn exercise(rig: &mut Rig, narrator: &Narrator) -> Result<()> {
     narrator.say(format!(
         "stopped gw{victim}, which served client 0 (WireGuard and health port)"
     ));
-    let reply = pingers[0]
-        .wait_reply_after(killed_at, FAILOVER_TIMEOUT)
-        .context("waiting for client 0 to fail over")?;
+    let reply = balancer.wait(
+        "client 0 to fail over (its first ping reply after the kill)",
+        FAILOVER_TIMEOUT,
+        || Ok(pingers[0].first_reply_after(killed_at)),
+    )?;
     let failover = reply.duration_since(killed_at).unwrap_or_default();
     let new_gateway = match rig.gateway_serving(0)? {
         Some(j) => format!("gw{j}"),
@@ -198,7 +215,12 @@ fn exercise(rig: &mut Rig, narrator: &Narrator) -> Result<()> {
         let verdict = if lost.is_empty() {
             format!("no ping lost of {}", window.count())
         } else {
-            format!("lost {} of {} pings {lost:?}", lost.len(), window.count())
+            format!(
+                "lost {} of {} pings (icmp_seq {})",
+                lost.len(),
+                window.count(),
+                ranges(&lost)
+            )
         };
         narrator.say(format!(
             "client {i} (was on gw{}{note}): {verdict}",
@@ -261,15 +283,36 @@ impl Balancer {
         Ok(Balancer { child, log })
     }
 
+    /// Polls `check` until it yields a value, like the rig's waits, but gives up as soon as
+    /// wglb exits: nothing can succeed then, and its exit is the error worth reporting.
+    fn wait<T>(
+        &mut self,
+        what: impl Display,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().context("checking on wglb")? {
+                bail!("wglb exited ({status}) while waiting for {what}");
+            }
+            if let Some(value) = check().with_context(|| format!("while waiting for {what}"))? {
+                return Ok(value);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "timed out after {timeout:.1?} waiting for {what}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn stop(mut self) -> Result<ExitStatus> {
         terminate(&mut self.child, Duration::from_secs(10)).context("stopping wglb")
     }
 
     /// The balancer's log is deleted with the rig, so show its end before it goes.
-    fn report_failure(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            eprintln!("wglb exited early: {status}");
-        }
+    fn report_failure(&self) {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         eprintln!("last lines of {}:", self.log.display());
@@ -283,6 +326,27 @@ impl Drop for Balancer {
     fn drop(&mut self) {
         let _ = terminate(&mut self.child, Duration::from_secs(10));
     }
+}
+
+/// `[3, 4, 5, 9]` as `3-5, 9`: a failover loses long runs of pings.
+fn ranges(seqs: &[u32]) -> String {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &seq in seqs {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == seq => *end = seq,
+            _ => runs.push((seq, seq)),
+        }
+    }
+    runs.iter()
+        .map(|&(start, end)| {
+            if start == end {
+                start.to_string()
+            } else {
+                format!("{start}-{end}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The balancer's metrics listen on loopback inside its namespace, so fetch them from there.
@@ -323,4 +387,25 @@ fn metric_value(line: &str) -> Option<f64> {
         None => line.split_once(' ')?.1,
     };
     rest.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compresses_runs_of_sequence_numbers() {
+        assert_eq!(ranges(&[3, 4, 5, 9, 11, 12]), "3-5, 9, 11-12");
+        assert_eq!(ranges(&[]), "");
+    }
+
+    #[test]
+    fn reads_sample_values() {
+        assert_eq!(metric_value("wglb_sessions 3"), Some(3.0));
+        assert_eq!(
+            metric_value(r#"wglb_bytes_total{gateway="gw 0",listener="demo"} 11320 1700000000"#),
+            Some(11320.0)
+        );
+        assert_eq!(metric_value("wglb_broken"), None);
+    }
 }

@@ -1,0 +1,206 @@
+//! wglb in front of real wireguard-go gateways, in network namespaces.
+//!
+//! These tests need root (namespaces, veth, /dev/net/tun) and FAIL without it: CI runs them as
+//! root. Each builds its own rig with unique names, so they run in parallel.
+//!
+//! Every client is placed by prediction: the test picks client ports so that Maglev puts each
+//! client on a chosen gateway, then checks on the gateways themselves (`wg show`) that the
+//! handshake happened there.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{ensure, Result};
+use support::{client_ip, config_text, first_reply, ports_for, predicted_gateway, Balancer};
+use wglb_lab::{require_root, Family, Pinger, Rig, RigSpec};
+
+/// Longest wait for a first handshake through the balancer.
+const HANDSHAKE: Duration = Duration::from_secs(20);
+/// WireGuard's floor for a session that moves (a client re-handshakes 15 s after its data went
+/// unanswered) plus the 2 s the balancer may add.
+const FAILOVER_BOUND: Duration = Duration::from_secs(17);
+
+fn rig(family: Family, gateways: usize, config: &str, wanted: &[usize]) -> Result<Rig> {
+    require_root()?;
+    Rig::new(RigSpec { family, gateways, client_ports: ports_for(family, config, wanted), keepalive: None })
+}
+
+/// Starts clients with a pinger each and waits until every one gets replies.
+fn connect(rig: &mut Rig, clients: std::ops::Range<usize>) -> Result<Vec<Pinger>> {
+    let start = SystemTime::now();
+    let mut pingers = Vec::new();
+    for i in clients {
+        rig.start_client(i)?;
+        pingers.push(rig.pinger(i)?);
+    }
+    for pinger in &pingers {
+        first_reply(pinger, start, HANDSHAKE)?;
+    }
+    Ok(pingers)
+}
+
+/// Sequence numbers answered in a pinger's window [from, now - in flight] that got no reply.
+fn lost_since(pinger: &Pinger, from_seq: u32) -> Vec<u32> {
+    // ping -W 1: replies to the last five (one second at -i 0.2) may still be in flight.
+    pinger.lost_between(from_seq, pinger.last_seq().saturating_sub(6))
+}
+
+#[test]
+fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = rig(Family::V4, 3, &config, &wanted)?;
+    let balancer = Balancer::start(&rig, &config)?;
+    let _pingers = connect(&mut rig, 0..wanted.len())?;
+    for (i, &gateway) in wanted.iter().enumerate() {
+        ensure!(rig.gateway_serving(i)? == Some(gateway), "client {i} is not on gw{gateway}");
+        ensure!(rig.gateway_rx_bytes_from(gateway, i)? > 0);
+    }
+    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 6.0);
+    ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw0",listener="test",message="handshake_initiation"}"#)? >= 2.0);
+    ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw2",listener="test",message="handshake_response"}"#)? >= 2.0);
+    ensure!(balancer.metric(&rig, "wglb_dropped_packets_total")? == 0.0);
+    Ok(())
+}
+
+#[test]
+fn a_dead_gateways_clients_move_and_the_others_do_not_notice() -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
+    let balancer = Balancer::start(&rig, &config)?;
+    let pingers = connect(&mut rig, 0..3)?;
+    let handshakes = [rig.client_latest_handshake(1)?, rig.client_latest_handshake(2)?];
+    let seqs = [pingers[1].last_seq(), pingers[2].last_seq()];
+
+    let killed = SystemTime::now();
+    rig.stop_gateway(0)?;
+    let failover = first_reply(&pingers[0], killed, Duration::from_secs(40))?;
+    eprintln!("failover: client 0 answered again {failover:?} after gw0 died");
+    ensure!(failover <= FAILOVER_BOUND, "failover took {failover:?}, more than {FAILOVER_BOUND:?}");
+    let expected = predicted_gateway(&config_text(Family::V4, &["down", "active", "active"]), SocketAddr::new(client_ip(Family::V4, 0), rig.client_addr(0).port()));
+    ensure!(rig.gateway_serving(0)? == Some(expected), "client 0 is not on gw{expected}");
+    ensure!(balancer.metric(&rig, r#"wglb_gateway_healthy{gateway="gw0""#)? == 0.0);
+    ensure!(balancer.metric(&rig, r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#)? >= 1.0);
+
+    std::thread::sleep(Duration::from_secs(2));
+    for (k, i) in [1, 2].into_iter().enumerate() {
+        let lost = lost_since(&pingers[i], seqs[k]);
+        ensure!(lost.is_empty(), "client {i} lost pings {lost:?} while gw0 failed");
+        ensure!(rig.client_latest_handshake(i)? == handshakes[k], "client {i} handshook again");
+        ensure!(rig.gateway_serving(i)? == Some(i), "client {i} moved");
+    }
+    Ok(())
+}
+
+#[test]
+fn draining_by_reload_keeps_sessions_and_sends_new_clients_elsewhere() -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    // Both clients would land on gw1 if it took new sessions.
+    let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
+    let balancer = Balancer::start(&rig, &config)?;
+    let pingers = connect(&mut rig, 0..1)?;
+    ensure!(rig.gateway_serving(0)? == Some(1));
+    let handshake = rig.client_latest_handshake(0)?;
+    let seq = pingers[0].last_seq();
+    let rx = rig.gateway_rx_bytes_from(1, 0)?;
+
+    let drained = config_text(Family::V4, &["active", "draining", "active"]);
+    balancer.reload(&rig, &drained)?;
+    ensure!(balancer.metric(&rig, r#"wglb_gateway_admin_state{gateway="gw1",listener="test",state="draining"}"#)? == 1.0);
+
+    let newcomer = connect(&mut rig, 1..2)?;
+    let expected = predicted_gateway(&drained, rig.client_addr(1));
+    ensure!(expected != 1);
+    ensure!(rig.gateway_serving(1)? == Some(expected), "the new client is not on gw{expected}");
+    std::thread::sleep(Duration::from_secs(3));
+    let lost = lost_since(&pingers[0], seq);
+    ensure!(lost.is_empty(), "the drained gateway's client lost pings {lost:?}");
+    ensure!(rig.client_latest_handshake(0)? == handshake, "the drained gateway's client handshook again");
+    ensure!(rig.gateway_rx_bytes_from(1, 0)? > rx, "the drained gateway's client left it");
+    drop(newcomer);
+    Ok(())
+}
+
+#[test]
+fn a_restarted_balancer_puts_clients_back_on_their_gateways() -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
+    let mut balancer = Balancer::start(&rig, &config)?;
+    let pingers = connect(&mut rig, 0..3)?;
+    let handshakes: Vec<_> = (0..3).map(|i| rig.client_latest_handshake(i)).collect::<Result<_>>()?;
+    let rx: Vec<_> = (0..3).map(|i| rig.gateway_rx_bytes_from(i, i)).collect::<Result<_>>()?;
+
+    balancer.stop()?;
+    let restarted = SystemTime::now();
+    let balancer = Balancer::start(&rig, &config)?;
+    for (i, pinger) in pingers.iter().enumerate() {
+        // Well under WireGuard's 15 s re-handshake: the client's data reached its old gateway.
+        let back = first_reply(pinger, restarted, Duration::from_secs(10))?;
+        eprintln!("client {i} answered {back:?} after the restart");
+    }
+    for i in 0..3 {
+        ensure!(rig.client_latest_handshake(i)? == handshakes[i], "client {i} handshook again");
+        ensure!(rig.gateway_rx_bytes_from(i, i)? > rx[i], "client {i} left gw{i}");
+    }
+    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 3.0);
+    Ok(())
+}
+
+#[test]
+fn junk_is_dropped_counted_and_harmless() -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active"]);
+    let mut rig = rig(Family::V4, 2, &config, &[0])?;
+    let balancer = Balancer::start(&rig, &config)?;
+    let pingers = connect(&mut rig, 0..1)?;
+    let seq = pingers[0].last_seq();
+    let target = rig.listen_addr(0);
+
+    let mut junk: Vec<Vec<u8>> = Vec::new();
+    let mut noise = 0x2545_f491_u32;
+    for n in 0..40usize {
+        noise ^= noise << 13;
+        noise ^= noise >> 17;
+        noise ^= noise << 5;
+        let mut random: Vec<u8> = (0..(n * 37 % 1400 + 1)).map(|k| (noise >> (k % 24)) as u8).collect();
+        random[0] = 5 + (noise % 200) as u8; // never a WireGuard type byte
+        junk.push(random);
+    }
+    for (kind, len) in [(1u8, 148usize), (2, 92), (3, 64), (4, 32)] {
+        let mut truncated = vec![0u8; len - 1];
+        truncated[0] = kind;
+        let mut oversized = vec![0u8; len + 17];
+        oversized[0] = kind;
+        let mut reserved = vec![0u8; len];
+        reserved[0] = kind;
+        reserved[3] = 1;
+        junk.extend([truncated, oversized, reserved]);
+    }
+    junk.extend([vec![], vec![1], vec![4, 0, 0]]);
+    let sent = junk.len();
+    let socket = rig.client_ns(0).run(|| UdpSocket::bind("0.0.0.0:0"))??;
+    for datagram in &junk {
+        socket.send_to(datagram, target)?;
+    }
+    balancer.wait_metric(&rig, "wglb_dropped_packets_total{direction=\"to_gateway\"", Duration::from_secs(10), |v| v == sent as f64)?;
+    ensure!(balancer.metric(&rig, "wglb_sessions_created_total")? == 1.0, "junk opened a session");
+    std::thread::sleep(Duration::from_secs(2));
+    let lost = lost_since(&pingers[0], seq);
+    ensure!(lost.is_empty(), "the tunnel lost pings {lost:?} during the junk");
+    Ok(())
+}
+
+#[test]
+fn ipv6_clients_and_gateways() -> Result<()> {
+    let config = config_text(Family::V6, &["active", "active"]);
+    let mut rig = rig(Family::V6, 2, &config, &[0, 1])?;
+    let balancer = Balancer::start(&rig, &config)?;
+    let _pingers = connect(&mut rig, 0..2)?;
+    for i in 0..2 {
+        ensure!(rig.client_addr(i).is_ipv6());
+        ensure!(rig.gateway_serving(i)? == Some(i), "client {i} is not on gw{i}");
+    }
+    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 2.0);
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! A `wglb` process under test inside a rig's balancer namespace, and the placement predictions
+//! the tests check real traffic against.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use wglb::config::Config;
+use wglb::control::initial_placement;
+use wglb_lab::{Family, Rig};
+
+pub const METRICS_PORT: u16 = 9638;
+
+/// A balancer configuration for a rig: one listener on port 51820, gateways `gw0..`, each with
+/// Defguard's health port, states as given.
+pub fn config_text(family: Family, states: &[&str]) -> String {
+    let listen = match family {
+        Family::V4 => "0.0.0.0:51820",
+        Family::V6 => "[::]:51820",
+    };
+    let gateway_ip = |j: usize| match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::new(10, 202, j as u8, 2)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::new(0xfd00, 0x202, j as u16, 0, 0, 0, 0, 2)),
+    };
+    let mut text = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n\n[[listener]]\nname = \"test\"\nlisten = \"{listen}\"\nhash_key = \"source-ip-port\"\n"
+    );
+    for (j, state) in states.iter().enumerate() {
+        let address = SocketAddr::new(gateway_ip(j), 51820);
+        text += &format!(
+            "\n[[listener.gateway]]\nname = \"gw{j}\"\naddress = \"{address}\"\nhealth_port = 55003\nstate = \"{state}\"\n"
+        );
+    }
+    text
+}
+
+/// Client i's outer address in a rig of `family`, as the lab lays it out.
+pub fn client_ip(family: Family, i: usize) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::new(10, 201, i as u8, 2)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::new(0xfd00, 0x201, i as u16, 0, 0, 0, 0, 2)),
+    }
+}
+
+/// The gateway index a new session of `client` lands on under `config_text`.
+pub fn predicted_gateway(config_text: &str, client: SocketAddr) -> usize {
+    let config = Config::parse(config_text, "test").expect("test config");
+    let placement = initial_placement(&config.listeners[0]);
+    let name = &placement.place(client).expect("some gateway takes the client").name;
+    name.trim_start_matches("gw").parse().expect("gateway named gwN")
+}
+
+/// WireGuard listen ports for clients so that, under `config_text`, client i is placed on
+/// `wanted[i]`: lets a test decide the spread instead of hoping for it.
+pub fn ports_for(family: Family, config_text: &str, wanted: &[usize]) -> Vec<u16> {
+    wanted
+        .iter()
+        .enumerate()
+        .map(|(i, &gateway)| {
+            let first = 41_000 + 100 * i as u16;
+            (first..first + 100)
+                .find(|&port| predicted_gateway(config_text, SocketAddr::new(client_ip(family, i), port)) == gateway)
+                .expect("a port within 100 tries")
+        })
+        .collect()
+}
+
+pub struct Balancer {
+    child: Option<Child>,
+    config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Balancer {
+    /// Starts `wglb run --config` in the rig's balancer namespace and waits until it serves
+    /// metrics (it binds its listeners before that).
+    pub fn start(rig: &Rig, config_text: &str) -> Result<Balancer> {
+        let config = rig.temp_dir().join("wglb.toml");
+        fs::write(&config, config_text)?;
+        let log = rig.temp_dir().join("wglb.log");
+        let log_file = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = rig
+            .balancer_ns()
+            .command(env!("CARGO_BIN_EXE_wglb"))
+            .args(["--log", "wglb=debug", "run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting wglb")?;
+        let balancer = Balancer { child: Some(child), config, log };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while balancer.metrics(rig).is_err() {
+            if Instant::now() > deadline {
+                bail!("wglb did not come up within 15 s; log:\n{}", balancer.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(balancer)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The Prometheus text the balancer serves.
+    pub fn metrics(&self, rig: &Rig) -> Result<String> {
+        let mut stream = rig
+            .balancer_ns()
+            .run(|| TcpStream::connect(("127.0.0.1", METRICS_PORT)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: wglb\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").context("HTTP response")?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("metrics answered {head}");
+        }
+        Ok(body.to_string())
+    }
+
+    /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels).
+    pub fn metric(&self, rig: &Rig, prefix: &str) -> Result<f64> {
+        let text = self.metrics(rig)?;
+        Ok(text
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Polls a metric until `done` holds for it.
+    pub fn wait_metric(&self, rig: &Rig, prefix: &str, timeout: Duration, done: impl Fn(f64) -> bool) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric(rig, prefix)?;
+            if done(value) {
+                return Ok(value);
+            }
+            if Instant::now() > deadline {
+                bail!("{prefix} is {value} after {timeout:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Writes a new configuration and sends SIGHUP; returns once the balancer says it applied it.
+    pub fn reload(&self, rig: &Rig, config_text: &str) -> Result<()> {
+        let ok = r#"wglb_config_reloads_total{result="ok"}"#;
+        let before = self.metric(rig, ok)?;
+        fs::write(&self.config, config_text)?;
+        let pid = self.child.as_ref().context("running")?.id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP)?;
+        self.wait_metric(rig, ok, Duration::from_secs(10), |v| v > before)?;
+        Ok(())
+    }
+
+    /// SIGTERM, and wait for the process to exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let status = wglb_lab::terminate(&mut child, Duration::from_secs(5))?;
+            if !status.success() {
+                bail!("wglb exited with {status}; log:\n{}", self.log_text());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits for client i's first ping reply after `after`.
+pub fn first_reply(pinger: &wglb_lab::Pinger, after: std::time::SystemTime, timeout: Duration) -> Result<Duration> {
+    let at = pinger.wait_reply_after(after, timeout)?;
+    Ok(at.duration_since(after).unwrap_or_default())
+}
