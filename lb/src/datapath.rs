@@ -107,7 +107,7 @@ impl UdpEndpoint {
         if segments == 1 || segments <= self.state.max_gso_segments() {
             return self.send_one(destination, src_ip, data, (segments > 1).then_some(stride));
         }
-        data.chunks(stride)
+        datagrams(data, stride)
             .try_for_each(|datagram| self.send_one(destination, src_ip, datagram, None))
     }
 
@@ -179,6 +179,13 @@ impl Drop for Link {
     }
 }
 
+/// The datagrams of a receive buffer: GRO packs several of `stride` bytes into one. An empty
+/// datagram is still a datagram (and junk).
+fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    let empty = data.is_empty().then_some(data);
+    data.chunks(stride).chain(empty)
+}
+
 /// Whether every datagram of a batch is WireGuard; counts and logs the ones that are not.
 fn all_wireguard(
     data: &[u8],
@@ -188,7 +195,7 @@ fn all_wireguard(
     peer: SocketAddr,
 ) -> bool {
     let mut clean = true;
-    for datagram in data.chunks(stride) {
+    for datagram in datagrams(data, stride) {
         if let Err(junk) = classify(datagram) {
             counters.junk(direction, junk).inc();
             tracing::debug!(%peer, len = datagram.len(), reason = junk.as_str(), "dropped a datagram that is not WireGuard");
@@ -200,7 +207,7 @@ fn all_wireguard(
 
 /// Counts forwarded datagrams and the handshake messages among them.
 fn count_forwarded(data: &[u8], stride: usize, direction: Direction, counters: &GatewayCounters) {
-    for datagram in data.chunks(stride) {
+    for datagram in datagrams(data, stride) {
         let (packets, bytes) = match direction {
             Direction::ToGateway => (&counters.packets_to_gateway, &counters.bytes_to_gateway),
             Direction::ToClient => (&counters.packets_to_client, &counters.bytes_to_client),
@@ -231,7 +238,7 @@ fn forward(
     if clean {
         return to.send(destination, src_ip, data, stride);
     }
-    data.chunks(stride)
+    datagrams(data, stride)
         .filter(|d| classify(d).is_ok())
         .try_for_each(|d| to.send_one(destination, src_ip, d, None))
 }
@@ -352,7 +359,7 @@ impl Relay {
         let client = meta.addr;
         let stride = meta.stride.max(1);
         let clean = all_wireguard(data, stride, Direction::ToGateway, &self.counters, client);
-        if !clean && data.chunks(stride).all(|d| classify(d).is_err()) {
+        if !clean && datagrams(data, stride).all(|d| classify(d).is_err()) {
             return;
         }
         let now = now_ms();
