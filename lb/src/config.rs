@@ -515,7 +515,7 @@ fn is_prime(n: u32) -> bool {
     n >= 2
         && (2..)
             .take_while(|d| d * d <= n as u64)
-            .all(|d| n as u64 % d != 0)
+            .all(|d| !(n as u64).is_multiple_of(d))
 }
 
 #[cfg(test)]
@@ -706,6 +706,14 @@ address = "[fd00::2]:51820"
             msg.contains("command line") && msg.contains("gateway"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../deploy/wglb.example.toml");
+        let config = Config::parse(text, "wglb.example.toml").unwrap();
+        assert_eq!(config.listeners.len(), 2);
+        assert_eq!(config.listeners[0].gateways[1].state, AdminState::Draining);
     }
 
     #[test]

@@ -355,7 +355,7 @@ impl Relay {
         }
     }
 
-    fn from_client(&mut self, meta: &RecvMeta, data: &[u8]) {
+    fn handle_client_datagram(&mut self, meta: &RecvMeta, data: &[u8]) {
         let client = meta.addr;
         let stride = meta.stride.max(1);
         let clean = all_wireguard(data, stride, Direction::ToGateway, &self.counters, client);
@@ -507,7 +507,7 @@ pub async fn run_listener(
                         }
                     };
                     for (meta, data) in buffers.meta[..count].iter().zip(&buffers.data) {
-                        relay.from_client(meta, &data[..meta.len]);
+                        relay.handle_client_datagram(meta, &data[..meta.len]);
                     }
                 }
             }

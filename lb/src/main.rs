@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use wglb::config::{Config, ListenerFlags};
+use wglb::config::{Config, ConfigError, ListenerFlags};
 use wglb::control::{initial_placement, ControlPlane};
 use wglb::datapath::{run_listener, UdpEndpoint};
 use wglb::metrics::{self, Metrics};
@@ -106,11 +106,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wglb: {e:#}");
-            ExitCode::from(if e.is::<wglb::config::ConfigError>() {
-                2
-            } else {
-                1
-            })
+            ExitCode::from(if e.is::<ConfigError>() { 2 } else { 1 })
         }
     }
 }
@@ -244,8 +240,14 @@ fn describe(config: &Config) -> String {
     }
     for l in &config.listeners {
         out += &format!(
-            "listener {} on {}: hash {:?}, idle timeout {:?}, up to {} sessions, Maglev {} slots, all down: {:?}\n",
-            l.name, l.listen, l.hash_key, l.idle_timeout, l.table_size, l.maglev_size, l.all_down
+            "listener {} on {}: hash {}, idle timeout {:?}, up to {} sessions, Maglev {} slots, all down: {}\n",
+            l.name,
+            l.listen,
+            l.hash_key.as_str(),
+            l.idle_timeout,
+            l.table_size,
+            l.maglev_size,
+            l.all_down.as_str()
         );
         for g in &l.gateways {
             let check = g.health_port.map_or("no health check".to_string(), |p| {

@@ -9,6 +9,24 @@ use serde::Deserialize;
 
 use crate::maglev::Maglev;
 
+impl HashKey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HashKey::SourceIp => "source-ip",
+            HashKey::SourceIpPort => "source-ip-port",
+        }
+    }
+}
+
+impl AllDownPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllDownPolicy::FailOpen => "fail-open",
+            AllDownPolicy::Drop => "drop",
+        }
+    }
+}
+
 impl std::str::FromStr for HashKey {
     type Err = String;
 

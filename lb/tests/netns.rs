@@ -24,7 +24,12 @@ const FAILOVER_BOUND: Duration = Duration::from_secs(17);
 
 fn rig(family: Family, gateways: usize, config: &str, wanted: &[usize]) -> Result<Rig> {
     require_root()?;
-    Rig::new(RigSpec { family, gateways, client_ports: ports_for(family, config, wanted), keepalive: None })
+    Rig::new(RigSpec {
+        family,
+        gateways,
+        client_ports: ports_for(family, config, wanted),
+        keepalive: None,
+    })
 }
 
 /// Starts clients with a pinger each and waits until every one gets replies.
@@ -55,7 +60,10 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
     let balancer = Balancer::start(&rig, &config)?;
     let _pingers = connect(&mut rig, 0..wanted.len())?;
     for (i, &gateway) in wanted.iter().enumerate() {
-        ensure!(rig.gateway_serving(i)? == Some(gateway), "client {i} is not on gw{gateway}");
+        ensure!(
+            rig.gateway_serving(i)? == Some(gateway),
+            "client {i} is not on gw{gateway}"
+        );
         ensure!(rig.gateway_rx_bytes_from(gateway, i)? > 0);
     }
     ensure!(balancer.metric(&rig, "wglb_sessions{")? == 6.0);
@@ -71,24 +79,47 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice() -> Result<()> {
     let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
     let balancer = Balancer::start(&rig, &config)?;
     let pingers = connect(&mut rig, 0..3)?;
-    let handshakes = [rig.client_latest_handshake(1)?, rig.client_latest_handshake(2)?];
+    let handshakes = [
+        rig.client_latest_handshake(1)?,
+        rig.client_latest_handshake(2)?,
+    ];
     let seqs = [pingers[1].last_seq(), pingers[2].last_seq()];
 
     let killed = SystemTime::now();
     rig.stop_gateway(0)?;
     let failover = first_reply(&pingers[0], killed, Duration::from_secs(40))?;
     eprintln!("failover: client 0 answered again {failover:?} after gw0 died");
-    ensure!(failover <= FAILOVER_BOUND, "failover took {failover:?}, more than {FAILOVER_BOUND:?}");
-    let expected = predicted_gateway(&config_text(Family::V4, &["down", "active", "active"]), SocketAddr::new(client_ip(Family::V4, 0), rig.client_addr(0).port()));
-    ensure!(rig.gateway_serving(0)? == Some(expected), "client 0 is not on gw{expected}");
+    ensure!(
+        failover <= FAILOVER_BOUND,
+        "failover took {failover:?}, more than {FAILOVER_BOUND:?}"
+    );
+    let expected = predicted_gateway(
+        &config_text(Family::V4, &["down", "active", "active"]),
+        SocketAddr::new(client_ip(Family::V4, 0), rig.client_addr(0).port()),
+    );
+    ensure!(
+        rig.gateway_serving(0)? == Some(expected),
+        "client 0 is not on gw{expected}"
+    );
     ensure!(balancer.metric(&rig, r#"wglb_gateway_healthy{gateway="gw0""#)? == 0.0);
-    ensure!(balancer.metric(&rig, r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#)? >= 1.0);
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#
+        )? >= 1.0
+    );
 
     std::thread::sleep(Duration::from_secs(2));
     for (k, i) in [1, 2].into_iter().enumerate() {
         let lost = lost_since(&pingers[i], seqs[k]);
-        ensure!(lost.is_empty(), "client {i} lost pings {lost:?} while gw0 failed");
-        ensure!(rig.client_latest_handshake(i)? == handshakes[k], "client {i} handshook again");
+        ensure!(
+            lost.is_empty(),
+            "client {i} lost pings {lost:?} while gw0 failed"
+        );
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[k],
+            "client {i} handshook again"
+        );
         ensure!(rig.gateway_serving(i)? == Some(i), "client {i} moved");
     }
     Ok(())
@@ -108,17 +139,34 @@ fn draining_by_reload_keeps_sessions_and_sends_new_clients_elsewhere() -> Result
 
     let drained = config_text(Family::V4, &["active", "draining", "active"]);
     balancer.reload(&rig, &drained)?;
-    ensure!(balancer.metric(&rig, r#"wglb_gateway_admin_state{gateway="gw1",listener="test",state="draining"}"#)? == 1.0);
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_gateway_admin_state{gateway="gw1",listener="test",state="draining"}"#
+        )? == 1.0
+    );
 
     let newcomer = connect(&mut rig, 1..2)?;
     let expected = predicted_gateway(&drained, rig.client_addr(1));
     ensure!(expected != 1);
-    ensure!(rig.gateway_serving(1)? == Some(expected), "the new client is not on gw{expected}");
+    ensure!(
+        rig.gateway_serving(1)? == Some(expected),
+        "the new client is not on gw{expected}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     let lost = lost_since(&pingers[0], seq);
-    ensure!(lost.is_empty(), "the drained gateway's client lost pings {lost:?}");
-    ensure!(rig.client_latest_handshake(0)? == handshake, "the drained gateway's client handshook again");
-    ensure!(rig.gateway_rx_bytes_from(1, 0)? > rx, "the drained gateway's client left it");
+    ensure!(
+        lost.is_empty(),
+        "the drained gateway's client lost pings {lost:?}"
+    );
+    ensure!(
+        rig.client_latest_handshake(0)? == handshake,
+        "the drained gateway's client handshook again"
+    );
+    ensure!(
+        rig.gateway_rx_bytes_from(1, 0)? > rx,
+        "the drained gateway's client left it"
+    );
     drop(newcomer);
     Ok(())
 }
@@ -129,8 +177,12 @@ fn a_restarted_balancer_puts_clients_back_on_their_gateways() -> Result<()> {
     let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
     let mut balancer = Balancer::start(&rig, &config)?;
     let pingers = connect(&mut rig, 0..3)?;
-    let handshakes: Vec<_> = (0..3).map(|i| rig.client_latest_handshake(i)).collect::<Result<_>>()?;
-    let rx: Vec<_> = (0..3).map(|i| rig.gateway_rx_bytes_from(i, i)).collect::<Result<_>>()?;
+    let handshakes: Vec<_> = (0..3)
+        .map(|i| rig.client_latest_handshake(i))
+        .collect::<Result<_>>()?;
+    let rx: Vec<_> = (0..3)
+        .map(|i| rig.gateway_rx_bytes_from(i, i))
+        .collect::<Result<_>>()?;
 
     balancer.stop()?;
     let restarted = SystemTime::now();
@@ -141,8 +193,14 @@ fn a_restarted_balancer_puts_clients_back_on_their_gateways() -> Result<()> {
         eprintln!("client {i} answered {back:?} after the restart");
     }
     for i in 0..3 {
-        ensure!(rig.client_latest_handshake(i)? == handshakes[i], "client {i} handshook again");
-        ensure!(rig.gateway_rx_bytes_from(i, i)? > rx[i], "client {i} left gw{i}");
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[i],
+            "client {i} handshook again"
+        );
+        ensure!(
+            rig.gateway_rx_bytes_from(i, i)? > rx[i],
+            "client {i} left gw{i}"
+        );
     }
     ensure!(balancer.metric(&rig, "wglb_sessions{")? == 3.0);
     Ok(())
@@ -163,7 +221,9 @@ fn junk_is_dropped_counted_and_harmless() -> Result<()> {
         noise ^= noise << 13;
         noise ^= noise >> 17;
         noise ^= noise << 5;
-        let mut random: Vec<u8> = (0..(n * 37 % 1400 + 1)).map(|k| (noise >> (k % 24)) as u8).collect();
+        let mut random: Vec<u8> = (0..(n * 37 % 1400 + 1))
+            .map(|k| (noise >> (k % 24)) as u8)
+            .collect();
         random[0] = 5 + (noise % 200) as u8; // never a WireGuard type byte
         junk.push(random);
     }
@@ -183,11 +243,22 @@ fn junk_is_dropped_counted_and_harmless() -> Result<()> {
     for datagram in &junk {
         socket.send_to(datagram, target)?;
     }
-    balancer.wait_metric(&rig, "wglb_dropped_packets_total{direction=\"to_gateway\"", Duration::from_secs(10), |v| v == sent as f64)?;
-    ensure!(balancer.metric(&rig, "wglb_sessions_created_total")? == 1.0, "junk opened a session");
+    balancer.wait_metric(
+        &rig,
+        "wglb_dropped_packets_total{direction=\"to_gateway\"",
+        Duration::from_secs(10),
+        |v| v == sent as f64,
+    )?;
+    ensure!(
+        balancer.metric(&rig, "wglb_sessions_created_total")? == 1.0,
+        "junk opened a session"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let lost = lost_since(&pingers[0], seq);
-    ensure!(lost.is_empty(), "the tunnel lost pings {lost:?} during the junk");
+    ensure!(
+        lost.is_empty(),
+        "the tunnel lost pings {lost:?} during the junk"
+    );
     Ok(())
 }
 
@@ -199,7 +270,10 @@ fn ipv6_clients_and_gateways() -> Result<()> {
     let _pingers = connect(&mut rig, 0..2)?;
     for i in 0..2 {
         ensure!(rig.client_addr(i).is_ipv6());
-        ensure!(rig.gateway_serving(i)? == Some(i), "client {i} is not on gw{i}");
+        ensure!(
+            rig.gateway_serving(i)? == Some(i),
+            "client {i} is not on gw{i}"
+        );
     }
     ensure!(balancer.metric(&rig, "wglb_sessions{")? == 2.0);
     Ok(())

@@ -84,7 +84,7 @@ pub fn classify(payload: &[u8]) -> Result<MessageType, Junk> {
         MessageType::CookieReply => len == COOKIE_REPLY_LEN,
         MessageType::TransportData => {
             len >= TRANSPORT_DATA_MIN_LEN
-                && (len - TRANSPORT_DATA_MIN_LEN) % TRANSPORT_DATA_ALIGN == 0
+                && (len - TRANSPORT_DATA_MIN_LEN).is_multiple_of(TRANSPORT_DATA_ALIGN)
         }
     };
     if well_sized {

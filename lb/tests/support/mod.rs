@@ -50,8 +50,13 @@ pub fn client_ip(family: Family, i: usize) -> IpAddr {
 pub fn predicted_gateway(config_text: &str, client: SocketAddr) -> usize {
     let config = Config::parse(config_text, "test").expect("test config");
     let placement = initial_placement(&config.listeners[0]);
-    let name = &placement.place(client).expect("some gateway takes the client").name;
-    name.trim_start_matches("gw").parse().expect("gateway named gwN")
+    let name = &placement
+        .place(client)
+        .expect("some gateway takes the client")
+        .name;
+    name.trim_start_matches("gw")
+        .parse()
+        .expect("gateway named gwN")
 }
 
 /// WireGuard listen ports for clients so that, under `config_text`, client i is placed on
@@ -63,7 +68,10 @@ pub fn ports_for(family: Family, config_text: &str, wanted: &[usize]) -> Vec<u16
         .map(|(i, &gateway)| {
             let first = 41_000 + 100 * i as u16;
             (first..first + 100)
-                .find(|&port| predicted_gateway(config_text, SocketAddr::new(client_ip(family, i), port)) == gateway)
+                .find(|&port| {
+                    predicted_gateway(config_text, SocketAddr::new(client_ip(family, i), port))
+                        == gateway
+                })
                 .expect("a port within 100 tries")
         })
         .collect()
@@ -82,7 +90,10 @@ impl Balancer {
         let config = rig.temp_dir().join("wglb.toml");
         fs::write(&config, config_text)?;
         let log = rig.temp_dir().join("wglb.log");
-        let log_file = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = rig
             .balancer_ns()
             .command(env!("CARGO_BIN_EXE_wglb"))
@@ -93,11 +104,18 @@ impl Balancer {
             .stderr(log_file)
             .spawn()
             .context("starting wglb")?;
-        let balancer = Balancer { child: Some(child), config, log };
+        let balancer = Balancer {
+            child: Some(child),
+            config,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while balancer.metrics(rig).is_err() {
             if Instant::now() > deadline {
-                bail!("wglb did not come up within 15 s; log:\n{}", balancer.log_text());
+                bail!(
+                    "wglb did not come up within 15 s; log:\n{}",
+                    balancer.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -135,7 +153,13 @@ impl Balancer {
     }
 
     /// Polls a metric until `done` holds for it.
-    pub fn wait_metric(&self, rig: &Rig, prefix: &str, timeout: Duration, done: impl Fn(f64) -> bool) -> Result<f64> {
+    pub fn wait_metric(
+        &self,
+        rig: &Rig,
+        prefix: &str,
+        timeout: Duration,
+        done: impl Fn(f64) -> bool,
+    ) -> Result<f64> {
         let deadline = Instant::now() + timeout;
         loop {
             let value = self.metric(rig, prefix)?;
@@ -143,7 +167,10 @@ impl Balancer {
                 return Ok(value);
             }
             if Instant::now() > deadline {
-                bail!("{prefix} is {value} after {timeout:?}; log:\n{}", self.log_text());
+                bail!(
+                    "{prefix} is {value} after {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -155,7 +182,10 @@ impl Balancer {
         let before = self.metric(rig, ok)?;
         fs::write(&self.config, config_text)?;
         let pid = self.child.as_ref().context("running")?.id();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
         self.wait_metric(rig, ok, Duration::from_secs(10), |v| v > before)?;
         Ok(())
     }
@@ -182,7 +212,11 @@ impl Drop for Balancer {
 }
 
 /// Waits for client i's first ping reply after `after`.
-pub fn first_reply(pinger: &wglb_lab::Pinger, after: std::time::SystemTime, timeout: Duration) -> Result<Duration> {
+pub fn first_reply(
+    pinger: &wglb_lab::Pinger,
+    after: std::time::SystemTime,
+    timeout: Duration,
+) -> Result<Duration> {
     let at = pinger.wait_reply_after(after, timeout)?;
     Ok(at.duration_since(after).unwrap_or_default())
 }

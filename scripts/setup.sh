@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what wglb's build, demo and tests need on a fresh Debian machine, idempotently.
+# Needs root (apt, and later network namespaces).
+set -euo pipefail
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: run as root (apt-get, network namespaces)" >&2
+    exit 1
+fi
+
+packages=(
+    wireguard-go     # real WireGuard peers for the demo and tests (no kernel module here)
+    wireguard-tools  # wg
+    iproute2         # ip netns, veth
+    iputils-ping     # ping through the tunnels
+    ca-certificates
+)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    apt-get update -q
+    # --no-install-recommends: wireguard-tools would otherwise pull in a kernel image and systemd.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust with rustup first" >&2
+    exit 1
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || rustup component add rustfmt clippy
