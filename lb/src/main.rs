@@ -116,9 +116,13 @@ fn load(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
         return Ok((Config::load(path)?, Some(path.clone())));
     }
     let Some(listen) = args.listen else {
-        anyhow::bail!(
-            "give --config FILE, or --listen ADDRESS with one or more --gateway NAME=ADDRESS:PORT"
-        );
+        return Err(ConfigError {
+            place: "command line".into(),
+            field: String::new(),
+            reason: "give --config FILE, or --listen ADDRESS and --gateway NAME=ADDRESS:PORT"
+                .into(),
+        }
+        .into());
     };
     let flags = ListenerFlags {
         name: "default".into(),
