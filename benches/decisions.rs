@@ -1,1 +1,151 @@
-fn main() {}
+//! The per-packet decisions of the userspace datapath, each beside a baseline measured in the
+//! same run so results read as ratios: the WireGuard shape check against a bare length check,
+//! the flow hash against std's SipHash, a session lookup in the bounded LRU table against a plain
+//! HashMap, and Maglev placement. Also the cost of rebuilding a Maglev table, which the control
+//! plane pays on every health change.
+//!
+//! Run: `cargo bench -p wglb --bench decisions`
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::hint::black_box;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use wglb::maglev::Maglev;
+use wglb::pool::{AdminState, AllDownPolicy, GatewayId, GatewayView, HashKey, Placement};
+use wglb::session::{Activity, Session, SessionTable};
+use wglb_common::hash::flow_hash;
+use wglb_common::wireguard::classify;
+
+const SESSIONS: u32 = 100_000;
+
+fn client(i: u32) -> SocketAddr {
+    SocketAddr::from((
+        Ipv4Addr::from(0x0a00_0000 | i),
+        40_000 + (i % 20_000) as u16,
+    ))
+}
+
+fn placement(gateways: u32) -> Placement {
+    let views = (0..gateways)
+        .map(|i| GatewayView {
+            id: GatewayId(i),
+            name: format!("gw{i}"),
+            address: SocketAddr::from(([10, 1, 0, i as u8], 51820)),
+            weight: 1,
+            admin: AdminState::Active,
+            healthy: true,
+        })
+        .collect();
+    Placement::new(
+        views,
+        HashKey::SourceIpPort,
+        AllDownPolicy::FailOpen,
+        65_537,
+    )
+}
+
+fn classification(c: &mut Criterion) {
+    let mut data = vec![0u8; 32 + 1280];
+    data[0] = 4;
+    let junk = vec![0xffu8; 200];
+    let mut group = c.benchmark_group("classify");
+    group.bench_function("wireguard_shape_check", |b| {
+        b.iter(|| classify(black_box(&data)))
+    });
+    group.bench_function("junk_shape_check", |b| {
+        b.iter(|| classify(black_box(&junk)))
+    });
+    group.bench_function("baseline_length_check", |b| {
+        b.iter(|| black_box(&data).len() >= 32)
+    });
+    group.finish();
+}
+
+fn hashing(c: &mut Criterion) {
+    let ip = Ipv4Addr::new(198, 51, 100, 7).to_ipv6_mapped().octets();
+    let sip = RandomState::new();
+    let mut group = c.benchmark_group("flow_hash");
+    group.bench_function("murmur3_flow_hash", |b| {
+        b.iter(|| flow_hash(black_box(ip), black_box(40_000)))
+    });
+    group.bench_function("baseline_std_siphash", |b| {
+        b.iter(|| sip.hash_one((black_box(ip), black_box(40_000u16))))
+    });
+    group.finish();
+}
+
+fn placement_lookup(c: &mut Criterion) {
+    let pool = placement(3);
+    let mut i = 0u32;
+    c.bench_function("maglev_place_new_session", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            pool.place(black_box(client(i))).map(|g| g.id)
+        })
+    });
+}
+
+fn session_lookup(c: &mut Criterion) {
+    let mut table = SessionTable::new(
+        NonZeroUsize::new(SESSIONS as usize).unwrap(),
+        Duration::from_secs(180),
+    );
+    let mut plain = HashMap::new();
+    for i in 0..SESSIONS {
+        let activity = Arc::new(Activity::default());
+        let address = SocketAddr::from(([10, 1, 0, 1], 51820));
+        table.insert(
+            client(i),
+            Session {
+                gateway: GatewayId(i % 3),
+                gateway_address: address,
+                activity,
+                link: (),
+            },
+        );
+        plain.insert(client(i), GatewayId(i % 3));
+    }
+    let mut group = c.benchmark_group("session_lookup_100k");
+    let mut i = 0u32;
+    group.bench_function("lru_session_table_hit", |b| {
+        b.iter(|| {
+            i = (i + 7919) % SESSIONS;
+            table.lookup(black_box(&client(i)), 1).map(|s| s.gateway)
+        })
+    });
+    group.bench_function("baseline_hashmap_hit", |b| {
+        b.iter(|| {
+            i = (i + 7919) % SESSIONS;
+            plain.get(black_box(&client(i))).copied()
+        })
+    });
+    group.finish();
+}
+
+fn maglev_build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("maglev_build_65537");
+    group.sample_size(20);
+    for gateways in [3usize, 100] {
+        let names: Vec<String> = (0..gateways).map(|i| format!("gw{i}")).collect();
+        let backends: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+        group.bench_function(format!("{gateways}_gateways"), |b| {
+            b.iter(|| Maglev::build(black_box(&backends), 65_537))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    classification,
+    hashing,
+    placement_lookup,
+    session_lookup,
+    maglev_build
+);
+criterion_main!(benches);

@@ -7,4 +7,10 @@ bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
-cargo test --locked --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked --workspace 2>&1 | tee "$log"
+# One closing line for the whole workspace: cargo prints one per test binary, the last of which
+# (a doc-test run) may well be empty.
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "workspace: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"

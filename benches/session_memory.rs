@@ -1,0 +1,151 @@
+//! Memory per session of the userspace datapath, measured on loopback: a real `wglb` process
+//! relays one handshake initiation from each of N client addresses to a gateway socket that
+//! swallows them, and the process's resident memory and the kernel's slab memory are read
+//! before and after. The baseline in the same run is a process that only holds N plain UDP
+//! sockets, what any per-session-socket relay (Envoy's udp_proxy, nginx stream) pays at least.
+//!
+//! Run (as root, for the open-file limit): `cargo bench -p wglb --bench session_memory`
+//! Only loopback addresses (127.0.0.0/8) are used.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SESSIONS: usize = 10_000;
+const LISTEN: &str = "127.0.0.1:45820";
+const METRICS: &str = "127.0.0.1:45821";
+
+fn meminfo_kib(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("meminfo field")
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    text.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+fn sessions(metrics: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(metrics).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines()
+        .filter(|l| l.starts_with("wglb_sessions{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>()
+        .into()
+}
+
+fn client(i: usize) -> SocketAddr {
+    SocketAddr::from((
+        Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250) as u8 + 1),
+        40_000,
+    ))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` probes benchmarks this way: nothing to list.
+    }
+    let _ = rlimit::increase_nofile_limit(SESSIONS as u64 * 2 + 100);
+    let gateway = UdpSocket::bind("127.0.0.1:0").expect("gateway socket");
+    let gateway_addr = gateway.local_addr().unwrap();
+    let balancer = Killed(
+        Command::new(env!("CARGO_BIN_EXE_wglb"))
+            .args([
+                "--log",
+                "warn",
+                "run",
+                "--listen",
+                LISTEN,
+                "--metrics-listen",
+                METRICS,
+                "--table-size",
+            ])
+            .arg((SESSIONS * 2).to_string())
+            .arg("--gateway")
+            .arg(format!("gw={gateway_addr}"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting wglb (cargo builds it for benches)"),
+    );
+    let pid = balancer.0.id();
+    wait_for("wglb to serve metrics", Duration::from_secs(10), || {
+        sessions(METRICS).is_some()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (rss_before, slab_before) = (rss_kib(pid), meminfo_kib("Slab:"));
+
+    let mut initiation = [0u8; 148];
+    initiation[0] = 1;
+    for i in 0..SESSIONS {
+        let socket = UdpSocket::bind(client(i)).expect("client socket on loopback");
+        socket.send_to(&initiation, LISTEN).expect("send");
+    }
+    wait_for("every session to open", Duration::from_secs(30), || {
+        sessions(METRICS) == Some(SESSIONS as f64)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (rss_after, slab_after) = (rss_kib(pid), meminfo_kib("Slab:"));
+    drop(balancer);
+    drop(gateway);
+
+    // Baseline: the same number of bound, connected UDP sockets and nothing else.
+    std::thread::sleep(Duration::from_millis(500));
+    let slab_base_before = meminfo_kib("Slab:");
+    let own_before = rss_kib(std::process::id());
+    let plain: Vec<UdpSocket> = (0..SESSIONS)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(gateway_addr).unwrap();
+            s
+        })
+        .collect();
+    let slab_base_after = meminfo_kib("Slab:");
+    let own_after = rss_kib(std::process::id());
+    drop(plain);
+
+    let per =
+        |before: u64, after: u64| (after.saturating_sub(before) as f64 * 1024.0) / SESSIONS as f64;
+    let wglb_user = per(rss_before, rss_after);
+    let wglb_kernel = per(slab_before, slab_after);
+    let base_user = per(own_before, own_after);
+    let base_kernel = per(slab_base_before, slab_base_after);
+    println!("sessions: {SESSIONS}");
+    println!("wglb process memory per session:   {wglb_user:>7.0} B");
+    println!("wglb kernel slab per session:      {wglb_kernel:>7.0} B");
+    println!(
+        "baseline (bare UDP socket) process {base_user:>7.0} B, kernel slab {base_kernel:>7.0} B"
+    );
+    println!(
+        "wglb total / bare socket total:    {:>7.2}",
+        (wglb_user + wglb_kernel) / (base_user + base_kernel).max(1.0)
+    );
+}
