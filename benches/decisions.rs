@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use wglb::maglev::Maglev;
-use wglb::pool::{AdminState, AllDownPolicy, GatewayId, GatewayView, HashKey, Placement};
+use wglb::pool::{AdminState, AllDownPolicy, GatewayId, GatewayView, HashKey, Health, Placement};
 use wglb::session::{Activity, Session, SessionTable};
 use wglb_common::hash::flow_hash;
 use wglb_common::wireguard::classify;
@@ -38,7 +38,7 @@ fn placement(gateways: u32) -> Placement {
             address: SocketAddr::from(([10, 1, 0, i as u8], 51820)),
             weight: 1,
             admin: AdminState::Active,
-            healthy: true,
+            health: Health::Up,
         })
         .collect();
     Placement::new(

@@ -20,7 +20,9 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
 /// At least REJECT_AFTER_TIME (180 s): a shorter idle timeout would re-place quiet but live
 /// sessions on another gateway, which cannot decrypt them.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
-pub const DEFAULT_TABLE_SIZE: usize = 65_536;
+/// Each session holds a socket and an ephemeral port of the source address (28232 by default on
+/// Linux), so the default stays well below both limits.
+pub const DEFAULT_TABLE_SIZE: usize = 16_384;
 pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
 
 /// A validated configuration.
@@ -67,7 +69,16 @@ pub struct HealthCheckConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// How long a gateway reported down keeps its sessions (taking no new ones) before they are
+    /// evicted. Gateways that fail together within it, as every Defguard gateway's /health does
+    /// when Core is unreachable, are seen as all down and fail open instead of losing their
+    /// sessions one by one. A moved client cannot re-handshake before ~15 s anyway, so a delay
+    /// well below that adds nothing to failover time.
+    pub eviction_delay: Duration,
 }
+
+/// Longest eviction delay: beyond it, the delay would add to WireGuard's ~15 s failover floor.
+pub const MAX_EVICTION_DELAY: Duration = Duration::from_secs(10);
 
 impl Default for HealthCheckConfig {
     fn default() -> Self {
@@ -77,6 +88,7 @@ impl Default for HealthCheckConfig {
             timeout: Duration::from_secs(1),
             rise: 1,
             fall: 1,
+            eviction_delay: Duration::from_secs(2),
         }
     }
 }
@@ -123,6 +135,8 @@ struct RawHealth {
     timeout: Option<Duration>,
     rise: Option<u32>,
     fall: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    eviction_delay: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -335,6 +349,7 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
         timeout: raw.health.timeout.unwrap_or(defaults.timeout),
         rise: raw.health.rise.unwrap_or(defaults.rise),
         fall: raw.health.fall.unwrap_or(defaults.fall),
+        eviction_delay: raw.health.eviction_delay.unwrap_or(defaults.eviction_delay),
     };
     let health_err = |field: &str, reason: &str| ConfigError {
         place: origin.place(None, "[health]"),
@@ -349,6 +364,12 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
     }
     if health.timeout.is_zero() {
         return Err(health_err("timeout", "must be greater than zero"));
+    }
+    if health.eviction_delay > MAX_EVICTION_DELAY {
+        return Err(health_err(
+            "eviction_delay",
+            "must be at most 10s, or it adds to WireGuard's 15 s failover",
+        ));
     }
     if health.rise == 0 || health.fall == 0 {
         return Err(health_err(
@@ -639,6 +660,12 @@ address = "[fd00::2]:51820"
         ));
         assert!(
             msg.contains("line 26") && msg.contains("not prime"),
+            "{msg}"
+        );
+
+        let msg = refused(&GOOD.replace("fall = 2", "eviction_delay = \"20s\""));
+        assert!(
+            msg.contains("[health]") && msg.contains("eviction_delay"),
             "{msg}"
         );
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, HealthCheckConfig, ListenerConfig};
 use crate::health::{spawn_http_checker, Observation};
 use crate::metrics::Metrics;
-use crate::pool::{GatewayId, GatewayView, Placement};
+use crate::pool::{GatewayId, GatewayView, Health, Placement};
 
 /// Everything a listener's datapath needs to decide, replaced whole on every change.
 #[derive(Debug)]
@@ -29,8 +29,16 @@ struct ListenerState {
     /// Gateway ids by name; kept across reloads so sessions stay attached to the same gateway.
     ids: HashMap<String, GatewayId>,
     next_id: u32,
-    /// Latest verdict by gateway name, with the address it is about.
-    health: HashMap<String, (SocketAddr, bool)>,
+    /// Health by gateway name; absent means up.
+    health: HashMap<String, GatewayHealth>,
+}
+
+struct GatewayHealth {
+    /// The address the verdict is about: a gateway that moves starts over as up.
+    address: SocketAddr,
+    health: Health,
+    /// When it was last reported down; a suspect turns down `eviction_delay` after.
+    since: Instant,
 }
 
 struct Checker {
@@ -86,8 +94,10 @@ impl ControlPlane {
         &self.config
     }
 
-    /// Applies one health verdict. Verdicts about unknown gateways or old addresses are ignored.
-    pub fn observe(&mut self, observation: Observation) {
+    /// Applies one health verdict at `now`. An up verdict counts at once; a down one makes the
+    /// gateway a suspect, and [`ControlPlane::settle`] turns it down after the eviction delay.
+    /// Verdicts about unknown gateways or old addresses are ignored.
+    pub fn observe(&mut self, observation: Observation, now: Instant) {
         let Some(listener) = self.config.listener(&observation.listener) else {
             return;
         };
@@ -101,22 +111,84 @@ impl ControlPlane {
         if gateway.address != observation.address {
             return;
         }
-        if observation.healthy {
-            tracing::info!(listener = %observation.listener, gateway = %observation.gateway, source = %observation.source, "gateway is up: {}", observation.detail);
-        } else {
-            tracing::warn!(listener = %observation.listener, gateway = %observation.gateway, source = %observation.source, "gateway is down, evicting its sessions: {}", observation.detail);
-        }
+        let delay = self.config.health.eviction_delay;
         let listener = listener.clone();
         let state = self
             .listeners
             .get_mut(&listener.name)
             .expect("listener state");
+        let current = state
+            .health
+            .get(&observation.gateway)
+            .filter(|h| h.address == observation.address)
+            .map_or(Health::Up, |h| h.health);
+        let health = match (observation.healthy, current) {
+            (true, _) => Health::Up,
+            (false, Health::Up) if delay.is_zero() => Health::Down,
+            (false, Health::Up) => Health::Suspect,
+            (false, settled) => settled,
+        };
+        if health == current {
+            return;
+        }
+        let (name, source, detail) = (
+            &observation.gateway,
+            &observation.source,
+            &observation.detail,
+        );
+        match health {
+            Health::Up => {
+                tracing::info!(listener = %listener.name, gateway = %name, %source, "gateway is up: {detail}")
+            }
+            Health::Suspect => {
+                tracing::warn!(listener = %listener.name, gateway = %name, %source, "gateway reported down, no new sessions; its sessions are evicted in {delay:?} unless every gateway is down: {detail}")
+            }
+            Health::Down => {
+                tracing::warn!(listener = %listener.name, gateway = %name, %source, "gateway is down, evicting its sessions: {detail}")
+            }
+        }
         state.health.insert(
             observation.gateway,
-            (observation.address, observation.healthy),
+            GatewayHealth {
+                address: observation.address,
+                health,
+                since: now,
+            },
         );
         let plan = build_plan(&listener, state, &self.metrics);
         self.plans[&listener.name].send_replace(Arc::new(plan));
+    }
+
+    /// Turns suspects reported down at least the eviction delay ago into down gateways; returns
+    /// when to call again, if any suspect is left.
+    pub fn settle(&mut self, now: Instant) -> Option<Instant> {
+        let delay = self.config.health.eviction_delay;
+        let mut next: Option<Instant> = None;
+        for listener in self.config.listeners.clone() {
+            let state = self
+                .listeners
+                .get_mut(&listener.name)
+                .expect("listener state");
+            let mut changed = false;
+            for (name, health) in state.health.iter_mut() {
+                if health.health != Health::Suspect {
+                    continue;
+                }
+                let due = health.since + delay;
+                if due <= now {
+                    health.health = Health::Down;
+                    changed = true;
+                    tracing::warn!(listener = %listener.name, gateway = %name, "gateway stayed down for {delay:?}: evicting its sessions");
+                } else {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
+            }
+            if changed {
+                let plan = build_plan(&listener, state, &self.metrics);
+                self.plans[&listener.name].send_replace(Arc::new(plan));
+            }
+        }
+        next
     }
 
     /// Replaces the configuration. Pools, states, weights, timeouts and health checks change in
@@ -231,9 +303,17 @@ impl ControlPlane {
         mut reloads: mpsc::Receiver<Config>,
     ) {
         self.sync_checkers();
+        let mut next_settle: Option<Instant> = None;
         loop {
+            let settle_timer = async {
+                match next_settle {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                Some(observation) = observations.recv() => self.observe(observation),
+                Some(observation) = observations.recv() => self.observe(observation, Instant::now()),
+                _ = settle_timer => {}
                 reload = reloads.recv() => match reload {
                     Some(config) => match self.reload(config) {
                         Ok(()) => {
@@ -248,6 +328,7 @@ impl ControlPlane {
                     None => break,
                 },
             }
+            next_settle = self.settle(Instant::now());
         }
         for checker in self.checkers.values() {
             checker.task.abort();
@@ -272,9 +353,9 @@ fn build_plan(
             state.next_id += 1;
             GatewayId(state.next_id)
         });
-        let healthy = match state.health.get(&gateway.name) {
-            Some((address, healthy)) if *address == gateway.address => *healthy,
-            _ => true,
+        let health = match state.health.get(&gateway.name) {
+            Some(h) if h.address == gateway.address => h.health,
+            _ => Health::Up,
         };
         let view = GatewayView {
             id,
@@ -282,7 +363,7 @@ fn build_plan(
             address: gateway.address,
             weight: gateway.weight,
             admin: gateway.state,
-            healthy,
+            health,
         };
         metrics.set_gateway(&listener.name, &view);
         gateways.push(view);
@@ -294,7 +375,7 @@ fn build_plan(
         listener.maglev_size,
     );
     if placement.failing_open() {
-        tracing::warn!(listener = %listener.name, "no gateway is healthy: failing open, health is ignored until one recovers");
+        tracing::warn!(listener = %listener.name, "no active gateway is up: failing open, health is ignored until one recovers");
     }
     ListenerPlan {
         placement,
@@ -345,11 +426,17 @@ mod tests {
         let (a, b) = (id_of("a"), id_of("b"));
         assert_ne!(a, b);
 
-        control.observe(observation("b", "10.0.0.2:51820", false));
-        assert!(!plan.borrow().placement.gateway(b).unwrap().healthy);
+        let health = |id| plan.borrow().placement.gateway(id).unwrap().health;
+        let t0 = Instant::now();
+        control.observe(observation("b", "10.0.0.2:51820", false), t0);
+        assert_eq!(health(b), Health::Suspect);
         // A verdict about an address the gateway no longer has changes nothing.
-        control.observe(observation("a", "10.9.9.9:51820", false));
-        assert!(plan.borrow().placement.gateway(a).unwrap().healthy);
+        control.observe(observation("a", "10.9.9.9:51820", false), t0);
+        assert_eq!(health(a), Health::Up);
+        let due = control.settle(t0).expect("a suspect is pending");
+        assert_eq!(due, t0 + Duration::from_secs(2));
+        assert_eq!(control.settle(due), None);
+        assert_eq!(health(b), Health::Down);
 
         let mut drained = config("idle_timeout = \"10s\"");
         drained.listeners[0].gateways[0].state = AdminState::Draining;
@@ -361,10 +448,47 @@ mod tests {
             AdminState::Draining
         );
         assert_eq!(id_of("a"), a, "ids survive a reload");
-        assert!(
-            !current.placement.gateway(b).unwrap().healthy,
+        assert_eq!(
+            current.placement.gateway(b).unwrap().health,
+            Health::Down,
             "health survives a reload"
         );
+        control.observe(observation("b", "10.0.0.2:51820", true), t0);
+        assert_eq!(health(b), Health::Up);
+    }
+
+    #[tokio::test]
+    async fn gateways_failing_together_fail_open_instead_of_evicting() {
+        let (tx, _rx) = mpsc::channel(1);
+        let (mut control, receivers) = ControlPlane::new(config(""), Metrics::new(), tx);
+        let plan = receivers["l"].clone();
+        let t0 = Instant::now();
+        // Core goes away: both gateways' /health turn 503, a second apart.
+        control.observe(observation("a", "10.0.0.1:51820", false), t0);
+        let t1 = t0 + Duration::from_secs(1);
+        control.observe(observation("b", "10.0.0.2:51820", false), t1);
+        control.settle(t1 + Duration::from_secs(5));
+        let placement = &plan.borrow().placement;
+        assert!(placement.failing_open());
+        for g in placement.gateways() {
+            assert!(
+                placement.keeps(g.id, g.address),
+                "{} lost its sessions",
+                g.name
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_zero_eviction_delay_evicts_at_once() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut config = config("");
+        config.health.eviction_delay = Duration::ZERO;
+        let (mut control, receivers) = ControlPlane::new(config, Metrics::new(), tx);
+        control.observe(observation("a", "10.0.0.1:51820", false), Instant::now());
+        let placement = &receivers["l"].borrow().placement;
+        assert_eq!(placement.gateways()[0].health, Health::Down);
+        assert_eq!(control.settle(Instant::now()), None);
     }
 
     #[tokio::test]

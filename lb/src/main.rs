@@ -154,6 +154,21 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
+    // Each session's socket takes a local port of its source address.
+    if let Some(ports) = local_port_range() {
+        for listener in config
+            .listeners
+            .iter()
+            .filter(|l| l.table_size.get() > ports)
+        {
+            tracing::warn!(
+                listener = %listener.name,
+                table_size = listener.table_size.get(),
+                ports,
+                "table_size exceeds net.ipv4.ip_local_port_range: sessions beyond the free ports are dropped (widen the range or set a smaller table_size)"
+            );
+        }
+    }
     let metrics = Metrics::new();
     let mut sockets = Vec::new();
     for listener in &config.listeners {
@@ -286,4 +301,12 @@ fn place(path: &std::path::Path, listener: Option<&str>, client: SocketAddr) -> 
         ),
     }
     Ok(())
+}
+
+/// How many ephemeral ports a source address has (Linux's ip_local_port_range).
+fn local_port_range() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut bounds = text.split_whitespace().map(|v| v.parse::<usize>());
+    let (low, high) = (bounds.next()?.ok()?, bounds.next()?.ok()?);
+    Some(high.saturating_sub(low) + 1)
 }

@@ -8,7 +8,7 @@ use prometheus::{
 };
 use wglb_common::wireguard::{Junk, MessageType};
 
-use crate::pool::{AdminState, GatewayView};
+use crate::pool::{AdminState, GatewayView, Health};
 use crate::session::EvictionReason;
 
 #[derive(Clone)]
@@ -21,7 +21,7 @@ pub struct Metrics {
     sessions_created: IntCounterVec,
     evictions: IntCounterVec,
     handshakes: IntCounterVec,
-    gateway_up: IntGaugeVec,
+    gateway_health: IntGaugeVec,
     gateway_state: IntGaugeVec,
     failing_open: IntGaugeVec,
     reloads: IntCounterVec,
@@ -109,9 +109,9 @@ impl Metrics {
                 "WireGuard handshake messages forwarded (initiations to gateways, responses and cookies to clients).",
                 &["listener", "gateway", "message"],
             ),
-            gateway_up: gauge(r, "wglb_gateway_healthy", "1 when the gateway's health verdict is up.", &["listener", "gateway"]),
+            gateway_health: gauge(r, "wglb_gateway_health", "1 for the gateway's settled health (up, suspect, down).", &["listener", "gateway", "state"]),
             gateway_state: gauge(r, "wglb_gateway_admin_state", "1 for the gateway's configured state.", &["listener", "gateway", "state"]),
-            failing_open: gauge(r, "wglb_failing_open", "1 while no gateway is healthy and health is ignored.", &["listener"]),
+            failing_open: gauge(r, "wglb_failing_open", "1 while no active gateway is up and health is ignored.", &["listener"]),
             reloads: counter(r, "wglb_config_reloads_total", "Configuration reloads, by result.", &["result"]),
             registry,
         }
@@ -170,9 +170,11 @@ impl Metrics {
 
     /// Mirrors a gateway's health and configured state.
     pub fn set_gateway(&self, listener: &str, gateway: &GatewayView) {
-        self.gateway_up
-            .with_label_values(&[listener, &gateway.name])
-            .set(gateway.healthy as i64);
+        for health in Health::ALL {
+            self.gateway_health
+                .with_label_values(&[listener, &gateway.name, health.as_str()])
+                .set((gateway.health == health) as i64);
+        }
         for state in [AdminState::Active, AdminState::Draining, AdminState::Down] {
             self.gateway_state
                 .with_label_values(&[listener, &gateway.name, state.as_str()])
@@ -182,8 +184,12 @@ impl Metrics {
 
     /// Removes the series of a gateway that left the configuration.
     pub fn forget_gateway(&self, listener: &str, gateway: &str) {
-        let _ = self.gateway_up.remove_label_values(&[listener, gateway]);
         let _ = self.sessions.remove_label_values(&[listener, gateway]);
+        for health in Health::ALL {
+            let _ = self
+                .gateway_health
+                .remove_label_values(&[listener, gateway, health.as_str()]);
+        }
         for state in [AdminState::Active, AdminState::Draining, AdminState::Down] {
             let _ = self
                 .gateway_state

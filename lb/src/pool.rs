@@ -109,6 +109,30 @@ pub enum AllDownPolicy {
     Drop,
 }
 
+/// A gateway's health as the control plane has settled it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    /// Reported down, not yet long enough to act on: takes no new session but keeps its own, so
+    /// that gateways failing together (every Defguard /health turns 503 when Core goes away) are
+    /// seen as all down, and fail open, instead of being evicted one by one.
+    Suspect,
+    /// Down: its sessions are evicted.
+    Down,
+}
+
+impl Health {
+    pub const ALL: [Health; 3] = [Health::Up, Health::Suspect, Health::Down];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Suspect => "suspect",
+            Health::Down => "down",
+        }
+    }
+}
+
 /// One gateway as the datapath needs to see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayView {
@@ -117,7 +141,7 @@ pub struct GatewayView {
     pub address: SocketAddr,
     pub weight: u32,
     pub admin: AdminState,
-    pub healthy: bool,
+    pub health: Health,
 }
 
 /// The placement rules of one listener at one moment.
@@ -128,7 +152,7 @@ pub struct Placement {
     table: Maglev,
     placeable: Vec<usize>,
     hash_key: HashKey,
-    /// No gateway is both active and healthy, and the policy is to fail open.
+    /// No active gateway is up, and the policy is to fail open.
     failing_open: bool,
 }
 
@@ -141,7 +165,7 @@ impl Placement {
     ) -> Placement {
         let active = |g: &GatewayView| g.admin == AdminState::Active;
         let mut placeable: Vec<usize> = (0..gateways.len())
-            .filter(|&i| active(&gateways[i]) && gateways[i].healthy)
+            .filter(|&i| active(&gateways[i]) && gateways[i].health == Health::Up)
             .collect();
         let failing_open = placeable.is_empty()
             && all_down == AllDownPolicy::FailOpen
@@ -173,7 +197,7 @@ impl Placement {
         self.gateways.iter().find(|g| g.id == id)
     }
 
-    /// True while every active gateway is unhealthy and health is being ignored.
+    /// True while no active gateway is up and health is being ignored.
     pub fn failing_open(&self) -> bool {
         self.failing_open
     }
@@ -202,7 +226,9 @@ impl Placement {
     /// different gateway as far as WireGuard state goes, so it ends the session too.
     pub fn keeps(&self, id: GatewayId, address: SocketAddr) -> bool {
         self.gateway(id).is_some_and(|g| {
-            g.address == address && g.admin != AdminState::Down && (g.healthy || self.failing_open)
+            g.address == address
+                && g.admin != AdminState::Down
+                && (g.health != Health::Down || self.failing_open)
         })
     }
 }
@@ -211,18 +237,18 @@ impl Placement {
 mod tests {
     use super::*;
 
-    fn gateway(id: u32, admin: AdminState, healthy: bool) -> GatewayView {
+    fn gateway(id: u32, admin: AdminState, health: Health) -> GatewayView {
         GatewayView {
             id: GatewayId(id),
             name: format!("gw{id}"),
             address: SocketAddr::from(([10, 0, 0, id as u8], 51820)),
             weight: 1,
             admin,
-            healthy,
+            health,
         }
     }
 
-    fn pool(states: &[(AdminState, bool)], policy: AllDownPolicy) -> Placement {
+    fn pool(states: &[(AdminState, Health)], policy: AllDownPolicy) -> Placement {
         let gateways = states
             .iter()
             .enumerate()
@@ -236,16 +262,12 @@ mod tests {
     }
 
     use AdminState::*;
+    use Health::{Down as Lost, Suspect, Up};
 
     #[test]
     fn new_sessions_avoid_draining_and_down_gateways() {
         let p = pool(
-            &[
-                (Active, true),
-                (Draining, true),
-                (Down, true),
-                (Active, false),
-            ],
+            &[(Active, Up), (Draining, Up), (Down, Up), (Active, Lost)],
             AllDownPolicy::FailOpen,
         );
         for client in clients(2000) {
@@ -276,11 +298,11 @@ mod tests {
     #[test]
     fn a_failure_moves_only_the_failed_gateways_clients() {
         let healthy = pool(
-            &[(Active, true), (Active, true), (Active, true)],
+            &[(Active, Up), (Active, Up), (Active, Up)],
             AllDownPolicy::FailOpen,
         );
         let one_down = pool(
-            &[(Active, true), (Active, false), (Active, true)],
+            &[(Active, Up), (Active, Lost), (Active, Up)],
             AllDownPolicy::FailOpen,
         );
         let (mut moved_from_failed, mut collateral) = (0, 0);
@@ -302,9 +324,24 @@ mod tests {
     }
 
     #[test]
+    fn a_suspect_gateway_keeps_its_sessions_but_takes_no_new_ones() {
+        let p = pool(&[(Active, Up), (Active, Suspect)], AllDownPolicy::FailOpen);
+        assert!(!p.failing_open());
+        assert!(p.keeps(GatewayId(1), p.gateway(GatewayId(1)).unwrap().address));
+        assert!(clients(500).all(|c| p.place(c).unwrap().id == GatewayId(0)));
+        // Everyone suspect or down at once: fail open, nobody is evicted.
+        let p = pool(
+            &[(Active, Lost), (Active, Suspect)],
+            AllDownPolicy::FailOpen,
+        );
+        assert!(p.failing_open());
+        assert!(p.keeps(GatewayId(0), p.gateway(GatewayId(0)).unwrap().address));
+    }
+
+    #[test]
     fn all_down_fails_open_or_drops() {
         let open = pool(
-            &[(Active, false), (Active, false), (Draining, false)],
+            &[(Active, Lost), (Active, Lost), (Draining, Lost)],
             AllDownPolicy::FailOpen,
         );
         assert!(open.failing_open());
@@ -313,12 +350,12 @@ mod tests {
             clients(500).map(|c| open.place(c).unwrap().id).collect();
         assert_eq!(placed, [GatewayId(0), GatewayId(1)].into());
 
-        let closed = pool(&[(Active, false), (Active, false)], AllDownPolicy::Drop);
+        let closed = pool(&[(Active, Lost), (Active, Lost)], AllDownPolicy::Drop);
         assert!(!closed.failing_open());
         assert!(clients(100).all(|c| closed.place(c).is_none()));
         assert!(!closed.keeps(GatewayId(0), closed.gateway(GatewayId(0)).unwrap().address));
 
-        let drained = pool(&[(Draining, true), (Down, true)], AllDownPolicy::FailOpen);
+        let drained = pool(&[(Draining, Up), (Down, Up)], AllDownPolicy::FailOpen);
         assert!(!drained.failing_open());
         assert!(clients(100).all(|c| drained.place(c).is_none()));
     }
@@ -326,12 +363,12 @@ mod tests {
     #[test]
     fn hash_key_decides_whether_the_port_counts() {
         let mut by_ip = pool(
-            &[(Active, true), (Active, true), (Active, true)],
+            &[(Active, Up), (Active, Up), (Active, Up)],
             AllDownPolicy::FailOpen,
         );
         by_ip.hash_key = HashKey::SourceIp;
         let by_port = pool(
-            &[(Active, true), (Active, true), (Active, true)],
+            &[(Active, Up), (Active, Up), (Active, Up)],
             AllDownPolicy::FailOpen,
         );
         let ip = [198, 51, 100, 7];
@@ -347,7 +384,7 @@ mod tests {
 
     #[test]
     fn v4_mapped_v6_clients_hash_like_v4() {
-        let p = pool(&[(Active, true), (Active, true)], AllDownPolicy::FailOpen);
+        let p = pool(&[(Active, Up), (Active, Up)], AllDownPolicy::FailOpen);
         let v4: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:5000".parse().unwrap();
         assert_eq!(p.client_hash(v4), p.client_hash(mapped));

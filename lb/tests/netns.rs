@@ -9,11 +9,11 @@
 
 mod support;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Result};
-use support::{client_ip, config_text, first_reply, ports_for, predicted_gateway, Balancer};
+use support::{config_text, first_reply, ports_for, predicted_gateway, Balancer};
 use wglb_lab::{require_root, Family, Pinger, Rig, RigSpec};
 
 /// Longest wait for a first handshake through the balancer.
@@ -76,41 +76,48 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
 #[test]
 fn a_dead_gateways_clients_move_and_the_others_do_not_notice() -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
-    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = rig(Family::V4, 3, &config, &wanted)?;
     let balancer = Balancer::start(&rig, &config)?;
-    let pingers = connect(&mut rig, 0..3)?;
-    let handshakes = [
-        rig.client_latest_handshake(1)?,
-        rig.client_latest_handshake(2)?,
-    ];
-    let seqs = [pingers[1].last_seq(), pingers[2].last_seq()];
+    let pingers = connect(&mut rig, 0..wanted.len())?;
+    let survivors = [1, 2, 4, 5];
+    let handshakes: Vec<_> = survivors
+        .iter()
+        .map(|&i| rig.client_latest_handshake(i))
+        .collect::<Result<_>>()?;
+    let seqs: Vec<_> = survivors.iter().map(|&i| pingers[i].last_seq()).collect();
 
     let killed = SystemTime::now();
     rig.stop_gateway(0)?;
-    let failover = first_reply(&pingers[0], killed, Duration::from_secs(40))?;
-    eprintln!("failover: client 0 answered again {failover:?} after gw0 died");
+    let without_gw0 = config_text(Family::V4, &["down", "active", "active"]);
+    for moved in [0, 3] {
+        let failover = first_reply(&pingers[moved], killed, Duration::from_secs(40))?;
+        eprintln!("failover: client {moved} answered again {failover:?} after gw0 died");
+        ensure!(
+            failover <= FAILOVER_BOUND,
+            "client {moved}: failover took {failover:?}, more than {FAILOVER_BOUND:?}"
+        );
+        let expected = predicted_gateway(&without_gw0, rig.client_addr(moved));
+        ensure!(
+            rig.gateway_serving(moved)? == Some(expected),
+            "client {moved} is not on gw{expected}"
+        );
+    }
     ensure!(
-        failover <= FAILOVER_BOUND,
-        "failover took {failover:?}, more than {FAILOVER_BOUND:?}"
+        balancer.metric(
+            &rig,
+            r#"wglb_gateway_health{gateway="gw0",listener="test",state="down"}"#
+        )? == 1.0
     );
-    let expected = predicted_gateway(
-        &config_text(Family::V4, &["down", "active", "active"]),
-        SocketAddr::new(client_ip(Family::V4, 0), rig.client_addr(0).port()),
-    );
-    ensure!(
-        rig.gateway_serving(0)? == Some(expected),
-        "client 0 is not on gw{expected}"
-    );
-    ensure!(balancer.metric(&rig, r#"wglb_gateway_healthy{gateway="gw0""#)? == 0.0);
     ensure!(
         balancer.metric(
             &rig,
             r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#
-        )? >= 1.0
+        )? == 2.0
     );
 
     std::thread::sleep(Duration::from_secs(2));
-    for (k, i) in [1, 2].into_iter().enumerate() {
+    for (k, &i) in survivors.iter().enumerate() {
         let lost = lost_since(&pingers[i], seqs[k]);
         ensure!(
             lost.is_empty(),
@@ -120,8 +127,106 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice() -> Result<()> {
             rig.client_latest_handshake(i)? == handshakes[k],
             "client {i} handshook again"
         );
-        ensure!(rig.gateway_serving(i)? == Some(i), "client {i} moved");
+        ensure!(
+            rig.gateway_serving(i)? == Some(wanted[i]),
+            "client {i} moved"
+        );
     }
+    Ok(())
+}
+
+#[test]
+fn a_core_outage_turning_every_health_check_503_fails_open() -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
+    let balancer = Balancer::start(&rig, &config)?;
+    let pingers = connect(&mut rig, 0..3)?;
+    let handshakes: Vec<_> = (0..3)
+        .map(|i| rig.client_latest_handshake(i))
+        .collect::<Result<_>>()?;
+    let seqs: Vec<_> = pingers.iter().map(|p| p.last_seq()).collect();
+
+    // Core goes away: every gateway's /health answers 503 while WireGuard keeps working. The
+    // checks notice at different moments within a second or so.
+    for j in 0..3 {
+        rig.set_gateway_health(j, false);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    balancer.wait_metric(&rig, "wglb_failing_open{", Duration::from_secs(10), |v| {
+        v == 1.0
+    })?;
+    // Past the eviction delay: nothing may have been evicted.
+    std::thread::sleep(Duration::from_secs(4));
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#
+        )? == 0.0
+    );
+    for i in 0..3 {
+        let lost = lost_since(&pingers[i], seqs[i]);
+        ensure!(
+            lost.is_empty(),
+            "client {i} lost pings {lost:?} during the Core outage"
+        );
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[i],
+            "client {i} handshook again"
+        );
+    }
+
+    for j in 0..3 {
+        rig.set_gateway_health(j, true);
+    }
+    balancer.wait_metric(&rig, "wglb_failing_open{", Duration::from_secs(10), |v| {
+        v == 0.0
+    })?;
+    balancer.wait_metric(
+        &rig,
+        r#"wglb_gateway_health{gateway="gw2",listener="test",state="up"}"#,
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers() -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    // Clients 0 and 1 would both land on gw1.
+    let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
+    let balancer = Balancer::start(&rig, &config)?;
+    rig.set_gateway_health(1, false);
+    balancer.wait_metric(
+        &rig,
+        r#"wglb_gateway_health{gateway="gw1",listener="test",state="down"}"#,
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )?;
+    let _first = connect(&mut rig, 0..1)?;
+    let expected = predicted_gateway(
+        &config_text(Family::V4, &["active", "down", "active"]),
+        rig.client_addr(0),
+    );
+    ensure!(
+        rig.gateway_serving(0)? == Some(expected) && expected != 1,
+        "client 0 is not on gw{expected}"
+    );
+
+    rig.set_gateway_health(1, true);
+    balancer.wait_metric(
+        &rig,
+        r#"wglb_gateway_health{gateway="gw1",listener="test",state="up"}"#,
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )?;
+    let _second = connect(&mut rig, 1..2)?;
+    ensure!(
+        rig.gateway_serving(1)? == Some(1),
+        "client 1 is not back on gw1"
+    );
+    // Client 0 stays where it was placed: a recovered gateway takes back nobody.
+    ensure!(rig.gateway_serving(0)? == Some(expected));
     Ok(())
 }
 
@@ -137,6 +242,11 @@ fn draining_by_reload_keeps_sessions_and_sends_new_clients_elsewhere() -> Result
     let seq = pingers[0].last_seq();
     let rx = rig.gateway_rx_bytes_from(1, 0)?;
 
+    // A broken file is refused and changes nothing.
+    balancer.reload_refused(
+        &rig,
+        &config.replace("state = \"active\"", "state = \"resting\""),
+    )?;
     let drained = config_text(Family::V4, &["active", "draining", "active"]);
     balancer.reload(&rig, &drained)?;
     ensure!(

@@ -178,15 +178,24 @@ impl Balancer {
 
     /// Writes a new configuration and sends SIGHUP; returns once the balancer says it applied it.
     pub fn reload(&self, rig: &Rig, config_text: &str) -> Result<()> {
-        let ok = r#"wglb_config_reloads_total{result="ok"}"#;
-        let before = self.metric(rig, ok)?;
+        self.sighup(rig, config_text, "ok")
+    }
+
+    /// Like [`Balancer::reload`], for a configuration the balancer must refuse.
+    pub fn reload_refused(&self, rig: &Rig, config_text: &str) -> Result<()> {
+        self.sighup(rig, config_text, "error")
+    }
+
+    fn sighup(&self, rig: &Rig, config_text: &str, result: &str) -> Result<()> {
+        let counter = format!(r#"wglb_config_reloads_total{{result="{result}"}}"#);
+        let before = self.metric(rig, &counter)?;
         fs::write(&self.config, config_text)?;
         let pid = self.child.as_ref().context("running")?.id();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGHUP,
         )?;
-        self.wait_metric(rig, ok, Duration::from_secs(10), |v| v > before)?;
+        self.wait_metric(rig, &counter, Duration::from_secs(10), |v| v > before)?;
         Ok(())
     }
 
