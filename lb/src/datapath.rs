@@ -260,15 +260,20 @@ impl ReplyPath {
             if self.upstream.io.readable().await.is_err() {
                 return;
             }
-            REPLY_BUFFERS.with_borrow_mut(|buffers| self.drain(buffers));
+            let busy = REPLY_BUFFERS.with_borrow_mut(|buffers| self.drain(buffers));
+            if busy {
+                // A gateway flooding one session must not starve the others on this thread.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
-    fn drain(&self, buffers: &mut RecvBuffers) {
-        loop {
+    /// Relays what is queued; true when it stopped with more queued.
+    fn drain(&self, buffers: &mut RecvBuffers) -> bool {
+        for _ in 0..BATCHES_PER_TURN {
             let count = match self.upstream.recv_batch(buffers) {
                 Ok(count) => count,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
                     // ICMP errors (port unreachable from a dead gateway) surface here.
                     tracing::debug!(client = %self.client, "upstream receive error: {e}");
@@ -297,6 +302,7 @@ impl ReplyPath {
                 }
             }
         }
+        true
     }
 }
 
