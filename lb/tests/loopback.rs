@@ -46,7 +46,7 @@ impl Wglb {
         let child = Command::new(env!("CARGO_BIN_EXE_wglb"))
             .args([
                 "--log",
-                "warn",
+                "error",
                 "run",
                 "--metrics-listen",
                 &metrics.to_string(),
