@@ -7,14 +7,19 @@
 //! Run (as root, for the open-file limit): `cargo bench -p wglb --bench session_memory`
 //! Only loopback addresses (127.0.0.0/8) are used.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use wglb_lab::{metrics, wait_for};
 
 const SESSIONS: usize = 10_000;
 const LISTEN: &str = "127.0.0.1:45820";
 const METRICS: &str = "127.0.0.1:45821";
+
+fn metrics_address() -> SocketAddr {
+    METRICS.parse().expect("address")
+}
 
 fn meminfo_kib(field: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
@@ -34,16 +39,11 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-fn sessions(metrics: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(metrics).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.lines()
-        .filter(|l| l.starts_with("wglb_sessions{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>()
-        .into()
+fn sessions(metrics: SocketAddr) -> Option<f64> {
+    Some(metrics::sum(
+        &metrics::scrape(metrics).ok()?,
+        "wglb_sessions{",
+    ))
 }
 
 fn client(i: usize) -> SocketAddr {
@@ -51,14 +51,6 @@ fn client(i: usize) -> SocketAddr {
         Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250) as u8 + 1),
         40_000,
     ))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 struct Killed(Child);
@@ -98,8 +90,9 @@ fn main() {
     );
     let pid = balancer.0.id();
     wait_for("wglb to serve metrics", Duration::from_secs(10), || {
-        sessions(METRICS).is_some()
-    });
+        Ok(sessions(metrics_address()))
+    })
+    .expect("wglb serves metrics");
     std::thread::sleep(Duration::from_millis(300));
     let (rss_before, slab_before) = (rss_kib(pid), meminfo_kib("Slab:"));
 
@@ -110,8 +103,9 @@ fn main() {
         socket.send_to(&initiation, LISTEN).expect("send");
     }
     wait_for("every session to open", Duration::from_secs(30), || {
-        sessions(METRICS) == Some(SESSIONS as f64)
-    });
+        Ok((sessions(metrics_address()) == Some(SESSIONS as f64)).then_some(()))
+    })
+    .expect("every session opens");
     std::thread::sleep(Duration::from_millis(300));
     let (rss_after, slab_after) = (rss_kib(pid), meminfo_kib("Slab:"));
     drop(balancer);

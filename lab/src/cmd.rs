@@ -72,7 +72,7 @@ pub fn terminate(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
 
 /// Polls `check` every [`POLL_INTERVAL`] until it yields a value; errors from `check` end the
 /// wait at once because they mean the thing being waited for can no longer happen.
-pub(crate) fn wait_for<T>(
+pub fn wait_for<T>(
     what: impl Display,
     timeout: Duration,
     mut check: impl FnMut() -> Result<Option<T>>,

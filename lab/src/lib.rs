@@ -10,6 +10,7 @@
 
 mod cmd;
 mod health;
+pub mod metrics;
 mod netns;
 mod ping;
 mod rig;
@@ -20,7 +21,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-pub use cmd::terminate;
+pub use cmd::{terminate, wait_for};
 pub use netns::Netns;
 pub use ping::Pinger;
 pub use rig::{Family, Rig, RigSpec};

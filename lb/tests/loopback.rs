@@ -2,37 +2,37 @@
 //! parts that need no WireGuard peer (several listeners, flags, the session table's bounds, the
 //! drop policy). Each test uses its own 127.x address, so tests in parallel never share a port.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use wglb_lab::{metrics, wait_for};
 
-/// A gateway stand-in: echoes every datagram back and remembers who sent what.
+/// A gateway stand-in: echoes every datagram back and remembers who sent it.
 struct Gateway {
     address: SocketAddr,
-    received: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    senders: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 impl Gateway {
     fn start(address: SocketAddr) -> Result<Gateway> {
         let socket = UdpSocket::bind(address).with_context(|| format!("binding {address}"))?;
-        let received: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>> = Arc::default();
-        let log = received.clone();
+        let senders: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let log = senders.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                log.lock().unwrap().push((from, buf[..n].to_vec()));
+                log.lock().unwrap().push(from);
                 let _ = socket.send_to(&buf[..n], from);
             }
         });
-        Ok(Gateway { address, received })
+        Ok(Gateway { address, senders })
     }
 
     fn count(&self) -> usize {
-        self.received.lock().unwrap().len()
+        self.senders.lock().unwrap().len()
     }
 }
 
@@ -42,23 +42,14 @@ struct Wglb {
 }
 
 impl Wglb {
+    /// `wglb run` with flags, serving metrics on `metrics`.
     fn start(args: &[&str], metrics: SocketAddr) -> Result<Wglb> {
-        let child = Command::new(env!("CARGO_BIN_EXE_wglb"))
-            .args([
-                "--log",
-                "error",
-                "run",
-                "--metrics-listen",
-                &metrics.to_string(),
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()?;
-        let wglb = Wglb { child, metrics };
-        wglb.wait("metrics to be served", |w| w.metrics().is_ok())?;
-        Ok(wglb)
+        let mut all = vec!["--metrics-listen".to_string(), metrics.to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        Wglb::spawn(&all, metrics)
     }
 
+    /// `wglb run --config` with `config` plus a [metrics] section for `metrics`.
     fn start_with_file(config: &str, metrics: SocketAddr) -> Result<Wglb> {
         let path = std::env::temp_dir().join(format!(
             "wglb-loopback-{}-{}.toml",
@@ -69,46 +60,32 @@ impl Wglb {
             &path,
             format!("[metrics]\nlisten = \"{metrics}\"\n{config}"),
         )?;
+        let wglb = Wglb::spawn(&["--config".into(), path.display().to_string()], metrics);
+        let _ = std::fs::remove_file(&path);
+        wglb
+    }
+
+    fn spawn(args: &[String], metrics: SocketAddr) -> Result<Wglb> {
         let child = Command::new(env!("CARGO_BIN_EXE_wglb"))
-            .args(["--log", "error", "run", "--config"])
-            .arg(&path)
+            .args(["--log", "error", "run"])
+            .args(args)
             .stdin(Stdio::null())
             .spawn()?;
         let wglb = Wglb { child, metrics };
-        wglb.wait("metrics to be served", |w| w.metrics().is_ok())?;
-        let _ = std::fs::remove_file(&path);
+        wglb.wait("metrics to be served", |w| {
+            metrics::scrape(w.metrics).is_ok()
+        })?;
         Ok(wglb)
     }
 
-    fn metrics(&self) -> Result<String> {
-        let mut stream = TcpStream::connect(self.metrics)?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        Ok(text)
-    }
-
     fn metric(&self, prefix: &str) -> f64 {
-        self.metrics()
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
+        metrics::scrape(self.metrics).map_or(0.0, |text| metrics::sum(&text, prefix))
     }
 
     fn wait(&self, what: &str, done: impl Fn(&Wglb) -> bool) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done(self) {
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}; metrics:\n{}",
-                    self.metrics().unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        wait_for(what, Duration::from_secs(10), || {
+            Ok(done(self).then_some(()))
+        })
     }
 }
 
@@ -178,7 +155,7 @@ fn each_listener_keeps_its_own_pool_and_answers_from_its_address() -> Result<()>
     );
     // Full NAT: gateways see the balancer, never the client.
     for gateway in office.iter().chain([&lab]) {
-        for (from, _) in gateway.received.lock().unwrap().iter() {
+        for from in gateway.senders.lock().unwrap().iter() {
             ensure!(
                 from.ip() != Ipv4Addr::new(127, 31, 1, 1),
                 "a gateway saw the client's address"

@@ -181,12 +181,7 @@ fn a_core_outage_turning_every_health_check_503_fails_open() -> Result<()> {
     balancer.wait_metric(&rig, "wglb_failing_open{", Duration::from_secs(10), |v| {
         v == 0.0
     })?;
-    balancer.wait_metric(
-        &rig,
-        r#"wglb_gateway_health{gateway="gw2",listener="test",state="up"}"#,
-        Duration::from_secs(10),
-        |v| v == 1.0,
-    )?;
+    balancer.wait_health(&rig, 2, "up")?;
     Ok(())
 }
 
@@ -197,12 +192,7 @@ fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers() -> Result<()
     let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
     let balancer = Balancer::start(&rig, &config)?;
     rig.set_gateway_health(1, false);
-    balancer.wait_metric(
-        &rig,
-        r#"wglb_gateway_health{gateway="gw1",listener="test",state="down"}"#,
-        Duration::from_secs(10),
-        |v| v == 1.0,
-    )?;
+    balancer.wait_health(&rig, 1, "down")?;
     let _first = connect(&mut rig, 0..1)?;
     let expected = predicted_gateway(
         &config_text(Family::V4, &["active", "down", "active"]),
@@ -214,12 +204,7 @@ fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers() -> Result<()
     );
 
     rig.set_gateway_health(1, true);
-    balancer.wait_metric(
-        &rig,
-        r#"wglb_gateway_health{gateway="gw1",listener="test",state="up"}"#,
-        Duration::from_secs(10),
-        |v| v == 1.0,
-    )?;
+    balancer.wait_health(&rig, 1, "up")?;
     let _second = connect(&mut rig, 1..2)?;
     ensure!(
         rig.gateway_serving(1)? == Some(1),

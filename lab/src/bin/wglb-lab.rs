@@ -2,15 +2,15 @@
 
 use std::fmt::Display;
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use wglb_lab::{require_root, terminate, Family, Netns, Pinger, Rig, RigSpec};
+use wglb_lab::{metrics, require_root, terminate, wait_for, Family, Netns, Pinger, Rig, RigSpec};
 
 const USAGE: &str = "usage: wglb-lab demo [--wglb PATH]";
 const GATEWAYS: usize = 3;
@@ -291,20 +291,12 @@ impl Balancer {
         timeout: Duration,
         mut check: impl FnMut() -> Result<Option<T>>,
     ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        wait_for(what, timeout, || {
             if let Some(status) = self.child.try_wait().context("checking on wglb")? {
-                bail!("wglb exited ({status}) while waiting for {what}");
+                bail!("wglb exited ({status})");
             }
-            if let Some(value) = check().with_context(|| format!("while waiting for {what}"))? {
-                return Ok(value);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "timed out after {timeout:.1?} waiting for {what}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+            check()
+        })
     }
 
     fn stop(mut self) -> Result<ExitStatus> {
@@ -351,42 +343,15 @@ fn ranges(seqs: &[u32]) -> String {
 
 /// The balancer's metrics listen on loopback inside its namespace, so fetch them from there.
 fn fetch_metrics(ns: &Netns) -> Result<Vec<String>> {
-    let response = ns.run(|| -> Result<String> {
-        let addr: SocketAddr = METRICS_ADDR.parse()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.0\r\nHost: {METRICS_ADDR}\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status = head.lines().next().unwrap_or_default();
-    ensure!(
-        status.contains(" 200"),
-        "metrics endpoint answered {status:?}"
-    );
-    Ok(body
+    let address: SocketAddr = METRICS_ADDR.parse()?;
+    let text = ns.run(move || metrics::scrape(address))??;
+    Ok(text
         .lines()
-        .filter(|line| line.starts_with("wglb_") && metric_value(line).is_some_and(|v| v != 0.0))
+        .filter(|line| {
+            line.starts_with("wglb_") && metrics::sample_value(line).is_some_and(|v| v != 0.0)
+        })
         .map(str::to_owned)
         .collect())
-}
-
-/// The sample value of a Prometheus text-format line; label values may contain spaces, so look
-/// after the closing brace.
-fn metric_value(line: &str) -> Option<f64> {
-    let rest = match line.rfind('}') {
-        Some(brace) => &line[brace + 1..],
-        None => line.split_once(' ')?.1,
-    };
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -397,15 +362,5 @@ mod tests {
     fn compresses_runs_of_sequence_numbers() {
         assert_eq!(ranges(&[3, 4, 5, 9, 11, 12]), "3-5, 9, 11-12");
         assert_eq!(ranges(&[]), "");
-    }
-
-    #[test]
-    fn reads_sample_values() {
-        assert_eq!(metric_value("wglb_sessions 3"), Some(3.0));
-        assert_eq!(
-            metric_value(r#"wglb_bytes_total{gateway="gw 0",listener="demo"} 11320 1700000000"#),
-            Some(11320.0)
-        );
-        assert_eq!(metric_value("wglb_broken"), None);
     }
 }

@@ -2,16 +2,15 @@
 //! the tests check real traffic against.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use wglb::config::Config;
 use wglb::control::initial_placement;
-use wglb_lab::{Family, Rig};
+use wglb_lab::{metrics, wait_for, Family, Rig};
 
 pub const METRICS_PORT: u16 = 9638;
 
@@ -109,16 +108,10 @@ impl Balancer {
             config,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while balancer.metrics(rig).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "wglb did not come up within 15 s; log:\n{}",
-                    balancer.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for("wglb to serve metrics", Duration::from_secs(15), || {
+            Ok(balancer.metrics(rig).ok())
+        })
+        .with_context(|| format!("log:\n{}", balancer.log_text()))?;
         Ok(balancer)
     }
 
@@ -128,28 +121,13 @@ impl Balancer {
 
     /// The Prometheus text the balancer serves.
     pub fn metrics(&self, rig: &Rig) -> Result<String> {
-        let mut stream = rig
-            .balancer_ns()
-            .run(|| TcpStream::connect(("127.0.0.1", METRICS_PORT)))??;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: wglb\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").context("HTTP response")?;
-        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            bail!("metrics answered {head}");
-        }
-        Ok(body.to_string())
+        let address = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+        rig.balancer_ns().run(move || metrics::scrape(address))?
     }
 
     /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels).
     pub fn metric(&self, rig: &Rig, prefix: &str) -> Result<f64> {
-        let text = self.metrics(rig)?;
-        Ok(text
-            .lines()
-            .filter(|line| line.starts_with(prefix))
-            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum())
+        Ok(metrics::sum(&self.metrics(rig)?, prefix))
     }
 
     /// Polls a metric until `done` holds for it.
@@ -160,20 +138,19 @@ impl Balancer {
         timeout: Duration,
         done: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        wait_for(prefix, timeout, || {
             let value = self.metric(rig, prefix)?;
-            if done(value) {
-                return Ok(value);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{prefix} is {value} after {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(done(value).then_some(value))
+        })
+        .with_context(|| format!("log:\n{}", self.log_text()))
+    }
+
+    /// Waits until the balancer has settled gateway `gw{j}`'s health to `state`.
+    pub fn wait_health(&self, rig: &Rig, j: usize, state: &str) -> Result<()> {
+        let series =
+            format!(r#"wglb_gateway_health{{gateway="gw{j}",listener="test",state="{state}"}}"#);
+        self.wait_metric(rig, &series, Duration::from_secs(10), |v| v == 1.0)?;
+        Ok(())
     }
 
     /// Writes a new configuration and sends SIGHUP; returns once the balancer says it applied it.
