@@ -81,7 +81,7 @@ fn main() {
                 METRICS,
                 "--table-size",
             ])
-            .arg((SESSIONS * 2).to_string())
+            .arg((SESSIONS + 1000).to_string())
             .arg("--gateway")
             .arg(format!("gw={gateway_addr}"))
             .stdin(Stdio::null())

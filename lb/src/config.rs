@@ -118,8 +118,7 @@ impl std::error::Error for ConfigError {}
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default)]
-    health: RawHealth,
+    health: Option<Spanned<RawHealth>>,
     metrics: Option<RawMetrics>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
@@ -248,7 +247,7 @@ impl Config {
             gateway: gateways,
         };
         let raw = RawConfig {
-            health: RawHealth::default(),
+            health: None,
             metrics: flags.metrics_listen.map(|listen| RawMetrics { listen }),
             listener: vec![Spanned::new(0..0, listener)],
         };
@@ -343,16 +342,18 @@ fn parse_gateway_flag(spec: &str) -> Result<RawGateway, ConfigError> {
 
 fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
     let defaults = HealthCheckConfig::default();
+    let health_span = raw.health.as_ref().map(|h| h.span());
+    let raw_health = raw.health.map(Spanned::into_inner).unwrap_or_default();
     let health = HealthCheckConfig {
-        path: raw.health.path.unwrap_or(defaults.path),
-        interval: raw.health.interval.unwrap_or(defaults.interval),
-        timeout: raw.health.timeout.unwrap_or(defaults.timeout),
-        rise: raw.health.rise.unwrap_or(defaults.rise),
-        fall: raw.health.fall.unwrap_or(defaults.fall),
-        eviction_delay: raw.health.eviction_delay.unwrap_or(defaults.eviction_delay),
+        path: raw_health.path.unwrap_or(defaults.path),
+        interval: raw_health.interval.unwrap_or(defaults.interval),
+        timeout: raw_health.timeout.unwrap_or(defaults.timeout),
+        rise: raw_health.rise.unwrap_or(defaults.rise),
+        fall: raw_health.fall.unwrap_or(defaults.fall),
+        eviction_delay: raw_health.eviction_delay.unwrap_or(defaults.eviction_delay),
     };
     let health_err = |field: &str, reason: &str| ConfigError {
-        place: origin.place(None, "[health]"),
+        place: origin.place(health_span.clone(), "[health]"),
         field: field.into(),
         reason: reason.into(),
     };
@@ -665,7 +666,7 @@ address = "[fd00::2]:51820"
 
         let msg = refused(&GOOD.replace("fall = 2", "eviction_delay = \"20s\""));
         assert!(
-            msg.contains("[health]") && msg.contains("eviction_delay"),
+            msg.contains("line 2 ([health])") && msg.contains("eviction_delay"),
             "{msg}"
         );
 

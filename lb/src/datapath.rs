@@ -56,8 +56,9 @@ impl UdpEndpoint {
         })
     }
 
-    /// Opens a listener: reuse-port so a restarted balancer binds while the old one drains, large
-    /// buffers so bursts are not dropped by the kernel. An IPv6 listener takes IPv6 only, so a
+    /// Opens a listener: reuse-port so a new balancer can bind before the old one exits (an
+    /// upgrade without a gap; both place clients alike), large buffers so bursts are not dropped
+    /// by the kernel. An IPv6 listener takes IPv6 only, so a
     /// `0.0.0.0` listener on the same port can take IPv4.
     pub fn listen(address: SocketAddr, buffer: usize) -> io::Result<UdpEndpoint> {
         let socket = Socket::new(
@@ -186,40 +187,52 @@ fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
     data.chunks(stride).chain(empty)
 }
 
-/// Whether every datagram of a batch is WireGuard; counts and logs the ones that are not.
-fn all_wireguard(
+/// How many datagrams of a batch are WireGuard; counts and logs the ones that are not.
+fn wireguard_datagrams(
     data: &[u8],
     stride: usize,
     direction: Direction,
     counters: &ListenerCounters,
     peer: SocketAddr,
-) -> bool {
-    let mut clean = true;
+) -> Batch {
+    let mut batch = Batch { valid: 0, junk: 0 };
     for datagram in datagrams(data, stride) {
-        if let Err(junk) = classify(datagram) {
-            counters.junk(direction, junk).inc();
-            tracing::debug!(%peer, len = datagram.len(), reason = junk.as_str(), "dropped a datagram that is not WireGuard");
-            clean = false;
+        match classify(datagram) {
+            Ok(_) => batch.valid += 1,
+            Err(junk) => {
+                counters.junk(direction, junk).inc();
+                tracing::debug!(%peer, len = datagram.len(), reason = junk.as_str(), "dropped a datagram that is not WireGuard");
+                batch.junk += 1;
+            }
         }
     }
-    clean
+    batch
 }
 
-/// Counts forwarded datagrams and the handshake messages among them.
+/// What the WireGuard filter found in a receive buffer.
+#[derive(Clone, Copy)]
+struct Batch {
+    valid: u64,
+    junk: u64,
+}
+
+/// Counts the datagrams of a batch that were forwarded (the WireGuard ones), and the handshake
+/// messages among them.
 fn count_forwarded(data: &[u8], stride: usize, direction: Direction, counters: &GatewayCounters) {
+    let (packets, bytes) = match direction {
+        Direction::ToGateway => (&counters.packets_to_gateway, &counters.bytes_to_gateway),
+        Direction::ToClient => (&counters.packets_to_client, &counters.bytes_to_client),
+    };
     for datagram in datagrams(data, stride) {
-        let (packets, bytes) = match direction {
-            Direction::ToGateway => (&counters.packets_to_gateway, &counters.bytes_to_gateway),
-            Direction::ToClient => (&counters.packets_to_client, &counters.bytes_to_client),
+        let Ok(kind) = classify(datagram) else {
+            continue;
         };
         packets.inc();
         bytes.inc_by(datagram.len() as u64);
-        match (direction, classify(datagram)) {
-            (Direction::ToGateway, Ok(MessageType::HandshakeInitiation)) => {
-                counters.initiations.inc()
-            }
-            (Direction::ToClient, Ok(MessageType::HandshakeResponse)) => counters.responses.inc(),
-            (Direction::ToClient, Ok(MessageType::CookieReply)) => counters.cookies.inc(),
+        match (direction, kind) {
+            (Direction::ToGateway, MessageType::HandshakeInitiation) => counters.initiations.inc(),
+            (Direction::ToClient, MessageType::HandshakeResponse) => counters.responses.inc(),
+            (Direction::ToClient, MessageType::CookieReply) => counters.cookies.inc(),
             _ => {}
         }
     }
@@ -233,9 +246,9 @@ fn forward(
     src_ip: Option<IpAddr>,
     data: &[u8],
     stride: usize,
-    clean: bool,
+    batch: Batch,
 ) -> io::Result<()> {
-    if clean {
+    if batch.junk == 0 {
         return to.send(destination, src_ip, data, stride);
     }
     datagrams(data, stride)
@@ -284,19 +297,27 @@ impl ReplyPath {
             for (meta, data) in buffers.meta[..count].iter().zip(&buffers.data) {
                 let data = &data[..meta.len];
                 let stride = meta.stride.max(1);
-                let clean =
-                    all_wireguard(data, stride, Direction::ToClient, &self.counters, meta.addr);
+                let batch = wireguard_datagrams(
+                    data,
+                    stride,
+                    Direction::ToClient,
+                    &self.counters,
+                    meta.addr,
+                );
+                if batch.valid == 0 {
+                    continue;
+                }
                 match forward(
                     &self.listener,
                     self.client,
                     self.reply_from,
                     data,
                     stride,
-                    clean,
+                    batch,
                 ) {
                     Ok(()) => count_forwarded(data, stride, Direction::ToClient, &self.gateway),
                     Err(e) => {
-                        self.counters.send_failed_to_client.inc();
+                        self.counters.send_failed_to_client.inc_by(batch.valid);
                         tracing::debug!(client = %self.client, "dropped a reply: send failed: {e}");
                     }
                 }
@@ -364,8 +385,8 @@ impl Relay {
     fn handle_client_datagram(&mut self, meta: &RecvMeta, data: &[u8]) {
         let client = meta.addr;
         let stride = meta.stride.max(1);
-        let clean = all_wireguard(data, stride, Direction::ToGateway, &self.counters, client);
-        if !clean && datagrams(data, stride).all(|d| classify(d).is_err()) {
+        let batch = wireguard_datagrams(data, stride, Direction::ToGateway, &self.counters, client);
+        if batch.valid == 0 {
             return;
         }
         let now = now_ms();
@@ -375,24 +396,30 @@ impl Relay {
                 .placement
                 .keeps(session.gateway, session.gateway_address)
             {
-                to_gateway(session, &self.counters, client, data, stride, clean);
+                to_gateway(session, &self.counters, client, data, stride, batch);
                 return;
             }
             self.sessions.remove(&client);
             self.counters.eviction(EvictionReason::GatewayGone).inc();
             tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
         }
-        if self.open_session(client, meta.dst_ip, now) {
+        if self.open_session(client, meta.dst_ip, now, batch) {
             if let Some(session) = self.sessions.lookup(&client, now) {
-                to_gateway(session, &self.counters, client, data, stride, clean);
+                to_gateway(session, &self.counters, client, data, stride, batch);
             }
         }
     }
 
-    /// Places a new session; false (counted) when it cannot be.
-    fn open_session(&mut self, client: SocketAddr, reply_from: Option<IpAddr>, now: u64) -> bool {
+    /// Places a new session; false when it cannot be, with `batch` counted as dropped.
+    fn open_session(
+        &mut self,
+        client: SocketAddr,
+        reply_from: Option<IpAddr>,
+        now: u64,
+        batch: Batch,
+    ) -> bool {
         let Some(gateway) = self.plan.placement.place(client) else {
-            self.counters.no_gateway.inc();
+            self.counters.no_gateway.inc_by(batch.valid);
             tracing::debug!(listener = %self.name, %client, "dropped: no gateway takes new sessions");
             return false;
         };
@@ -400,8 +427,8 @@ impl Relay {
         let upstream = match UdpEndpoint::upstream(address, self.source) {
             Ok(upstream) => Arc::new(upstream),
             Err(e) => {
-                self.counters.upstream_unavailable.inc();
-                tracing::warn!(listener = %self.name, %client, gateway = %name, "dropped: cannot open a socket towards the gateway: {e}");
+                self.counters.upstream_unavailable.inc_by(batch.valid);
+                tracing::debug!(listener = %self.name, %client, gateway = %name, "dropped: cannot open a socket towards the gateway: {e}");
                 return false;
             }
         };
@@ -448,19 +475,13 @@ fn to_gateway(
     client: SocketAddr,
     data: &[u8],
     stride: usize,
-    clean: bool,
+    batch: Batch,
 ) {
-    match forward(
-        &session.link.upstream,
-        session.gateway_address,
-        None,
-        data,
-        stride,
-        clean,
-    ) {
+    let upstream = &session.link.upstream;
+    match forward(upstream, session.gateway_address, None, data, stride, batch) {
         Ok(()) => count_forwarded(data, stride, Direction::ToGateway, &session.link.counters),
         Err(e) => {
-            counters.send_failed_to_gateway.inc();
+            counters.send_failed_to_gateway.inc_by(batch.valid);
             tracing::debug!(%client, "dropped a datagram: send to gateway failed: {e}");
         }
     }
