@@ -141,7 +141,7 @@ impl ControlPlane {
                 tracing::info!(listener = %listener.name, gateway = %name, %source, "gateway is up: {detail}")
             }
             Health::Suspect => {
-                tracing::warn!(listener = %listener.name, gateway = %name, %source, "gateway reported down, no new sessions; its sessions are evicted in {delay:?} unless every gateway is down: {detail}")
+                tracing::warn!(listener = %listener.name, gateway = %name, %source, "gateway reported down: no new sessions for it, and its sessions go in {delay:?} unless every gateway is down by then: {detail}")
             }
             Health::Down => {
                 tracing::warn!(listener = %listener.name, gateway = %name, %source, "gateway is down, evicting its sessions: {detail}")
@@ -178,7 +178,7 @@ impl ControlPlane {
                 if due <= now {
                     health.health = Health::Down;
                     changed = true;
-                    tracing::warn!(listener = %listener.name, gateway = %name, "gateway stayed down for {delay:?}: evicting its sessions");
+                    tracing::warn!(listener = %listener.name, gateway = %name, "gateway still down after {delay:?}: its sessions are evicted unless every gateway is down");
                 } else {
                     next = Some(next.map_or(due, |n| n.min(due)));
                 }

@@ -487,8 +487,9 @@ fn to_gateway(
     }
 }
 
-/// Runs one listener until its plan channel closes. The socket is bound by the caller so that a
-/// bad address fails the start, not a background task.
+/// Runs one listener until its socket fails. The socket is bound by the caller so that a bad
+/// address fails the start, not a background task. Should the control plane go away, traffic
+/// keeps flowing on the last plan it published.
 pub async fn run_listener(
     config: &ListenerConfig,
     socket: UdpEndpoint,
@@ -511,15 +512,19 @@ pub async fn run_listener(
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let socket = relay.socket.clone();
+    let mut control_plane_alive = true;
     loop {
         tokio::select! {
             biased;
-            changed = plans.changed() => match changed {
+            changed = plans.changed(), if control_plane_alive => match changed {
                 Ok(()) => {
                     let plan = plans.borrow_and_update().clone();
                     relay.apply(plan);
                 }
-                Err(_) => return Ok(()),
+                Err(_) => {
+                    tracing::error!(listener = %relay.name, "the control plane is gone: forwarding on its last plan");
+                    control_plane_alive = false;
+                }
             },
             _ = sweep.tick() => relay.expire(),
             ready = socket.io.readable() => {

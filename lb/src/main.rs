@@ -207,10 +207,11 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(socket) = metrics_socket {
         tracing::info!(listen = %socket.local_addr()?, "serving Prometheus metrics on /metrics");
         let metrics = metrics.clone();
-        tasks.spawn(async move {
-            metrics::serve(socket, metrics)
-                .await
-                .context("metrics server failed")
+        // Losing the metrics endpoint must not stop the traffic: log it and go on.
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(socket, metrics).await {
+                tracing::error!("metrics server failed, metrics are no longer served: {e}");
+            }
         });
     }
     let mut hangup = signal(SignalKind::hangup())?;
@@ -251,8 +252,13 @@ fn describe(config: &Config) -> String {
     let mut out = String::new();
     let health = &config.health;
     out += &format!(
-        "health checks: GET {} every {:?}, timeout {:?}, rise {}, fall {}\n",
-        health.path, health.interval, health.timeout, health.rise, health.fall
+        "health checks: GET {} every {:?}, timeout {:?}, rise {}, fall {}, eviction delay {:?}\n",
+        health.path,
+        health.interval,
+        health.timeout,
+        health.rise,
+        health.fall,
+        health.eviction_delay
     );
     if let Some(metrics) = config.metrics_listen {
         out += &format!("metrics: http://{metrics}/metrics\n");
