@@ -71,9 +71,7 @@ impl UdpEndpoint {
         }
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
-        // The kernel caps these at net.core.[rw]mem_max; smaller buffers still work.
-        let _ = socket.set_recv_buffer_size(buffer);
-        let _ = socket.set_send_buffer_size(buffer);
+        set_buffers(&socket, buffer);
         socket.bind(&address.into())?;
         UdpEndpoint::from_socket2(socket)
     }
@@ -143,6 +141,22 @@ impl UdpEndpoint {
             self.state
                 .recv((&self.io).into(), &mut slices, &mut buffers.meta)
         })
+    }
+}
+
+/// Asks for `bytes` of kernel buffer each way. The kernel caps SO_RCVBUF/SO_SNDBUF at
+/// net.core.[rw]mem_max (about 208 KiB by default, which a burst fills in milliseconds); with
+/// CAP_NET_ADMIN the FORCE variants lift the cap. Without it the capped size still works.
+fn set_buffers(socket: &Socket, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = socket.set_recv_buffer_size(bytes);
+    let _ = socket.set_send_buffer_size(bytes);
+    // The kernel reports twice what was set (it counts its own overhead).
+    if socket.recv_buffer_size().unwrap_or(0) < bytes {
+        let _ = setsockopt(socket, sockopt::RcvBufForce, &bytes);
+    }
+    if socket.send_buffer_size().unwrap_or(0) < bytes {
+        let _ = setsockopt(socket, sockopt::SndBufForce, &bytes);
     }
 }
 

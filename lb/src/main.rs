@@ -244,6 +244,8 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
+    // Listeners first, so none mistakes the control plane's end for a failure.
+    tasks.shutdown().await;
     control.abort();
     Ok(())
 }

@@ -245,6 +245,33 @@ mod tests {
         assert_eq!(table.len(), 1);
     }
 
+    proptest::proptest! {
+        /// Whatever clients come and go, the table never outgrows its bound, and a client it
+        /// was given is either still there with its gateway or was reported evicted.
+        #[test]
+        fn bounded_and_never_loses_a_session_silently(
+            capacity in 1usize..32,
+            ops in proptest::collection::vec((0u16..64, proptest::bool::ANY), 1..400),
+        ) {
+            let mut table = SessionTable::new(NonZeroUsize::new(capacity).unwrap(), Duration::from_secs(180));
+            let mut expected = std::collections::HashMap::new();
+            for (port, insert) in ops {
+                if insert {
+                    let gateway = port as u32 % 5;
+                    if let Some((evicted, _)) = table.insert(client(port), session(gateway, 0)) {
+                        proptest::prop_assert!(expected.remove(&evicted).is_some());
+                    }
+                    expected.insert(client(port), gateway);
+                } else {
+                    let found = table.lookup(&client(port), 0).map(|s| s.gateway.0);
+                    proptest::prop_assert_eq!(found, expected.get(&client(port)).copied());
+                }
+                proptest::prop_assert!(table.len() <= capacity);
+                proptest::prop_assert_eq!(table.len(), expected.len());
+            }
+        }
+    }
+
     #[test]
     fn evicts_by_gateway() {
         let mut table = SessionTable::new(NonZeroUsize::new(10).unwrap(), Duration::from_secs(180));
