@@ -30,4 +30,8 @@ if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found; install Rust with rustup first" >&2
     exit 1
 fi
-rustup component add rustfmt clippy >/dev/null 2>&1 || rustup component add rustfmt clippy
+# The lints need rustfmt and clippy; ask rustup only when they are missing.
+for component in rustfmt clippy; do
+    command="cargo ${component/rustfmt/fmt} --version"
+    $command >/dev/null 2>&1 || rustup component add "$component"
+done
