@@ -201,7 +201,8 @@ fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
     data.chunks(stride).chain(empty)
 }
 
-/// How many datagrams of a batch are WireGuard; counts and logs the ones that are not.
+/// Classifies every datagram of a batch once: counts and logs the ones that are not WireGuard,
+/// and tallies the rest for the forwarding counters.
 fn wireguard_datagrams(
     data: &[u8],
     stride: usize,
@@ -209,10 +210,19 @@ fn wireguard_datagrams(
     counters: &ListenerCounters,
     peer: SocketAddr,
 ) -> Batch {
-    let mut batch = Batch { valid: 0, junk: 0 };
+    let mut batch = Batch::default();
     for datagram in datagrams(data, stride) {
         match classify(datagram) {
-            Ok(_) => batch.valid += 1,
+            Ok(kind) => {
+                batch.valid += 1;
+                batch.valid_bytes += datagram.len() as u64;
+                match kind {
+                    MessageType::HandshakeInitiation => batch.initiations += 1,
+                    MessageType::HandshakeResponse => batch.responses += 1,
+                    MessageType::CookieReply => batch.cookies += 1,
+                    MessageType::TransportData => {}
+                }
+            }
             Err(junk) => {
                 counters.junk(direction, junk).inc();
                 tracing::debug!(%peer, len = datagram.len(), reason = junk.as_str(), "dropped a datagram that is not WireGuard");
@@ -224,30 +234,29 @@ fn wireguard_datagrams(
 }
 
 /// What the WireGuard filter found in a receive buffer.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Batch {
     valid: u64,
+    valid_bytes: u64,
     junk: u64,
+    initiations: u64,
+    responses: u64,
+    cookies: u64,
 }
 
-/// Counts the datagrams of a batch that were forwarded (the WireGuard ones), and the handshake
-/// messages among them.
-fn count_forwarded(data: &[u8], stride: usize, direction: Direction, counters: &GatewayCounters) {
-    let (packets, bytes) = match direction {
-        Direction::ToGateway => (&counters.packets_to_gateway, &counters.bytes_to_gateway),
-        Direction::ToClient => (&counters.packets_to_client, &counters.bytes_to_client),
-    };
-    for datagram in datagrams(data, stride) {
-        let Ok(kind) = classify(datagram) else {
-            continue;
-        };
-        packets.inc();
-        bytes.inc_by(datagram.len() as u64);
-        match (direction, kind) {
-            (Direction::ToGateway, MessageType::HandshakeInitiation) => counters.initiations.inc(),
-            (Direction::ToClient, MessageType::HandshakeResponse) => counters.responses.inc(),
-            (Direction::ToClient, MessageType::CookieReply) => counters.cookies.inc(),
-            _ => {}
+/// Counts a forwarded batch (its WireGuard datagrams) and the handshake messages in it.
+fn count_forwarded(batch: Batch, direction: Direction, counters: &GatewayCounters) {
+    match direction {
+        Direction::ToGateway => {
+            counters.packets_to_gateway.inc_by(batch.valid);
+            counters.bytes_to_gateway.inc_by(batch.valid_bytes);
+            counters.initiations.inc_by(batch.initiations);
+        }
+        Direction::ToClient => {
+            counters.packets_to_client.inc_by(batch.valid);
+            counters.bytes_to_client.inc_by(batch.valid_bytes);
+            counters.responses.inc_by(batch.responses);
+            counters.cookies.inc_by(batch.cookies);
         }
     }
 }
@@ -329,7 +338,7 @@ impl ReplyPath {
                     stride,
                     batch,
                 ) {
-                    Ok(()) => count_forwarded(data, stride, Direction::ToClient, &self.gateway),
+                    Ok(()) => count_forwarded(batch, Direction::ToClient, &self.gateway),
                     Err(e) => {
                         self.counters.send_failed_to_client.inc_by(batch.valid);
                         tracing::debug!(client = %self.client, "dropped a reply: send failed: {e}");
@@ -493,7 +502,7 @@ fn to_gateway(
 ) {
     let upstream = &session.link.upstream;
     match forward(upstream, session.gateway_address, None, data, stride, batch) {
-        Ok(()) => count_forwarded(data, stride, Direction::ToGateway, &session.link.counters),
+        Ok(()) => count_forwarded(batch, Direction::ToGateway, &session.link.counters),
         Err(e) => {
             counters.send_failed_to_gateway.inc_by(batch.valid);
             tracing::debug!(%client, "dropped a datagram: send to gateway failed: {e}");
