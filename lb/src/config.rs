@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -31,6 +31,7 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub health: HealthCheckConfig,
     pub metrics_listen: Option<SocketAddr>,
+    pub api: ApiConfig,
 }
 
 /// One front door (one VPN location) and its gateway pool.
@@ -75,6 +76,11 @@ pub struct HealthCheckConfig {
     /// sessions one by one. A moved client cannot re-handshake before ~15 s anyway, so a delay
     /// well below that adds nothing to failover time.
     pub eviction_delay: Duration,
+    /// How many fresh sources must report a gateway down before it is taken down. A source that
+    /// has not reported within its report's time to live no longer counts.
+    pub quorum: u32,
+    /// How long a report from the API counts when the reporter gives no time to live.
+    pub report_ttl: Duration,
 }
 
 /// Longest eviction delay: beyond it, the delay would add to WireGuard's ~15 s failover floor.
@@ -89,6 +95,48 @@ impl Default for HealthCheckConfig {
             rise: 1,
             fall: 1,
             eviction_delay: Duration::from_secs(2),
+            quorum: 1,
+            report_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the gRPC API is served. The Unix socket is always on (its file mode decides who may
+/// drive the balancer); TCP only when configured, and then only authenticated unless
+/// `allow_unauthenticated` says otherwise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiConfig {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub tcp: Option<SocketAddr>,
+    /// A file holding the bearer token TCP clients must present.
+    pub token_file: Option<PathBuf>,
+    /// Server certificate and key (PEM) for TLS on TCP.
+    pub tls: Option<TlsFiles>,
+    /// CA (PEM) that client certificates must chain to: mutual TLS.
+    pub client_ca: Option<PathBuf>,
+    pub allow_unauthenticated: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where the API listens unless configured otherwise, and where the CLI looks for it.
+pub const DEFAULT_API_SOCKET: &str = "/run/wglb/api.sock";
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: PathBuf::from(DEFAULT_API_SOCKET),
+            socket_mode: 0o660,
+            tcp: None,
+            token_file: None,
+            tls: None,
+            client_ca: None,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -120,6 +168,7 @@ impl std::error::Error for ConfigError {}
 struct RawConfig {
     health: Option<Spanned<RawHealth>>,
     metrics: Option<RawMetrics>,
+    api: Option<Spanned<RawApi>>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
 }
@@ -136,6 +185,23 @@ struct RawHealth {
     fall: Option<u32>,
     #[serde(default, with = "opt_duration")]
     eviction_delay: Option<Duration>,
+    quorum: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    report_ttl: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<PathBuf>,
+    /// Octal, as a string: "0660".
+    socket_mode: Option<String>,
+    tcp: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    allow_unauthenticated: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -249,6 +315,15 @@ impl Config {
         let raw = RawConfig {
             health: None,
             metrics: flags.metrics_listen.map(|listen| RawMetrics { listen }),
+            api: flags.api_socket.clone().map(|socket| {
+                Spanned::new(
+                    0..0,
+                    RawApi {
+                        socket: Some(socket),
+                        ..RawApi::default()
+                    },
+                )
+            }),
             listener: vec![Spanned::new(0..0, listener)],
         };
         build(raw, Origin::Flags)
@@ -271,6 +346,7 @@ pub struct ListenerFlags {
     pub table_size: Option<usize>,
     pub all_down: Option<AllDownPolicy>,
     pub metrics_listen: Option<SocketAddr>,
+    pub api_socket: Option<PathBuf>,
 }
 
 /// `NAME=ADDR:PORT[,weight=N][,state=S][,health-port=P]`
@@ -351,6 +427,8 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
         rise: raw_health.rise.unwrap_or(defaults.rise),
         fall: raw_health.fall.unwrap_or(defaults.fall),
         eviction_delay: raw_health.eviction_delay.unwrap_or(defaults.eviction_delay),
+        quorum: raw_health.quorum.unwrap_or(defaults.quorum),
+        report_ttl: raw_health.report_ttl.unwrap_or(defaults.report_ttl),
     };
     let health_err = |field: &str, reason: &str| ConfigError {
         place: origin.place(health_span.clone(), "[health]"),
@@ -371,6 +449,12 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
             "eviction_delay",
             "must be at most 10s, or it adds to WireGuard's 15 s failover",
         ));
+    }
+    if health.quorum == 0 {
+        return Err(health_err("quorum", "must be at least 1"));
+    }
+    if health.report_ttl.is_zero() {
+        return Err(health_err("report_ttl", "must be greater than zero"));
     }
     if health.rise == 0 || health.fall == 0 {
         return Err(health_err(
@@ -463,55 +547,17 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
                 field: field.into(),
                 reason,
             };
-            if gateway.name.is_empty() {
-                return Err(err("name", "must not be empty".into()));
-            }
-            if gateways.iter().any(|g| g.name == gateway.name) {
-                return Err(err(
-                    "name",
-                    format!(
-                        "gateway name `{}` is used twice in this listener",
-                        gateway.name
-                    ),
-                ));
-            }
-            if gateway.address.port() == 0 || gateway.address.ip().is_unspecified() {
-                return Err(err(
-                    "address",
-                    format!("{} is not a gateway address", gateway.address),
-                ));
-            }
-            if let Some(other) = gateways.iter().find(|g| g.address == gateway.address) {
-                return Err(err(
-                    "address",
-                    format!("{} is also gateway `{}`", gateway.address, other.name),
-                ));
-            }
-            if let Some(source) = listener.source {
-                if source.is_ipv4() != gateway.address.is_ipv4() {
-                    return Err(err(
-                        "address",
-                        format!(
-                            "{} is not of the family of the listener's source {source}",
-                            gateway.address
-                        ),
-                    ));
-                }
-            }
             let weight = gateway.weight.unwrap_or(1);
-            if weight == 0 || weight > u16::MAX as u32 {
-                return Err(err("weight", format!("{weight} is outside 1..=65535; to take a gateway out of placement set state = \"draining\"")));
-            }
-            if gateway.health_port == Some(0) {
-                return Err(err("health_port", "must not be 0".into()));
-            }
-            gateways.push(GatewayConfig {
+            let gateway = GatewayConfig {
                 name: gateway.name,
                 address: gateway.address,
                 weight,
                 state: gateway.state.unwrap_or(AdminState::Active),
                 health_port: gateway.health_port,
-            });
+            };
+            check_gateway(listener.source, &gateways, &gateway)
+                .map_err(|(field, reason)| err(field, reason))?;
+            gateways.push(gateway);
         }
         listeners.push(ListenerConfig {
             name,
@@ -526,11 +572,127 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
             gateways,
         });
     }
+    let api = match raw.api {
+        Some(spanned) => {
+            let span = spanned.span();
+            build_api(spanned.into_inner(), &origin.place(Some(span), "[api]"))?
+        }
+        None => ApiConfig::default(),
+    };
     Ok(Config {
         listeners,
         health,
         metrics_listen: raw.metrics.map(|m| m.listen),
+        api,
     })
+}
+
+fn build_api(raw: RawApi, place: &str) -> Result<ApiConfig, ConfigError> {
+    let err = |field: &str, reason: &str| ConfigError {
+        place: place.into(),
+        field: field.into(),
+        reason: reason.into(),
+    };
+    let defaults = ApiConfig::default();
+    let socket_mode = match raw.socket_mode {
+        Some(text) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
+            .ok_or_else(|| {
+                err(
+                    "socket_mode",
+                    "expected an octal file mode such as \"0660\"",
+                )
+            })?,
+        None => defaults.socket_mode,
+    };
+    let tls = match (raw.tls_cert, raw.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => return Err(err("tls_cert", "tls_cert and tls_key go together")),
+    };
+    if raw.client_ca.is_some() && tls.is_none() {
+        return Err(err(
+            "client_ca",
+            "client certificates need TLS: set tls_cert and tls_key too",
+        ));
+    }
+    let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);
+    if raw.tcp.is_some()
+        && raw.token_file.is_none()
+        && raw.client_ca.is_none()
+        && !allow_unauthenticated
+    {
+        return Err(err(
+            "tcp",
+            "a TCP API needs a token_file or client_ca (mutual TLS); anyone reaching the port could \
+             otherwise drive the balancer (set allow_unauthenticated = true to accept that)",
+        ));
+    }
+    let socket = raw.socket.unwrap_or(defaults.socket);
+    if socket.as_os_str().is_empty() {
+        return Err(err("socket", "must not be empty"));
+    }
+    Ok(ApiConfig {
+        socket,
+        socket_mode,
+        tcp: raw.tcp,
+        token_file: raw.token_file,
+        tls,
+        client_ca: raw.client_ca,
+        allow_unauthenticated,
+    })
+}
+
+/// Checks one gateway against the listener it joins: what the file, the flags and the runtime
+/// API all refuse. Returns the field at fault and why.
+pub fn check_gateway(
+    source: Option<IpAddr>,
+    others: &[GatewayConfig],
+    gateway: &GatewayConfig,
+) -> Result<(), (&'static str, String)> {
+    if gateway.name.is_empty() {
+        return Err(("name", "must not be empty".into()));
+    }
+    if others.iter().any(|g| g.name == gateway.name) {
+        return Err((
+            "name",
+            format!(
+                "gateway name `{}` is used twice in this listener",
+                gateway.name
+            ),
+        ));
+    }
+    if gateway.address.port() == 0 || gateway.address.ip().is_unspecified() {
+        return Err((
+            "address",
+            format!("{} is not a gateway address", gateway.address),
+        ));
+    }
+    if let Some(other) = others.iter().find(|g| g.address == gateway.address) {
+        return Err((
+            "address",
+            format!("{} is also gateway `{}`", gateway.address, other.name),
+        ));
+    }
+    if let Some(source) = source {
+        if source.is_ipv4() != gateway.address.is_ipv4() {
+            return Err((
+                "address",
+                format!(
+                    "{} is not of the family of the listener's source {source}",
+                    gateway.address
+                ),
+            ));
+        }
+    }
+    if gateway.weight == 0 || gateway.weight > u16::MAX as u32 {
+        return Err(("weight", format!("{} is outside 1..=65535; to take a gateway out of placement set state = \"draining\"", gateway.weight)));
+    }
+    if gateway.health_port == Some(0) {
+        return Err(("health_port", "must not be 0".into()));
+    }
+    Ok(())
 }
 
 fn is_prime(n: u32) -> bool {
@@ -694,6 +856,39 @@ address = "[fd00::2]:51820"
     }
 
     #[test]
+    fn refuses_an_unauthenticated_tcp_api_and_bad_health_quorums() {
+        let listener = "[[listener]]\nname = \"l\"\nlisten = \"0.0.0.0:51820\"\n\
+                        [[listener.gateway]]\nname = \"g\"\naddress = \"10.0.0.2:51820\"\n";
+        let open = format!("[api]\ntcp = \"0.0.0.0:9639\"\n{listener}");
+        let msg = refused(&open);
+        assert!(
+            msg.contains("line 1 ([api])")
+                && msg.contains("field `tcp`")
+                && msg.contains("token_file"),
+            "{msg}"
+        );
+        let allowed =
+            format!("[api]\ntcp = \"0.0.0.0:9639\"\nallow_unauthenticated = true\n{listener}");
+        assert!(
+            Config::parse(&allowed, "t.toml")
+                .unwrap()
+                .api
+                .allow_unauthenticated
+        );
+        let tokened = format!(
+            "[api]\nsocket = \"/tmp/a.sock\"\nsocket_mode = \"0600\"\ntcp = \"0.0.0.0:9639\"\ntoken_file = \"/etc/wglb/token\"\n{listener}"
+        );
+        let api = Config::parse(&tokened, "t.toml").unwrap().api;
+        assert_eq!((api.socket_mode, api.tcp.is_some()), (0o600, true));
+        let msg = refused(&format!("[api]\nsocket_mode = \"rw-rw----\"\n{listener}"));
+        assert!(msg.contains("field `socket_mode`"), "{msg}");
+        let msg = refused(&format!("[api]\nclient_ca = \"/ca.pem\"\n{listener}"));
+        assert!(msg.contains("need TLS"), "{msg}");
+        let msg = refused(&format!("[health]\nquorum = 0\n{listener}"));
+        assert!(msg.contains("field `quorum`"), "{msg}");
+    }
+
+    #[test]
     fn builds_from_flags() {
         let flags = ListenerFlags {
             name: "default".into(),
@@ -708,8 +903,10 @@ address = "[fd00::2]:51820"
             table_size: None,
             all_down: None,
             metrics_listen: None,
+            api_socket: Some("/tmp/wglb-flags.sock".into()),
         };
         let config = Config::from_flags(&flags).unwrap();
+        assert_eq!(config.api.socket, PathBuf::from("/tmp/wglb-flags.sock"));
         let gateways = &config.listeners[0].gateways;
         assert_eq!(gateways[0].weight, 1);
         assert_eq!(gateways[1].weight, 2);

@@ -22,14 +22,16 @@ use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use wglb_common::wireguard::{classify, MessageType};
 
 use crate::config::ListenerConfig;
 use crate::control::ListenerPlan;
+use crate::events::{EventBus, EventKind};
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
-use crate::pool::GatewayId;
+use crate::pool::{GatewayId, Placement};
+use crate::query::{self, SessionInfo, SessionRequest};
 use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
@@ -360,30 +362,96 @@ struct Relay {
     metrics: Metrics,
     counters: Arc<ListenerCounters>,
     gateway_counters: HashMap<GatewayId, Arc<GatewayCounters>>,
+    events: EventBus,
+    /// Sessions pushed out of a full table since the last sweep: announced once per sweep, not
+    /// once per packet of a flood.
+    pushed_out: u64,
 }
 
 impl Relay {
     fn apply(&mut self, plan: Arc<ListenerPlan>) {
-        self.plan = plan;
+        let before = std::mem::replace(&mut self.plan, plan);
         self.sessions.set_idle_timeout(self.plan.idle_timeout);
-        for _ in self.sessions.set_capacity(self.plan.table_size) {
-            self.counters.eviction(EvictionReason::TableFull).inc();
-        }
+        self.pushed_out += self.sessions.set_capacity(self.plan.table_size).len() as u64;
         let placement = &self.plan.placement;
         let gone = self
             .sessions
-            .evict_where(|s| !placement.keeps(s.gateway, s.gateway_address));
+            .evict_where(|_, s| !placement.keeps(s.gateway, s.gateway_address));
         if !gone.is_empty() {
-            self.counters
-                .eviction(EvictionReason::GatewayGone)
-                .inc_by(gone.len() as u64);
             tracing::info!(listener = %self.name, evicted = gone.len(), "evicted sessions of gateways that are down, moved or removed");
         }
+        // Names from the plan they were placed under: a removed gateway is not in the new one.
+        self.evicted(EvictionReason::GatewayGone, &gone, &before.placement);
+        let placement = &self.plan.placement;
         self.gateway_counters
             .retain(|id, _| placement.gateway(*id).is_some());
         self.counters
             .failing_open
             .set(placement.failing_open() as i64);
+    }
+
+    /// Counts evicted sessions and announces them, per gateway.
+    fn evicted(
+        &self,
+        reason: EvictionReason,
+        sessions: &[(SocketAddr, Session<Link>)],
+        placement: &Placement,
+    ) {
+        if sessions.is_empty() {
+            return;
+        }
+        self.counters.eviction(reason).inc_by(sessions.len() as u64);
+        let mut per_gateway: HashMap<GatewayId, u64> = HashMap::new();
+        for (_, session) in sessions {
+            *per_gateway.entry(session.gateway).or_default() += 1;
+        }
+        for (id, count) in per_gateway {
+            let gateway = placement.gateway(id).map_or("", |g| g.name.as_str());
+            self.events.publish(
+                &self.name,
+                gateway,
+                EventKind::SessionsEvicted { reason, count },
+            );
+        }
+    }
+
+    fn answer(&mut self, request: SessionRequest) {
+        let placement = &self.plan.placement;
+        let name_of = |id: GatewayId| placement.gateway(id).map_or("", |g| g.name.as_str());
+        match request {
+            SessionRequest::Count { reply } => {
+                let mut counts: HashMap<String, u64> = HashMap::new();
+                for (_, session) in self.sessions.iter() {
+                    *counts
+                        .entry(name_of(session.gateway).to_string())
+                        .or_default() += 1;
+                }
+                let _ = reply.send(counts);
+            }
+            SessionRequest::List {
+                filter,
+                after,
+                limit,
+                reply,
+            } => {
+                let now = now_ms();
+                let sessions = self.sessions.iter().map(|(client, session)| SessionInfo {
+                    client: *client,
+                    gateway: name_of(session.gateway).to_string(),
+                    gateway_address: session.gateway_address,
+                    idle_ms: now.saturating_sub(session.activity.last_ms()),
+                });
+                let _ = reply.send(query::page(sessions, &filter, after, limit));
+            }
+            SessionRequest::Evict { filter, reply } => {
+                let evicted = self
+                    .sessions
+                    .evict_where(|c, s| filter.matches(c, name_of(s.gateway)));
+                tracing::info!(listener = %self.name, evicted = evicted.len(), "sessions evicted through the API");
+                self.evicted(EvictionReason::Operator, &evicted, &self.plan.placement);
+                let _ = reply.send(evicted.len() as u64);
+            }
+        }
     }
 
     fn counters_for(&mut self, id: GatewayId, name: &str) -> Arc<GatewayCounters> {
@@ -395,13 +463,25 @@ impl Relay {
             .clone()
     }
 
-    fn expire(&mut self) {
+    /// The once-a-second sweep: idle sessions go, and table-full evictions are announced.
+    fn sweep(&mut self) {
         let expired = self.sessions.expire_idle(now_ms());
         if !expired.is_empty() {
-            self.counters
-                .eviction(EvictionReason::Idle)
-                .inc_by(expired.len() as u64);
             tracing::debug!(listener = %self.name, expired = expired.len(), "idle sessions expired");
+        }
+        self.evicted(EvictionReason::Idle, &expired, &self.plan.placement);
+        if self.pushed_out > 0 {
+            self.counters
+                .eviction(EvictionReason::TableFull)
+                .inc_by(self.pushed_out);
+            self.events.publish(
+                &self.name,
+                "",
+                EventKind::SessionsEvicted {
+                    reason: EvictionReason::TableFull,
+                    count: std::mem::take(&mut self.pushed_out),
+                },
+            );
         }
     }
 
@@ -422,8 +502,13 @@ impl Relay {
                 to_gateway(session, &self.counters, client, data, stride, batch);
                 return;
             }
-            self.sessions.remove(&client);
-            self.counters.eviction(EvictionReason::GatewayGone).inc();
+            if let Some(session) = self.sessions.remove(&client) {
+                self.evicted(
+                    EvictionReason::GatewayGone,
+                    &[(client, session)],
+                    &self.plan.placement,
+                );
+            }
             tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
         }
         if self.open_session(client, meta.dst_ip, now, batch) {
@@ -485,7 +570,7 @@ impl Relay {
             },
         };
         if let Some((evicted, _)) = self.sessions.insert(client, session) {
-            self.counters.eviction(EvictionReason::TableFull).inc();
+            self.pushed_out += 1;
             tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
         }
         true
@@ -510,15 +595,28 @@ fn to_gateway(
     }
 }
 
+/// What a listener's datapath is connected to besides its socket.
+pub struct ListenerLinks {
+    pub plans: watch::Receiver<Arc<ListenerPlan>>,
+    pub requests: mpsc::Receiver<SessionRequest>,
+    pub metrics: Metrics,
+    pub events: EventBus,
+}
+
 /// Runs one listener until its socket fails. The socket is bound by the caller so that a bad
 /// address fails the start, not a background task. Should the control plane go away, traffic
 /// keeps flowing on the last plan it published.
 pub async fn run_listener(
     config: &ListenerConfig,
     socket: UdpEndpoint,
-    mut plans: watch::Receiver<Arc<ListenerPlan>>,
-    metrics: Metrics,
+    links: ListenerLinks,
 ) -> io::Result<()> {
+    let ListenerLinks {
+        mut plans,
+        mut requests,
+        metrics,
+        events,
+    } = links;
     let plan = plans.borrow_and_update().clone();
     let mut relay = Relay {
         name: config.name.clone(),
@@ -529,6 +627,8 @@ pub async fn run_listener(
         metrics,
         plan: plan.clone(),
         gateway_counters: HashMap::new(),
+        events,
+        pushed_out: 0,
     };
     relay.apply(plan);
     let mut buffers = RecvBuffers::new();
@@ -549,7 +649,8 @@ pub async fn run_listener(
                     control_plane_alive = false;
                 }
             },
-            _ = sweep.tick() => relay.expire(),
+            _ = sweep.tick() => relay.sweep(),
+            Some(request) = requests.recv() => relay.answer(request),
             ready = socket.io.readable() => {
                 ready?;
                 for _ in 0..BATCHES_PER_TURN {

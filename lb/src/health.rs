@@ -1,7 +1,8 @@
-//! Health input. Any source of gateway health (the built-in checker here; the sidecar and the API
-//! later) sends [`Observation`]s into one channel that the control plane owns, so sources can be
-//! added without the datapath knowing. The built-in checker implements Defguard's gateway contract:
-//! `GET /health` on the gateway's health port answers 200 while the gateway works.
+//! Health input. Every source of gateway health (the built-in checker here, sidecars through the
+//! API) sends [`Observation`]s to the control plane, which combines them by quorum
+//! ([`crate::quorum`]), so sources can be added without the datapath knowing. The built-in checker
+//! implements Defguard's gateway contract: `GET /health` on the gateway's health port answers 200
+//! while the gateway works.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,17 +14,19 @@ use tokio::task::JoinHandle;
 
 use crate::config::HealthCheckConfig;
 
-/// A source's verdict on one gateway, sent when it changes.
+/// A source's current verdict on one gateway. Sources repeat it at least once per `ttl`: a
+/// verdict not repeated in time stops counting.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observation {
     pub listener: String,
     pub gateway: String,
-    /// The gateway address the verdict is about: a verdict on an old address must not mark a
-    /// gateway that has since moved.
-    pub address: SocketAddr,
+    /// The gateway address the verdict is about, when the source knows it: a verdict on an old
+    /// address must not mark a gateway that has since moved.
+    pub address: Option<SocketAddr>,
     pub source: String,
     pub healthy: bool,
     pub detail: String,
+    pub ttl: Duration,
 }
 
 /// Name of the built-in checker as a health source.
@@ -93,6 +96,10 @@ impl Thresholds {
         }
     }
 
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+
     /// Feeds one result; returns the new verdict when it changed.
     pub fn record(&mut self, success: bool) -> Option<bool> {
         if success == self.healthy {
@@ -111,8 +118,9 @@ impl Thresholds {
     }
 }
 
-/// Probes one gateway forever, reporting verdict changes. Dropping the handle does not stop it:
-/// the owner aborts it when the gateway leaves the configuration.
+/// Probes one gateway forever, reporting its verdict after every probe (so that the control plane
+/// can tell a live checker from a stuck one). Dropping the handle does not stop it: the owner
+/// aborts it when the gateway leaves the configuration.
 pub fn spawn_http_checker(
     listener: String,
     gateway: String,
@@ -122,8 +130,11 @@ pub fn spawn_http_checker(
     observations: mpsc::Sender<Observation>,
 ) -> JoinHandle<()> {
     let target = SocketAddr::new(address.ip(), health_port);
+    // Room for a slow probe and a late tick before the verdict goes stale.
+    let ttl = 3 * (params.interval + params.timeout);
     tokio::spawn(async move {
         let mut verdict = Thresholds::new(params.rise, params.fall);
+        let mut detail = String::from("not probed yet");
         let mut ticks = tokio::time::interval(params.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -132,22 +143,26 @@ pub fn spawn_http_checker(
             if let Err(why) = &result {
                 tracing::debug!(%listener, %gateway, %target, "health check failed: {why}");
             }
-            if let Some(healthy) = verdict.record(result.is_ok()) {
-                let detail = match result {
+            verdict.record(result.is_ok());
+            // The detail is the latest result that agrees with the verdict: a lone failure
+            // below the fall threshold does not explain an up verdict.
+            if result.is_ok() == verdict.healthy() {
+                detail = match result {
                     Ok(()) => format!("GET {}{} answered 200", target, params.path),
                     Err(why) => format!("GET {}{}: {why}", target, params.path),
                 };
-                let observation = Observation {
-                    listener: listener.clone(),
-                    gateway: gateway.clone(),
-                    address,
-                    source: BUILTIN_SOURCE.into(),
-                    healthy,
-                    detail,
-                };
-                if observations.send(observation).await.is_err() {
-                    return;
-                }
+            }
+            let observation = Observation {
+                listener: listener.clone(),
+                gateway: gateway.clone(),
+                address: Some(address),
+                source: BUILTIN_SOURCE.into(),
+                healthy: verdict.healthy(),
+                detail: detail.clone(),
+                ttl,
+            };
+            if observations.send(observation).await.is_err() {
+                return;
             }
         }
     })
@@ -219,7 +234,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn checker_reports_changes_only() {
+    async fn checker_repeats_its_verdict_after_every_probe() {
         let down = server(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
         let (tx, mut rx) = mpsc::channel(4);
         let params = HealthCheckConfig {
@@ -234,13 +249,15 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(
-            !first.healthy && first.detail.contains("503") && first.address == gateway,
+            !first.healthy && first.detail.contains("503") && first.address == Some(gateway),
             "{first:?}"
         );
-        // Still down: no further report.
-        assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv())
+        // Still down: the same verdict again, so it does not go stale.
+        let second = tokio::time::timeout(Duration::from_secs(2), rx.recv())
             .await
-            .is_err());
+            .unwrap()
+            .unwrap();
+        assert!(!second.healthy && second.ttl == first.ttl, "{second:?}");
         task.abort();
     }
 }

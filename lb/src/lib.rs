@@ -1,14 +1,20 @@
 //! wglb: a WireGuard-aware UDP load balancer.
 //!
-//! Data flows one way: [`config`] and [`health`] feed the [`control`] plane, which builds a
-//! [`pool::Placement`] per listener (Maglev table plus gateway states); the [`datapath`] executes
-//! its decisions against its [`session`] table.
+//! Data flows one way: [`config`], the [`api`] and [`health`] reports (combined by [`quorum`])
+//! feed the [`control`] plane, which builds a [`pool::Placement`] per listener (Maglev table plus
+//! gateway states); the [`datapath`] executes its decisions against its [`session`] table and
+//! answers [`query`] requests about it. State changes go out as [`events`].
 
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod events;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod pool;
+pub mod query;
+pub mod quorum;
 pub mod session;

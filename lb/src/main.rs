@@ -1,18 +1,25 @@
-//! The `wglb` command: runs the balancer, checks configurations, answers placement questions.
+//! The `wglb` command: runs the balancer, checks configurations, answers placement questions, and
+//! drives a running balancer through its API.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use wglb::api::serve::ApiServer;
+use wglb::api::service::Api;
+use wglb::cli::{self, ApiArgs, ClientCommand};
 use wglb::config::{Config, ConfigError, ListenerFlags};
-use wglb::control::{initial_placement, ControlPlane};
-use wglb::datapath::{run_listener, UdpEndpoint};
+use wglb::control::{announce_refused_reload, initial_placement, ControlPlane, ControlRequest};
+use wglb::datapath::{run_listener, ListenerLinks, UdpEndpoint};
+use wglb::events::EventBus;
 use wglb::metrics::{self, Metrics};
 use wglb::pool::{AllDownPolicy, HashKey};
 
@@ -22,6 +29,8 @@ struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `info` or `wglb=debug`.
     #[arg(long, global = true, env = "WGLB_LOG", default_value = "info")]
     log: String,
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +51,10 @@ enum Command {
         /// The client's source address and port.
         client: SocketAddr,
     },
+    #[command(flatten)]
+    Client(ClientCommand),
+    /// Print a shell completion script, e.g. `wglb completions bash > /etc/bash_completion.d/wglb`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Args)]
@@ -73,6 +86,9 @@ struct RunArgs {
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the API on this Unix socket (default /run/wglb/api.sock).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +117,28 @@ fn main() -> ExitCode {
             listener,
             client,
         } => place(&config, listener.as_deref(), client),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "wglb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Client(command) => {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")
+                .map(|runtime| runtime.block_on(cli::execute(&cli.api, command)));
+            return match outcome {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("wglb: {}", e.message);
+                    ExitCode::from(e.code as u8)
+                }
+                Err(e) => {
+                    eprintln!("wglb: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +172,7 @@ fn load(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
         table_size: args.table_size,
         all_down: args.all_down,
         metrics_listen: args.metrics_listen,
+        api_socket: args.api_socket.clone(),
     };
     Ok((Config::from_flags(&flags)?, None))
 }
@@ -189,21 +228,35 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let api_server = ApiServer::bind(&config.api).await?;
+    let events = EventBus::new();
     let (observations_tx, observations) = mpsc::channel(1024);
-    let (reload_tx, reloads) = mpsc::channel(4);
-    let (control, mut plans) = ControlPlane::new(config.clone(), metrics.clone(), observations_tx);
+    let (requests_tx, requests) = mpsc::channel(64);
+    let (control, mut plans) = ControlPlane::new(
+        config.clone(),
+        metrics.clone(),
+        events.clone(),
+        observations_tx,
+    );
     let mut tasks = JoinSet::new();
+    let mut datapaths = BTreeMap::new();
     for (listener, socket) in sockets {
-        let plan = plans.remove(&listener.name).expect("a plan per listener");
-        let metrics = metrics.clone();
+        let (session_requests, requests) = mpsc::channel(16);
+        datapaths.insert(listener.name.clone(), session_requests);
+        let links = ListenerLinks {
+            plans: plans.remove(&listener.name).expect("a plan per listener"),
+            requests,
+            metrics: metrics.clone(),
+            events: events.clone(),
+        };
         tracing::info!(listener = %listener.name, listen = %listener.listen, gateways = listener.gateways.len(), "listening");
         tasks.spawn(async move {
-            run_listener(&listener, socket, plan, metrics)
+            run_listener(&listener, socket, links)
                 .await
                 .with_context(|| format!("listener `{}` failed", listener.name))
         });
     }
-    let control = tokio::spawn(control.run(observations, reloads));
+    let control = tokio::spawn(control.run(observations, requests));
     if let Some(socket) = metrics_socket {
         tracing::info!(listen = %socket.local_addr()?, "serving Prometheus metrics on /metrics");
         let metrics = metrics.clone();
@@ -214,6 +267,20 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             }
         });
     }
+    tracing::info!(socket = %api_server.socket_path().display(), tcp = ?api_server.tcp_address(), "serving the API");
+    let api = Api::new(
+        requests_tx.clone(),
+        datapaths,
+        events.clone(),
+        metrics.clone(),
+        path.clone(),
+    );
+    // Nor the API: the balancer goes on with what it was last told.
+    let api_task = tokio::spawn(async move {
+        if let Err(e) = api_server.run(api).await {
+            tracing::error!("the API server failed, the API is no longer served: {e:#}");
+        }
+    });
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -223,18 +290,18 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 Some(path) => match Config::load(path) {
                     Ok(config) => {
                         tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
-                        let _ = reload_tx.send(config).await;
+                        // The control plane logs and counts the outcome.
+                        let (reply, _) = oneshot::channel();
+                        let _ = requests_tx.send(ControlRequest::Reload { config, reply }).await;
                     }
-                    Err(e) => {
-                        metrics.reload(false);
-                        tracing::error!("SIGHUP: configuration refused, keeping the running one: {e:#}");
-                    }
+                    Err(e) => announce_refused_reload(&metrics, &events, &format!("SIGHUP: {e:#}")),
                 },
                 None => tracing::warn!("SIGHUP: started from flags, there is no file to reload"),
             },
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             Some(ended) = tasks.join_next() => {
+                api_task.abort();
                 return Err(match ended {
                     Ok(Err(e)) => e,
                     Ok(Ok(())) => anyhow::anyhow!("a listener stopped"),
@@ -244,7 +311,10 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
-    // Listeners first, so none mistakes the control plane's end for a failure.
+    // The API first (its socket file goes with it), then listeners, so none mistakes the control
+    // plane's end for a failure.
+    api_task.abort();
+    let _ = api_task.await;
     tasks.shutdown().await;
     control.abort();
     Ok(())

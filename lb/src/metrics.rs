@@ -25,6 +25,9 @@ pub struct Metrics {
     gateway_state: IntGaugeVec,
     failing_open: IntGaugeVec,
     reloads: IntCounterVec,
+    health_votes: IntGaugeVec,
+    fail_static: IntGaugeVec,
+    health_reports: IntCounterVec,
 }
 
 /// Why the datapath dropped a packet; the label values of `wglb_dropped_packets_total`.
@@ -113,6 +116,9 @@ impl Metrics {
             gateway_state: gauge(r, "wglb_gateway_admin_state", "1 for the gateway's configured state.", &["listener", "gateway", "state"]),
             failing_open: gauge(r, "wglb_failing_open", "1 while no active gateway is up and health is ignored.", &["listener"]),
             reloads: counter(r, "wglb_config_reloads_total", "Configuration reloads, by result.", &["result"]),
+            health_votes: gauge(r, "wglb_health_report_up", "Each health source's fresh verdict on a gateway: 1 up, 0 down; absent once the source is silent.", &["listener", "gateway", "source"]),
+            fail_static: gauge(r, "wglb_health_fail_static", "1 while every source that reported on the gateway is silent and its last health is kept.", &["listener", "gateway"]),
+            health_reports: counter(r, "wglb_health_reports_total", "Health reports received through the API, by result.", &["result"]),
             registry,
         }
     }
@@ -185,6 +191,7 @@ impl Metrics {
     /// Removes the series of a gateway that left the configuration.
     pub fn forget_gateway(&self, listener: &str, gateway: &str) {
         let _ = self.sessions.remove_label_values(&[listener, gateway]);
+        let _ = self.fail_static.remove_label_values(&[listener, gateway]);
         for health in Health::ALL {
             let _ = self
                 .gateway_health
@@ -195,6 +202,29 @@ impl Metrics {
                 .gateway_state
                 .remove_label_values(&[listener, gateway, state.as_str()]);
         }
+    }
+
+    /// Mirrors one source's fresh verdict on a gateway; `None` when the source went silent.
+    pub fn set_health_vote(&self, listener: &str, gateway: &str, source: &str, up: Option<bool>) {
+        let labels = [listener, gateway, source];
+        match up {
+            Some(up) => self.health_votes.with_label_values(&labels).set(up as i64),
+            None => {
+                let _ = self.health_votes.remove_label_values(&labels);
+            }
+        }
+    }
+
+    pub fn set_fail_static(&self, listener: &str, gateway: &str, active: bool) {
+        self.fail_static
+            .with_label_values(&[listener, gateway])
+            .set(active as i64);
+    }
+
+    pub fn health_report(&self, accepted: bool) {
+        self.health_reports
+            .with_label_values(&[if accepted { "accepted" } else { "refused" }])
+            .inc();
     }
 
     pub fn reload(&self, ok: bool) {
@@ -217,7 +247,7 @@ pub struct ListenerCounters {
     pub upstream_unavailable: IntCounter,
     pub send_failed_to_gateway: IntCounter,
     pub send_failed_to_client: IntCounter,
-    evictions: [IntCounter; 3],
+    evictions: [IntCounter; EvictionReason::ALL.len()],
     pub failing_open: IntGauge,
 }
 

@@ -65,13 +65,16 @@ pub enum EvictionReason {
     GatewayGone,
     /// The table was full and it was the least recently used.
     TableFull,
+    /// Evicted through the API.
+    Operator,
 }
 
 impl EvictionReason {
-    pub const ALL: [EvictionReason; 3] = [
+    pub const ALL: [EvictionReason; 4] = [
         EvictionReason::Idle,
         EvictionReason::GatewayGone,
         EvictionReason::TableFull,
+        EvictionReason::Operator,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +82,7 @@ impl EvictionReason {
             EvictionReason::Idle => "idle",
             EvictionReason::GatewayGone => "gateway_gone",
             EvictionReason::TableFull => "table_full",
+            EvictionReason::Operator => "operator",
         }
     }
 }
@@ -144,12 +148,12 @@ impl<L> SessionTable<L> {
     /// Removes every session for which `evict` says so, without changing the order of the rest.
     pub fn evict_where(
         &mut self,
-        mut evict: impl FnMut(&Session<L>) -> bool,
+        mut evict: impl FnMut(&SocketAddr, &Session<L>) -> bool,
     ) -> Vec<(SocketAddr, Session<L>)> {
         let doomed: Vec<SocketAddr> = self
             .sessions
             .iter()
-            .filter(|(_, s)| evict(s))
+            .filter(|(c, s)| evict(c, s))
             .map(|(c, _)| *c)
             .collect();
         doomed
@@ -162,7 +166,7 @@ impl<L> SessionTable<L> {
     /// or so: reply traffic does not reorder the LRU list, so its tail is not always the idlest.
     pub fn expire_idle(&mut self, now_ms: u64) -> Vec<(SocketAddr, Session<L>)> {
         let limit = self.idle_timeout_ms;
-        self.evict_where(|s| now_ms.saturating_sub(s.activity.last_ms()) >= limit)
+        self.evict_where(|_, s| now_ms.saturating_sub(s.activity.last_ms()) >= limit)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &Session<L>)> {
@@ -278,7 +282,7 @@ mod tests {
         for port in 0..6 {
             table.insert(client(port), session(port as u32 % 2, 0));
         }
-        let evicted = table.evict_where(|s| s.gateway == GatewayId(1));
+        let evicted = table.evict_where(|_, s| s.gateway == GatewayId(1));
         assert_eq!(evicted.len(), 3);
         assert!(table.iter().all(|(_, s)| s.gateway == GatewayId(0)));
     }

@@ -1,0 +1,137 @@
+//! Reaching a balancer's API: over its Unix socket (a path), or over TCP (`http://` or
+//! `https://` URL) with a bearer token and/or a client certificate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
+
+use super::pb::control_client::ControlClient;
+use super::pb::events_client::EventsClient;
+use super::pb::health_ingest_client::HealthIngestClient;
+
+/// Where and how to reach a balancer.
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    /// A Unix socket path, or an `http://` / `https://` URL.
+    pub address: String,
+    pub token: Option<String>,
+    /// CA to verify the balancer's certificate with (https).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS (https).
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// Why the API could not be reached (as opposed to a request it refused).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the balancer's API at {address}: {reason}")]
+pub struct Unreachable {
+    pub address: String,
+    pub reason: String,
+}
+
+/// Adds the bearer token, when there is one, to every request.
+#[derive(Clone)]
+pub struct SendToken(Option<Arc<MetadataValue<tonic::metadata::Ascii>>>);
+
+impl Interceptor for SendToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.as_ref().clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type AuthChannel = InterceptedService<Channel, SendToken>;
+
+/// A connection to one balancer, with a client per service.
+#[derive(Clone)]
+pub struct Connection {
+    pub control: ControlClient<AuthChannel>,
+    pub health: HealthIngestClient<AuthChannel>,
+    pub events: EventsClient<AuthChannel>,
+}
+
+impl Target {
+    pub async fn connect(&self) -> Result<Connection, Unreachable> {
+        let unreachable = |reason: String| Unreachable {
+            address: self.address.clone(),
+            reason,
+        };
+        let channel = if self.address.starts_with("http://") || self.address.starts_with("https://")
+        {
+            let mut endpoint = Endpoint::from_shared(self.address.clone())
+                .map_err(|e| unreachable(format!("not a URL: {e}")))?;
+            if self.address.starts_with("https://") {
+                let mut tls = ClientTlsConfig::new();
+                if let Some(ca) = &self.ca {
+                    let pem = std::fs::read(ca)
+                        .map_err(|e| unreachable(format!("cannot read {}: {e}", ca.display())))?;
+                    tls = tls.ca_certificate(Certificate::from_pem(pem));
+                }
+                if let Some((cert, key)) = &self.identity {
+                    let read = |p: &PathBuf| {
+                        std::fs::read(p)
+                            .map_err(|e| unreachable(format!("cannot read {}: {e}", p.display())))
+                    };
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                endpoint = endpoint
+                    .tls_config(tls)
+                    .map_err(|e| unreachable(format!("TLS: {e}")))?;
+            }
+            endpoint
+                .connect()
+                .await
+                .map_err(|e| unreachable(error_chain(&e)))?
+        } else {
+            let path = PathBuf::from(&self.address);
+            // The URI is a placeholder: the connector below decides where to connect.
+            Endpoint::from_static("http://wglb.invalid")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move { UnixStream::connect(path).await.map(TokioIo::new) }
+                }))
+                .await
+                .map_err(|e| unreachable(error_chain(&e)))?
+        };
+        let token = match &self.token {
+            Some(token) => {
+                Some(Arc::new(format!("Bearer {token}").parse().map_err(
+                    |_| unreachable("the token is not printable ASCII".into()),
+                )?))
+            }
+            None => None,
+        };
+        let intercepted = InterceptedService::new(channel, SendToken(token));
+        Ok(Connection {
+            control: ControlClient::new(intercepted.clone()),
+            health: HealthIngestClient::new(intercepted.clone()),
+            events: EventsClient::new(intercepted),
+        })
+    }
+}
+
+/// An error with its causes, which is where transport errors say what actually went wrong.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Transport errors often repeat their cause in their own message.
+        if !text.contains(&cause_text) {
+            text += &format!(": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}

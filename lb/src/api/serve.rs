@@ -1,0 +1,218 @@
+//! Where the API is served. Always on a Unix socket, whose file mode decides who may drive the
+//! balancer; on TCP only when configured, and then behind a bearer token and/or mutual TLS (an
+//! unauthenticated TCP API must be asked for by name).
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use super::pb::control_server::ControlServer;
+use super::pb::events_server::EventsServer;
+use super::pb::health_ingest_server::HealthIngestServer;
+use super::service::Api;
+use crate::config::ApiConfig;
+
+/// Checks the `authorization: Bearer ...` header when a token is set.
+#[derive(Clone)]
+pub struct RequireToken(Option<Arc<str>>);
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.0 else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong API token")),
+            None => Err(Status::unauthenticated(
+                "this API needs a bearer token (authorization: Bearer ...)",
+            )),
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The API's sockets, bound before the balancer reports itself started so that a bad path or a
+/// taken port fails the start instead of a background task.
+pub struct ApiServer {
+    unix: UnixListener,
+    socket: SocketFile,
+    tcp: Option<(TcpListener, Option<ServerTlsConfig>, RequireToken)>,
+}
+
+/// The socket file; removed on drop if it is still ours (a newer balancer may have replaced it).
+struct SocketFile {
+    path: PathBuf,
+    inode: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl ApiServer {
+    pub async fn bind(config: &ApiConfig) -> anyhow::Result<ApiServer> {
+        let (unix, socket) = bind_unix(&config.socket, config.socket_mode)?;
+        let tcp = match config.tcp {
+            Some(address) => {
+                let token = match &config.token_file {
+                    Some(path) => Some(read_token(path)?),
+                    None => None,
+                };
+                let tls = match &config.tls {
+                    Some(files) => {
+                        let identity = Identity::from_pem(
+                            read(&files.cert, "TLS certificate")?,
+                            read(&files.key, "TLS key")?,
+                        );
+                        let mut tls = ServerTlsConfig::new().identity(identity);
+                        if let Some(ca) = &config.client_ca {
+                            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+                        }
+                        Some(tls)
+                    }
+                    None => None,
+                };
+                let listener = TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot serve the API on {address}"))?;
+                Some((listener, tls, RequireToken(token)))
+            }
+            None => None,
+        };
+        Ok(ApiServer { unix, socket, tcp })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket.path
+    }
+
+    pub fn tcp_address(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().and_then(|(l, _, _)| l.local_addr().ok())
+    }
+
+    /// Serves until the returned future is dropped or a server fails.
+    pub async fn run(self, api: Api) -> anyhow::Result<()> {
+        let ApiServer { unix, socket, tcp } = self;
+        let local = Server::builder()
+            .add_service(ControlServer::new(api.clone()))
+            .add_service(HealthIngestServer::new(api.clone()))
+            .add_service(EventsServer::new(api.clone()))
+            .serve_with_incoming(UnixListenerStream::new(unix));
+        let remote = async move {
+            let Some((listener, tls, token)) = tcp else {
+                return std::future::pending().await;
+            };
+            let mut builder = Server::builder();
+            if let Some(tls) = tls {
+                builder = builder.tls_config(tls).context("TLS configuration")?;
+            }
+            builder
+                .add_service(ControlServer::with_interceptor(api.clone(), token.clone()))
+                .add_service(HealthIngestServer::with_interceptor(
+                    api.clone(),
+                    token.clone(),
+                ))
+                .add_service(EventsServer::with_interceptor(api, token))
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+                .context("TCP API server")
+        };
+        let result = tokio::select! {
+            result = local => result.context("Unix socket API server"),
+            result = remote => result,
+        };
+        drop(socket);
+        result
+    }
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("cannot read the API's {what} {}", path.display()))
+}
+
+fn read_token(path: &Path) -> anyhow::Result<Arc<str>> {
+    let text = String::from_utf8(read(path, "token file")?)
+        .with_context(|| format!("{} is not text", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        bail!(
+            "the API token in {} is shorter than 16 characters; use e.g. `openssl rand -hex 32`",
+            path.display()
+        );
+    }
+    Ok(token.into())
+}
+
+/// Binds the Unix socket with `mode`. A leftover file from a balancer that died is replaced; so
+/// is the socket of a running one (during an upgrade the new balancer takes the API over).
+fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<(UnixListener, SocketFile)> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {} for the API socket", dir.display()))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot serve the API on {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    let inode = fs::metadata(path)?.ino();
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+            inode,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_whole() {
+        let mut check = RequireToken(Some("0123456789abcdef".into()));
+        let with = |value: &str| {
+            let mut request = Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+            request
+        };
+        assert!(check.call(with("Bearer 0123456789abcdef")).is_ok());
+        assert!(check.call(with("Bearer 0123456789abcdeX")).is_err());
+        assert!(check.call(with("Bearer 0123456789abcde")).is_err());
+        assert!(check.call(with("0123456789abcdef")).is_err());
+        assert!(check.call(Request::new(())).is_err());
+        assert!(RequireToken(None).call(Request::new(())).is_ok());
+    }
+}

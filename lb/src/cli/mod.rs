@@ -1,0 +1,484 @@
+//! The commands that drive a running balancer through its API: `wglb status`, `gateways`,
+//! `sessions`, `drain`, `undrain`, `gateway add|remove|set`, `evict`, `reload`, `events`.
+//!
+//! Output is a table for people and, with `--json`, one JSON document (or one per line for
+//! `events`) for scripts. Exit codes are part of the interface: see [`ExitCode`].
+
+mod render;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::api::client::{Connection, Target};
+use crate::api::pb;
+use crate::config::DEFAULT_API_SOCKET;
+use crate::pool::AdminState;
+
+/// Exit codes a script can rely on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitCode {
+    /// The balancer refused or failed the request (unknown gateway, invalid value, ...).
+    Refused = 1,
+    /// Bad usage or a bad configuration file (clap also exits 2 on usage errors).
+    Usage = 2,
+    /// `drain --wait` gave up before the gateway's sessions were gone.
+    TimedOut = 3,
+    /// The balancer's API cannot be reached.
+    Unreachable = 4,
+}
+
+/// A failed command: what to print, and how to exit.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: ExitCode,
+    pub message: String,
+}
+
+impl CliError {
+    fn new(code: ExitCode, message: impl Into<String>) -> CliError {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(status: tonic::Status) -> CliError {
+        let code = match status.code() {
+            Code::Unavailable | Code::Unauthenticated | Code::PermissionDenied => {
+                ExitCode::Unreachable
+            }
+            _ => ExitCode::Refused,
+        };
+        let message = match status.code() {
+            Code::Unauthenticated => {
+                format!("the API refused the credentials: {}", status.message())
+            }
+            Code::Unavailable => format!("the balancer is not available: {}", status.message()),
+            _ => status.message().to_string(),
+        };
+        CliError::new(code, message)
+    }
+}
+
+/// How to reach the balancer: shared by every client command.
+#[derive(Args, Clone, Debug)]
+pub struct ApiArgs {
+    /// The balancer's API: its Unix socket, or http(s)://HOST:PORT.
+    #[arg(long, global = true, env = "WGLB_API", default_value = DEFAULT_API_SOCKET)]
+    pub api: String,
+    /// Bearer token for a TCP API (prefer --token-file: arguments show in `ps`).
+    #[arg(long, global = true, env = "WGLB_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token for a TCP API.
+    #[arg(
+        long,
+        global = true,
+        env = "WGLB_API_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify an https API with.
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// The balancer, its listeners and health sources.
+    Status,
+    /// Gateways with state, weight, health and sessions.
+    Gateways {
+        #[arg(long)]
+        listener: Option<String>,
+    },
+    /// Sessions, in client-address order.
+    Sessions {
+        #[arg(long)]
+        listener: Option<String>,
+        /// Only sessions on this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Only this client: IP, or IP:PORT.
+        #[arg(long)]
+        client: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100, conflicts_with = "all")]
+        limit: u64,
+        /// Every session, however many.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop placing new clients on a gateway; its sessions stay until they go idle.
+    Drain {
+        gateway: String,
+        /// Only in this listener (default: every listener with such a gateway).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Return only once the gateway holds no session (exit 3 at the timeout).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, e.g. 10m.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        timeout: Duration,
+    },
+    /// Put a drained (or down) gateway back into placement.
+    Undrain {
+        gateway: String,
+        #[arg(long)]
+        listener: Option<String>,
+    },
+    /// Add, remove or change a gateway at runtime.
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
+    /// Evict sessions: their clients re-handshake and are placed again.
+    Evict {
+        /// One client: IP (every port) or IP:PORT.
+        #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
+        client: Option<String>,
+        /// Every session of this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long)]
+        listener: Option<String>,
+    },
+    /// Re-read the configuration file.
+    Reload,
+    /// Follow state changes as they happen.
+    Events,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GatewayCommand {
+    /// Add a gateway to a listener's pool.
+    Add {
+        #[arg(long)]
+        listener: String,
+        name: String,
+        /// IP:PORT of its WireGuard endpoint.
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[arg(long, value_parser = parse_state, default_value = "active")]
+        state: AdminState,
+        /// Defguard's health port, for the built-in checker.
+        #[arg(long)]
+        health_port: Option<u16>,
+    },
+    /// Remove a gateway; its sessions are evicted.
+    Remove {
+        #[arg(long)]
+        listener: String,
+        name: String,
+    },
+    /// Set a gateway's state and/or weight.
+    Set {
+        name: String,
+        #[arg(long)]
+        listener: Option<String>,
+        #[arg(long, value_parser = parse_state, required_unless_present = "weight")]
+        state: Option<AdminState>,
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+}
+
+fn parse_state(text: &str) -> Result<AdminState, String> {
+    AdminState::parse(text).ok_or_else(|| format!("`{text}` is not one of active, draining, down"))
+}
+
+fn state_message(state: AdminState) -> pb::GatewayState {
+    match state {
+        AdminState::Active => pb::GatewayState::Active,
+        AdminState::Draining => pb::GatewayState::Draining,
+        AdminState::Down => pb::GatewayState::Down,
+    }
+}
+
+impl ApiArgs {
+    async fn connect(&self) -> Result<Connection, CliError> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        CliError::new(
+                            ExitCode::Usage,
+                            format!("cannot read the token file {}: {e}", path.display()),
+                        )
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let target = Target {
+            address: self.api.clone(),
+            token,
+            ca: self.ca.clone(),
+            identity: self.cert.clone().zip(self.key.clone()),
+        };
+        target.connect().await.map_err(|e| {
+            let hint = if self.api == DEFAULT_API_SOCKET {
+                " (is wglb running? as a user allowed to open its socket?)"
+            } else {
+                ""
+            };
+            CliError::new(ExitCode::Unreachable, format!("{e}{hint}"))
+        })
+    }
+}
+
+/// Runs one client command to completion, printing its result.
+pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliError> {
+    let mut api = args.connect().await?;
+    let json = args.json;
+    match command {
+        ClientCommand::Status => {
+            let status = api.control.status(pb::StatusRequest {}).await?.into_inner();
+            render::status(&status, json);
+        }
+        ClientCommand::Gateways { listener } => {
+            let gateways = api
+                .control
+                .list_gateways(pb::ListGatewaysRequest {
+                    listener: listener.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .gateways;
+            render::gateways(&gateways, json);
+        }
+        ClientCommand::Sessions {
+            listener,
+            gateway,
+            client,
+            limit,
+            all,
+        } => {
+            let mut request = pb::ListSessionsRequest {
+                listener: listener.unwrap_or_default(),
+                gateway: gateway.unwrap_or_default(),
+                client: client.unwrap_or_default(),
+                ..Default::default()
+            };
+            let wanted = if all { u64::MAX } else { limit };
+            let mut sessions = Vec::new();
+            let mut total = 0;
+            while (sessions.len() as u64) < wanted {
+                request.page_size = (wanted - sessions.len() as u64).min(1000) as u32;
+                let page = api
+                    .control
+                    .list_sessions(request.clone())
+                    .await?
+                    .into_inner();
+                total = page.total;
+                sessions.extend(page.sessions);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
+            render::sessions(&sessions, total, json);
+        }
+        ClientCommand::Drain {
+            gateway,
+            listener,
+            wait,
+            timeout,
+        } => {
+            let changed = set(
+                &mut api,
+                &gateway,
+                listener.as_deref(),
+                Some(AdminState::Draining),
+                None,
+            )
+            .await?;
+            if !wait {
+                render::gateways(&changed, json);
+                return Ok(());
+            }
+            wait_drained(&mut api, &gateway, listener.as_deref(), timeout, json).await?;
+        }
+        ClientCommand::Undrain { gateway, listener } => {
+            let changed = set(
+                &mut api,
+                &gateway,
+                listener.as_deref(),
+                Some(AdminState::Active),
+                None,
+            )
+            .await?;
+            render::gateways(&changed, json);
+        }
+        ClientCommand::Gateway(GatewayCommand::Add {
+            listener,
+            name,
+            address,
+            weight,
+            state,
+            health_port,
+        }) => {
+            let mut request = pb::AddGatewayRequest {
+                listener,
+                name,
+                address,
+                weight,
+                health_port: health_port.map_or(0, u32::from),
+                ..Default::default()
+            };
+            request.set_state(state_message(state));
+            let changed = api.control.add_gateway(request).await?.into_inner();
+            render::gateways(&changed.gateways, json);
+        }
+        ClientCommand::Gateway(GatewayCommand::Remove { listener, name }) => {
+            let changed = api
+                .control
+                .remove_gateway(pb::RemoveGatewayRequest { listener, name })
+                .await?
+                .into_inner();
+            render::gateways(&changed.gateways, json);
+        }
+        ClientCommand::Gateway(GatewayCommand::Set {
+            name,
+            listener,
+            state,
+            weight,
+        }) => {
+            let changed = set(&mut api, &name, listener.as_deref(), state, weight).await?;
+            render::gateways(&changed, json);
+        }
+        ClientCommand::Evict {
+            client,
+            gateway,
+            listener,
+        } => {
+            use pb::evict_sessions_request::Target;
+            let target = match (client, gateway) {
+                (Some(client), _) => Target::Client(client),
+                (None, Some(gateway)) => Target::Gateway(gateway),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let evicted = api
+                .control
+                .evict_sessions(pb::EvictSessionsRequest {
+                    listener: listener.unwrap_or_default(),
+                    target: Some(target),
+                })
+                .await?
+                .into_inner()
+                .evicted;
+            render::evicted(evicted, json);
+        }
+        ClientCommand::Reload => {
+            let reloaded = api.control.reload(pb::ReloadRequest {}).await?.into_inner();
+            render::reloaded(&reloaded.path, json);
+        }
+        ClientCommand::Events => {
+            let mut events = api.events.watch(pb::WatchRequest {}).await?.into_inner();
+            while let Some(event) = events.next().await {
+                render::event(&event?, json);
+            }
+            return Err(CliError::new(
+                ExitCode::Unreachable,
+                "the balancer closed the event stream",
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn set(
+    api: &mut Connection,
+    gateway: &str,
+    listener: Option<&str>,
+    state: Option<AdminState>,
+    weight: Option<u32>,
+) -> Result<Vec<pb::Gateway>, CliError> {
+    let mut request = pb::SetGatewayRequest {
+        listener: listener.unwrap_or_default().to_string(),
+        name: gateway.to_string(),
+        weight: weight.unwrap_or(0),
+        ..Default::default()
+    };
+    if let Some(state) = state {
+        request.set_state(state_message(state));
+    }
+    Ok(api
+        .control
+        .set_gateway(request)
+        .await?
+        .into_inner()
+        .gateways)
+}
+
+/// Polls until the drained gateway holds no session, printing progress to stderr.
+async fn wait_drained(
+    api: &mut Connection,
+    gateway: &str,
+    listener: Option<&str>,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), CliError> {
+    let started = Instant::now();
+    let mut last: Option<u64> = None;
+    loop {
+        let gateways = api
+            .control
+            .list_gateways(pb::ListGatewaysRequest {
+                listener: listener.unwrap_or_default().to_string(),
+            })
+            .await?
+            .into_inner()
+            .gateways;
+        let ours: Vec<pb::Gateway> = gateways.into_iter().filter(|g| g.name == gateway).collect();
+        if ours.is_empty() {
+            // Removed while draining: nothing left to wait for.
+            render::drained(gateway, started.elapsed(), json);
+            return Ok(());
+        }
+        if ours.iter().any(|g| g.state() != pb::GatewayState::Draining) {
+            return Err(CliError::new(
+                ExitCode::Refused,
+                format!("gateway `{gateway}` is no longer draining (someone changed its state)"),
+            ));
+        }
+        let left: u64 = ours.iter().map(|g| g.sessions).sum();
+        if left == 0 {
+            render::drained(gateway, started.elapsed(), json);
+            return Ok(());
+        }
+        if last != Some(left) {
+            eprintln!(
+                "draining {gateway}: {left} session(s) left after {}s",
+                started.elapsed().as_secs()
+            );
+            last = Some(left);
+        }
+        if started.elapsed() >= timeout {
+            return Err(CliError::new(
+                ExitCode::TimedOut,
+                format!(
+                    "gateway `{gateway}` still holds {left} session(s) after {}; it stays draining",
+                    humantime::format_duration(timeout)
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500).min(timeout)).await;
+    }
+}

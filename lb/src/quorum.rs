@@ -1,0 +1,151 @@
+//! Combining health reports from several sources (the built-in checker, one or more sidecars)
+//! into one verdict per gateway. Every report counts for its time to live only, so a source that
+//! dies stops counting instead of freezing its last word; a gateway goes down only when a quorum
+//! of fresh sources says so; and when every source is silent the caller keeps the last verdict
+//! (fail static) rather than guessing.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// One source's latest report on one gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vote {
+    pub healthy: bool,
+    pub detail: String,
+    pub at: Instant,
+    pub expires: Instant,
+}
+
+/// What the fresh reports on a gateway add up to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Fewer than a quorum of fresh sources report it down.
+    Healthy,
+    /// At least a quorum of fresh sources report it down; the detail is theirs.
+    Unhealthy(String),
+    /// Sources have reported on it, but none is fresh now.
+    Silent,
+    /// No source ever reported on it: nothing to go by, so it is taken as up.
+    Unwatched,
+}
+
+/// The reports on one gateway, by source.
+#[derive(Clone, Debug, Default)]
+pub struct Votes {
+    by_source: BTreeMap<String, Vote>,
+    /// Some source has reported at some point (so silence now means "lost sight", not
+    /// "never watched").
+    ever: bool,
+}
+
+impl Votes {
+    pub fn record(
+        &mut self,
+        source: &str,
+        healthy: bool,
+        detail: String,
+        now: Instant,
+        ttl: Duration,
+    ) {
+        self.ever = true;
+        self.by_source.insert(
+            source.to_string(),
+            Vote {
+                healthy,
+                detail,
+                at: now,
+                expires: now + ttl,
+            },
+        );
+    }
+
+    /// Forgets the reports whose time to live has run out; returns their sources.
+    pub fn expire(&mut self, now: Instant) -> Vec<String> {
+        let stale: Vec<String> = self
+            .by_source
+            .iter()
+            .filter(|(_, v)| v.expires <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for source in &stale {
+            self.by_source.remove(source);
+        }
+        stale
+    }
+
+    /// When the next report runs out, if any is held.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.by_source.values().map(|v| v.expires).min()
+    }
+
+    pub fn fresh(&self) -> impl Iterator<Item = (&str, &Vote)> {
+        self.by_source.iter().map(|(s, v)| (s.as_str(), v))
+    }
+
+    /// Combines the reports that are fresh at `now` (expire first to drop the others).
+    pub fn verdict(&self, now: Instant, quorum: u32) -> Verdict {
+        let fresh: Vec<(&str, &Vote)> = self.fresh().filter(|(_, v)| v.expires > now).collect();
+        if fresh.is_empty() {
+            return if self.ever {
+                Verdict::Silent
+            } else {
+                Verdict::Unwatched
+            };
+        }
+        let down: Vec<String> = fresh
+            .iter()
+            .filter(|(_, v)| !v.healthy)
+            .map(|(source, v)| format!("{source}: {}", v.detail))
+            .collect();
+        if down.len() >= quorum as usize {
+            Verdict::Unhealthy(down.join("; "))
+        } else {
+            Verdict::Healthy
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn one_dissenter_does_not_make_a_quorum_of_two() {
+        let t0 = Instant::now();
+        let mut votes = Votes::default();
+        assert_eq!(votes.verdict(t0, 2), Verdict::Unwatched);
+        votes.record("sidecar-a", false, "handshake timed out".into(), t0, TTL);
+        votes.record("sidecar-b", true, "ok".into(), t0, TTL);
+        assert_eq!(votes.verdict(t0, 2), Verdict::Healthy);
+        assert_eq!(
+            votes.verdict(t0, 1),
+            Verdict::Unhealthy("sidecar-a: handshake timed out".into())
+        );
+        votes.record("sidecar-b", false, "no response".into(), t0, TTL);
+        assert_eq!(
+            votes.verdict(t0, 2),
+            Verdict::Unhealthy("sidecar-a: handshake timed out; sidecar-b: no response".into())
+        );
+    }
+
+    #[test]
+    fn a_silent_source_expires_instead_of_freezing_its_last_word() {
+        let t0 = Instant::now();
+        let mut votes = Votes::default();
+        votes.record("a", false, "down".into(), t0, TTL);
+        votes.record("b", true, "up".into(), t0 + Duration::from_secs(2), TTL);
+        assert_eq!(votes.next_expiry(), Some(t0 + TTL));
+        // a's report is stale at t0 + 3 s even before it is expired explicitly.
+        let later = t0 + Duration::from_secs(3);
+        assert_eq!(votes.verdict(later, 1), Verdict::Healthy);
+        assert_eq!(votes.expire(later), vec!["a".to_string()]);
+        assert_eq!(votes.fresh().count(), 1);
+        // Then b falls silent too: that is silence, not health.
+        let silent = t0 + Duration::from_secs(5);
+        assert_eq!(votes.expire(silent), vec!["b".to_string()]);
+        assert_eq!(votes.verdict(silent, 1), Verdict::Silent);
+        assert_eq!(votes.next_expiry(), None);
+    }
+}
