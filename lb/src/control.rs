@@ -337,6 +337,10 @@ impl ControlPlane {
                 };
                 (health, why)
             }
+            Verdict::Undecided(why) => (
+                entry.health,
+                format!("kept as {}: {why}", entry.health.as_str()),
+            ),
             Verdict::Silent => (
                 entry.health,
                 format!(
@@ -1081,9 +1085,13 @@ mod tests {
         let t1 = t0 + Duration::from_secs(1);
         control.observe(report("s2", "a", None, false), t1).unwrap();
         assert_eq!(health_of(&plan, "a"), Health::Down, "two of two");
-        // s1's report runs out at t0 + 3 s: one fresh source saying down is no quorum of two.
+        // s1's report runs out at t0 + 3 s: one fresh source saying down backs no verdict with a
+        // quorum of two, so a stays down rather than coming back because its watchers die.
         let t3 = t0 + Duration::from_secs(3);
         assert_eq!(control.settle(t3), Some(t1 + Duration::from_secs(3)));
+        assert_eq!(health_of(&plan, "a"), Health::Down);
+        // s1 comes back saying up: one down of two fresh is no quorum.
+        control.observe(report("s1", "a", None, true), t3).unwrap();
         assert_eq!(health_of(&plan, "a"), Health::Up);
         control.observe(report("s1", "a", None, false), t3).unwrap();
         assert_eq!(health_of(&plan, "a"), Health::Down);

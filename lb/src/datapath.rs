@@ -363,8 +363,8 @@ struct Relay {
     counters: Arc<ListenerCounters>,
     gateway_counters: HashMap<GatewayId, Arc<GatewayCounters>>,
     events: EventBus,
-    /// Sessions pushed out of a full table since the last sweep: announced once per sweep, not
-    /// once per packet of a flood.
+    /// Sessions pushed out of a full table since the last sweep: counted at once, announced once
+    /// per sweep rather than once per packet of a flood.
     pushed_out: u64,
 }
 
@@ -372,7 +372,8 @@ impl Relay {
     fn apply(&mut self, plan: Arc<ListenerPlan>) {
         let before = std::mem::replace(&mut self.plan, plan);
         self.sessions.set_idle_timeout(self.plan.idle_timeout);
-        self.pushed_out += self.sessions.set_capacity(self.plan.table_size).len() as u64;
+        let pushed_out = self.sessions.set_capacity(self.plan.table_size).len() as u64;
+        self.push_out(pushed_out);
         let placement = &self.plan.placement;
         let gone = self
             .sessions
@@ -388,6 +389,14 @@ impl Relay {
         self.counters
             .failing_open
             .set(placement.failing_open() as i64);
+    }
+
+    /// Counts sessions pushed out of a full table at once; the event waits for the sweep.
+    fn push_out(&mut self, count: u64) {
+        self.counters
+            .eviction(EvictionReason::TableFull)
+            .inc_by(count);
+        self.pushed_out += count;
     }
 
     /// Counts evicted sessions and announces them, per gateway.
@@ -471,9 +480,6 @@ impl Relay {
         }
         self.evicted(EvictionReason::Idle, &expired, &self.plan.placement);
         if self.pushed_out > 0 {
-            self.counters
-                .eviction(EvictionReason::TableFull)
-                .inc_by(self.pushed_out);
             self.events.publish(
                 &self.name,
                 "",
@@ -570,7 +576,7 @@ impl Relay {
             },
         };
         if let Some((evicted, _)) = self.sessions.insert(client, session) {
-            self.pushed_out += 1;
+            self.push_out(1);
             tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
         }
         true

@@ -1,8 +1,10 @@
 //! Combining health reports from several sources (the built-in checker, one or more sidecars)
 //! into one verdict per gateway. Every report counts for its time to live only, so a source that
 //! dies stops counting instead of freezing its last word; a gateway goes down only when a quorum
-//! of fresh sources says so; and when every source is silent the caller keeps the last verdict
-//! (fail static) rather than guessing.
+//! of fresh sources says so; and when the fresh sources cannot decide (every one is silent, or
+//! some say down but fewer sources are left than the quorum) the caller keeps the last verdict
+//! rather than guessing. Without that last rule, sources going silent one after another would
+//! bring a dead gateway back: the first to expire breaks the quorum that took it down.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,10 +21,14 @@ pub struct Vote {
 /// What the fresh reports on a gateway add up to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Fewer than a quorum of fresh sources report it down.
+    /// No fresh source reports it down, or a quorum of sources is fresh and fewer than a quorum
+    /// of them report it down.
     Healthy,
     /// At least a quorum of fresh sources report it down; the detail is theirs.
     Unhealthy(String),
+    /// Some fresh sources report it down, but fewer sources are fresh than the quorum: neither
+    /// verdict is backed, so the last one stands.
+    Undecided(String),
     /// Sources have reported on it, but none is fresh now.
     Silent,
     /// No source ever reported on it: nothing to go by, so it is taken as up.
@@ -97,10 +103,18 @@ impl Votes {
             .filter(|(_, v)| !v.healthy)
             .map(|(source, v)| format!("{source}: {}", v.detail))
             .collect();
-        if down.len() >= quorum as usize {
+        let quorum = quorum as usize;
+        if down.len() >= quorum {
             Verdict::Unhealthy(down.join("; "))
-        } else {
+        } else if down.is_empty() || fresh.len() >= quorum {
             Verdict::Healthy
+        } else {
+            Verdict::Undecided(format!(
+                "{} of {} fresh source(s) say down, and the quorum is {quorum}: {}",
+                down.len(),
+                fresh.len(),
+                down.join("; ")
+            ))
         }
     }
 }
@@ -128,6 +142,16 @@ mod tests {
             votes.verdict(t0, 2),
             Verdict::Unhealthy("sidecar-a: handshake timed out; sidecar-b: no response".into())
         );
+    }
+
+    #[test]
+    fn too_few_fresh_sources_decide_nothing() {
+        let t0 = Instant::now();
+        let mut votes = Votes::default();
+        votes.record("a", false, "down".into(), t0, TTL);
+        assert!(matches!(votes.verdict(t0, 2), Verdict::Undecided(d) if d.contains("1 of 1")));
+        votes.record("a", true, "up".into(), t0, TTL);
+        assert_eq!(votes.verdict(t0, 2), Verdict::Healthy, "nobody says down");
     }
 
     #[test]

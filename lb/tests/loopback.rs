@@ -2,121 +2,12 @@
 //! parts that need no WireGuard peer (several listeners, flags, the session table's bounds, the
 //! drop policy). Each test uses its own 127.x address, so tests in parallel never share a port.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+mod local;
 
-use anyhow::{ensure, Context, Result};
-use wglb_lab::{metrics, wait_for};
+use std::net::{Ipv4Addr, UdpSocket};
 
-/// A gateway stand-in: echoes every datagram back and remembers who sent it.
-struct Gateway {
-    address: SocketAddr,
-    senders: Arc<Mutex<Vec<SocketAddr>>>,
-}
-
-impl Gateway {
-    fn start(address: SocketAddr) -> Result<Gateway> {
-        let socket = UdpSocket::bind(address).with_context(|| format!("binding {address}"))?;
-        let senders: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
-        let log = senders.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                log.lock().unwrap().push(from);
-                let _ = socket.send_to(&buf[..n], from);
-            }
-        });
-        Ok(Gateway { address, senders })
-    }
-
-    fn count(&self) -> usize {
-        self.senders.lock().unwrap().len()
-    }
-}
-
-struct Wglb {
-    child: Child,
-    metrics: SocketAddr,
-}
-
-impl Wglb {
-    /// `wglb run` with flags, serving metrics on `metrics`.
-    fn start(args: &[&str], metrics: SocketAddr) -> Result<Wglb> {
-        let mut all = vec!["--metrics-listen".to_string(), metrics.to_string()];
-        all.extend(args.iter().map(|a| a.to_string()));
-        Wglb::spawn(&all, metrics)
-    }
-
-    /// `wglb run --config` with `config` plus a [metrics] section for `metrics`.
-    fn start_with_file(config: &str, metrics: SocketAddr) -> Result<Wglb> {
-        let path = std::env::temp_dir().join(format!(
-            "wglb-loopback-{}-{}.toml",
-            std::process::id(),
-            metrics.ip()
-        ));
-        std::fs::write(
-            &path,
-            format!("[metrics]\nlisten = \"{metrics}\"\n{config}"),
-        )?;
-        let wglb = Wglb::spawn(&["--config".into(), path.display().to_string()], metrics);
-        let _ = std::fs::remove_file(&path);
-        wglb
-    }
-
-    fn spawn(args: &[String], metrics: SocketAddr) -> Result<Wglb> {
-        let child = Command::new(env!("CARGO_BIN_EXE_wglb"))
-            .args(["--log", "error", "run"])
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()?;
-        let wglb = Wglb { child, metrics };
-        wglb.wait("metrics to be served", |w| {
-            metrics::scrape(w.metrics).is_ok()
-        })?;
-        Ok(wglb)
-    }
-
-    fn metric(&self, prefix: &str) -> f64 {
-        metrics::scrape(self.metrics).map_or(0.0, |text| metrics::sum(&text, prefix))
-    }
-
-    fn wait(&self, what: &str, done: impl Fn(&Wglb) -> bool) -> Result<()> {
-        wait_for(what, Duration::from_secs(10), || {
-            Ok(done(self).then_some(()))
-        })
-    }
-}
-
-impl Drop for Wglb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
-}
-
-fn initiation() -> Vec<u8> {
-    let mut message = vec![0u8; 148];
-    message[0] = 1;
-    message
-}
-
-/// Sends an initiation from a fresh client socket and returns the echo and where it came from.
-fn round_trip(client: SocketAddr, listener: SocketAddr) -> Result<(SocketAddr, Vec<u8>)> {
-    let socket = UdpSocket::bind(client)?;
-    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-    socket.send_to(&initiation(), listener)?;
-    let mut buf = [0u8; 2048];
-    let (n, from) = socket
-        .recv_from(&mut buf)
-        .context("no echo through the balancer")?;
-    Ok((from, buf[..n].to_vec()))
-}
+use anyhow::{ensure, Result};
+use local::{at, initiation, round_trip, Gateway, Wglb};
 
 #[test]
 fn each_listener_keeps_its_own_pool_and_answers_from_its_address() -> Result<()> {

@@ -29,6 +29,8 @@ pub enum ExitCode {
     TimedOut = 3,
     /// The balancer's API cannot be reached.
     Unreachable = 4,
+    /// The API refused the credentials (token or client certificate).
+    Denied = 5,
 }
 
 /// A failed command: what to print, and how to exit.
@@ -50,9 +52,8 @@ impl CliError {
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> CliError {
         let code = match status.code() {
-            Code::Unavailable | Code::Unauthenticated | Code::PermissionDenied => {
-                ExitCode::Unreachable
-            }
+            Code::Unavailable => ExitCode::Unreachable,
+            Code::Unauthenticated | Code::PermissionDenied => ExitCode::Denied,
             _ => ExitCode::Refused,
         };
         let message = match status.code() {
