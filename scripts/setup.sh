@@ -13,6 +13,8 @@ packages=(
     wireguard-tools  # wg
     iproute2         # ip netns, veth
     iputils-ping     # ping through the tunnels
+    prometheus       # promtool: the tests check the metrics exposition and deploy/ with it
+    prometheus       # promtool: the tests check the metrics exposition and deploy/ with it
     ca-certificates
 )
 missing=()

@@ -58,7 +58,7 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
     let wanted = [0, 1, 2, 0, 1, 2];
     let mut rig = rig(Family::V4, 3, &config, &wanted)?;
     let balancer = Balancer::start(&rig, &config)?;
-    let _pingers = connect(&mut rig, 0..wanted.len())?;
+    let pingers = connect(&mut rig, 0..wanted.len())?;
     for (i, &gateway) in wanted.iter().enumerate() {
         ensure!(
             rig.gateway_serving(i)? == Some(gateway),
@@ -70,6 +70,37 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
     ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw0",listener="test",message="handshake_initiation"}"#)? >= 2.0);
     ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw2",listener="test",message="handshake_response"}"#)? >= 2.0);
     ensure!(balancer.metric(&rig, "wglb_dropped_packets_total")? == 0.0);
+
+    // The forwarding counters move with the traffic: every answered ping is at least one
+    // WireGuard data packet each way (keepalives only add).
+    let counters = |rig: &Rig| -> Result<[f64; 3]> {
+        Ok([
+            balancer.metric(rig, r#"wglb_packets_total{direction="to_gateway""#)?,
+            balancer.metric(rig, r#"wglb_packets_total{direction="to_client""#)?,
+            balancer.metric(rig, r#"wglb_bytes_total{direction="to_gateway""#)?,
+        ])
+    };
+    let before = counters(&rig)?;
+    let seqs: Vec<u32> = pingers.iter().map(|p| p.last_seq()).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = counters(&rig)?;
+    let answered: usize = pingers
+        .iter()
+        .zip(&seqs)
+        .map(|(p, &from)| {
+            let to = p.last_seq().saturating_sub(6);
+            (to.saturating_sub(from) as usize).saturating_sub(p.lost_between(from, to).len())
+        })
+        .sum();
+    let [packets_out, packets_back, bytes_out] = [0, 1, 2].map(|k| after[k] - before[k]);
+    ensure!(answered >= 24, "only {answered} pings answered in 3 s");
+    ensure!(
+        packets_out >= answered as f64 && packets_back >= answered as f64,
+        "{answered} pings answered, counters moved by {packets_out} out and {packets_back} back"
+    );
+    // A WireGuard data packet is at least 32 bytes.
+    ensure!(bytes_out >= 32.0 * packets_out);
+    wglb_lab::metrics::check_exposition(&balancer.metrics(&rig)?)?;
     Ok(())
 }
 
@@ -216,7 +247,7 @@ fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers() -> Result<()
 }
 
 #[test]
-fn draining_by_reload_keeps_sessions_and_sends_new_clients_elsewhere() -> Result<()> {
+fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere() -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     // Both clients would land on gw1 if it took new sessions.
     let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
@@ -232,8 +263,9 @@ fn draining_by_reload_keeps_sessions_and_sends_new_clients_elsewhere() -> Result
         &rig,
         &config.replace("state = \"active\"", "state = \"resting\""),
     )?;
+    let out = balancer.cli(&["drain", "gw1"])?;
+    ensure!(out.contains("draining"), "wglb drain printed {out}");
     let drained = config_text(Family::V4, &["active", "draining", "active"]);
-    balancer.reload(&rig, &drained)?;
     ensure!(
         balancer.metric(
             &rig,
@@ -262,6 +294,12 @@ fn draining_by_reload_keeps_sessions_and_sends_new_clients_elsewhere() -> Result
         rig.gateway_rx_bytes_from(1, 0)? > rx,
         "the drained gateway's client left it"
     );
+    // A reload of the unchanged file keeps the drain the CLI set.
+    balancer.reload(&rig, &config)?;
+    let gateways: serde_json::Value =
+        serde_json::from_str(&balancer.cli(&["--json", "gateways"])?)?;
+    ensure!(gateways["gateways"][1]["state"] == "draining", "{gateways}");
+    ensure!(gateways["gateways"][1]["sessions"] == 1, "{gateways}");
     drop(newcomer);
     Ok(())
 }

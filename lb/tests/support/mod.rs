@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -35,6 +35,11 @@ pub fn config_text(family: Family, states: &[&str]) -> String {
         );
     }
     text
+}
+
+/// `config_text` with an [api] section for `socket`: every balancer of a test run has its own.
+fn with_api(config_text: &str, socket: &Path) -> String {
+    format!("[api]\nsocket = \"{}\"\n{config_text}", socket.display())
 }
 
 /// Client i's outer address in a rig of `family`, as the lab lays it out.
@@ -79,6 +84,7 @@ pub fn ports_for(family: Family, config_text: &str, wanted: &[usize]) -> Vec<u16
 pub struct Balancer {
     child: Option<Child>,
     config: PathBuf,
+    api_socket: PathBuf,
     pub log: PathBuf,
 }
 
@@ -87,7 +93,8 @@ impl Balancer {
     /// metrics (it binds its listeners before that).
     pub fn start(rig: &Rig, config_text: &str) -> Result<Balancer> {
         let config = rig.temp_dir().join("wglb.toml");
-        fs::write(&config, config_text)?;
+        let api_socket = rig.temp_dir().join("api.sock");
+        fs::write(&config, with_api(config_text, &api_socket))?;
         let log = rig.temp_dir().join("wglb.log");
         let log_file = fs::OpenOptions::new()
             .create(true)
@@ -106,6 +113,7 @@ impl Balancer {
         let balancer = Balancer {
             child: Some(child),
             config,
+            api_socket,
             log,
         };
         wait_for("wglb to serve metrics", Duration::from_secs(15), || {
@@ -166,7 +174,7 @@ impl Balancer {
     fn sighup(&self, rig: &Rig, config_text: &str, result: &str) -> Result<()> {
         let counter = format!(r#"wglb_config_reloads_total{{result="{result}"}}"#);
         let before = self.metric(rig, &counter)?;
-        fs::write(&self.config, config_text)?;
+        fs::write(&self.config, with_api(config_text, &self.api_socket))?;
         let pid = self.child.as_ref().context("running")?.id();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -174,6 +182,25 @@ impl Balancer {
         )?;
         self.wait_metric(rig, &counter, Duration::from_secs(10), |v| v > before)?;
         Ok(())
+    }
+
+    /// Runs the `wglb` CLI against this balancer's API socket (a file, so reachable from any
+    /// namespace); returns its stdout, or fails with its stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
+            .arg("--api")
+            .arg(&self.api_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "wglb {args:?}: {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8(output.stdout)?)
     }
 
     /// SIGTERM, and wait for the process to exit.
