@@ -332,9 +332,35 @@ fn describe(config: &Config) -> String {
         health.fall,
         health.eviction_delay
     );
+    out += &format!(
+        "health sources combined: quorum {}, API reports count for {:?} unless they give a ttl\n",
+        health.quorum, health.report_ttl
+    );
     if let Some(metrics) = config.metrics_listen {
         out += &format!("metrics: http://{metrics}/metrics\n");
     }
+    let api = &config.api;
+    out += &format!(
+        "api: unix socket {} (mode {:04o})",
+        api.socket.display(),
+        api.socket_mode
+    );
+    if let Some(tcp) = api.tcp {
+        let mut auth = Vec::new();
+        if api.token_file.is_some() {
+            auth.push("bearer token");
+        }
+        if api.client_ca.is_some() {
+            auth.push("client certificates");
+        } else if api.tls.is_some() {
+            auth.push("TLS");
+        }
+        if auth.is_empty() {
+            auth.push("NO authentication");
+        }
+        out += &format!(", tcp {tcp} with {}", auth.join(" and "));
+    }
+    out += "\n";
     for l in &config.listeners {
         out += &format!(
             "listener {} on {}: hash {}, idle timeout {:?}, up to {} sessions, Maglev {} slots, all down: {}\n",

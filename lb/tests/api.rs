@@ -416,3 +416,107 @@ fn gateways_added_and_removed_at_runtime_take_and_lose_clients() -> Result<()> {
     ensure!(String::from_utf8_lossy(&bad.stderr).contains("outside 1..=65535"));
     Ok(())
 }
+
+/// A CA, and certificates it signs, for mutual TLS.
+struct Pki {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Result<Pki> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
+        Ok(Pki { issuer })
+    }
+
+    /// Writes a certificate for `ip` (as its subject alternative name) and its key; returns
+    /// their paths.
+    fn issue(&self, ip: Ipv4Addr, tag: &str) -> Result<(String, String)> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip.into())];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let (cert_path, key_path) = (
+            temp_path(ip, &format!(".{tag}.crt")),
+            temp_path(ip, &format!(".{tag}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok((
+            cert_path.display().to_string(),
+            key_path.display().to_string(),
+        ))
+    }
+
+    fn write_ca(&self, ip: Ipv4Addr, tag: &str) -> Result<String> {
+        let path = temp_path(ip, &format!(".{tag}.pem"));
+        std::fs::write(&path, self.issuer.pem())?;
+        Ok(path.display().to_string())
+    }
+}
+
+#[test]
+fn a_tcp_api_with_mutual_tls_takes_only_certificates_its_ca_signed() -> Result<()> {
+    let ip = Ipv4Addr::new(127, 32, 0, 7);
+    let (pool, _gateways) = two_gateways(ip, "")?;
+    let ours = Pki::new("wglb test CA")?;
+    let theirs = Pki::new("someone else's CA")?;
+    let ca = ours.write_ca(ip, "ca")?;
+    let (server_cert, server_key) = ours.issue(ip, "server")?;
+    let (client_cert, client_key) = ours.issue(ip, "client")?;
+    let (stranger_cert, stranger_key) = theirs.issue(ip, "stranger")?;
+    let tcp = at(ip, 9639);
+    let config = format!(
+        "[api]\nsocket = \"{}\"\ntcp = \"{tcp}\"\ntls_cert = \"{server_cert}\"\ntls_key = \"{server_key}\"\nclient_ca = \"{ca}\"\n{pool}",
+        temp_path(ip, ".sock").display(),
+    );
+    let _wglb = Wglb::start_with_file(&config, at(ip, 9638))?;
+    let url = format!("https://{tcp}");
+
+    let trusted = cli(
+        &url,
+        &[
+            "--ca",
+            &ca,
+            "--cert",
+            &client_cert,
+            "--key",
+            &client_key,
+            "--json",
+            "gateways",
+        ],
+    )?;
+    ensure!(trusted.status.success(), "{trusted:?}");
+    ensure!(String::from_utf8_lossy(&trusted.stdout).contains("\"name\":\"a\""));
+    for refused in [
+        cli(&url, &["--ca", &ca, "gateways"])?,
+        cli(
+            &url,
+            &[
+                "--ca",
+                &ca,
+                "--cert",
+                &stranger_cert,
+                "--key",
+                &stranger_key,
+                "gateways",
+            ],
+        )?,
+        // Plain text to a TLS port gets nowhere either.
+        cli(format!("http://{tcp}"), &["gateways"])?,
+    ] {
+        ensure!(
+            matches!(refused.status.code(), Some(4) | Some(5)),
+            "a client without a certificate from our CA got in: {refused:?}"
+        );
+        eprintln!(
+            "refused: {}",
+            String::from_utf8_lossy(&refused.stderr).trim()
+        );
+    }
+    Ok(())
+}

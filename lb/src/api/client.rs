@@ -122,16 +122,19 @@ impl Target {
 }
 
 /// An error with its causes, which is where transport errors say what actually went wrong.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Transport errors often repeat their cause in their own message.
-        if !text.contains(&cause_text) {
-            text += &format!(": {cause_text}");
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    with_causes(error.to_string(), error.source())
+}
+
+/// `text` followed by each cause that it does not already say (transport errors often repeat
+/// their cause in their own message).
+pub fn with_causes(mut text: String, mut cause: Option<&dyn std::error::Error>) -> String {
+    while let Some(error) = cause {
+        let said = error.to_string();
+        if !text.contains(&said) {
+            text += &format!(": {said}");
         }
-        source = cause.source();
+        cause = error.source();
     }
     text
 }

@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::api::client::{Connection, Target};
+use crate::api::client::{with_causes, Connection, Target};
 use crate::api::pb;
 use crate::config::DEFAULT_API_SOCKET;
 use crate::pool::AdminState;
@@ -51,16 +51,25 @@ impl CliError {
 
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> CliError {
+        // A connection that fails only at the first request (TLS refused, a plain-text client on
+        // a TLS port) comes back as a status whose source is the transport error.
+        let transport = std::error::Error::source(&status)
+            .is_some_and(|source| source.is::<tonic::transport::Error>());
         let code = match status.code() {
             Code::Unavailable => ExitCode::Unreachable,
             Code::Unauthenticated | Code::PermissionDenied => ExitCode::Denied,
+            _ if transport => ExitCode::Unreachable,
             _ => ExitCode::Refused,
         };
-        let message = match status.code() {
-            Code::Unauthenticated => {
-                format!("the API refused the credentials: {}", status.message())
-            }
-            Code::Unavailable => format!("the balancer is not available: {}", status.message()),
+        let message = match code {
+            ExitCode::Denied => format!("the API refused the credentials: {}", status.message()),
+            ExitCode::Unreachable => format!(
+                "the balancer's API is not available: {}",
+                with_causes(
+                    status.message().to_string(),
+                    std::error::Error::source(&status)
+                )
+            ),
             _ => status.message().to_string(),
         };
         CliError::new(code, message)

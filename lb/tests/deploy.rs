@@ -1,0 +1,146 @@
+//! The observability files in deploy/ work as shipped: Prometheus accepts the scrape
+//! configuration, and the Grafana dashboard's queries are valid PromQL over metrics the balancer
+//! really exports (and cover all of them), so an import shows data rather than empty panels.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use wglb::metrics::Metrics;
+use wglb::pool::{AdminState, GatewayId, GatewayView, Health};
+
+fn deploy(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+fn promtool(args: &[&str], file: &Path) -> Result<()> {
+    let output = Command::new("promtool")
+        .args(args)
+        .arg(file)
+        .output()
+        .context("running promtool (install Debian's prometheus package: scripts/setup.sh does)")?;
+    ensure!(
+        output.status.success(),
+        "promtool {args:?} {}: {}\n{}{}",
+        file.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn prometheus_accepts_the_scrape_configuration() -> Result<()> {
+    promtool(&["check", "config"], &deploy("prometheus/prometheus.yml"))
+}
+
+/// Every metric family the balancer exports, each made to appear once.
+fn exported_metrics() -> BTreeSet<String> {
+    let metrics = Metrics::new();
+    let _listener = metrics.listener("l");
+    let _gateway = metrics.gateway("l", "g");
+    metrics.set_gateway(
+        "l",
+        &GatewayView {
+            id: GatewayId(1),
+            name: "g".into(),
+            address: "10.0.0.1:51820".parse().unwrap(),
+            weight: 1,
+            admin: AdminState::Active,
+            health: Health::Up,
+        },
+    );
+    metrics.set_health_vote("l", "g", "s", Some(true));
+    metrics.set_fail_static("l", "g", false);
+    metrics.health_report(true);
+    metrics.reload(true);
+    metrics
+        .render()
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn collect_exprs(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr", Value::String(expr)) => out.push(expr.clone()),
+                    _ => collect_exprs(value, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The `wglb_...` identifiers in a query.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("wglb_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_queries_exported_metrics_with_valid_promql() -> Result<()> {
+    let text = std::fs::read_to_string(deploy("grafana/wglb-dashboard.json"))?;
+    let dashboard: Value = serde_json::from_str(&text).context("the dashboard is not JSON")?;
+    ensure!(dashboard["uid"] == "wglb-overview" && dashboard["panels"].is_array());
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    ensure!(exprs.len() >= 10, "only {} queries", exprs.len());
+
+    let exported = exported_metrics();
+    let mut used = BTreeSet::new();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            ensure!(
+                exported.contains(&name),
+                "the dashboard queries {name}, which wglb does not export: {expr}"
+            );
+            used.insert(name);
+        }
+    }
+    let unused: Vec<_> = exported.difference(&used).collect();
+    ensure!(unused.is_empty(), "no panel shows {unused:?}");
+
+    // Prometheus' own parser on every query, with Grafana's variables filled in.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        let concrete = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$__interval", "1m")
+            .replace("$__range", "1h")
+            .replace("${listener}", ".*")
+            .replace("${gateway}", ".*")
+            .replace("$listener", ".*")
+            .replace("$gateway", ".*");
+        rules += &format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(&concrete)?
+        );
+    }
+    let file =
+        std::env::temp_dir().join(format!("wglb-dashboard-rules-{}.yml", std::process::id()));
+    std::fs::write(&file, rules)?;
+    let checked = promtool(&["check", "rules"], &file);
+    let _ = std::fs::remove_file(&file);
+    checked
+}
