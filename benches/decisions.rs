@@ -2,7 +2,8 @@
 //! same run so results read as ratios: the WireGuard shape check against a bare length check,
 //! the flow hash against std's SipHash, a session lookup in the bounded LRU table against a plain
 //! HashMap, and Maglev placement. Also the cost of rebuilding a Maglev table, which the control
-//! plane pays on every health change.
+//! plane pays on every health change, and of one page of `wglb sessions` from a million sessions,
+//! which the datapath pays between batches (against sorting them all).
 //!
 //! Run: `cargo bench -p wglb --bench decisions`
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use wglb::maglev::Maglev;
 use wglb::pool::{AdminState, AllDownPolicy, GatewayId, GatewayView, HashKey, Health, Placement};
+use wglb::query::page;
 use wglb::session::{Activity, Session, SessionTable};
 use wglb_common::hash::flow_hash;
 use wglb_common::wireguard::classify;
@@ -140,12 +142,35 @@ fn maglev_build(c: &mut Criterion) {
     group.finish();
 }
 
+fn session_listing(c: &mut Criterion) {
+    let sessions: Vec<(SocketAddr, u32)> = (0..1_000_000u32)
+        .map(|i| (client(i.wrapping_mul(2_654_435_761)), i % 3))
+        .collect();
+    let mut group = c.benchmark_group("session_page_of_1m");
+    group.sample_size(10);
+    for limit in [1_000, 10_000] {
+        group.bench_function(format!("heap_page_{limit}"), |b| {
+            b.iter(|| page(sessions.iter().copied(), None, black_box(limit)))
+        });
+    }
+    group.bench_function("baseline_sort_all", |b| {
+        b.iter(|| {
+            let mut all = sessions.clone();
+            all.sort_unstable_by_key(|(client, _)| *client);
+            all.truncate(black_box(1_000));
+            all
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     classification,
     hashing,
     placement_lookup,
     session_lookup,
-    maglev_build
+    maglev_build,
+    session_listing
 );
 criterion_main!(benches);

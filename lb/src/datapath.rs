@@ -31,7 +31,7 @@ use crate::control::ListenerPlan;
 use crate::events::{EventBus, EventKind};
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::pool::{GatewayId, Placement};
-use crate::query::{self, SessionInfo, SessionRequest};
+use crate::query::{self, SessionInfo, SessionPage, SessionRequest};
 use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
@@ -429,12 +429,12 @@ impl Relay {
         let name_of = |id: GatewayId| placement.gateway(id).map_or("", |g| g.name.as_str());
         match request {
             SessionRequest::Count { reply } => {
-                let mut counts: HashMap<String, u64> = HashMap::new();
-                for (_, session) in self.sessions.iter() {
-                    *counts
-                        .entry(name_of(session.gateway).to_string())
-                        .or_default() += 1;
-                }
+                // The per-gateway gauges count sessions as links come and go: no table scan.
+                let counts = self
+                    .gateway_counters
+                    .iter()
+                    .map(|(id, c)| (name_of(*id).to_string(), c.sessions.get().max(0) as u64))
+                    .collect();
                 let _ = reply.send(counts);
             }
             SessionRequest::List {
@@ -443,14 +443,27 @@ impl Relay {
                 limit,
                 reply,
             } => {
+                let matching = self
+                    .sessions
+                    .iter()
+                    .filter(|(client, s)| filter.matches(client, name_of(s.gateway)))
+                    .map(|(client, s)| (*client, s));
+                let (chosen, more, total) = query::page(matching, after, limit);
                 let now = now_ms();
-                let sessions = self.sessions.iter().map(|(client, session)| SessionInfo {
-                    client: *client,
-                    gateway: name_of(session.gateway).to_string(),
-                    gateway_address: session.gateway_address,
-                    idle_ms: now.saturating_sub(session.activity.last_ms()),
+                let sessions = chosen
+                    .into_iter()
+                    .map(|(client, session)| SessionInfo {
+                        client,
+                        gateway: name_of(session.gateway).to_string(),
+                        gateway_address: session.gateway_address,
+                        idle_ms: now.saturating_sub(session.activity.last_ms()),
+                    })
+                    .collect();
+                let _ = reply.send(SessionPage {
+                    sessions,
+                    more,
+                    total,
                 });
-                let _ = reply.send(query::page(sessions, &filter, after, limit));
             }
             SessionRequest::Evict { filter, reply } => {
                 let evicted = self

@@ -88,59 +88,57 @@ pub enum SessionRequest {
 
 pub type SessionRequests = mpsc::Sender<SessionRequest>;
 
-/// Selects one page from `sessions` (in any order) without sorting them all: a bounded heap keeps
-/// the `limit + 1` smallest client addresses after the cursor, so a page of a million-session
-/// table costs one pass and `limit` entries of memory.
-pub fn page(
-    sessions: impl Iterator<Item = SessionInfo>,
-    filter: &SessionFilter,
+/// One page of matching sessions, chosen without sorting them all: a bounded heap keeps the
+/// `limit + 1` smallest client addresses after the cursor, so a page of a million-session table
+/// costs one pass, `limit` entries of memory, and nothing for sessions that do not make the page
+/// (callers filter before and describe only the page after). Returns the page in order, whether
+/// more follow, and how many entries there were.
+pub fn page<T>(
+    entries: impl Iterator<Item = (SocketAddr, T)>,
     after: Option<SocketAddr>,
     limit: usize,
-) -> SessionPage {
+) -> (Vec<(SocketAddr, T)>, bool, u64) {
     let mut total = 0u64;
-    let mut smallest: BinaryHeap<HeapEntry> = BinaryHeap::with_capacity(limit + 1);
-    for session in sessions {
-        if !filter.matches(&session.client, &session.gateway) {
-            continue;
-        }
+    let mut smallest: BinaryHeap<ByClient<T>> = BinaryHeap::with_capacity(limit + 1);
+    for (client, entry) in entries {
         total += 1;
-        if after.is_some_and(|cursor| session.client <= cursor) {
+        if after.is_some_and(|cursor| client <= cursor) {
             continue;
         }
-        smallest.push(HeapEntry(session));
-        // Keep one more than a page, to know whether another page follows.
-        if smallest.len() > limit + 1 {
+        // Keep one more than a page, to know whether another page follows. Once the heap is
+        // full most entries are beyond its largest and cost one comparison.
+        if smallest.len() > limit {
+            if smallest.peek().is_some_and(|top| client >= top.0) {
+                continue;
+            }
             smallest.pop();
         }
+        smallest.push(ByClient(client, entry));
     }
-    let mut sessions: Vec<SessionInfo> = smallest.into_iter().map(|e| e.0).collect();
-    sessions.sort_by_key(|s| s.client);
-    let more = sessions.len() > limit;
-    sessions.truncate(limit);
-    SessionPage {
-        sessions,
-        more,
-        total,
-    }
+    let mut chosen: Vec<(SocketAddr, T)> = smallest.into_iter().map(|e| (e.0, e.1)).collect();
+    chosen.sort_by_key(|(client, _)| *client);
+    let more = chosen.len() > limit;
+    chosen.truncate(limit);
+    (chosen, more, total)
 }
 
-/// Orders sessions by client address, largest first, so the heap's top is the one to drop.
-struct HeapEntry(SessionInfo);
+/// Orders entries by client address, largest first, so the heap's top is the one to drop.
+struct ByClient<T>(SocketAddr, T);
 
-impl PartialEq for HeapEntry {
+impl<T> PartialEq for ByClient<T> {
     fn eq(&self, other: &Self) -> bool {
-        self.0.client == other.0.client
+        self.0 == other.0
     }
 }
-impl Eq for HeapEntry {}
-impl PartialOrd for HeapEntry {
+impl<T> Eq for ByClient<T> {}
+impl<T> PartialOrd for ByClient<T> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for HeapEntry {
+impl<T> Ord for ByClient<T> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.client.cmp(&other.0.client)
+        self.0.cmp(&other.0)
     }
 }
 
@@ -161,6 +159,15 @@ mod tests {
             .collect()
     }
 
+    fn matching<'a>(
+        all: &'a [SessionInfo],
+        filter: &'a SessionFilter,
+    ) -> impl Iterator<Item = (SocketAddr, &'a SessionInfo)> {
+        all.iter()
+            .filter(|s| filter.matches(&s.client, &s.gateway))
+            .map(|s| (s.client, s))
+    }
+
     #[test]
     fn pages_cover_every_session_once_in_order() {
         let all = sessions(100);
@@ -168,13 +175,13 @@ mod tests {
         let mut seen = Vec::new();
         let mut after = None;
         loop {
-            let page = page(all.iter().cloned(), &filter, after, 7);
-            assert_eq!(page.total, 100);
-            seen.extend(page.sessions.iter().map(|s| s.client));
-            if !page.more {
+            let (chosen, more, total) = page(matching(&all, &filter), after, 7);
+            assert_eq!(total, 100);
+            seen.extend(chosen.iter().map(|(client, _)| *client));
+            if !more {
                 break;
             }
-            after = page.sessions.last().map(|s| s.client);
+            after = chosen.last().map(|(client, _)| *client);
         }
         let mut expected: Vec<SocketAddr> = all.iter().map(|s| s.client).collect();
         expected.sort();
@@ -188,22 +195,22 @@ mod tests {
             gateway: Some("gw1".into()),
             client: None,
         };
-        let page1 = page(all.iter().cloned(), &by_gateway, None, 100);
-        assert_eq!(page1.total, 10);
-        assert!(page1.sessions.iter().all(|s| s.gateway == "gw1"));
+        let (chosen, _, total) = page(matching(&all, &by_gateway), None, 100);
+        assert_eq!(total, 10);
+        assert!(chosen.iter().all(|(_, s)| s.gateway == "gw1"));
         let ip: IpAddr = "192.0.2.3".parse().unwrap();
         let by_ip = SessionFilter {
             gateway: None,
             client: Some(ClientMatch::Ip(ip)),
         };
-        let page2 = page(all.iter().cloned(), &by_ip, None, 100);
-        assert!(page2.total > 0 && page2.sessions.iter().all(|s| s.client.ip() == ip));
+        let (chosen, _, total) = page(matching(&all, &by_ip), None, 100);
+        assert!(total > 0 && chosen.iter().all(|(client, _)| client.ip() == ip));
         let exact: ClientMatch = "192.0.2.3:1003".parse().unwrap();
         let one = SessionFilter {
             gateway: None,
             client: Some(exact),
         };
-        assert_eq!(page(all.into_iter(), &one, None, 100).total, 1);
+        assert_eq!(page(matching(&all, &one), None, 100).2, 1);
         assert!("nonsense".parse::<ClientMatch>().is_err());
     }
 }

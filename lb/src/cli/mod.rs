@@ -290,7 +290,7 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
             let mut sessions = Vec::new();
             let mut total = 0;
             while (sessions.len() as u64) < wanted {
-                request.page_size = (wanted - sessions.len() as u64).min(1000) as u32;
+                request.page_size = (wanted - sessions.len() as u64).min(10_000) as u32;
                 let page = api
                     .control
                     .list_sessions(request.clone())
