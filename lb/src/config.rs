@@ -108,6 +108,8 @@ impl Default for HealthCheckConfig {
 pub struct ApiConfig {
     pub socket: PathBuf,
     pub socket_mode: u32,
+    /// The group that owns the socket, so its members may use the CLI without root.
+    pub socket_group: Option<String>,
     pub tcp: Option<SocketAddr>,
     /// A file holding the bearer token TCP clients must present.
     pub token_file: Option<PathBuf>,
@@ -132,6 +134,7 @@ impl Default for ApiConfig {
         ApiConfig {
             socket: PathBuf::from(DEFAULT_API_SOCKET),
             socket_mode: 0o660,
+            socket_group: None,
             tcp: None,
             token_file: None,
             tls: None,
@@ -196,6 +199,7 @@ struct RawApi {
     socket: Option<PathBuf>,
     /// Octal, as a string: "0660".
     socket_mode: Option<String>,
+    socket_group: Option<String>,
     tcp: Option<SocketAddr>,
     token_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
@@ -633,9 +637,13 @@ fn build_api(raw: RawApi, place: &str) -> Result<ApiConfig, ConfigError> {
     if socket.as_os_str().is_empty() {
         return Err(err("socket", "must not be empty"));
     }
+    if raw.socket_group.as_deref() == Some("") {
+        return Err(err("socket_group", "must not be empty"));
+    }
     Ok(ApiConfig {
         socket,
         socket_mode,
+        socket_group: raw.socket_group,
         tcp: raw.tcp,
         token_file: raw.token_file,
         tls,

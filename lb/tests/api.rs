@@ -244,12 +244,19 @@ fn a_tcp_api_refuses_requests_without_its_token() -> Result<()> {
     std::fs::write(&token_file, "0123456789abcdef0123456789abcdef\n")?;
     let tcp = at(ip, 9639);
     let config = format!(
-        "[api]\nsocket = \"{}\"\ntcp = \"{tcp}\"\ntoken_file = \"{}\"\n{pool}",
+        "[api]\nsocket = \"{}\"\nsocket_mode = \"0660\"\nsocket_group = \"daemon\"\n\
+         tcp = \"{tcp}\"\ntoken_file = \"{}\"\n{pool}",
         temp_path(ip, ".sock").display(),
         token_file.display()
     );
     let wglb = Wglb::start_with_file(&config, at(ip, 9638))?;
     let url = format!("http://{tcp}");
+    // Who may use the local socket: its mode and group say.
+    let socket = std::fs::metadata(&wglb.api_socket)?;
+    let daemon = nix::unistd::Group::from_name("daemon")?.context("a daemon group")?;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    ensure!(socket.permissions().mode() & 0o777 == 0o660);
+    ensure!(socket.gid() == daemon.gid.as_raw());
 
     let anonymous = cli(&url, &["status"])?;
     ensure!(anonymous.status.code() == Some(5), "{anonymous:?}");
@@ -517,6 +524,26 @@ fn a_tcp_api_with_mutual_tls_takes_only_certificates_its_ca_signed() -> Result<(
             "refused: {}",
             String::from_utf8_lossy(&refused.stderr).trim()
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn shell_completions_know_every_client_command() -> Result<()> {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
+            .args(["completions", shell])
+            .output()?;
+        ensure!(output.status.success(), "{shell}: {output:?}");
+        let script = String::from_utf8(output.stdout)?;
+        for command in [
+            "status", "gateways", "sessions", "drain", "undrain", "evict", "reload",
+        ] {
+            ensure!(
+                script.contains(command),
+                "{shell} completions lack `{command}`"
+            );
+        }
     }
     Ok(())
 }

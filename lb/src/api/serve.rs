@@ -73,7 +73,16 @@ impl Drop for SocketFile {
 
 impl ApiServer {
     pub async fn bind(config: &ApiConfig) -> anyhow::Result<ApiServer> {
-        let (unix, socket) = bind_unix(&config.socket, config.socket_mode)?;
+        let group = match &config.socket_group {
+            Some(name) => Some(
+                nix::unistd::Group::from_name(name)
+                    .with_context(|| format!("cannot look up the API socket's group `{name}`"))?
+                    .with_context(|| format!("the API socket's group `{name}` does not exist"))?
+                    .gid,
+            ),
+            None => None,
+        };
+        let (unix, socket) = bind_unix(&config.socket, config.socket_mode, group)?;
         let tcp = match config.tcp {
             Some(address) => {
                 let token = match &config.token_file {
@@ -165,9 +174,13 @@ fn read_token(path: &Path) -> anyhow::Result<Arc<str>> {
     Ok(token.into())
 }
 
-/// Binds the Unix socket with `mode`. A leftover file from a balancer that died is replaced; so
+/// Binds the Unix socket with `mode`, owned by `group` if given. A leftover file from a balancer that died is replaced; so
 /// is the socket of a running one (during an upgrade the new balancer takes the API over).
-fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<(UnixListener, SocketFile)> {
+fn bind_unix(
+    path: &Path,
+    mode: u32,
+    group: Option<nix::unistd::Gid>,
+) -> anyhow::Result<(UnixListener, SocketFile)> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             fs::create_dir_all(dir)
@@ -184,6 +197,10 @@ fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<(UnixListener, SocketFile
         .with_context(|| format!("cannot serve the API on {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    if let Some(group) = group {
+        nix::unistd::chown(path, None, Some(group))
+            .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
+    }
     let inode = fs::metadata(path)?.ino();
     Ok((
         listener,
