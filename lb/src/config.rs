@@ -83,6 +83,26 @@ pub struct HealthCheckConfig {
     pub report_ttl: Duration,
 }
 
+impl HealthCheckConfig {
+    /// Whether two settings probe alike: only these need a checker restarted (a restarted
+    /// checker knows nothing yet, so restarting one for nothing loses what it knew).
+    pub fn probes_alike(&self, other: &HealthCheckConfig) -> bool {
+        (
+            &self.path,
+            self.interval,
+            self.timeout,
+            self.rise,
+            self.fall,
+        ) == (
+            &other.path,
+            other.interval,
+            other.timeout,
+            other.rise,
+            other.fall,
+        )
+    }
+}
+
 /// Longest eviction delay: beyond it, the delay would add to WireGuard's ~15 s failover floor.
 pub const MAX_EVICTION_DELAY: Duration = Duration::from_secs(10);
 

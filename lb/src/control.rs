@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{check_gateway, Config, GatewayConfig, HealthCheckConfig, ListenerConfig};
 use crate::events::{EventBus, EventKind};
-use crate::health::{spawn_http_checker, Observation};
+use crate::health::{spawn_http_checker, Observation, BUILTIN_SOURCE};
 use crate::metrics::Metrics;
 use crate::pool::{AdminState, GatewayId, GatewayView, Health, Placement};
 use crate::quorum::{Verdict, Vote, Votes};
@@ -253,8 +253,12 @@ impl ControlPlane {
                 ));
             }
         }
+        // The built-in checker is not counted: API clients must not be able to crowd it out.
         let sources = self.sources();
-        if !sources.contains(&observation.source) && sources.len() >= MAX_HEALTH_SOURCES {
+        if observation.source != BUILTIN_SOURCE
+            && !sources.contains(&observation.source)
+            && sources.iter().filter(|s| *s != BUILTIN_SOURCE).count() >= MAX_HEALTH_SOURCES
+        {
             return Err(format!(
                 "already {MAX_HEALTH_SOURCES} health sources report; `{}` is one too many",
                 observation.source
@@ -263,13 +267,11 @@ impl ControlPlane {
         let address = gateway.address;
         let (listener, name) = (listener.name.clone(), gateway.name.clone());
         let state = self.listeners.get_mut(&listener).expect("listener state");
+        // A gateway's health about an older address was dropped when it moved (`forget_gone`).
         let entry = state
             .health
             .entry(name.clone())
             .or_insert_with(|| GatewayHealth::new(address, now));
-        if entry.address != address {
-            *entry = GatewayHealth::new(address, now);
-        }
         let ttl = match observation.ttl {
             Duration::ZERO => self.config.health.report_ttl,
             ttl => ttl.min(MAX_REPORT_TTL),
@@ -296,7 +298,7 @@ impl ControlPlane {
         self.listeners
             .values()
             .flat_map(|l| l.health.values())
-            .flat_map(|h| h.votes.fresh().map(|(s, _)| s.to_string()))
+            .flat_map(|h| h.votes.held().map(|(s, _)| s.to_string()))
             .collect()
     }
 
@@ -323,7 +325,7 @@ impl ControlPlane {
         }
         let (health, detail) = match verdict {
             Verdict::Healthy | Verdict::Unwatched => {
-                let fresh = entry.votes.fresh().count();
+                let fresh = entry.votes.held().count();
                 (
                     Health::Up,
                     format!("{fresh} fresh report(s), fewer than {quorum} say down"),
@@ -370,7 +372,7 @@ impl ControlPlane {
         }
         let source = entry
             .votes
-            .fresh()
+            .held()
             .filter(|(_, v)| v.healthy == (health == Health::Up))
             .map(|(s, _)| s.to_string())
             .collect::<Vec<_>>()
@@ -509,6 +511,13 @@ impl ControlPlane {
                 None => self
                     .events
                     .publish(listener, &gateway.name, EventKind::GatewayAdded),
+                Some(old) if old.address != gateway.address => {
+                    // A moved gateway is a new one for WireGuard's purposes.
+                    self.events
+                        .publish(listener, &gateway.name, EventKind::GatewayRemoved);
+                    self.events
+                        .publish(listener, &gateway.name, EventKind::GatewayAdded);
+                }
                 Some(old) if (old.state, old.weight) != (gateway.state, gateway.weight) => {
                     self.events.publish(
                         listener,
@@ -519,33 +528,35 @@ impl ControlPlane {
                         },
                     )
                 }
-                Some(old) if old.address != gateway.address => {
-                    // A moved gateway is a new one for WireGuard's purposes.
-                    self.events
-                        .publish(listener, &gateway.name, EventKind::GatewayRemoved);
-                    self.events
-                        .publish(listener, &gateway.name, EventKind::GatewayAdded);
-                }
                 Some(_) => {}
             }
         }
     }
 
-    /// Drops the ids, health and health metrics of gateways no longer in `listener`'s pool.
+    /// Drops the ids of gateways no longer in `listener`'s pool, and the health (with its
+    /// metrics) of gateways gone or moved: reports about an old address say nothing of the new.
     fn forget_gone(&mut self, listener: &ListenerConfig) {
         let state = self
             .listeners
             .get_mut(&listener.name)
             .expect("listener state");
-        let kept = |name: &String| listener.gateways.iter().any(|g| &g.name == name);
-        state.ids.retain(|name, _| kept(name));
-        for (name, health) in state.health.iter().filter(|(name, _)| !kept(name)) {
-            for (source, _) in health.votes.fresh() {
+        state
+            .ids
+            .retain(|name, _| listener.gateways.iter().any(|g| &g.name == name));
+        let current = |name: &String, health: &GatewayHealth| {
+            listener
+                .gateways
+                .iter()
+                .any(|g| &g.name == name && g.address == health.address)
+        };
+        for (name, health) in state.health.iter().filter(|(n, h)| !current(n, h)) {
+            for (source, _) in health.votes.held() {
                 self.metrics
                     .set_health_vote(&listener.name, name, source, None);
             }
+            self.metrics.forget_fail_static(&listener.name, name);
         }
-        state.health.retain(|name, _| kept(name));
+        state.health.retain(|name, health| current(name, health));
     }
 
     /// Applies a change to one listener's pool: validates the result, publishes it, announces it.
@@ -687,7 +698,7 @@ impl ControlPlane {
                     ),
                     votes: health.map_or_else(Vec::new, |h| {
                         h.votes
-                            .fresh()
+                            .held()
                             .map(|(s, v)| (s.to_string(), v.clone()))
                             .collect()
                     }),
@@ -736,8 +747,8 @@ impl ControlPlane {
             }
         }
         self.checkers.retain(|key, checker| {
-            let keep =
-                wanted.get(key) == Some(&checker.target) && checker.params == self.config.health;
+            let keep = wanted.get(key) == Some(&checker.target)
+                && checker.params.probes_alike(&self.config.health);
             if !keep {
                 checker.task.abort();
             }
@@ -895,6 +906,14 @@ fn merge(old_file: &Config, new_file: &Config, running: &Config) -> Result<Confi
                 )
             })?;
             checked.push(gateway);
+        }
+        if checked.len() > listener.maglev_size as usize {
+            return Err(format!(
+                "listener `{}`: {} Maglev slots cannot hold {} gateways (with the gateways added through the API)",
+                listener.name,
+                listener.maglev_size,
+                checked.len()
+            ));
         }
         listener.gateways = checked;
     }
@@ -1102,6 +1121,27 @@ mod tests {
         let a = &snapshot.listeners[0].gateways[0];
         assert!(a.fail_static && a.votes.is_empty(), "{a:?}");
         assert!(snapshot.sources.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_moved_gateway_starts_over_as_up_with_no_reports() {
+        let mut config = config("");
+        config.health.eviction_delay = Duration::ZERO;
+        let (mut control, plan) = control(config.clone());
+        let now = Instant::now();
+        control
+            .observe(report("s1", "b", None, false), now)
+            .unwrap();
+        assert_eq!(health_of(&plan, "b"), Health::Down);
+        config.listeners[0].gateways[1].address = "10.0.0.9:51820".parse().unwrap();
+        control.reload(config).unwrap();
+        assert_eq!(health_of(&plan, "b"), Health::Up);
+        let snapshot = control.snapshot();
+        let b = &snapshot.listeners[0].gateways[1];
+        assert!(b.votes.is_empty() && !b.fail_static, "{b:?}");
+        // Nothing about the old address is left to settle later.
+        assert_eq!(control.settle(now + Duration::from_secs(60)), None);
+        assert_eq!(health_of(&plan, "b"), Health::Up);
     }
 
     #[tokio::test]

@@ -485,6 +485,23 @@ impl Relay {
             .clone()
     }
 
+    /// Handles up to [`BATCHES_PER_TURN`] batches of client datagrams already queued.
+    fn receive(&mut self, socket: &UdpEndpoint, buffers: &mut RecvBuffers) {
+        for _ in 0..BATCHES_PER_TURN {
+            let count = match socket.recv_batch(buffers) {
+                Ok(count) => count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::debug!(listener = %self.name, "receive error: {e}");
+                    continue;
+                }
+            };
+            for (meta, data) in buffers.meta[..count].iter().zip(&buffers.data) {
+                self.handle_client_datagram(meta, &data[..meta.len]);
+            }
+        }
+    }
+
     /// The once-a-second sweep: idle sessions go, and table-full evictions are announced.
     fn sweep(&mut self) {
         let expired = self.sessions.expire_idle(now_ms());
@@ -669,22 +686,15 @@ pub async fn run_listener(
                 }
             },
             _ = sweep.tick() => relay.sweep(),
-            Some(request) = requests.recv() => relay.answer(request),
+            Some(request) = requests.recv() => {
+                relay.answer(request);
+                // A long answer (a page of a big table) must not be followed by another while
+                // datagrams wait: drain what queued up before looking at requests again.
+                relay.receive(&socket, &mut buffers);
+            }
             ready = socket.io.readable() => {
                 ready?;
-                for _ in 0..BATCHES_PER_TURN {
-                    let count = match socket.recv_batch(&mut buffers) {
-                        Ok(count) => count,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            tracing::debug!(listener = %relay.name, "receive error: {e}");
-                            continue;
-                        }
-                    };
-                    for (meta, data) in buffers.meta[..count].iter().zip(&buffers.data) {
-                        relay.handle_client_datagram(meta, &data[..meta.len]);
-                    }
-                }
+                relay.receive(&socket, &mut buffers);
             }
         }
     }

@@ -134,7 +134,8 @@ pub fn spawn_http_checker(
     let ttl = 3 * (params.interval + params.timeout);
     tokio::spawn(async move {
         let mut verdict = Thresholds::new(params.rise, params.fall);
-        let mut detail = String::from("not probed yet");
+        // Empty until a result backs the verdict.
+        let mut detail = String::new();
         let mut ticks = tokio::time::interval(params.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -145,8 +146,14 @@ pub fn spawn_http_checker(
             }
             verdict.record(result.is_ok());
             // The detail is the latest result that agrees with the verdict: a lone failure
-            // below the fall threshold does not explain an up verdict.
-            if result.is_ok() == verdict.healthy() {
+            // below the fall threshold does not explain an up verdict. Until one agrees, the
+            // verdict is only the starting assumption: a checker (re)started in front of a dead
+            // gateway must not report it up while its first failures build up to `fall`.
+            if result.is_ok() != verdict.healthy() {
+                if detail.is_empty() {
+                    continue;
+                }
+            } else {
                 detail = match result {
                     Ok(()) => format!("GET {}{} answered 200", target, params.path),
                     Err(why) => format!("GET {}{}: {why}", target, params.path),
@@ -231,6 +238,27 @@ mod tests {
             .unwrap();
         let err = probe_http(closed, "/health", timeout).await.unwrap_err();
         assert!(err.contains("connect"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_new_checker_says_nothing_until_a_result_backs_its_verdict() {
+        let down = server(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let params = HealthCheckConfig {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(100),
+            fall: 3,
+            ..Default::default()
+        };
+        let gateway: SocketAddr = SocketAddr::new(down.ip(), 51820);
+        let task = spawn_http_checker("l".into(), "g".into(), gateway, down.port(), params, tx);
+        // Starting from "up", its first two failures must not come out as "up".
+        let first = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!first.healthy, "{first:?}");
+        task.abort();
     }
 
     #[tokio::test]

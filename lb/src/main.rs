@@ -290,9 +290,12 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 Some(path) => match Config::load(path) {
                     Ok(config) => {
                         tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
-                        // The control plane logs and counts the outcome.
+                        // The control plane logs and counts the outcome. Never wait here: this
+                        // loop also watches signals and listeners.
                         let (reply, _) = oneshot::channel();
-                        let _ = requests_tx.send(ControlRequest::Reload { config, reply }).await;
+                        if requests_tx.try_send(ControlRequest::Reload { config, reply }).is_err() {
+                            announce_refused_reload(&metrics, &events, "SIGHUP: the control plane is busy or gone; try again");
+                        }
                     }
                     Err(e) => announce_refused_reload(&metrics, &events, &format!("SIGHUP: {e:#}")),
                 },

@@ -191,7 +191,6 @@ impl Metrics {
     /// Removes the series of a gateway that left the configuration.
     pub fn forget_gateway(&self, listener: &str, gateway: &str) {
         let _ = self.sessions.remove_label_values(&[listener, gateway]);
-        let _ = self.fail_static.remove_label_values(&[listener, gateway]);
         for health in Health::ALL {
             let _ = self
                 .gateway_health
@@ -219,6 +218,10 @@ impl Metrics {
         self.fail_static
             .with_label_values(&[listener, gateway])
             .set(active as i64);
+    }
+
+    pub fn forget_fail_static(&self, listener: &str, gateway: &str) {
+        let _ = self.fail_static.remove_label_values(&[listener, gateway]);
     }
 
     pub fn health_report(&self, accepted: bool) {

@@ -84,13 +84,15 @@ impl Votes {
         self.by_source.values().map(|v| v.expires).min()
     }
 
-    pub fn fresh(&self) -> impl Iterator<Item = (&str, &Vote)> {
+    /// The reports held: fresh ones, and stale ones until [`Votes::expire`] drops them (the
+    /// control plane calls it at every expiry, so stale ones are held only for an instant).
+    pub fn held(&self) -> impl Iterator<Item = (&str, &Vote)> {
         self.by_source.iter().map(|(s, v)| (s.as_str(), v))
     }
 
     /// Combines the reports that are fresh at `now` (expire first to drop the others).
     pub fn verdict(&self, now: Instant, quorum: u32) -> Verdict {
-        let fresh: Vec<(&str, &Vote)> = self.fresh().filter(|(_, v)| v.expires > now).collect();
+        let fresh: Vec<(&str, &Vote)> = self.held().filter(|(_, v)| v.expires > now).collect();
         if fresh.is_empty() {
             return if self.ever {
                 Verdict::Silent
@@ -165,7 +167,7 @@ mod tests {
         let later = t0 + Duration::from_secs(3);
         assert_eq!(votes.verdict(later, 1), Verdict::Healthy);
         assert_eq!(votes.expire(later), vec!["a".to_string()]);
-        assert_eq!(votes.fresh().count(), 1);
+        assert_eq!(votes.held().count(), 1);
         // Then b falls silent too: that is silence, not health.
         let silent = t0 + Duration::from_secs(5);
         assert_eq!(votes.expire(silent), vec!["b".to_string()]);

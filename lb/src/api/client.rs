@@ -16,6 +16,9 @@ use super::pb::control_client::ControlClient;
 use super::pb::events_client::EventsClient;
 use super::pb::health_ingest_client::HealthIngestClient;
 
+/// A balancer that has not accepted a connection by then is not going to.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where and how to reach a balancer.
 #[derive(Clone, Debug, Default)]
 pub struct Target {
@@ -70,7 +73,8 @@ impl Target {
         let channel = if self.address.starts_with("http://") || self.address.starts_with("https://")
         {
             let mut endpoint = Endpoint::from_shared(self.address.clone())
-                .map_err(|e| unreachable(format!("not a URL: {e}")))?;
+                .map_err(|e| unreachable(format!("not a URL: {e}")))?
+                .connect_timeout(CONNECT_TIMEOUT);
             if self.address.starts_with("https://") {
                 let mut tls = ClientTlsConfig::new();
                 if let Some(ca) = &self.ca {
@@ -97,6 +101,7 @@ impl Target {
             let path = PathBuf::from(&self.address);
             // The URI is a placeholder: the connector below decides where to connect.
             Endpoint::from_static("http://wglb.invalid")
+                .connect_timeout(CONNECT_TIMEOUT)
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move { UnixStream::connect(path).await.map(TokioIo::new) }

@@ -3,7 +3,7 @@
 //! unauthenticated TCP API must be asked for by name).
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -103,6 +103,9 @@ impl ApiServer {
                     }
                     None => None,
                 };
+                if token.is_some() && tls.is_none() {
+                    tracing::warn!(%address, "the API token travels in clear text over TCP without TLS: set tls_cert and tls_key unless the network is trusted");
+                }
                 let listener = TcpListener::bind(address)
                     .await
                     .with_context(|| format!("cannot serve the API on {address}"))?;
@@ -174,8 +177,9 @@ fn read_token(path: &Path) -> anyhow::Result<Arc<str>> {
     Ok(token.into())
 }
 
-/// Binds the Unix socket with `mode`, owned by `group` if given. A leftover file from a balancer that died is replaced; so
-/// is the socket of a running one (during an upgrade the new balancer takes the API over).
+/// Binds the Unix socket with `mode`, owned by `group` if given. A socket left over by a
+/// balancer that died is replaced; anything else at the path (a live balancer's socket, a file)
+/// is refused rather than taken over or deleted.
 fn bind_unix(
     path: &Path,
     mode: u32,
@@ -188,10 +192,20 @@ fn bind_unix(
             fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
         }
     }
-    match fs::remove_file(path) {
-        Ok(()) => {}
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it with the API socket",
+                path.display()
+            )
+        }
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            bail!("another process (a running wglb?) serves on {}; stop it or set another [api] socket", path.display())
+        }
+        Ok(_) => fs::remove_file(path)
+            .with_context(|| format!("cannot replace the stale socket {}", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("cannot check {}", path.display())),
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot serve the API on {}", path.display()))?;
@@ -214,6 +228,31 @@ fn bind_unix(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_socket_replaces_only_a_stale_socket() {
+        let dir = std::env::temp_dir().join(format!("wglb-serve-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("not-a-socket");
+        fs::write(&file, "keep me").unwrap();
+        let err = bind_unix(&file, 0o660, None).err().unwrap().to_string();
+        assert!(err.contains("not a socket"), "{err}");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "keep me");
+
+        let live = dir.join("live.sock");
+        let _serving = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let err = bind_unix(&live, 0o660, None).err().unwrap().to_string();
+        assert!(err.contains("another process"), "{err}");
+
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let (_listener, socket) = bind_unix(&stale, 0o600, None).unwrap();
+        let mode = fs::metadata(&stale).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(socket);
+        assert!(!stale.exists(), "the socket file outlived its server");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn tokens_are_checked_whole() {

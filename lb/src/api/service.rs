@@ -27,6 +27,10 @@ use crate::query::{ClientMatch, SessionFilter, SessionPage, SessionRequest, Sess
 /// Sessions per page when the client does not say, and the most it may ask for.
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
+/// Bounds on what a health reporter may make the balancer keep: a source name becomes a metric
+/// label, a detail is kept per report and repeated in events.
+const MAX_SOURCE_NAME: usize = 64;
+const MAX_DETAIL: usize = 1024;
 
 /// The API: cheap to clone, one per service.
 #[derive(Clone)]
@@ -577,8 +581,18 @@ impl Api {
                 error,
             }
         };
-        if report.source.is_empty() {
-            return refused("a report needs a source name".into());
+        if report.source.is_empty() || report.source.len() > MAX_SOURCE_NAME {
+            return refused(format!(
+                "a report needs a source name of 1 to {MAX_SOURCE_NAME} bytes"
+            ));
+        }
+        let mut detail = report.detail;
+        if detail.len() > MAX_DETAIL {
+            let mut end = MAX_DETAIL;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
         }
         let address = match report.address.as_str() {
             "" => None,
@@ -593,7 +607,7 @@ impl Api {
             address,
             source: report.source,
             healthy: report.healthy,
-            detail: report.detail,
+            detail,
             ttl: Duration::from_millis(report.ttl_ms),
         };
         match self

@@ -127,7 +127,7 @@ pub enum ClientCommand {
         #[arg(long)]
         client: Option<String>,
         /// At most this many.
-        #[arg(long, default_value_t = 100, conflicts_with = "all")]
+        #[arg(long, default_value_t = 100, conflicts_with = "all", value_parser = clap::value_parser!(u64).range(1..))]
         limit: u64,
         /// Every session, however many.
         #[arg(long)]
@@ -181,7 +181,7 @@ pub enum GatewayCommand {
         name: String,
         /// IP:PORT of its WireGuard endpoint.
         address: String,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
         weight: u32,
         #[arg(long, value_parser = parse_state, default_value = "active")]
         state: AdminState,
@@ -202,7 +202,7 @@ pub enum GatewayCommand {
         listener: Option<String>,
         #[arg(long, value_parser = parse_state, required_unless_present = "weight")]
         state: Option<AdminState>,
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
         weight: Option<u32>,
     },
 }
@@ -253,24 +253,41 @@ impl ApiArgs {
     }
 }
 
+/// How long one request may take before the balancer counts as unreachable (a hung control
+/// plane must not hang scripts).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Awaits one request's answer, within [`REQUEST_TIMEOUT`].
+async fn answer<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CliError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+        Ok(response) => Ok(response?.into_inner()),
+        Err(_) => Err(CliError::new(
+            ExitCode::Unreachable,
+            format!(
+                "the balancer did not answer within {}",
+                humantime::format_duration(REQUEST_TIMEOUT)
+            ),
+        )),
+    }
+}
+
 /// Runs one client command to completion, printing its result.
 pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliError> {
     let mut api = args.connect().await?;
     let json = args.json;
     match command {
         ClientCommand::Status => {
-            let status = api.control.status(pb::StatusRequest {}).await?.into_inner();
+            let status = answer(api.control.status(pb::StatusRequest {})).await?;
             render::status(&status, json);
         }
         ClientCommand::Gateways { listener } => {
-            let gateways = api
-                .control
-                .list_gateways(pb::ListGatewaysRequest {
-                    listener: listener.unwrap_or_default(),
-                })
-                .await?
-                .into_inner()
-                .gateways;
+            let gateways = answer(api.control.list_gateways(pb::ListGatewaysRequest {
+                listener: listener.unwrap_or_default(),
+            }))
+            .await?
+            .gateways;
             render::gateways(&gateways, json);
         }
         ClientCommand::Sessions {
@@ -291,11 +308,7 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
             let mut total = 0;
             while (sessions.len() as u64) < wanted {
                 request.page_size = (wanted - sessions.len() as u64).min(10_000) as u32;
-                let page = api
-                    .control
-                    .list_sessions(request.clone())
-                    .await?
-                    .into_inner();
+                let page = answer(api.control.list_sessions(request.clone())).await?;
                 total = page.total;
                 sessions.extend(page.sessions);
                 if page.next_page_token.is_empty() {
@@ -353,15 +366,15 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
                 ..Default::default()
             };
             request.set_state(state_message(state));
-            let changed = api.control.add_gateway(request).await?.into_inner();
+            let changed = answer(api.control.add_gateway(request)).await?;
             render::gateways(&changed.gateways, json);
         }
         ClientCommand::Gateway(GatewayCommand::Remove { listener, name }) => {
-            let changed = api
-                .control
-                .remove_gateway(pb::RemoveGatewayRequest { listener, name })
-                .await?
-                .into_inner();
+            let changed = answer(
+                api.control
+                    .remove_gateway(pb::RemoveGatewayRequest { listener, name }),
+            )
+            .await?;
             render::gateways(&changed.gateways, json);
         }
         ClientCommand::Gateway(GatewayCommand::Set {
@@ -384,23 +397,20 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
                 (None, Some(gateway)) => Target::Gateway(gateway),
                 (None, None) => unreachable!("clap requires one"),
             };
-            let evicted = api
-                .control
-                .evict_sessions(pb::EvictSessionsRequest {
-                    listener: listener.unwrap_or_default(),
-                    target: Some(target),
-                })
-                .await?
-                .into_inner()
-                .evicted;
+            let evicted = answer(api.control.evict_sessions(pb::EvictSessionsRequest {
+                listener: listener.unwrap_or_default(),
+                target: Some(target),
+            }))
+            .await?
+            .evicted;
             render::evicted(evicted, json);
         }
         ClientCommand::Reload => {
-            let reloaded = api.control.reload(pb::ReloadRequest {}).await?.into_inner();
+            let reloaded = answer(api.control.reload(pb::ReloadRequest {})).await?;
             render::reloaded(&reloaded.path, json);
         }
         ClientCommand::Events => {
-            let mut events = api.events.watch(pb::WatchRequest {}).await?.into_inner();
+            let mut events = answer(api.events.watch(pb::WatchRequest {})).await?;
             while let Some(event) = events.next().await {
                 render::event(&event?, json);
             }
@@ -429,12 +439,7 @@ async fn set(
     if let Some(state) = state {
         request.set_state(state_message(state));
     }
-    Ok(api
-        .control
-        .set_gateway(request)
-        .await?
-        .into_inner()
-        .gateways)
+    Ok(answer(api.control.set_gateway(request)).await?.gateways)
 }
 
 /// Polls until the drained gateway holds no session, printing progress to stderr.
@@ -448,14 +453,11 @@ async fn wait_drained(
     let started = Instant::now();
     let mut last: Option<u64> = None;
     loop {
-        let gateways = api
-            .control
-            .list_gateways(pb::ListGatewaysRequest {
-                listener: listener.unwrap_or_default().to_string(),
-            })
-            .await?
-            .into_inner()
-            .gateways;
+        let gateways = answer(api.control.list_gateways(pb::ListGatewaysRequest {
+            listener: listener.unwrap_or_default().to_string(),
+        }))
+        .await?
+        .gateways;
         let ours: Vec<pb::Gateway> = gateways.into_iter().filter(|g| g.name == gateway).collect();
         if ours.is_empty() {
             // Removed while draining: nothing left to wait for.
