@@ -14,7 +14,7 @@ packages=(
     iproute2         # ip netns, veth
     iputils-ping     # ping through the tunnels
     prometheus       # promtool: the tests check the metrics exposition and deploy/ with it
-    prometheus       # promtool: the tests check the metrics exposition and deploy/ with it
+    llvm-22-dev      # bpf-linker links the XDP program against Debian's LLVM 22
     ca-certificates
 )
 missing=()
@@ -37,3 +37,20 @@ for component in rustfmt clippy; do
     command="cargo ${component/rustfmt/fmt} --version"
     $command >/dev/null 2>&1 || rustup component add "$component"
 done
+
+# The XDP program (ebpf/xdp) is built by lb/build.rs with a pinned nightly whose LLVM (22) is the
+# one bpf-linker links with; "latest nightly" would move to an LLVM that Debian does not ship.
+cd "$(dirname "$0")/.."
+ebpf_toolchain=$(sed -n 's/^const EBPF_TOOLCHAIN: &str = "\(.*\)";$/\1/p' lb/build.rs)
+if [[ -z $ebpf_toolchain ]]; then
+    echo "setup: cannot find EBPF_TOOLCHAIN in lb/build.rs" >&2
+    exit 1
+fi
+if ! rustup component list --installed --toolchain "$ebpf_toolchain" 2>/dev/null | grep -q '^rust-src'; then
+    rustup toolchain install "$ebpf_toolchain" --profile minimal --component rust-src
+fi
+bpf_linker_version=0.13.0
+if [[ $(bpf-linker --version 2>/dev/null) != *"$bpf_linker_version"* ]]; then
+    LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --locked --force --version "$bpf_linker_version" \
+        --no-default-features --features llvm-22
+fi

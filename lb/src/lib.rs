@@ -18,3 +18,4 @@ pub mod pool;
 pub mod query;
 pub mod quorum;
 pub mod session;
+pub mod xdp;

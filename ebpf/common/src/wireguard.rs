@@ -64,20 +64,30 @@ impl MessageType {
 
 /// Classifies a UDP payload. Only the length and the first four bytes are read.
 pub fn classify(payload: &[u8]) -> Result<MessageType, Junk> {
-    if payload.len() < 4 {
+    match payload {
+        [a, b, c, d, ..] => classify_header([*a, *b, *c, *d], payload.len()),
+        _ => Err(Junk::Truncated),
+    }
+}
+
+/// Classifies a payload of `len` bytes that starts with `header`: the form the XDP program can
+/// use, which reads the four bytes itself, bounds-checked against the packet end. A `len` below 4
+/// is truncated whatever `header` holds.
+#[inline(always)]
+pub fn classify_header(header: [u8; 4], len: usize) -> Result<MessageType, Junk> {
+    if len < 4 {
         return Err(Junk::Truncated);
     }
-    let kind = match payload[0] {
+    let kind = match header[0] {
         1 => MessageType::HandshakeInitiation,
         2 => MessageType::HandshakeResponse,
         3 => MessageType::CookieReply,
         4 => MessageType::TransportData,
         _ => return Err(Junk::UnknownType),
     };
-    if payload[1] | payload[2] | payload[3] != 0 {
+    if header[1] | header[2] | header[3] != 0 {
         return Err(Junk::ReservedNotZero);
     }
-    let len = payload.len();
     let well_sized = match kind {
         MessageType::HandshakeInitiation => len == HANDSHAKE_INITIATION_LEN,
         MessageType::HandshakeResponse => len == HANDSHAKE_RESPONSE_LEN,
