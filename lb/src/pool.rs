@@ -197,6 +197,10 @@ impl Placement {
         self.gateways.iter().find(|g| g.id == id)
     }
 
+    pub fn hash_key(&self) -> HashKey {
+        self.hash_key
+    }
+
     /// True while no active gateway is up and health is being ignored.
     pub fn failing_open(&self) -> bool {
         self.failing_open
@@ -214,6 +218,15 @@ impl Placement {
             HashKey::SourceIpPort => client.port(),
         };
         wglb_common::hash::flow_hash(ip.octets(), port)
+    }
+
+    /// The Maglev table slot by slot, as the gateway each slot sends new sessions to: what the
+    /// XDP datapath loads, so that it places clients exactly as [`Placement::place`] does.
+    pub fn slots(&self) -> impl Iterator<Item = &GatewayView> + '_ {
+        self.table
+            .slots()
+            .iter()
+            .map(|&slot| &self.gateways[self.placeable[slot as usize]])
     }
 
     /// Where a new session of `client` goes, if anywhere.

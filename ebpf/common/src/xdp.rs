@@ -3,19 +3,100 @@
 
 use crate::wireguard::Junk;
 
-/// A listener's address as the program matches it: the destination address (IPv4 as an
-/// IPv4-mapped IPv6 address) and port of a client's datagram.
+/// An address and port as the program matches them: IPv4 as an IPv4-mapped IPv6 address, the
+/// port in network byte order, as on the wire. Keys listener addresses (a client's destination)
+/// and gateways (a reply's source).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ListenerKey {
+pub struct Endpoint {
     pub addr: [u8; 16],
-    /// Network byte order, as on the wire.
     pub port: [u8; 2],
     pub pad: [u8; 2],
 }
 
 /// Most listener addresses the program matches (a wildcard listener takes one per local address).
 pub const MAX_LISTENER_ADDRS: u32 = 1024;
+/// Most gateways over all listeners; a gateway's index in the GATEWAYS array is its identity in
+/// sessions, NAT entries and Maglev slots.
+pub const MAX_GATEWAYS: u32 = 4096;
+
+/// What the program needs to know about a listener address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// The listener's index: part of every session key.
+    pub index: u32,
+    /// Where the listener's Maglev table starts in the MAGLEV array, and its size.
+    pub maglev_offset: u32,
+    pub maglev_size: u32,
+    /// 1 when the source port counts for placement (`hash_key = "source-ip-port"`).
+    pub hash_port: u8,
+    pub pad: [u8; 3],
+}
+
+/// A client's session key: the listener and the client's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub listener: u32,
+    pub client: Endpoint,
+}
+
+/// A session: where a client's datagrams go and how its replies find the way back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// Index in GATEWAYS.
+    pub gateway: u32,
+    /// The source port datagrams to the gateway leave from (network order); the NAT map leads
+    /// replies to it back to this session.
+    pub nat_port: [u8; 2],
+    /// The client's (or its router's) MAC and ours, and the interface the client came in on:
+    /// replies go back the same way.
+    pub client_mac: [u8; 6],
+    pub local_mac: [u8; 6],
+    pub pad: [u8; 2],
+    pub ifindex: u32,
+    /// The address the client sent to: replies come from it.
+    pub listener: Endpoint,
+    pub pad2: [u8; 4],
+    /// Last packet either way (bpf_ktime_get_ns), for idle expiry by userspace.
+    pub last_seen_ns: u64,
+}
+
+/// A gateway as the program forwards to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    pub endpoint: Endpoint,
+    /// Our address towards the gateway (the NAT source address).
+    pub source: [u8; 16],
+    /// The next hop's MAC and ours on the interface towards it.
+    pub next_hop_mac: [u8; 6],
+    pub local_mac: [u8; 6],
+    pub ifindex: u32,
+    /// [`GATEWAY_KEEPS`] while its sessions may continue (active or draining, and up or
+    /// failing open); without it, its sessions are evicted and placed again.
+    pub flags: u32,
+}
+
+pub const GATEWAY_KEEPS: u32 = 1;
+
+/// A NAT entry's key: a gateway and the source port its datagrams leave from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub gateway: u32,
+    pub nat_port: [u8; 2],
+    pub pad: [u8; 2],
+}
+
+/// Indices in the CONFIG array.
+pub const CONFIG_NAT_FIRST_PORT: u32 = 0;
+pub const CONFIG_NAT_PORTS: u32 = 1;
+pub const CONFIG_LEN: u32 = 2;
+/// NAT ports tried for a new session before giving up (linear probing from the flow's hash).
+pub const NAT_PROBES: u32 = 8;
 
 /// What the program counted, one slot of a per-CPU array each. The order is the map layout.
 #[repr(u32)]
@@ -37,12 +118,30 @@ pub enum XdpCounter {
     JunkUnknownType,
     JunkReservedNotZero,
     JunkBadLength,
-    /// WireGuard to a listener: passed to the userspace datapath.
+    /// WireGuard to a listener that the program does not forward (client and gateway of
+    /// different families): passed to the userspace datapath.
     WireguardPassed,
+    /// Forwarded to a gateway.
+    ToGateway,
+    /// A reply forwarded to a client.
+    ToClient,
+    SessionCreated,
+    /// A session whose gateway no longer keeps sessions, evicted and placed again.
+    GatewayGone,
+    /// No gateway takes new sessions: dropped.
+    NoGateway,
+    /// No free NAT port within the probes: dropped.
+    NatPortsExhausted,
+    /// From a gateway to a port with no session: passed (the kernel or userspace may own it).
+    ReplyNoSession,
+    /// A NAT entry whose session is gone: removed, the datagram dropped.
+    StaleNat,
+    /// The next hop is another interface, and the redirect helper refused: dropped.
+    RedirectFailed,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 20;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::NotIp,
         XdpCounter::NotUdp,
@@ -55,6 +154,15 @@ impl XdpCounter {
         XdpCounter::JunkReservedNotZero,
         XdpCounter::JunkBadLength,
         XdpCounter::WireguardPassed,
+        XdpCounter::ToGateway,
+        XdpCounter::ToClient,
+        XdpCounter::SessionCreated,
+        XdpCounter::GatewayGone,
+        XdpCounter::NoGateway,
+        XdpCounter::NatPortsExhausted,
+        XdpCounter::ReplyNoSession,
+        XdpCounter::StaleNat,
+        XdpCounter::RedirectFailed,
     ];
 
     /// The counter of a kind of junk: the same kinds the userspace filter counts.
@@ -81,6 +189,15 @@ impl XdpCounter {
             XdpCounter::JunkReservedNotZero => "not_wireguard_reserved_not_zero",
             XdpCounter::JunkBadLength => "not_wireguard_bad_length",
             XdpCounter::WireguardPassed => "wireguard_passed",
+            XdpCounter::ToGateway => "to_gateway",
+            XdpCounter::ToClient => "to_client",
+            XdpCounter::SessionCreated => "session_created",
+            XdpCounter::GatewayGone => "gateway_gone",
+            XdpCounter::NoGateway => "no_gateway",
+            XdpCounter::NatPortsExhausted => "nat_ports_exhausted",
+            XdpCounter::ReplyNoSession => "reply_no_session",
+            XdpCounter::StaleNat => "stale_nat",
+            XdpCounter::RedirectFailed => "redirect_failed",
         }
     }
 }
@@ -88,7 +205,12 @@ impl XdpCounter {
 #[cfg(feature = "user")]
 mod user {
     // Plain bytes with no padding left implicit: safe to copy to and from the kernel.
-    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::ListenerInfo {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Session {}
+    unsafe impl aya::Pod for super::Gateway {}
+    unsafe impl aya::Pod for super::NatKey {}
 }
 
 #[cfg(test)]
@@ -100,6 +222,12 @@ mod tests {
         for (index, counter) in XdpCounter::ALL.iter().enumerate() {
             assert_eq!(*counter as usize, index);
         }
-        assert_eq!(core::mem::size_of::<ListenerKey>(), 20);
+        // No implicit padding: every byte is a field.
+        assert_eq!(core::mem::size_of::<Endpoint>(), 20);
+        assert_eq!(core::mem::size_of::<ListenerInfo>(), 16);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 24);
+        assert_eq!(core::mem::size_of::<Session>(), 56);
+        assert_eq!(core::mem::size_of::<Gateway>(), 56);
+        assert_eq!(core::mem::size_of::<NatKey>(), 8);
     }
 }

@@ -1,23 +1,59 @@
-//! The first stage of the XDP fast path: parse Ethernet, IPv4/IPv6 and UDP, match the datagram
-//! to a listener, and drop what is not WireGuard before it costs the kernel and userspace
-//! anything, with the same shape check the userspace datapath applies
-//! (`wglb_common::wireguard::classify_header`). What the program does not handle (not IP, not
-//! UDP, IPv4 options, IPv6 extension headers, fragments, other ports) goes on to the kernel,
-//! counted; WireGuard to a listener goes on to the userspace datapath.
+//! The XDP fast path. For each frame: parse Ethernet, IPv4/IPv6 and UDP; drop what is not
+//! WireGuard with the same shape check the userspace datapath applies
+//! (`wglb_common::wireguard::classify_header`); then either
+//! - a client's datagram to a listener: find its session (or place it by the listener's Maglev
+//!   table, which userspace computes, and take a NAT port), rewrite it to go from our address
+//!   and the session's NAT port to its gateway, and send it on; or
+//! - a gateway's reply to a NAT port: find the session, rewrite it to come from the address the
+//!   client sent to, and send it back the way the client came.
 //!
-//! Sessions, placement and NAT in the kernel are the next stage (issue 4).
+//! Everything else (not IP, not UDP, IPv4 options, IPv6 extension headers, fragments, other
+//! ports, clients and gateways of different families) goes on to the kernel, counted. Policy
+//! (which gateway may take or keep sessions) is in the maps userspace fills; this program only
+//! executes it.
 
 use core::mem::size_of;
 
-use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::bindings::{xdp_action, BPF_NOEXIST};
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect};
 use aya_ebpf::macros::{map, xdp};
-use aya_ebpf::maps::{HashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
+use wglb_common::hash::flow_hash;
 use wglb_common::wireguard::classify_header;
-use wglb_common::xdp::{ListenerKey, XdpCounter, MAX_LISTENER_ADDRS};
+use wglb_common::xdp::{
+    Endpoint, FlowKey, Gateway, ListenerInfo, NatKey, Session, XdpCounter, CONFIG_LEN,
+    CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS, GATEWAY_KEEPS, MAX_GATEWAYS, MAX_LISTENER_ADDRS,
+    NAT_PROBES,
+};
 
 #[map]
-static LISTENERS: HashMap<ListenerKey, u32> = HashMap::with_max_entries(MAX_LISTENER_ADDRS, 0);
+static LISTENERS: HashMap<Endpoint, ListenerInfo> =
+    HashMap::with_max_entries(MAX_LISTENER_ADDRS, 0);
+
+/// Gateways by index; sessions, NAT entries and Maglev slots refer to them by it.
+#[map]
+static GATEWAYS: Array<Gateway> = Array::with_max_entries(MAX_GATEWAYS, 0);
+
+/// Gateway index by address, to recognise replies.
+#[map]
+static GATEWAY_INDEX: HashMap<Endpoint, u32> = HashMap::with_max_entries(MAX_GATEWAYS, 0);
+
+/// Every listener's Maglev table, one after the other: gateway index + 1, 0 for no gateway.
+/// Userspace sizes it at load time.
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Sessions by client; sized by userspace from the table size.
+#[map]
+static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 0);
+
+/// Which session a NAT port of a gateway belongs to.
+#[map]
+static NAT: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries(1, 0);
+
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
@@ -33,6 +69,10 @@ const IPPROTO_UDP: u8 = 17;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_EXTENSIONS: [u8; 6] = [0, 43, 50, 51, 60, 135];
 
+const PASS: u32 = xdp_action::XDP_PASS;
+const DROP: u32 = xdp_action::XDP_DROP;
+const TX: u32 = xdp_action::XDP_TX;
+
 #[xdp]
 pub fn wglb(ctx: XdpContext) -> u32 {
     let (verdict, counter) = decide(&ctx);
@@ -43,86 +83,429 @@ pub fn wglb(ctx: XdpContext) -> u32 {
     verdict
 }
 
-/// A pointer to `len` bytes at `offset`, if the packet has them: the check the verifier wants
-/// before every read.
+/// `N` bytes at `offset`, if the packet has them: the check the verifier wants before a read.
 #[inline(always)]
-fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
+fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<*mut [u8; N]> {
     let start = ctx.data();
     if start + offset + N > ctx.data_end() {
         return None;
     }
-    Some(unsafe { &*((start + offset) as *const [u8; N]) })
+    Some((start + offset) as *mut [u8; N])
+}
+
+/// Where a frame's headers are, once parsed.
+struct Headers {
+    ipv4: bool,
+    ip: usize,
+    udp: usize,
+    source: Endpoint,
+    destination: Endpoint,
+}
+
+#[inline(always)]
+fn endpoint(addr: [u8; 16], port: [u8; 2]) -> Endpoint {
+    Endpoint {
+        addr,
+        port,
+        pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn mapped(v4: &[u8]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12] = v4[0];
+    addr[13] = v4[1];
+    addr[14] = v4[2];
+    addr[15] = v4[3];
+    addr
+}
+
+#[inline(always)]
+fn is_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Result<Headers, XdpCounter> {
+    let eth = unsafe { &*bytes::<ETH_HLEN>(ctx, 0).ok_or(XdpCounter::NotIp)? };
+    let (ipv4, source, destination) = match u16::from_be_bytes([eth[12], eth[13]]) {
+        ETH_P_IP => {
+            let ip = unsafe { &*bytes::<IPV4_HLEN>(ctx, ETH_HLEN).ok_or(XdpCounter::NotIp)? };
+            if ip[0] != 0x45 {
+                return Err(XdpCounter::IpOptions);
+            }
+            // More-fragments flag or a fragment offset.
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+                return Err(XdpCounter::Fragment);
+            }
+            if ip[9] != IPPROTO_UDP {
+                return Err(XdpCounter::NotUdp);
+            }
+            (true, mapped(&ip[12..16]), mapped(&ip[16..20]))
+        }
+        ETH_P_IPV6 => {
+            let ip = unsafe { &*bytes::<IPV6_HLEN>(ctx, ETH_HLEN).ok_or(XdpCounter::NotIp)? };
+            match ip[6] {
+                IPPROTO_UDP => {}
+                IPV6_FRAGMENT => return Err(XdpCounter::Fragment),
+                next if IPV6_EXTENSIONS.contains(&next) => return Err(XdpCounter::IpOptions),
+                _ => return Err(XdpCounter::NotUdp),
+            }
+            let mut source = [0u8; 16];
+            source.copy_from_slice(&ip[8..24]);
+            let mut destination = [0u8; 16];
+            destination.copy_from_slice(&ip[24..40]);
+            (false, source, destination)
+        }
+        _ => return Err(XdpCounter::NotIp),
+    };
+    let udp_offset = ETH_HLEN + if ipv4 { IPV4_HLEN } else { IPV6_HLEN };
+    let udp = unsafe { &*bytes::<UDP_HLEN>(ctx, udp_offset).ok_or(XdpCounter::NotUdp)? };
+    Ok(Headers {
+        ipv4,
+        ip: ETH_HLEN,
+        udp: udp_offset,
+        source: endpoint(source, [udp[0], udp[1]]),
+        destination: endpoint(destination, [udp[2], udp[3]]),
+    })
+}
+
+/// Drops what is not WireGuard, counted by kind; the UDP length, not the frame's, is the
+/// payload's (short frames carry Ethernet padding).
+#[inline(always)]
+fn check_wireguard(ctx: &XdpContext, headers: &Headers) -> Result<(), XdpCounter> {
+    let udp = unsafe { &*bytes::<UDP_HLEN>(ctx, headers.udp).ok_or(XdpCounter::NotUdp)? };
+    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    if udp_len < UDP_HLEN || ctx.data() + headers.udp + udp_len > ctx.data_end() {
+        return Err(XdpCounter::Malformed);
+    }
+    let header = match bytes::<4>(ctx, headers.udp + UDP_HLEN) {
+        Some(header) => unsafe { *header },
+        None => [0; 4],
+    };
+    classify_header(header, udp_len - UDP_HLEN)
+        .map(|_| ())
+        .map_err(XdpCounter::junk)
 }
 
 #[inline(always)]
 fn decide(ctx: &XdpContext) -> (u32, XdpCounter) {
-    const PASS: u32 = xdp_action::XDP_PASS;
-    const DROP: u32 = xdp_action::XDP_DROP;
-    let Some(eth) = bytes::<ETH_HLEN>(ctx, 0) else {
+    let headers = match parse(ctx) {
+        Ok(headers) => headers,
+        Err(counter) => return (PASS, counter),
+    };
+    if let Some(listener) = unsafe { LISTENERS.get(&headers.destination) } {
+        let listener = *listener;
+        if let Err(junk) = check_wireguard(ctx, &headers) {
+            return (DROP, junk);
+        }
+        return from_client(ctx, &headers, &listener);
+    }
+    if let Some(&gateway) = unsafe { GATEWAY_INDEX.get(&headers.source) } {
+        let nat = NatKey {
+            gateway,
+            nat_port: headers.destination.port,
+            pad: [0; 2],
+        };
+        let Some(flow) = (unsafe { NAT.get(&nat) }) else {
+            return (PASS, XdpCounter::ReplyNoSession);
+        };
+        let flow = *flow;
+        if let Err(junk) = check_wireguard(ctx, &headers) {
+            return (DROP, junk);
+        }
+        return from_gateway(ctx, &headers, &nat, &flow);
+    }
+    (PASS, XdpCounter::NotListener)
+}
+
+#[inline(always)]
+fn gateway(index: u32) -> Option<Gateway> {
+    GATEWAYS.get(index).copied()
+}
+
+#[inline(always)]
+fn config(index: u32) -> u32 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn from_client(ctx: &XdpContext, headers: &Headers, listener: &ListenerInfo) -> (u32, XdpCounter) {
+    let key = FlowKey {
+        listener: listener.index,
+        client: headers.source,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut evicted = false;
+    if let Some(session) = SESSIONS.get_ptr_mut(&key) {
+        let session = unsafe { &mut *session };
+        if let Some(gateway) = gateway(session.gateway) {
+            if gateway.flags & GATEWAY_KEEPS != 0 {
+                session.last_seen_ns = now;
+                return to_gateway(ctx, headers, &gateway, session.nat_port);
+            }
+        }
+        // Its gateway went down, moved or was removed: place the client again, as Katran's UDP
+        // flow migration does. Its next handshake lands on the new gateway.
+        let nat = NatKey {
+            gateway: session.gateway,
+            nat_port: session.nat_port,
+            pad: [0; 2],
+        };
+        let _ = NAT.remove(&nat);
+        let _ = SESSIONS.remove(&key);
+        evicted = true;
+    }
+    let hash_port = if listener.hash_port != 0 {
+        u16::from_be_bytes(headers.source.port)
+    } else {
+        0
+    };
+    let hash = flow_hash(headers.source.addr, hash_port);
+    if listener.maglev_size == 0 {
+        return (DROP, XdpCounter::NoGateway);
+    }
+    let slot = listener.maglev_offset + hash % listener.maglev_size;
+    let entry = MAGLEV.get(slot).copied().unwrap_or(0);
+    let Some(gateway) = entry
+        .checked_sub(1)
+        .and_then(|index| gateway(index).map(|g| (index, g)))
+    else {
+        return (DROP, XdpCounter::NoGateway);
+    };
+    let (index, gateway) = gateway;
+    if headers.ipv4 != is_mapped(&gateway.endpoint.addr) {
+        // Rewriting between families means resizing headers: the userspace datapath does it.
+        return (PASS, XdpCounter::WireguardPassed);
+    }
+    let first = config(CONFIG_NAT_FIRST_PORT);
+    let ports = config(CONFIG_NAT_PORTS);
+    if ports == 0 {
+        return (DROP, XdpCounter::NatPortsExhausted);
+    }
+    let mut nat_port = None;
+    for probe in 0..NAT_PROBES {
+        let port = (first + (hash.wrapping_add(probe)) % ports) as u16;
+        let nat = NatKey {
+            gateway: index,
+            nat_port: port.to_be_bytes(),
+            pad: [0; 2],
+        };
+        // NOEXIST: a port another session holds is not taken from it.
+        if NAT.insert(&nat, &key, BPF_NOEXIST as u64).is_ok() {
+            nat_port = Some(nat.nat_port);
+            break;
+        }
+    }
+    let Some(nat_port) = nat_port else {
+        return (DROP, XdpCounter::NatPortsExhausted);
+    };
+    let Some(eth) = bytes::<12>(ctx, 0) else {
         return (PASS, XdpCounter::NotIp);
     };
-    let mut addr = [0u8; 16];
-    let udp_offset = match u16::from_be_bytes([eth[12], eth[13]]) {
-        ETH_P_IP => {
-            let Some(ip) = bytes::<IPV4_HLEN>(ctx, ETH_HLEN) else {
-                return (PASS, XdpCounter::NotIp);
-            };
-            if ip[0] != 0x45 {
-                return (PASS, XdpCounter::IpOptions);
-            }
-            // More-fragments flag or a fragment offset.
-            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-                return (PASS, XdpCounter::Fragment);
-            }
-            if ip[9] != IPPROTO_UDP {
-                return (PASS, XdpCounter::NotUdp);
-            }
-            addr[10] = 0xff;
-            addr[11] = 0xff;
-            addr[12..16].copy_from_slice(&ip[16..20]);
-            ETH_HLEN + IPV4_HLEN
-        }
-        ETH_P_IPV6 => {
-            let Some(ip) = bytes::<IPV6_HLEN>(ctx, ETH_HLEN) else {
-                return (PASS, XdpCounter::NotIp);
-            };
-            match ip[6] {
-                IPPROTO_UDP => {}
-                IPV6_FRAGMENT => return (PASS, XdpCounter::Fragment),
-                next if IPV6_EXTENSIONS.contains(&next) => return (PASS, XdpCounter::IpOptions),
-                _ => return (PASS, XdpCounter::NotUdp),
-            }
-            addr.copy_from_slice(&ip[24..40]);
-            ETH_HLEN + IPV6_HLEN
-        }
-        _ => return (PASS, XdpCounter::NotIp),
+    let eth = unsafe { &*eth };
+    let mut client_mac = [0u8; 6];
+    client_mac.copy_from_slice(&eth[6..12]);
+    let mut local_mac = [0u8; 6];
+    local_mac.copy_from_slice(&eth[0..6]);
+    let session = Session {
+        gateway: index,
+        nat_port,
+        client_mac,
+        local_mac,
+        pad: [0; 2],
+        ifindex: ctx.ingress_ifindex() as u32,
+        listener: headers.destination,
+        pad2: [0; 4],
+        last_seen_ns: now,
     };
-    let Some(udp) = bytes::<UDP_HLEN>(ctx, udp_offset) else {
+    if SESSIONS.insert(&key, &session, 0).is_err() {
+        let _ = NAT.remove(&NatKey {
+            gateway: index,
+            nat_port,
+            pad: [0; 2],
+        });
+        return (DROP, XdpCounter::NatPortsExhausted);
+    }
+    let (verdict, counter) = to_gateway(ctx, headers, &gateway, nat_port);
+    if counter == XdpCounter::ToGateway {
+        // The forward counts as a forward; a new session and an eviction are counted here.
+        count(XdpCounter::SessionCreated);
+        if evicted {
+            count(XdpCounter::GatewayGone);
+        }
+    }
+    (verdict, counter)
+}
+
+#[inline(always)]
+fn from_gateway(
+    ctx: &XdpContext,
+    headers: &Headers,
+    nat: &NatKey,
+    flow: &FlowKey,
+) -> (u32, XdpCounter) {
+    let Some(session) = SESSIONS.get_ptr_mut(flow) else {
+        let _ = NAT.remove(nat);
+        return (DROP, XdpCounter::StaleNat);
+    };
+    let session = unsafe { &mut *session };
+    if session.gateway != nat.gateway || session.nat_port != nat.nat_port {
+        let _ = NAT.remove(nat);
+        return (DROP, XdpCounter::StaleNat);
+    }
+    session.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    let to = Rewrite {
+        source: session.listener,
+        destination: flow.client,
+        source_mac: session.local_mac,
+        destination_mac: session.client_mac,
+    };
+    let ifindex = session.ifindex;
+    send(ctx, headers, &to, ifindex, XdpCounter::ToClient)
+}
+
+#[inline(always)]
+fn count(counter: XdpCounter) {
+    if let Some(count) = COUNTERS.get_ptr_mut(counter as u32) {
+        unsafe { *count += 1 };
+    }
+}
+
+/// What a frame's addresses become.
+struct Rewrite {
+    source: Endpoint,
+    destination: Endpoint,
+    source_mac: [u8; 6],
+    destination_mac: [u8; 6],
+}
+
+#[inline(always)]
+fn to_gateway(
+    ctx: &XdpContext,
+    headers: &Headers,
+    gateway: &Gateway,
+    nat_port: [u8; 2],
+) -> (u32, XdpCounter) {
+    let to = Rewrite {
+        source: endpoint(gateway.source, nat_port),
+        destination: gateway.endpoint,
+        source_mac: gateway.local_mac,
+        destination_mac: gateway.next_hop_mac,
+    };
+    send(ctx, headers, &to, gateway.ifindex, XdpCounter::ToGateway)
+}
+
+/// Rewrites the frame's MACs, addresses and ports with checksums updated, and sends it out of
+/// `ifindex`: back out of the interface it came in on (XDP_TX), or redirected to another.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    headers: &Headers,
+    to: &Rewrite,
+    ifindex: u32,
+    counter: XdpCounter,
+) -> (u32, XdpCounter) {
+    let Some(eth) = bytes::<12>(ctx, 0) else {
+        return (PASS, XdpCounter::NotIp);
+    };
+    let eth = unsafe { &mut *eth };
+    eth[0..6].copy_from_slice(&to.destination_mac);
+    eth[6..12].copy_from_slice(&to.source_mac);
+    let Some(udp) = bytes::<UDP_HLEN>(ctx, headers.udp) else {
         return (PASS, XdpCounter::NotUdp);
     };
-    let key = ListenerKey {
-        addr,
-        port: [udp[2], udp[3]],
-        pad: [0; 2],
-    };
-    if unsafe { LISTENERS.get(&key) }.is_none() {
-        return (PASS, XdpCounter::NotListener);
+    let udp = unsafe { &mut *udp };
+    let old_checksum = u16::from_be_bytes([udp[6], udp[7]]);
+    let mut sum = !old_checksum as u32;
+    if headers.ipv4 {
+        let Some(ip) = bytes::<IPV4_HLEN>(ctx, headers.ip) else {
+            return (PASS, XdpCounter::NotIp);
+        };
+        let ip = unsafe { &mut *ip };
+        sum = replace(
+            sum,
+            &ip[12..20],
+            &to.source.addr[12..16],
+            &to.destination.addr[12..16],
+        );
+        ip[12..16].copy_from_slice(&to.source.addr[12..16]);
+        ip[16..20].copy_from_slice(&to.destination.addr[12..16]);
+        ipv4_checksum(ip);
+    } else {
+        let Some(ip) = bytes::<IPV6_HLEN>(ctx, headers.ip) else {
+            return (PASS, XdpCounter::NotIp);
+        };
+        let ip = unsafe { &mut *ip };
+        sum = replace(sum, &ip[8..40], &to.source.addr, &to.destination.addr);
+        ip[8..24].copy_from_slice(&to.source.addr);
+        ip[24..40].copy_from_slice(&to.destination.addr);
     }
-    // The UDP length, not the frame's: short frames carry Ethernet padding.
-    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
-    let payload = udp_offset + UDP_HLEN;
-    if udp_len < UDP_HLEN || ctx.data() + udp_offset + udp_len > ctx.data_end() {
-        return (DROP, XdpCounter::Malformed);
+    sum = replace(sum, &udp[0..4], &to.source.port, &to.destination.port);
+    udp[0..2].copy_from_slice(&to.source.port);
+    udp[2..4].copy_from_slice(&to.destination.port);
+    // An IPv4 datagram without a checksum (0) stays without one.
+    if !(headers.ipv4 && old_checksum == 0) {
+        let mut checksum = !fold(sum) as u16;
+        if checksum == 0 {
+            checksum = 0xffff;
+        }
+        udp[6..8].copy_from_slice(&checksum.to_be_bytes());
     }
-    let len = udp_len - UDP_HLEN;
-    let header = match bytes::<4>(ctx, payload) {
-        Some(header) => *header,
-        None => [0; 4],
-    };
-    match classify_header(header, len) {
-        Ok(_) => (PASS, XdpCounter::WireguardPassed),
-        Err(junk) => (DROP, XdpCounter::junk(junk)),
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        return (TX, counter);
     }
+    let verdict = unsafe { bpf_redirect(ifindex, 0) } as u32;
+    if verdict == xdp_action::XDP_REDIRECT {
+        (verdict, counter)
+    } else {
+        (DROP, XdpCounter::RedirectFailed)
+    }
+}
+
+/// Updates a one's-complement sum (RFC 1624) for the 16-bit words of `old` (the current
+/// source then destination) becoming `source` then `destination`.
+#[inline(always)]
+fn replace(mut sum: u32, old: &[u8], source: &[u8], destination: &[u8]) -> u32 {
+    let half = old.len() / 2;
+    let mut i = 0;
+    while i + 1 < old.len() {
+        let before = u16::from_be_bytes([old[i], old[i + 1]]);
+        let after = if i < half {
+            u16::from_be_bytes([source[i], source[i + 1]])
+        } else {
+            u16::from_be_bytes([destination[i - half], destination[i - half + 1]])
+        };
+        sum += !before as u32;
+        sum += after as u32;
+        i += 2;
+    }
+    fold(sum) as u32
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Recomputes an IPv4 header checksum (20 bytes, no options: those were passed on).
+#[inline(always)]
+fn ipv4_checksum(ip: &mut [u8; IPV4_HLEN]) {
+    ip[10] = 0;
+    ip[11] = 0;
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < IPV4_HLEN {
+        sum += u16::from_be_bytes([ip[i], ip[i + 1]]) as u32;
+        i += 2;
+    }
+    let checksum = !fold(sum);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
 }
 
 #[panic_handler]
@@ -136,4 +519,4 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
-const _: () = assert!(size_of::<ListenerKey>() == 20);
+const _: () = assert!(size_of::<Endpoint>() == 20);
