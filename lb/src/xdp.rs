@@ -182,6 +182,26 @@ impl XdpProgram {
     }
 }
 
+impl XdpProgram {
+    /// The kernel's mean time per run of the program on `packet` over `repeat` runs
+    /// (BPF_PROG_TEST_RUN's own clock, which excludes the system call).
+    pub fn time(&self, packet: &[u8], repeat: u32) -> anyhow::Result<std::time::Duration> {
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM)
+            .context("the object has no `wglb` program")?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        Ok(result.duration)
+    }
+}
+
 /// An address as the program's maps hold it: IPv4 as IPv4-mapped IPv6, the port in network order.
 pub fn endpoint_of(address: SocketAddr) -> Endpoint {
     let addr = match address.ip() {

@@ -60,7 +60,8 @@ pub struct Session {
     /// The address the client sent to: replies come from it.
     pub listener: Endpoint,
     pub pad2: [u8; 4],
-    /// Last packet either way (bpf_ktime_get_ns), for idle expiry by userspace.
+    /// Last packet either way, to the second (bpf_ktime_get_coarse_ns, CLOCK_MONOTONIC_COARSE),
+    /// for idle expiry by userspace.
     pub last_seen_ns: u64,
 }
 
