@@ -69,9 +69,12 @@ fn gateway_mac(j: u32) -> [u8; 6] {
 
 /// A listener's configuration: gateways `gw{j}` for j in `js`, states as given.
 fn listener_config(listen: SocketAddr, js: &[u32], states: &[&str]) -> Placement {
-    let mut text = format!(
-        "[[listener]]\nname = \"l\"\nlisten = \"{listen}\"\nhash_key = \"source-ip-port\"\n"
-    );
+    placement_with(listen, "source-ip-port", js, states)
+}
+
+fn placement_with(listen: SocketAddr, hash_key: &str, js: &[u32], states: &[&str]) -> Placement {
+    let mut text =
+        format!("[[listener]]\nname = \"l\"\nlisten = \"{listen}\"\nhash_key = \"{hash_key}\"\n");
     for (&j, state) in js.iter().zip(states) {
         text += &format!(
             "[[listener.gateway]]\nname = \"gw{j}\"\naddress = \"{}\"\nstate = \"{state}\"\n",
@@ -410,6 +413,26 @@ fn a_down_gateway_loses_its_sessions_and_a_draining_one_keeps_them() -> Result<(
         XDP_DROP,
         XdpCounter::NoGateway,
     )?;
+    Ok(())
+}
+
+#[test]
+fn clients_behind_one_address_share_its_gateway_on_ports_of_their_own() -> Result<()> {
+    let mut lab = Lab::new()?;
+    lab.v4 = placement_with(listener_v4(), "source-ip", &[0, 1, 2], &["active"; 3]);
+    lab.program
+        .set_placement(0, &[listener_v4()], 0, &lab.v4, |g| index_of(&g.name))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut gateways = std::collections::HashSet::new();
+    for port in 46_000..46_200 {
+        let (j, nat) = to_gateway(&lab, client_v4(port), listener_v4(), &message(1, 148))?;
+        gateways.insert(j);
+        ensure!(seen.insert(nat), "NAT port {nat} given twice");
+    }
+    ensure!(
+        gateways.len() == 1,
+        "one address went to gateways {gateways:?}"
+    );
     Ok(())
 }
 

@@ -286,9 +286,13 @@ fn from_client(ctx: &XdpContext, headers: &Headers, listener: &ListenerInfo) -> 
     if ports == 0 {
         return (DROP, XdpCounter::NatPortsExhausted);
     }
+    // Probe from a point that depends on the client's port too: with `hash_key = "source-ip"`
+    // every client behind one address has the same placement hash, and would otherwise contend
+    // for the same few ports.
+    let start = hash ^ (u16::from_be_bytes(headers.source.port) as u32).wrapping_mul(0x9e37_79b1);
     let mut nat_port = None;
     for probe in 0..NAT_PROBES {
-        let port = (first + (hash.wrapping_add(probe)) % ports) as u16;
+        let port = (first + start.wrapping_add(probe) % ports) as u16;
         let nat = NatKey {
             gateway: index,
             nat_port: port.to_be_bytes(),
