@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use wglb_common::xdp::{
     Endpoint, FlowKey, Gateway, ListenerInfo, Session, XdpCounter, CONFIG_NAT_FIRST_PORT,
@@ -161,6 +161,21 @@ impl XdpProgram {
     /// kernel would on receiving it on the loopback interface, and returns what it decided and
     /// the packet it left.
     pub fn run(&self, packet: &[u8]) -> anyhow::Result<Outcome> {
+        let (result, mut out) = self.test_run(packet, 1)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Outcome {
+            verdict: result.return_value,
+            packet: out,
+        })
+    }
+
+    /// The kernel's mean time per run of the program on `packet` over `repeat` runs
+    /// (BPF_PROG_TEST_RUN's own clock, which excludes the system call).
+    pub fn time(&self, packet: &[u8], repeat: u32) -> anyhow::Result<std::time::Duration> {
+        Ok(self.test_run(packet, repeat)?.0.duration)
+    }
+
+    fn test_run(&self, packet: &[u8], repeat: u32) -> anyhow::Result<(TestRunResult, Vec<u8>)> {
         let program: &Xdp = self
             .ebpf
             .program(PROGRAM)
@@ -171,34 +186,11 @@ impl XdpProgram {
             .test_run(TestRunOptions {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
+                repeat,
                 ..TestRunOptions::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok(Outcome {
-            verdict: result.return_value,
-            packet: out,
-        })
-    }
-}
-
-impl XdpProgram {
-    /// The kernel's mean time per run of the program on `packet` over `repeat` runs
-    /// (BPF_PROG_TEST_RUN's own clock, which excludes the system call).
-    pub fn time(&self, packet: &[u8], repeat: u32) -> anyhow::Result<std::time::Duration> {
-        let program: &Xdp = self
-            .ebpf
-            .program(PROGRAM)
-            .context("the object has no `wglb` program")?
-            .try_into()?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        Ok(result.duration)
+        Ok((result, out))
     }
 }
 
