@@ -172,15 +172,18 @@ fn exercise(rig: &mut Rig, balancer: &mut Balancer, narrator: &Narrator) -> Resu
 
     let victim = serving[0];
     let sent_before: Vec<u32> = pingers.iter().map(Pinger::sent).collect();
-    let killed_at = SystemTime::now();
     rig.stop_gateway(victim)?;
+    let killed_at = SystemTime::now();
+    // Replies the victim sent just before it died may still arrive for a moment: only a reply
+    // after that can have come through another gateway.
+    let in_flight = Duration::from_millis(300);
     narrator.say(format!(
         "stopped gw{victim}, which served client 0 (WireGuard and health port)"
     ));
     let reply = balancer.wait(
         "client 0 to fail over (its first ping reply after the kill)",
         FAILOVER_TIMEOUT,
-        || Ok(pingers[0].first_reply_after(killed_at)),
+        || Ok(pingers[0].first_reply_after(killed_at + in_flight)),
     )?;
     let failover = reply.duration_since(killed_at).unwrap_or_default();
     let new_gateway = match rig.gateway_serving(0)? {
