@@ -1,8 +1,8 @@
 //! Running the external tools (`ip`, `wg`, `wireguard-go`, `ping`) the rig is built from.
 
 use std::fmt::Display;
-use std::io;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::{self, Write};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,33 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("failed to start `{line}`"))?;
+    checked(&line, output)
+}
+
+/// Like [`run`], with `input` written to the command's stdin (closed after it, which is what
+/// makes filters such as `wg pubkey` answer).
+pub(crate) fn run_with_input(cmd: &mut Command, input: &[u8]) -> Result<String> {
+    let line = describe(cmd);
+    tracing::debug!(command = %line, "running");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start `{line}`"))?;
+    child
+        .stdin
+        .take()
+        .context("the child's stdin")?
+        .write_all(input)
+        .with_context(|| format!("writing to `{line}`"))?;
+    let output = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{line}`"))?;
+    checked(&line, output)
+}
+
+fn checked(line: &str, output: Output) -> Result<String> {
     if !output.status.success() {
         bail!(
             "`{line}` failed ({}): {}",

@@ -29,27 +29,11 @@ pub fn scrape(address: SocketAddr) -> Result<String> {
 /// Checks an exposition with Prometheus' own parser and linter (`promtool check metrics`, from
 /// Debian's prometheus package): syntax, types, and naming conventions such as `_total` counters.
 pub fn check_exposition(text: &str) -> Result<()> {
-    use std::process::{Command, Stdio};
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running promtool (install Debian's prometheus package: scripts/setup.sh does)")?;
-    promtool
-        .stdin
-        .take()
-        .context("promtool's stdin")?
-        .write_all(text.as_bytes())?;
-    let output = promtool.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "promtool check metrics: {}\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    crate::cmd::run_with_input(
+        std::process::Command::new("promtool").args(["check", "metrics"]),
+        text.as_bytes(),
+    )
+    .context("promtool (from Debian's prometheus package, which scripts/setup.sh installs)")?;
     Ok(())
 }
 

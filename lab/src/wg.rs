@@ -30,31 +30,12 @@ impl Keypair {
         let private = cmd::run(Command::new("wg").arg("genkey"))?
             .trim()
             .to_owned();
-        let mut child = Command::new("wg")
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("failed to start `wg pubkey`")?;
-        // Dropping stdin after the write closes it, which is what makes `wg pubkey` answer.
-        child
-            .stdin
-            .take()
-            .context("stdin of `wg pubkey`")?
-            .write_all(format!("{private}\n").as_bytes())
-            .context("writing to `wg pubkey`")?;
-        let output = child
-            .wait_with_output()
-            .context("waiting for `wg pubkey`")?;
-        if !output.status.success() {
-            bail!(
-                "`wg pubkey` failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        let public = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let public = cmd::run_with_input(
+            Command::new("wg").arg("pubkey"),
+            format!("{private}\n").as_bytes(),
+        )?
+        .trim()
+        .to_owned();
         Ok(Keypair { private, public })
     }
 

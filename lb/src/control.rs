@@ -44,7 +44,6 @@ struct ListenerState {
     next_id: u32,
     /// Health by gateway name; absent means up and unwatched.
     health: HashMap<String, GatewayHealth>,
-    failing_open: bool,
 }
 
 struct GatewayHealth {
@@ -191,7 +190,6 @@ impl ControlPlane {
         for listener in control.config.listeners.clone() {
             let mut state = ListenerState::default();
             let plan = build_plan(&listener, &mut state, &control.metrics);
-            state.failing_open = plan.placement.failing_open();
             let (sender, receiver) = watch::channel(Arc::new(plan));
             receivers.insert(listener.name.clone(), receiver);
             control.plans.insert(listener.name.clone(), sender);
@@ -210,8 +208,8 @@ impl ControlPlane {
         let state = self.listeners.get_mut(listener).expect("listener state");
         let plan = build_plan(config, state, &self.metrics);
         let failing_open = plan.placement.failing_open();
-        if failing_open != state.failing_open {
-            state.failing_open = failing_open;
+        let previous = self.plans[listener].send_replace(Arc::new(plan));
+        if failing_open != previous.placement.failing_open() {
             if failing_open {
                 tracing::warn!(%listener, "no active gateway is up: failing open, health is ignored until one recovers");
             } else {
@@ -225,7 +223,6 @@ impl ControlPlane {
                 },
             );
         }
-        self.plans[listener].send_replace(Arc::new(plan));
     }
 
     /// Records one source's report at `now` and re-judges the gateway. Reports about unknown
@@ -720,7 +717,7 @@ impl ControlPlane {
                 .iter()
                 .map(|l| ListenerStatus {
                     config: l.clone(),
-                    failing_open: self.listeners[&l.name].failing_open,
+                    failing_open: self.plans[&l.name].borrow().placement.failing_open(),
                     gateways: gateways
                         .iter()
                         .filter(|g| g.listener == l.name)

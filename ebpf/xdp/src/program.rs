@@ -95,9 +95,11 @@ fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<*mut [u8; N]
 
 /// Where a frame's headers are, once parsed.
 struct Headers {
+    /// IPv4 (else IPv6); the IP header is right after Ethernet's.
     ipv4: bool,
-    ip: usize,
     udp: usize,
+    /// The UDP header's length field.
+    udp_len: usize,
     source: Endpoint,
     destination: Endpoint,
 }
@@ -166,8 +168,8 @@ fn parse(ctx: &XdpContext) -> Result<Headers, XdpCounter> {
     let udp = unsafe { &*bytes::<UDP_HLEN>(ctx, udp_offset).ok_or(XdpCounter::NotUdp)? };
     Ok(Headers {
         ipv4,
-        ip: ETH_HLEN,
         udp: udp_offset,
+        udp_len: u16::from_be_bytes([udp[4], udp[5]]) as usize,
         source: endpoint(source, [udp[0], udp[1]]),
         destination: endpoint(destination, [udp[2], udp[3]]),
     })
@@ -177,8 +179,7 @@ fn parse(ctx: &XdpContext) -> Result<Headers, XdpCounter> {
 /// payload's (short frames carry Ethernet padding).
 #[inline(always)]
 fn check_wireguard(ctx: &XdpContext, headers: &Headers) -> Result<(), XdpCounter> {
-    let udp = unsafe { &*bytes::<UDP_HLEN>(ctx, headers.udp).ok_or(XdpCounter::NotUdp)? };
-    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    let udp_len = headers.udp_len;
     if udp_len < UDP_HLEN || ctx.data() + headers.udp + udp_len > ctx.data_end() {
         return Err(XdpCounter::Malformed);
     }
@@ -435,7 +436,7 @@ fn send(
     let old_checksum = u16::from_be_bytes([udp[6], udp[7]]);
     let mut sum = !old_checksum as u32;
     if headers.ipv4 {
-        let Some(ip) = bytes::<IPV4_HLEN>(ctx, headers.ip) else {
+        let Some(ip) = bytes::<IPV4_HLEN>(ctx, ETH_HLEN) else {
             return (PASS, XdpCounter::NotIp);
         };
         let ip = unsafe { &mut *ip };
@@ -449,7 +450,7 @@ fn send(
         ip[16..20].copy_from_slice(&to.destination.addr[12..16]);
         ipv4_checksum(ip);
     } else {
-        let Some(ip) = bytes::<IPV6_HLEN>(ctx, headers.ip) else {
+        let Some(ip) = bytes::<IPV6_HLEN>(ctx, ETH_HLEN) else {
             return (PASS, XdpCounter::NotIp);
         };
         let ip = unsafe { &mut *ip };

@@ -77,6 +77,16 @@ impl Api {
             .map_err(|_| Status::unavailable("the control plane has stopped"))
     }
 
+    /// Asks for a change to a pool; answers the changed gateways as they are after it.
+    async fn change(
+        &self,
+        request: impl FnOnce(
+            oneshot::Sender<Result<Vec<GatewayStatus>, ControlError>>,
+        ) -> ControlRequest,
+    ) -> Result<Vec<GatewayStatus>, Status> {
+        self.ask(request).await?.map_err(control_status)
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, Status> {
         self.ask(|reply| ControlRequest::Snapshot { reply }).await
     }
@@ -84,7 +94,7 @@ impl Api {
     fn datapath(&self, listener: &str) -> Result<&SessionRequests, Status> {
         self.sessions
             .get(listener)
-            .ok_or_else(|| Status::not_found(format!("no listener `{listener}`")))
+            .ok_or_else(|| unknown_listener(listener))
     }
 
     /// The listeners a request is about: one by name, or all when the name is empty.
@@ -92,8 +102,11 @@ impl Api {
         if name.is_empty() {
             return Ok(self.sessions.keys().collect());
         }
-        self.datapath(name)?;
-        Ok(self.sessions.keys().filter(|l| *l == name).collect())
+        let (listener, _) = self
+            .sessions
+            .get_key_value(name)
+            .ok_or_else(|| unknown_listener(name))?;
+        Ok(vec![listener])
     }
 
     async fn ask_datapath<T>(
@@ -132,6 +145,10 @@ impl Api {
         }
         Ok(out)
     }
+}
+
+fn unknown_listener(name: &str) -> Status {
+    Status::not_found(format!("no listener `{name}`"))
 }
 
 fn control_status(error: ControlError) -> Status {
@@ -366,13 +383,12 @@ impl pb::control_server::Control for Api {
         };
         let listener = request.listener;
         let changed = self
-            .ask(|reply| ControlRequest::AddGateway {
+            .change(|reply| ControlRequest::AddGateway {
                 listener,
                 gateway,
                 reply,
             })
-            .await?
-            .map_err(control_status)?;
+            .await?;
         Ok(Response::new(pb::GatewaysChanged {
             gateways: self.gateways(changed).await?,
         }))
@@ -384,13 +400,12 @@ impl pb::control_server::Control for Api {
     ) -> Result<Response<pb::GatewaysChanged>, Status> {
         let request = request.into_inner();
         let changed = self
-            .ask(|reply| ControlRequest::RemoveGateway {
+            .change(|reply| ControlRequest::RemoveGateway {
                 listener: request.listener,
                 name: request.name,
                 reply,
             })
-            .await?
-            .map_err(control_status)?;
+            .await?;
         // It has no sessions any more: they went with it.
         Ok(Response::new(pb::GatewaysChanged {
             gateways: changed
@@ -413,15 +428,14 @@ impl pb::control_server::Control for Api {
             ));
         }
         let changed = self
-            .ask(|reply| ControlRequest::SetGateway {
+            .change(|reply| ControlRequest::SetGateway {
                 listener: (!request.listener.is_empty()).then_some(request.listener),
                 name: request.name,
                 state,
                 weight,
                 reply,
             })
-            .await?
-            .map_err(control_status)?;
+            .await?;
         Ok(Response::new(pb::GatewaysChanged {
             gateways: self.gateways(changed).await?,
         }))

@@ -71,40 +71,32 @@ impl Client {
         self.socket.local_addr().expect("bound")
     }
 
-    /// Sends an initiation and waits for its echo through the balancer.
-    pub fn round_trip(&self) -> Result<()> {
+    /// Sends an initiation; returns the echo and where it came from.
+    pub fn exchange(&self) -> Result<(SocketAddr, Vec<u8>)> {
         self.socket.send_to(&initiation(), self.listener)?;
         let mut buf = [0u8; 2048];
         let (n, from) = self
             .socket
             .recv_from(&mut buf)
             .context("no echo through the balancer")?;
-        anyhow::ensure!(from == self.listener && buf[..n] == initiation()[..]);
+        Ok((from, buf[..n].to_vec()))
+    }
+
+    /// Sends an initiation and checks that it comes back, from the listener.
+    pub fn round_trip(&self) -> Result<()> {
+        let (from, echo) = self.exchange()?;
+        anyhow::ensure!(from == self.listener && echo == initiation());
         Ok(())
     }
 }
 
 /// Sends an initiation from a fresh client socket and returns the echo and where it came from.
 pub fn round_trip(client: SocketAddr, listener: SocketAddr) -> Result<(SocketAddr, Vec<u8>)> {
-    let socket = UdpSocket::bind(client)?;
-    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-    socket.send_to(&initiation(), listener)?;
-    let mut buf = [0u8; 2048];
-    let (n, from) = socket
-        .recv_from(&mut buf)
-        .context("no echo through the balancer")?;
-    Ok((from, buf[..n].to_vec()))
+    Client::new(client, listener)?.exchange()
 }
 
-/// The name of the gateway a new session of `client` lands on under `config` with every gateway
-/// up.
-pub fn predicted(config: &str, client: SocketAddr) -> String {
-    let config = Config::parse(config, "test").expect("test config");
-    let placement = initial_placement(&config.listeners[0]);
-    placement.place(client).expect("a gateway").name.clone()
-}
-
-/// Client addresses on `ip`, from `first_port` on, that land on `gateway` under `config`.
+/// Client addresses on `ip`, from `first_port` on, that land on `gateway` under `config` when
+/// every gateway is up.
 pub fn clients_for(
     config: &str,
     ip: Ipv4Addr,
@@ -112,9 +104,11 @@ pub fn clients_for(
     gateway: &str,
     n: usize,
 ) -> Vec<SocketAddr> {
+    let config = Config::parse(config, "test").expect("test config");
+    let placement = initial_placement(&config.listeners[0]);
     (first_port..u16::MAX)
         .map(|port| at(ip, port))
-        .filter(|&client| predicted(config, client) == gateway)
+        .filter(|&client| placement.place(client).expect("a gateway").name == gateway)
         .take(n)
         .collect()
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use wglb::config::Config;
 use wglb::control::initial_placement;
+use wglb::pool::Placement;
 use wglb_lab::{metrics, wait_for, Family, Rig};
 
 pub const METRICS_PORT: u16 = 9638;
@@ -52,8 +53,15 @@ pub fn client_ip(family: Family, i: usize) -> IpAddr {
 
 /// The gateway index a new session of `client` lands on under `config_text`.
 pub fn predicted_gateway(config_text: &str, client: SocketAddr) -> usize {
+    gateway_index(&placement_of(config_text), client)
+}
+
+fn placement_of(config_text: &str) -> Placement {
     let config = Config::parse(config_text, "test").expect("test config");
-    let placement = initial_placement(&config.listeners[0]);
+    initial_placement(&config.listeners[0])
+}
+
+fn gateway_index(placement: &Placement, client: SocketAddr) -> usize {
     let name = &placement
         .place(client)
         .expect("some gateway takes the client")
@@ -66,6 +74,7 @@ pub fn predicted_gateway(config_text: &str, client: SocketAddr) -> usize {
 /// WireGuard listen ports for clients so that, under `config_text`, client i is placed on
 /// `wanted[i]`: lets a test decide the spread instead of hoping for it.
 pub fn ports_for(family: Family, config_text: &str, wanted: &[usize]) -> Vec<u16> {
+    let placement = placement_of(config_text);
     wanted
         .iter()
         .enumerate()
@@ -73,7 +82,7 @@ pub fn ports_for(family: Family, config_text: &str, wanted: &[usize]) -> Vec<u16
             let first = 41_000 + 100 * i as u16;
             (first..first + 100)
                 .find(|&port| {
-                    predicted_gateway(config_text, SocketAddr::new(client_ip(family, i), port))
+                    gateway_index(&placement, SocketAddr::new(client_ip(family, i), port))
                         == gateway
                 })
                 .expect("a port within 100 tries")
