@@ -14,7 +14,7 @@ use etherparse::PacketBuilder;
 use wglb::config::Config;
 use wglb::control::initial_placement;
 use wglb::xdp::{endpoint_of, Limits, XdpProgram};
-use wglb_common::xdp::{Gateway, GATEWAY_KEEPS};
+use wglb_common::xdp::{Gateway, GATEWAY_KEEPS, GATEWAY_READY};
 
 const REPEAT: u32 = 1_000_000;
 const MISSES: u16 = 20_000;
@@ -60,12 +60,13 @@ fn main() -> anyhow::Result<()> {
                 next_hop_mac: [2, 0, 0, 0, 2, index as u8],
                 local_mac: [2, 0, 0, 0, 0, 2],
                 ifindex: 1,
-                flags: GATEWAY_KEEPS,
+                flags: GATEWAY_KEEPS | GATEWAY_READY,
             },
         )?;
     }
     let placement = initial_placement(listener);
-    program.set_placement(0, &[listener.listen], 0, &placement, |g| {
+    let slots = listener.maglev_size;
+    program.set_placement(0, &[listener.listen], &[], 0, slots, &placement, |g| {
         listener
             .gateways
             .iter()

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::pool::{AdminState, AllDownPolicy, HashKey};
+use wglb_common::xdp::MAX_LISTENERS;
 
 /// Maglev's usual table size: prime, and more than 100 slots per gateway for up to 655 gateways.
 pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
@@ -32,6 +33,56 @@ pub struct Config {
     pub health: HealthCheckConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub api: ApiConfig,
+    pub datapath: DatapathConfig,
+}
+
+/// Which datapath forwards, and how the XDP one is set up. Fixed for the process's life: a
+/// reload does not change it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatapathConfig {
+    pub kind: DatapathKind,
+    pub xdp_mode: XdpMode,
+    /// Interfaces to attach the XDP program to; empty: every interface that is up, except
+    /// loopback.
+    pub interfaces: Vec<String>,
+    /// The source ports the XDP program sends to gateways from. They must be nobody else's:
+    /// outside net.ipv4.ip_local_port_range (checked at start) and unbound.
+    pub nat_ports: RangeInclusive<u16>,
+}
+
+/// Default NAT ports: below Linux's default ephemeral range (32768-60999).
+pub const DEFAULT_NAT_PORTS: RangeInclusive<u16> = 16384..=32767;
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            kind: DatapathKind::Userspace,
+            xdp_mode: XdpMode::Auto,
+            interfaces: Vec::new(),
+            nat_ports: DEFAULT_NAT_PORTS,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatapathKind {
+    /// XDP where it attaches, else userspace (the reason is logged).
+    Auto,
+    /// XDP, or refuse to start.
+    Xdp,
+    Userspace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpMode {
+    /// Native per interface where the driver has it, generic elsewhere.
+    Auto,
+    /// In the driver: fastest; refuse interfaces without it.
+    Native,
+    /// In the kernel's network stack: works on any interface.
+    Generic,
 }
 
 /// One front door (one VPN location) and its gateway pool.
@@ -192,8 +243,19 @@ struct RawConfig {
     health: Option<Spanned<RawHealth>>,
     metrics: Option<RawMetrics>,
     api: Option<Spanned<RawApi>>,
+    datapath: Option<Spanned<RawDatapath>>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatapath {
+    kind: Option<DatapathKind>,
+    xdp_mode: Option<XdpMode>,
+    interfaces: Option<Vec<String>>,
+    /// "FIRST-LAST".
+    nat_ports: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -348,6 +410,7 @@ impl Config {
                     },
                 )
             }),
+            datapath: None,
             listener: vec![Spanned::new(0..0, listener)],
         };
         build(raw, Origin::Flags)
@@ -603,12 +666,72 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
         }
         None => ApiConfig::default(),
     };
+    let datapath = match raw.datapath {
+        Some(spanned) => {
+            let span = spanned.span();
+            build_datapath(
+                spanned.into_inner(),
+                &origin.place(Some(span), "[datapath]"),
+            )?
+        }
+        None => DatapathConfig::default(),
+    };
+    if datapath.kind != DatapathKind::Userspace && listeners.len() > MAX_LISTENERS as usize {
+        return Err(ConfigError {
+            place: origin.place(None, "[datapath]"),
+            field: "kind".into(),
+            reason: format!("the XDP datapath serves at most {MAX_LISTENERS} listeners"),
+        });
+    }
     Ok(Config {
         listeners,
         health,
         metrics_listen: raw.metrics.map(|m| m.listen),
         api,
+        datapath,
     })
+}
+
+fn build_datapath(raw: RawDatapath, place: &str) -> Result<DatapathConfig, ConfigError> {
+    let err = |field: &str, reason: &str| ConfigError {
+        place: place.into(),
+        field: field.into(),
+        reason: reason.into(),
+    };
+    let defaults = DatapathConfig::default();
+    let nat_ports = match raw.nat_ports {
+        Some(text) => parse_port_range(&text).ok_or_else(|| {
+            err(
+                "nat_ports",
+                "expected FIRST-LAST, two ports from 1024 to 65535, e.g. \"16384-32767\"",
+            )
+        })?,
+        None => defaults.nat_ports,
+    };
+    let interfaces = raw.interfaces.unwrap_or_default();
+    if let Some(bad) = interfaces
+        .iter()
+        .find(|name| name.is_empty() || name.len() > 15 || name.contains(['/', ' ']))
+    {
+        return Err(err(
+            "interfaces",
+            &format!("`{bad}` is not an interface name"),
+        ));
+    }
+    Ok(DatapathConfig {
+        kind: raw.kind.unwrap_or(defaults.kind),
+        xdp_mode: raw.xdp_mode.unwrap_or(defaults.xdp_mode),
+        interfaces,
+        nat_ports,
+    })
+}
+
+/// "FIRST-LAST", unprivileged ports only.
+fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let (first, last) = text.split_once('-')?;
+    let first: u16 = first.trim().parse().ok()?;
+    let last: u16 = last.trim().parse().ok()?;
+    (1024 <= first && first <= last).then_some(first..=last)
 }
 
 fn build_api(raw: RawApi, place: &str) -> Result<ApiConfig, ConfigError> {

@@ -16,12 +16,13 @@ use tokio::task::JoinSet;
 use wglb::api::serve::ApiServer;
 use wglb::api::service::Api;
 use wglb::cli::{self, ApiArgs, ClientCommand};
-use wglb::config::{Config, ConfigError, ListenerFlags};
+use wglb::config::{Config, ConfigError, DatapathKind, ListenerFlags, XdpMode};
 use wglb::control::{announce_refused_reload, initial_placement, ControlPlane, ControlRequest};
 use wglb::datapath::{run_listener, ListenerLinks, UdpEndpoint};
 use wglb::events::EventBus;
 use wglb::metrics::{self, Metrics};
 use wglb::pool::{AllDownPolicy, HashKey};
+use wglb::xdp::fastpath::{FastPath, FastPathLinks};
 
 #[derive(Parser)]
 #[command(name = "wglb", version, about = "A WireGuard-aware UDP load balancer")]
@@ -89,6 +90,12 @@ struct RunArgs {
     /// Serve the API on this Unix socket (default /run/wglb/api.sock).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Which datapath forwards (overrides [datapath] kind; default userspace).
+    #[arg(long, value_enum)]
+    datapath: Option<DatapathKind>,
+    /// How the XDP program attaches (overrides [datapath] xdp_mode; default auto).
+    #[arg(long, value_enum)]
+    xdp_mode: Option<XdpMode>,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +157,17 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    let (mut config, path) = load_config(args)?;
+    if let Some(kind) = args.datapath {
+        config.datapath.kind = kind;
+    }
+    if let Some(mode) = args.xdp_mode {
+        config.datapath.xdp_mode = mode;
+    }
+    Ok((config, path))
+}
+
+fn load_config(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
     if let Some(path) = &args.config {
         return Ok((Config::load(path)?, Some(path.clone())));
     }
@@ -238,13 +256,32 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         events.clone(),
         observations_tx,
     );
+    let listener_plans: Vec<_> = config
+        .listeners
+        .iter()
+        .map(|l| plans.remove(&l.name).expect("a plan per listener"))
+        .collect();
+    let fast_path = start_fast_path(&config, &listener_plans, &metrics, &events)?;
+    let mut fast_links = FastPathLinks {
+        plans: listener_plans.clone(),
+        requests: Vec::new(),
+        slow_paths: Vec::new(),
+    };
     let mut tasks = JoinSet::new();
     let mut datapaths = BTreeMap::new();
-    for (listener, socket) in sockets {
+    for ((listener, socket), plans) in sockets.into_iter().zip(listener_plans) {
         let (session_requests, requests) = mpsc::channel(16);
-        datapaths.insert(listener.name.clone(), session_requests);
+        if fast_path.is_some() {
+            // The API asks the fast path, which asks the userspace datapath in turn.
+            let (api_requests, fast_requests) = mpsc::channel(16);
+            datapaths.insert(listener.name.clone(), api_requests);
+            fast_links.requests.push(fast_requests);
+            fast_links.slow_paths.push(session_requests);
+        } else {
+            datapaths.insert(listener.name.clone(), session_requests);
+        }
         let links = ListenerLinks {
-            plans: plans.remove(&listener.name).expect("a plan per listener"),
+            plans,
             requests,
             metrics: metrics.clone(),
             events: events.clone(),
@@ -257,6 +294,15 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         });
     }
     let control = tokio::spawn(control.run(observations, requests));
+    let (stop_fast_path, fast_path_stopped) = oneshot::channel();
+    let fast_path = fast_path.map(|fast_path| {
+        std::thread::Builder::new()
+            .name("wglb-xdp".into())
+            .spawn(move || fast_path.run(fast_links, fast_path_stopped))
+    });
+    let fast_path = fast_path
+        .transpose()
+        .context("cannot start the XDP fast path's thread")?;
     if let Some(socket) = metrics_socket {
         tracing::info!(listen = %socket.local_addr()?, "serving Prometheus metrics on /metrics");
         let metrics = metrics.clone();
@@ -320,7 +366,39 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let _ = api_task.await;
     tasks.shutdown().await;
     control.abort();
+    // Detaches the program: its links go with the fast path.
+    let _ = stop_fast_path.send(());
+    if let Some(thread) = fast_path {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     Ok(())
+}
+
+/// The XDP fast path if the configuration asks for it and it can run; with `auto`, the reason it
+/// cannot is logged and the userspace datapath carries on alone.
+fn start_fast_path(
+    config: &Config,
+    plans: &[tokio::sync::watch::Receiver<std::sync::Arc<wglb::control::ListenerPlan>>],
+    metrics: &Metrics,
+    events: &EventBus,
+) -> anyhow::Result<Option<FastPath>> {
+    let started = match config.datapath.kind {
+        DatapathKind::Userspace => None,
+        DatapathKind::Xdp => Some(FastPath::start(config, plans, metrics, events).context(
+            "the XDP datapath cannot run (--datapath auto would fall back to userspace)",
+        )?),
+        DatapathKind::Auto => match FastPath::start(config, plans, metrics, events) {
+            Ok(fast_path) => Some(fast_path),
+            Err(e) => {
+                tracing::warn!("the XDP datapath cannot run, forwarding in userspace only: {e:#}");
+                None
+            }
+        },
+    };
+    if started.is_none() {
+        metrics.set_datapath("userspace");
+    }
+    Ok(started)
 }
 
 fn describe(config: &Config) -> String {

@@ -28,6 +28,9 @@ pub struct Metrics {
     health_votes: IntGaugeVec,
     fail_static: IntGaugeVec,
     health_reports: IntCounterVec,
+    datapath: IntGaugeVec,
+    xdp_attached: IntGaugeVec,
+    xdp_passed: IntCounterVec,
 }
 
 /// Why the datapath dropped a packet; the label values of `wglb_dropped_packets_total`.
@@ -38,8 +41,14 @@ pub enum DropReason {
     NoGateway,
     /// The socket towards the gateway could not be opened (e.g. out of ports or descriptors).
     UpstreamUnavailable,
-    /// The kernel refused the send (buffer full, no route).
+    /// The kernel refused the send (buffer full, no route), or the XDP redirect failed.
     SendFailed,
+    /// The UDP length disagrees with the packet (XDP).
+    Malformed,
+    /// No free NAT port towards the gateway (XDP).
+    NatPortsExhausted,
+    /// A gateway's datagram to a NAT port whose session is gone (XDP).
+    StaleSession,
 }
 
 impl DropReason {
@@ -52,6 +61,9 @@ impl DropReason {
             DropReason::NoGateway => "no_gateway",
             DropReason::UpstreamUnavailable => "upstream_unavailable",
             DropReason::SendFailed => "send_failed",
+            DropReason::Malformed => "malformed",
+            DropReason::NatPortsExhausted => "nat_ports_exhausted",
+            DropReason::StaleSession => "stale_session",
         }
     }
 }
@@ -119,6 +131,9 @@ impl Metrics {
             health_votes: gauge(r, "wglb_health_report_up", "Each health source's fresh verdict on a gateway: 1 up, 0 down; absent once the source is silent.", &["listener", "gateway", "source"]),
             fail_static: gauge(r, "wglb_health_fail_static", "1 while every source that reported on the gateway is silent and its last health is kept.", &["listener", "gateway"]),
             health_reports: counter(r, "wglb_health_reports_total", "Health reports received through the API, by result.", &["result"]),
+            datapath: gauge(r, "wglb_datapath", "1 for the datapath in use: xdp (with the userspace one behind it) or userspace.", &["datapath"]),
+            xdp_attached: gauge(r, "wglb_xdp_attached", "1 for each interface the XDP program is attached to, and how.", &["interface", "mode"]),
+            xdp_passed: counter(r, "wglb_xdp_passed_packets_total", "Packets the XDP program left to the kernel (and so to the userspace datapath), by reason; listener is empty for packets of none.", &["listener", "reason"]),
             registry,
         }
     }
@@ -228,6 +243,25 @@ impl Metrics {
         self.health_reports
             .with_label_values(&[if accepted { "accepted" } else { "refused" }])
             .inc();
+    }
+
+    pub fn dropped(&self, listener: &str, direction: Direction, reason: DropReason) -> IntCounter {
+        self.dropped
+            .with_label_values(&[listener, direction.as_str(), reason.as_str()])
+    }
+
+    pub fn set_datapath(&self, datapath: &str) {
+        self.datapath.with_label_values(&[datapath]).set(1);
+    }
+
+    pub fn set_xdp_attached(&self, interface: &str, mode: &str) {
+        self.xdp_attached
+            .with_label_values(&[interface, mode])
+            .set(1);
+    }
+
+    pub fn xdp_passed(&self, listener: &str, reason: &str) -> IntCounter {
+        self.xdp_passed.with_label_values(&[listener, reason])
     }
 
     pub fn reload(&self, ok: bool) {

@@ -123,6 +123,33 @@ pub fn page<T>(
 }
 
 /// Orders entries by client address, largest first, so the heap's top is the one to drop.
+/// One page out of two pages of the same request to two holders of sessions (the XDP program's
+/// table and the userspace datapath's): the first `limit` in client order. A client in both is
+/// listed once, as `first` has it.
+pub fn merge_pages(first: SessionPage, second: SessionPage, limit: usize) -> SessionPage {
+    let mut sessions = first.sessions;
+    let known: std::collections::HashSet<SocketAddr> = sessions.iter().map(|s| s.client).collect();
+    let duplicates = second
+        .sessions
+        .iter()
+        .filter(|s| known.contains(&s.client))
+        .count() as u64;
+    sessions.extend(
+        second
+            .sessions
+            .into_iter()
+            .filter(|s| !known.contains(&s.client)),
+    );
+    sessions.sort_by_key(|s| s.client);
+    let more = first.more || second.more || sessions.len() > limit;
+    sessions.truncate(limit);
+    SessionPage {
+        sessions,
+        more,
+        total: (first.total + second.total).saturating_sub(duplicates),
+    }
+}
+
 struct ByClient<T>(SocketAddr, T);
 
 impl<T> PartialEq for ByClient<T> {

@@ -17,7 +17,7 @@ use wglb::control::initial_placement;
 use wglb::pool::Placement;
 use wglb::xdp::{Limits, XdpProgram, XDP_DROP, XDP_PASS, XDP_TX};
 use wglb_common::wireguard::classify;
-use wglb_common::xdp::{Gateway, XdpCounter, GATEWAY_KEEPS};
+use wglb_common::xdp::{Gateway, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY};
 use wglb_lab::require_root;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -108,8 +108,12 @@ impl Lab {
         }
         let v4 = listener_config(listener_v4(), &[0, 1, 2], &["active"; 3]);
         let v6 = listener_config(listener_v6(), &[3, 4], &["active"; 2]);
-        program.set_placement(0, &[listener_v4()], 0, &v4, |g| index_of(&g.name))?;
-        program.set_placement(1, &[listener_v6()], MAGLEV, &v6, |g| index_of(&g.name))?;
+        program.set_placement(0, &[listener_v4()], &[], 0, MAGLEV, &v4, |g| {
+            index_of(&g.name)
+        })?;
+        program.set_placement(1, &[listener_v6()], &[], MAGLEV, MAGLEV, &v6, |g| {
+            index_of(&g.name)
+        })?;
         Ok(Lab { program, v4 })
     }
 
@@ -122,7 +126,11 @@ impl Lab {
                 next_hop_mac: gateway_mac(j),
                 local_mac: BALANCER_MAC,
                 ifindex: LOOPBACK,
-                flags: if keeps { GATEWAY_KEEPS } else { 0 },
+                flags: if keeps {
+                    GATEWAY_KEEPS | GATEWAY_READY
+                } else {
+                    0
+                },
             },
         )
     }
@@ -135,16 +143,13 @@ impl Lab {
             Lab::set_gateway(&mut self.program, j as u32, *state != "down")?;
         }
         self.program
-            .set_placement(0, &[listener_v4()], 0, &self.v4, |g| index_of(&g.name))
+            .set_placement(0, &[listener_v4()], &[], 0, MAGLEV, &self.v4, |g| {
+                index_of(&g.name)
+            })
     }
 
     fn counter(&self, which: XdpCounter) -> Result<u64> {
-        let counters = self.program.counters()?;
-        Ok(counters
-            .iter()
-            .find(|(c, _)| *c == which)
-            .context("listed")?
-            .1)
+        Ok(self.program.counters(2)?.total(which))
     }
 
     /// Runs `frame`, checking its verdict and that `counter` moved by one.
@@ -421,7 +426,9 @@ fn clients_behind_one_address_share_its_gateway_on_ports_of_their_own() -> Resul
     let mut lab = Lab::new()?;
     lab.v4 = placement_with(listener_v4(), "source-ip", &[0, 1, 2], &["active"; 3]);
     lab.program
-        .set_placement(0, &[listener_v4()], 0, &lab.v4, |g| index_of(&g.name))?;
+        .set_placement(0, &[listener_v4()], &[], 0, MAGLEV, &lab.v4, |g| {
+            index_of(&g.name)
+        })?;
     let mut seen = std::collections::HashSet::new();
     let mut gateways = std::collections::HashSet::new();
     for port in 46_000..46_200 {

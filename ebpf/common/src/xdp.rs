@@ -14,6 +14,9 @@ pub struct Endpoint {
     pub pad: [u8; 2],
 }
 
+/// Most listeners; a listener's index (its place in the configuration) keys its sessions and its
+/// rows of counters.
+pub const MAX_LISTENERS: u32 = 64;
 /// Most listener addresses the program matches (a wildcard listener takes one per local address).
 pub const MAX_LISTENER_ADDRS: u32 = 1024;
 /// Most gateways over all listeners; a gateway's index in the GATEWAYS array is its identity in
@@ -78,10 +81,29 @@ pub struct Gateway {
     pub ifindex: u32,
     /// [`GATEWAY_KEEPS`] while its sessions may continue (active or draining, and up or
     /// failing open); without it, its sessions are evicted and placed again.
+    /// [`GATEWAY_READY`] once userspace knows the next hop's MAC: until then the program passes
+    /// the gateway's traffic to the userspace datapath, whose sends make the kernel resolve it.
     pub flags: u32,
 }
 
 pub const GATEWAY_KEEPS: u32 = 1;
+pub const GATEWAY_READY: u32 = 2;
+
+/// What the program forwarded for one gateway, per CPU: the same figures the userspace datapath
+/// counts per gateway, read into the same metrics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayTraffic {
+    pub packets_to_gateway: u64,
+    /// UDP payload bytes, as userspace counts them.
+    pub bytes_to_gateway: u64,
+    pub packets_to_client: u64,
+    pub bytes_to_client: u64,
+    pub initiations: u64,
+    pub responses: u64,
+    pub cookies: u64,
+    pub sessions_created: u64,
+}
 
 /// A NAT entry's key: a gateway and the source port its datagrams leave from.
 #[repr(C)]
@@ -99,7 +121,22 @@ pub const CONFIG_LEN: u32 = 2;
 /// NAT ports tried for a new session before giving up (linear probing from the flow's hash).
 pub const NAT_PROBES: u32 = 8;
 
-/// What the program counted, one slot of a per-CPU array each. The order is the map layout.
+/// Rows of the COUNTERS array: row 0 for packets of no listener, then two per listener, for
+/// packets from its clients and from its gateways.
+pub const COUNTER_ROWS: u32 = 1 + 2 * MAX_LISTENERS;
+
+/// The COUNTERS slot of `counter` for packets of `listener` (`None`: of no listener) in a
+/// direction.
+#[inline(always)]
+pub const fn counter_slot(listener: Option<u32>, from_gateway: bool, counter: XdpCounter) -> u32 {
+    let row = match listener {
+        None => 0,
+        Some(index) => 1 + 2 * index + from_gateway as u32,
+    };
+    row * XdpCounter::COUNT + counter as u32
+}
+
+/// What the program counted: one row of these per listener and direction in a per-CPU array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum XdpCounter {
@@ -139,10 +176,13 @@ pub enum XdpCounter {
     StaleNat,
     /// The next hop is another interface, and the redirect helper refused: dropped.
     RedirectFailed,
+    /// WireGuard for a gateway whose next hop's MAC userspace does not know yet: passed to the
+    /// userspace datapath.
+    NextHopUnknown,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::NotIp,
         XdpCounter::NotUdp,
@@ -164,6 +204,7 @@ impl XdpCounter {
         XdpCounter::ReplyNoSession,
         XdpCounter::StaleNat,
         XdpCounter::RedirectFailed,
+        XdpCounter::NextHopUnknown,
     ];
 
     /// The counter of a kind of junk: the same kinds the userspace filter counts.
@@ -199,6 +240,7 @@ impl XdpCounter {
             XdpCounter::ReplyNoSession => "reply_no_session",
             XdpCounter::StaleNat => "stale_nat",
             XdpCounter::RedirectFailed => "redirect_failed",
+            XdpCounter::NextHopUnknown => "next_hop_unknown",
         }
     }
 }
@@ -212,6 +254,7 @@ mod user {
     unsafe impl aya::Pod for super::Session {}
     unsafe impl aya::Pod for super::Gateway {}
     unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::GatewayTraffic {}
 }
 
 #[cfg(test)]
@@ -230,5 +273,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<Session>(), 56);
         assert_eq!(core::mem::size_of::<Gateway>(), 56);
         assert_eq!(core::mem::size_of::<NatKey>(), 8);
+        assert_eq!(core::mem::size_of::<GatewayTraffic>(), 64);
+        assert_eq!(
+            counter_slot(Some(MAX_LISTENERS - 1), true, XdpCounter::NextHopUnknown),
+            COUNTER_ROWS * XdpCounter::COUNT - 1
+        );
     }
 }

@@ -20,11 +20,11 @@ use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use wglb_common::hash::flow_hash;
-use wglb_common::wireguard::classify_header;
+use wglb_common::wireguard::{classify_header, MessageType};
 use wglb_common::xdp::{
-    Endpoint, FlowKey, Gateway, ListenerInfo, NatKey, Session, XdpCounter, CONFIG_LEN,
-    CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS, GATEWAY_KEEPS, MAX_GATEWAYS, MAX_LISTENER_ADDRS,
-    NAT_PROBES,
+    counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
+    XdpCounter, CONFIG_LEN, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS, COUNTER_ROWS, GATEWAY_KEEPS,
+    GATEWAY_READY, MAX_GATEWAYS, MAX_LISTENER_ADDRS, NAT_PROBES,
 };
 
 #[map]
@@ -55,8 +55,14 @@ static NAT: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries(1, 0);
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
 
+/// [`XdpCounter`]s by listener and direction (`counter_slot`).
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(COUNTER_ROWS * XdpCounter::COUNT, 0);
+
+/// What was forwarded, by gateway index.
+#[map]
+static TRAFFIC: PerCpuArray<GatewayTraffic> = PerCpuArray::with_max_entries(MAX_GATEWAYS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -75,13 +81,22 @@ const TX: u32 = xdp_action::XDP_TX;
 
 #[xdp]
 pub fn wglb(ctx: XdpContext) -> u32 {
-    let (verdict, counter) = decide(&ctx);
-    if let Some(count) = COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU: no other CPU writes this slot.
-        unsafe { *count += 1 };
-    }
+    let (verdict, counter, row) = decide(&ctx);
+    count(row, counter);
     verdict
 }
+
+/// Whose counters a packet moves: a listener's (from its clients or its gateways), or none.
+#[derive(Clone, Copy)]
+struct Row {
+    listener: Option<u32>,
+    from_gateway: bool,
+}
+
+const NO_LISTENER: Row = Row {
+    listener: None,
+    from_gateway: false,
+};
 
 /// `N` bytes at `offset`, if the packet has them: the check the verifier wants before a read.
 #[inline(always)]
@@ -178,7 +193,7 @@ fn parse(ctx: &XdpContext) -> Result<Headers, XdpCounter> {
 /// Drops what is not WireGuard, counted by kind; the UDP length, not the frame's, is the
 /// payload's (short frames carry Ethernet padding).
 #[inline(always)]
-fn check_wireguard(ctx: &XdpContext, headers: &Headers) -> Result<(), XdpCounter> {
+fn check_wireguard(ctx: &XdpContext, headers: &Headers) -> Result<MessageType, XdpCounter> {
     let udp_len = headers.udp_len;
     if udp_len < UDP_HLEN || ctx.data() + headers.udp + udp_len > ctx.data_end() {
         return Err(XdpCounter::Malformed);
@@ -187,23 +202,26 @@ fn check_wireguard(ctx: &XdpContext, headers: &Headers) -> Result<(), XdpCounter
         Some(header) => unsafe { *header },
         None => [0; 4],
     };
-    classify_header(header, udp_len - UDP_HLEN)
-        .map(|_| ())
-        .map_err(XdpCounter::junk)
+    classify_header(header, udp_len - UDP_HLEN).map_err(XdpCounter::junk)
 }
 
 #[inline(always)]
-fn decide(ctx: &XdpContext) -> (u32, XdpCounter) {
+fn decide(ctx: &XdpContext) -> (u32, XdpCounter, Row) {
     let headers = match parse(ctx) {
         Ok(headers) => headers,
-        Err(counter) => return (PASS, counter),
+        Err(counter) => return (PASS, counter, NO_LISTENER),
     };
     if let Some(listener) = unsafe { LISTENERS.get(&headers.destination) } {
         let listener = *listener;
-        if let Err(junk) = check_wireguard(ctx, &headers) {
-            return (DROP, junk);
-        }
-        return from_client(ctx, &headers, &listener);
+        let row = Row {
+            listener: Some(listener.index),
+            from_gateway: false,
+        };
+        let (verdict, counter) = match check_wireguard(ctx, &headers) {
+            Ok(kind) => from_client(ctx, &headers, &listener, kind, row),
+            Err(junk) => (DROP, junk),
+        };
+        return (verdict, counter, row);
     }
     if let Some(&gateway) = unsafe { GATEWAY_INDEX.get(&headers.source) } {
         let nat = NatKey {
@@ -212,15 +230,20 @@ fn decide(ctx: &XdpContext) -> (u32, XdpCounter) {
             pad: [0; 2],
         };
         let Some(flow) = (unsafe { NAT.get(&nat) }) else {
-            return (PASS, XdpCounter::ReplyNoSession);
+            return (PASS, XdpCounter::ReplyNoSession, NO_LISTENER);
         };
         let flow = *flow;
-        if let Err(junk) = check_wireguard(ctx, &headers) {
-            return (DROP, junk);
-        }
-        return from_gateway(ctx, &headers, &nat, &flow);
+        let row = Row {
+            listener: Some(flow.listener),
+            from_gateway: true,
+        };
+        let (verdict, counter) = match check_wireguard(ctx, &headers) {
+            Ok(kind) => from_gateway(ctx, &headers, &nat, &flow, kind),
+            Err(junk) => (DROP, junk),
+        };
+        return (verdict, counter, row);
     }
-    (PASS, XdpCounter::NotListener)
+    (PASS, XdpCounter::NotListener, NO_LISTENER)
 }
 
 #[inline(always)]
@@ -234,7 +257,13 @@ fn config(index: u32) -> u32 {
 }
 
 #[inline(always)]
-fn from_client(ctx: &XdpContext, headers: &Headers, listener: &ListenerInfo) -> (u32, XdpCounter) {
+fn from_client(
+    ctx: &XdpContext,
+    headers: &Headers,
+    listener: &ListenerInfo,
+    kind: MessageType,
+    row: Row,
+) -> (u32, XdpCounter) {
     let key = FlowKey {
         listener: listener.index,
         client: headers.source,
@@ -245,8 +274,18 @@ fn from_client(ctx: &XdpContext, headers: &Headers, listener: &ListenerInfo) -> 
         let session = unsafe { &mut *session };
         if let Some(gateway) = gateway(session.gateway) {
             if gateway.flags & GATEWAY_KEEPS != 0 {
+                if gateway.flags & GATEWAY_READY == 0 {
+                    return (PASS, XdpCounter::NextHopUnknown);
+                }
                 touch(session, now);
-                return to_gateway(ctx, headers, &gateway, session.nat_port);
+                return to_gateway(
+                    ctx,
+                    headers,
+                    session.gateway,
+                    &gateway,
+                    session.nat_port,
+                    kind,
+                );
             }
         }
         // Its gateway went down, moved or was removed: place the client again, as Katran's UDP
@@ -281,6 +320,9 @@ fn from_client(ctx: &XdpContext, headers: &Headers, listener: &ListenerInfo) -> 
     if headers.ipv4 != is_mapped(&gateway.endpoint.addr) {
         // Rewriting between families means resizing headers: the userspace datapath does it.
         return (PASS, XdpCounter::WireguardPassed);
+    }
+    if gateway.flags & GATEWAY_READY == 0 {
+        return (PASS, XdpCounter::NextHopUnknown);
     }
     let first = config(CONFIG_NAT_FIRST_PORT);
     let ports = config(CONFIG_NAT_PORTS);
@@ -335,12 +377,15 @@ fn from_client(ctx: &XdpContext, headers: &Headers, listener: &ListenerInfo) -> 
         });
         return (DROP, XdpCounter::NatPortsExhausted);
     }
-    let (verdict, counter) = to_gateway(ctx, headers, &gateway, nat_port);
+    let (verdict, counter) = to_gateway(ctx, headers, index, &gateway, nat_port, kind);
     if counter == XdpCounter::ToGateway {
         // The forward counts as a forward; a new session and an eviction are counted here.
-        count(XdpCounter::SessionCreated);
+        count(row, XdpCounter::SessionCreated);
+        if let Some(traffic) = TRAFFIC.get_ptr_mut(index) {
+            unsafe { (*traffic).sessions_created += 1 };
+        }
         if evicted {
-            count(XdpCounter::GatewayGone);
+            count(row, XdpCounter::GatewayGone);
         }
     }
     (verdict, counter)
@@ -352,6 +397,7 @@ fn from_gateway(
     headers: &Headers,
     nat: &NatKey,
     flow: &FlowKey,
+    kind: MessageType,
 ) -> (u32, XdpCounter) {
     let Some(session) = SESSIONS.get_ptr_mut(flow) else {
         let _ = NAT.remove(nat);
@@ -370,7 +416,21 @@ fn from_gateway(
         destination_mac: session.client_mac,
     };
     let ifindex = session.ifindex;
-    send(ctx, headers, &to, ifindex, XdpCounter::ToClient)
+    let sent = send(ctx, headers, &to, ifindex, XdpCounter::ToClient);
+    if sent.1 == XdpCounter::ToClient {
+        if let Some(traffic) = TRAFFIC.get_ptr_mut(nat.gateway) {
+            // Per-CPU: no other CPU writes this entry.
+            let traffic = unsafe { &mut *traffic };
+            traffic.packets_to_client += 1;
+            traffic.bytes_to_client += (headers.udp_len - UDP_HLEN) as u64;
+            match kind {
+                MessageType::HandshakeResponse => traffic.responses += 1,
+                MessageType::CookieReply => traffic.cookies += 1,
+                _ => {}
+            }
+        }
+    }
+    sent
 }
 
 /// Notes activity for idle expiry. Idle timeouts are minutes, so a write per second is plenty,
@@ -383,8 +443,10 @@ fn touch(session: &mut Session, now: u64) {
 }
 
 #[inline(always)]
-fn count(counter: XdpCounter) {
-    if let Some(count) = COUNTERS.get_ptr_mut(counter as u32) {
+fn count(row: Row, counter: XdpCounter) {
+    let slot = counter_slot(row.listener, row.from_gateway, counter);
+    if let Some(count) = COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU: no other CPU writes this slot.
         unsafe { *count += 1 };
     }
 }
@@ -401,8 +463,10 @@ struct Rewrite {
 fn to_gateway(
     ctx: &XdpContext,
     headers: &Headers,
+    index: u32,
     gateway: &Gateway,
     nat_port: [u8; 2],
+    kind: MessageType,
 ) -> (u32, XdpCounter) {
     let to = Rewrite {
         source: endpoint(gateway.source, nat_port),
@@ -410,7 +474,19 @@ fn to_gateway(
         source_mac: gateway.local_mac,
         destination_mac: gateway.next_hop_mac,
     };
-    send(ctx, headers, &to, gateway.ifindex, XdpCounter::ToGateway)
+    let sent = send(ctx, headers, &to, gateway.ifindex, XdpCounter::ToGateway);
+    if sent.1 == XdpCounter::ToGateway {
+        if let Some(traffic) = TRAFFIC.get_ptr_mut(index) {
+            // Per-CPU: no other CPU writes this entry.
+            let traffic = unsafe { &mut *traffic };
+            traffic.packets_to_gateway += 1;
+            traffic.bytes_to_gateway += (headers.udp_len - UDP_HLEN) as u64;
+            if kind == MessageType::HandshakeInitiation {
+                traffic.initiations += 1;
+            }
+        }
+    }
+    sent
 }
 
 /// Rewrites the frame's MACs, addresses and ports with checksums updated, and sends it out of
