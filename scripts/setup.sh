@@ -13,6 +13,7 @@ packages=(
     wireguard-tools  # wg
     iproute2         # ip netns, veth
     iputils-ping     # ping through the tunnels
+    ethtool          # test rigs set veth offloads for the XDP datapath
     prometheus       # promtool: the tests check the metrics exposition and deploy/ with it
     llvm-22-dev      # bpf-linker links the XDP program against Debian's LLVM 22
     ca-certificates

@@ -272,6 +272,14 @@ impl Rig {
             netns.ip(&args)?;
             netns.ip(&["link", "set", ifname, "up"])?;
         }
+        // For an XDP balancer on the near end (harmless to others): veth leaves UDP checksums
+        // to an offload that never happens once XDP rewrites and redirects the frame, so the far
+        // end computes them in full; and a native-mode redirect into a veth is delivered only
+        // if its peer has GRO on (or an XDP program).
+        cmd::run(
+            ns.command("ethtool")
+                .args(["-K", far_if, "tx", "off", "gro", "on"]),
+        )?;
         Ok(())
     }
 
@@ -385,6 +393,14 @@ impl Rig {
             .first()
             .copied()
             .context("`wg show transfer` gave no rx bytes")
+    }
+
+    /// Where gateway j last heard the client's peer from: the balancer's address and the port it
+    /// relays the client's session from.
+    pub fn gateway_endpoint_of(&self, j: usize, client: usize) -> Result<Option<SocketAddr>> {
+        let gateway = &self.gateways[j];
+        ensure!(gateway.wg.is_some(), "gateway {j} is stopped");
+        wg::peer_endpoint(&gateway.ns, &gateway.ifname, &self.clients[client].public)
     }
 
     /// The running gateway that handshook with the client most recently: the one the balancer

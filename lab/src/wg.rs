@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -127,11 +128,23 @@ pub(crate) fn show_peer(ns: &Netns, ifname: &str, field: &str, peer: &str) -> Re
         .with_context(|| format!("`wg show {ifname} {field}` has no line for peer {peer}"))
 }
 
-fn peer_values(output: &str, peer: &str) -> Result<Vec<u64>> {
-    let line = output
+/// The endpoint `wg show IFNAME endpoints` gives for `peer`: where its packets last came from.
+pub(crate) fn peer_endpoint(ns: &Netns, ifname: &str, peer: &str) -> Result<Option<SocketAddr>> {
+    let output = cmd::run(ns.command("wg").args(["show", ifname, "endpoints"]))?;
+    let value = peer_line(&output, peer)
+        .with_context(|| format!("`wg show {ifname} endpoints` has no line for peer {peer}"))?;
+    Ok(value.trim().parse().ok())
+}
+
+fn peer_line<'a>(output: &'a str, peer: &str) -> Result<&'a str> {
+    output
         .lines()
         .find_map(|line| line.strip_prefix(peer)?.strip_prefix('\t'))
-        .context("peer not found")?;
+        .context("peer not found")
+}
+
+fn peer_values(output: &str, peer: &str) -> Result<Vec<u64>> {
+    let line = peer_line(output, peer)?;
     line.split('\t')
         .map(|value| {
             value

@@ -983,6 +983,16 @@ address = "[fd00::2]:51820"
             "{msg}"
         );
 
+        let msg = refused(&format!("[datapath]\nnat_ports = \"40000-30000\"\n{GOOD}"));
+        assert!(
+            msg.contains("line 1 ([datapath])") && msg.contains("field `nat_ports`"),
+            "{msg}"
+        );
+        let msg = refused(&format!("[datapath]\nkind = \"kernel\"\n{GOOD}"));
+        assert!(msg.contains("line 2") && msg.contains("kernel"), "{msg}");
+        let msg = refused(&format!("[datapath]\ninterfaces = [\"\"]\n{GOOD}"));
+        assert!(msg.contains("field `interfaces`"), "{msg}");
+
         let msg = refused(&GOOD.replace("fall = 2", "fall = 0"));
         assert!(
             msg.contains("[health]") && msg.contains("field `fall`"),

@@ -227,17 +227,6 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     let metrics = Metrics::new();
-    let mut sockets = Vec::new();
-    for listener in &config.listeners {
-        let socket =
-            UdpEndpoint::listen(listener.listen, listener.socket_buffer).with_context(|| {
-                format!(
-                    "listener `{}`: cannot listen on {}",
-                    listener.name, listener.listen
-                )
-            })?;
-        sockets.push((listener.clone(), socket));
-    }
     let metrics_socket = match config.metrics_listen {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)
@@ -261,7 +250,20 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .iter()
         .map(|l| plans.remove(&l.name).expect("a plan per listener"))
         .collect();
+    // The program before the sockets: a restarted balancer's clients then go on through the
+    // program at once rather than through userspace until it attaches.
     let fast_path = start_fast_path(&config, &listener_plans, &metrics, &events)?;
+    let mut sockets = Vec::new();
+    for listener in &config.listeners {
+        let socket =
+            UdpEndpoint::listen(listener.listen, listener.socket_buffer).with_context(|| {
+                format!(
+                    "listener `{}`: cannot listen on {}",
+                    listener.name, listener.listen
+                )
+            })?;
+        sockets.push((listener.clone(), socket));
+    }
     let mut fast_links = FastPathLinks {
         plans: listener_plans.clone(),
         requests: Vec::new(),

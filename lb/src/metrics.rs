@@ -31,6 +31,7 @@ pub struct Metrics {
     datapath: IntGaugeVec,
     xdp_attached: IntGaugeVec,
     xdp_passed: IntCounterVec,
+    xdp_ready: IntGaugeVec,
 }
 
 /// Why the datapath dropped a packet; the label values of `wglb_dropped_packets_total`.
@@ -133,6 +134,7 @@ impl Metrics {
             health_reports: counter(r, "wglb_health_reports_total", "Health reports received through the API, by result.", &["result"]),
             datapath: gauge(r, "wglb_datapath", "1 for the datapath in use: xdp (with the userspace one behind it) or userspace.", &["datapath"]),
             xdp_attached: gauge(r, "wglb_xdp_attached", "1 for each interface the XDP program is attached to, and how.", &["interface", "mode"]),
+            xdp_ready: gauge(r, "wglb_xdp_gateway_ready", "1 while the XDP program forwards to the gateway itself; 0 while it passes the gateway's traffic to userspace (no route, or the next hop's MAC not known yet).", &["listener", "gateway"]),
             xdp_passed: counter(r, "wglb_xdp_passed_packets_total", "Packets the XDP program left to the kernel (and so to the userspace datapath), by reason; listener is empty for packets of none.", &["listener", "reason"]),
             registry,
         }
@@ -258,6 +260,16 @@ impl Metrics {
         self.xdp_attached
             .with_label_values(&[interface, mode])
             .set(1);
+    }
+
+    pub fn set_xdp_ready(&self, listener: &str, gateway: &str, ready: Option<bool>) {
+        let labels = [listener, gateway];
+        match ready {
+            Some(ready) => self.xdp_ready.with_label_values(&labels).set(ready as i64),
+            None => {
+                let _ = self.xdp_ready.remove_label_values(&labels);
+            }
+        }
     }
 
     pub fn xdp_passed(&self, listener: &str, reason: &str) -> IntCounter {

@@ -124,16 +124,12 @@ pub fn page<T>(
 
 /// Orders entries by client address, largest first, so the heap's top is the one to drop.
 /// One page out of two pages of the same request to two holders of sessions (the XDP program's
-/// table and the userspace datapath's): the first `limit` in client order. A client in both is
-/// listed once, as `first` has it.
+/// table and the userspace datapath's): the first `limit` in client order. A client in both
+/// (briefly, while the program takes over from userspace) is listed once, as `first` has it, but
+/// counts twice in the total.
 pub fn merge_pages(first: SessionPage, second: SessionPage, limit: usize) -> SessionPage {
     let mut sessions = first.sessions;
     let known: std::collections::HashSet<SocketAddr> = sessions.iter().map(|s| s.client).collect();
-    let duplicates = second
-        .sessions
-        .iter()
-        .filter(|s| known.contains(&s.client))
-        .count() as u64;
     sessions.extend(
         second
             .sessions
@@ -146,7 +142,7 @@ pub fn merge_pages(first: SessionPage, second: SessionPage, limit: usize) -> Ses
     SessionPage {
         sessions,
         more,
-        total: (first.total + second.total).saturating_sub(duplicates),
+        total: first.total + second.total,
     }
 }
 
@@ -239,5 +235,51 @@ mod tests {
         };
         assert_eq!(page(matching(&all, &one), None, 100).2, 1);
         assert!("nonsense".parse::<ClientMatch>().is_err());
+    }
+
+    #[test]
+    fn merged_pages_list_each_client_once_in_order() {
+        let all = sessions(30);
+        let filter = SessionFilter::default();
+        let (xdp, user): (Vec<_>, Vec<_>) = all.iter().partition(|s| s.client.port() % 2 == 0);
+        // One client held by both: listed once, as the first holder has it.
+        let mut user: Vec<&SessionInfo> = user;
+        let mut twin = xdp[0].clone();
+        twin.gateway = "elsewhere".into();
+        user.push(&twin);
+        let page_of = |held: &[&SessionInfo], after, limit| {
+            let (chosen, more, total) = page(
+                held.iter()
+                    .filter(|s| filter.matches(&s.client, &s.gateway))
+                    .map(|s| (s.client, (*s).clone())),
+                after,
+                limit,
+            );
+            SessionPage {
+                sessions: chosen.into_iter().map(|(_, s)| s).collect(),
+                more,
+                total,
+            }
+        };
+        let mut expected: Vec<SocketAddr> = all.iter().map(|s| s.client).collect();
+        expected.sort();
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let merged = merge_pages(page_of(&xdp, after, 7), page_of(&user, after, 7), 7);
+            assert_eq!(merged.total, 31);
+            assert!(merged.sessions.len() <= 7);
+            for s in &merged.sessions {
+                if s.client == twin.client {
+                    assert_ne!(s.gateway, "elsewhere");
+                }
+            }
+            listed.extend(merged.sessions.iter().map(|s| s.client));
+            if !merged.more {
+                break;
+            }
+            after = listed.last().copied();
+        }
+        assert_eq!(listed, expected);
     }
 }

@@ -3,6 +3,9 @@
 //! These tests need root (namespaces, veth, /dev/net/tun) and FAIL without it: CI runs them as
 //! root. Each builds its own rig with unique names, so they run in parallel.
 //!
+//! Every scenario runs on each datapath: userspace, and XDP in native and in generic mode
+//! (`scenario::userspace`, `scenario::xdp_native`, `scenario::xdp_generic`).
+//!
 //! Every client is placed by prediction: the test picks client ports so that Maglev puts each
 //! client on a chosen gateway, then checks on the gateways themselves (`wg show`) that the
 //! handshake happened there.
@@ -12,8 +15,8 @@ mod support;
 use std::net::UdpSocket;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{ensure, Result};
-use support::{config_text, first_reply, ports_for, predicted_gateway, Balancer};
+use anyhow::{ensure, Context, Result};
+use support::{config_text, first_reply, ports_for, predicted_gateway, Balancer, Datapath};
 use wglb_lab::{require_root, Family, Pinger, Rig, RigSpec};
 
 /// Longest wait for a first handshake through the balancer.
@@ -52,12 +55,11 @@ fn lost_since(pinger: &Pinger, from_seq: u32) -> Vec<u32> {
     pinger.lost_between(from_seq, pinger.last_seq().saturating_sub(6))
 }
 
-#[test]
-fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
+fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     let wanted = [0, 1, 2, 0, 1, 2];
     let mut rig = rig(Family::V4, 3, &config, &wanted)?;
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..wanted.len())?;
     for (i, &gateway) in wanted.iter().enumerate() {
         ensure!(
@@ -65,8 +67,16 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
             "client {i} is not on gw{gateway}"
         );
         ensure!(rig.gateway_rx_bytes_from(gateway, i)? > 0);
+        let endpoint = rig
+            .gateway_endpoint_of(gateway, i)?
+            .context("no endpoint")?;
+        ensure!(
+            datapath.relayed_from(endpoint),
+            "client {i} reached gw{gateway} from {endpoint}, not through the {datapath:?} datapath"
+        );
     }
-    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 6.0);
+    // The XDP datapath counts its sessions once a second.
+    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 6.0)?;
     ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw0",listener="test",message="handshake_initiation"}"#)? >= 2.0);
     ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw2",listener="test",message="handshake_response"}"#)? >= 2.0);
     ensure!(balancer.metric(&rig, "wglb_dropped_packets_total")? == 0.0);
@@ -83,7 +93,6 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
     let before = counters(&rig)?;
     let seqs: Vec<u32> = pingers.iter().map(|p| p.last_seq()).collect();
     std::thread::sleep(Duration::from_secs(3));
-    let after = counters(&rig)?;
     let answered: usize = pingers
         .iter()
         .zip(&seqs)
@@ -92,10 +101,22 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
             (to.saturating_sub(from) as usize).saturating_sub(p.lost_between(from, to).len())
         })
         .sum();
-    let [packets_out, packets_back, bytes_out] = [0, 1, 2].map(|k| after[k] - before[k]);
     ensure!(answered >= 24, "only {answered} pings answered in 3 s");
+    // The XDP datapath reads the program's counters once a second: allow it one more read.
+    let moved = |after: &[f64; 3]| [0, 1, 2].map(|k| after[k] - before[k]);
+    let enough = |after: &[f64; 3]| {
+        let [out, back, _] = moved(after);
+        out >= answered as f64 && back >= answered as f64
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut after = counters(&rig)?;
+    while !enough(&after) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = counters(&rig)?;
+    }
+    let [packets_out, packets_back, bytes_out] = moved(&after);
     ensure!(
-        packets_out >= answered as f64 && packets_back >= answered as f64,
+        enough(&after),
         "{answered} pings answered, counters moved by {packets_out} out and {packets_back} back"
     );
     // A WireGuard data packet is at least 32 bytes.
@@ -104,12 +125,11 @@ fn handshakes_and_pings_spread_over_gateways() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_dead_gateways_clients_move_and_the_others_do_not_notice() -> Result<()> {
+fn a_dead_gateways_clients_move_and_the_others_do_not_notice(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     let wanted = [0, 1, 2, 0, 1, 2];
     let mut rig = rig(Family::V4, 3, &config, &wanted)?;
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..wanted.len())?;
     let survivors = [1, 2, 4, 5];
     let handshakes: Vec<_> = survivors
@@ -136,6 +156,13 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice() -> Result<()> {
         ensure!(
             rig.gateway_serving(moved)? == Some(expected),
             "client {moved} is not on gw{expected}"
+        );
+        let endpoint = rig
+            .gateway_endpoint_of(expected, moved)?
+            .context("no endpoint")?;
+        ensure!(
+            datapath.relayed_from(endpoint),
+            "client {moved} reached gw{expected} from {endpoint}, not through the {datapath:?} datapath"
         );
     }
     ensure!(
@@ -170,11 +197,10 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_core_outage_turning_every_health_check_503_fails_open() -> Result<()> {
+fn a_core_outage_turning_every_health_check_503_fails_open(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..3)?;
     let handshakes: Vec<_> = (0..3)
         .map(|i| rig.client_latest_handshake(i))
@@ -220,12 +246,13 @@ fn a_core_outage_turning_every_health_check_503_fails_open() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers() -> Result<()> {
+fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers(
+    datapath: Datapath,
+) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     // Clients 0 and 1 would both land on gw1.
     let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     rig.set_gateway_health(1, false);
     balancer.wait_health(&rig, 1, "down")?;
     let _first = connect(&mut rig, 0..1)?;
@@ -250,12 +277,13 @@ fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers() -> Result<()
     Ok(())
 }
 
-#[test]
-fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere() -> Result<()> {
+fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere(
+    datapath: Datapath,
+) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     // Both clients would land on gw1 if it took new sessions.
     let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..1)?;
     ensure!(rig.gateway_serving(0)? == Some(1));
     let handshake = rig.client_latest_handshake(0)?;
@@ -308,11 +336,10 @@ fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere() -> 
     Ok(())
 }
 
-#[test]
-fn a_restarted_balancer_puts_clients_back_on_their_gateways() -> Result<()> {
+fn a_restarted_balancer_puts_clients_back_on_their_gateways(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
-    let mut balancer = Balancer::start(&rig, &config)?;
+    let mut balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..3)?;
     let handshakes: Vec<_> = (0..3)
         .map(|i| rig.client_latest_handshake(i))
@@ -323,7 +350,7 @@ fn a_restarted_balancer_puts_clients_back_on_their_gateways() -> Result<()> {
 
     balancer.stop()?;
     let restarted = SystemTime::now();
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     for (i, pinger) in pingers.iter().enumerate() {
         // Well under WireGuard's 15 s re-handshake: the client's data reached its old gateway.
         let back = first_reply(pinger, restarted, Duration::from_secs(10))?;
@@ -338,16 +365,25 @@ fn a_restarted_balancer_puts_clients_back_on_their_gateways() -> Result<()> {
             rig.gateway_rx_bytes_from(i, i)? > rx[i],
             "client {i} left gw{i}"
         );
+        // Datagrams queued while the balancer started may have gone through userspace; the
+        // next ones go through the datapath under test, and the gateway follows them.
+        wglb_lab::wait_for(
+            format!("client {i} to reach gw{i} through the {datapath:?} datapath"),
+            Duration::from_secs(5),
+            || {
+                let endpoint = rig.gateway_endpoint_of(i, i)?;
+                Ok(endpoint.filter(|e| datapath.relayed_from(*e)))
+            },
+        )?;
     }
-    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 3.0);
+    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 3.0)?;
     Ok(())
 }
 
-#[test]
-fn junk_is_dropped_counted_and_harmless() -> Result<()> {
+fn junk_is_dropped_counted_and_harmless(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active"]);
     let mut rig = rig(Family::V4, 2, &config, &[0])?;
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..1)?;
     let seq = pingers[0].last_seq();
     let target = rig.listen_addr(0);
@@ -399,11 +435,10 @@ fn junk_is_dropped_counted_and_harmless() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn ipv6_clients_and_gateways() -> Result<()> {
+fn ipv6_clients_and_gateways(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V6, &["active", "active"]);
     let mut rig = rig(Family::V6, 2, &config, &[0, 1])?;
-    let balancer = Balancer::start(&rig, &config)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
     let _pingers = connect(&mut rig, 0..2)?;
     for i in 0..2 {
         ensure!(rig.client_addr(i).is_ipv6());
@@ -411,7 +446,47 @@ fn ipv6_clients_and_gateways() -> Result<()> {
             rig.gateway_serving(i)? == Some(i),
             "client {i} is not on gw{i}"
         );
+        let endpoint = rig.gateway_endpoint_of(i, i)?.context("no endpoint")?;
+        ensure!(
+            datapath.relayed_from(endpoint),
+            "client {i} reached gw{i} from {endpoint}, not through the {datapath:?} datapath"
+        );
     }
-    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 2.0);
+    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 2.0)?;
     Ok(())
 }
+
+/// One test per datapath for a scenario.
+macro_rules! on_every_datapath {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[test]
+            fn userspace() -> Result<()> {
+                super::$scenario(Datapath::Userspace)
+            }
+
+            #[test]
+            fn xdp_native() -> Result<()> {
+                super::$scenario(Datapath::XdpNative)
+            }
+
+            #[test]
+            fn xdp_generic() -> Result<()> {
+                super::$scenario(Datapath::XdpGeneric)
+            }
+        }
+    )*};
+}
+
+on_every_datapath!(
+    handshakes_and_pings_spread_over_gateways,
+    a_dead_gateways_clients_move_and_the_others_do_not_notice,
+    a_core_outage_turning_every_health_check_503_fails_open,
+    a_gateway_answering_503_takes_no_new_clients_until_it_recovers,
+    draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere,
+    a_restarted_balancer_puts_clients_back_on_their_gateways,
+    junk_is_dropped_counted_and_harmless,
+    ipv6_clients_and_gateways,
+);

@@ -180,6 +180,7 @@ impl FastPath {
             fast.apply(index, plan)?;
         }
         fast.refresh_paths()?;
+        fast.refresh_addresses()?;
         fast.attach(datapath)?;
         metrics.set_datapath("xdp");
         Ok(fast)
@@ -422,6 +423,12 @@ impl FastPath {
         if slot.written != Some(entry) {
             self.program.set_gateway(slot_index, entry)?;
             slot.written = Some(entry);
+            let ready = entry.flags & GATEWAY_READY != 0;
+            self.metrics.set_xdp_ready(
+                &self.listeners[slot.listener].name,
+                &slot.name,
+                Some(ready),
+            );
         }
         Ok(())
     }
@@ -647,11 +654,27 @@ impl FastPath {
             slot.counters.sessions.add(count - slot.sessions);
             slot.sessions = count;
         }
+        if !self.retired.is_empty() {
+            // Their last traffic first: the indices are about to be reset.
+            if let Err(e) = self.read_counters() {
+                tracing::warn!("cannot read the XDP program's counters: {e:#}");
+            }
+        }
         for slot_index in std::mem::take(&mut self.retired) {
             if let Err(e) = self.program.reset_traffic(slot_index) {
                 tracing::warn!("cannot reset a gateway's XDP traffic counters: {e:#}");
             }
-            self.gateways.remove(&slot_index);
+            if let Some(slot) = self.gateways.remove(&slot_index) {
+                let listener = &self.listeners[slot.listener].name;
+                // Unless a gateway of the same name took over (a moved gateway).
+                if !self
+                    .gateways
+                    .values()
+                    .any(|s| s.listener == slot.listener && s.name == slot.name)
+                {
+                    self.metrics.set_xdp_ready(listener, &slot.name, None);
+                }
+            }
             self.free.push(slot_index);
         }
         self.last_sweep = started.elapsed();

@@ -8,7 +8,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use wglb::config::Config;
+use wglb::config::{Config, DEFAULT_NAT_PORTS};
 use wglb::control::initial_placement;
 use wglb::pool::Placement;
 use wglb_lab::{metrics, wait_for, Family, Rig};
@@ -90,6 +90,33 @@ pub fn ports_for(family: Family, config_text: &str, wanted: &[usize]) -> Vec<u16
         .collect()
 }
 
+/// Which datapath a balancer under test forwards with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datapath {
+    Userspace,
+    /// XDP in driver mode on the rig's veths (their far ends have GRO on, see the lab).
+    XdpNative,
+    XdpGeneric,
+}
+
+impl Datapath {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Datapath::Userspace => &["--datapath", "userspace"],
+            Datapath::XdpNative => &["--datapath", "xdp", "--xdp-mode", "native"],
+            Datapath::XdpGeneric => &["--datapath", "xdp", "--xdp-mode", "generic"],
+        }
+    }
+
+    /// Whether a gateway that saw a client's session come from `endpoint` got it through this
+    /// datapath: the XDP program sends from its NAT ports, the userspace one from the kernel's
+    /// ephemeral ports.
+    pub fn relayed_from(self, endpoint: SocketAddr) -> bool {
+        let nat_port = DEFAULT_NAT_PORTS.contains(&endpoint.port());
+        nat_port == (self != Datapath::Userspace)
+    }
+}
+
 pub struct Balancer {
     child: Option<Child>,
     config: PathBuf,
@@ -99,8 +126,9 @@ pub struct Balancer {
 
 impl Balancer {
     /// Starts `wglb run --config` in the rig's balancer namespace and waits until it serves
-    /// metrics (it binds its listeners before that).
-    pub fn start(rig: &Rig, config_text: &str) -> Result<Balancer> {
+    /// metrics (it binds its listeners before that) and, with XDP, until the program forwards
+    /// to every gateway itself (the kernel has resolved their MACs for the health checks).
+    pub fn start(rig: &Rig, config_text: &str, datapath: Datapath) -> Result<Balancer> {
         let config = rig.temp_dir().join("wglb.toml");
         let api_socket = rig.temp_dir().join("api.sock");
         fs::write(&config, with_api(config_text, &api_socket))?;
@@ -114,6 +142,7 @@ impl Balancer {
             .command(env!("CARGO_BIN_EXE_wglb"))
             .args(["--log", "wglb=debug", "run", "--config"])
             .arg(&config)
+            .args(datapath.args())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -129,6 +158,15 @@ impl Balancer {
             Ok(balancer.metrics(rig).ok())
         })
         .with_context(|| format!("log:\n{}", balancer.log_text()))?;
+        if datapath != Datapath::Userspace {
+            let gateways = config_text.matches("[[listener.gateway]]").count() as f64;
+            balancer.wait_metric(
+                rig,
+                "wglb_xdp_gateway_ready{",
+                Duration::from_secs(15),
+                |v| v == gateways,
+            )?;
+        }
         Ok(balancer)
     }
 
