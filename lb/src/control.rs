@@ -96,7 +96,8 @@ pub enum ControlRequest {
         reply: oneshot::Sender<Result<(), String>>,
     },
     Reload {
-        config: Config,
+        // Boxed: a configuration is large next to the other requests.
+        config: Box<Config>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     AddGateway {
@@ -783,7 +784,7 @@ impl ControlPlane {
                 let _ = reply.send(result);
             }
             ControlRequest::Reload { config, reply } => {
-                let result = self.reload(config);
+                let result = self.reload(*config);
                 match &result {
                     Ok(()) => {
                         self.metrics.reload(true);

@@ -341,7 +341,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                         // The control plane logs and counts the outcome. Never wait here: this
                         // loop also watches signals and listeners.
                         let (reply, _) = oneshot::channel();
-                        if requests_tx.try_send(ControlRequest::Reload { config, reply }).is_err() {
+                        if requests_tx.try_send(ControlRequest::Reload { config: Box::new(config), reply }).is_err() {
                             announce_refused_reload(&metrics, &events, "SIGHUP: the control plane is busy or gone; try again");
                         }
                     }

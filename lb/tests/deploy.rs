@@ -59,6 +59,10 @@ fn exported_metrics() -> BTreeSet<String> {
     metrics.set_fail_static("l", "g", false);
     metrics.health_report(true);
     metrics.reload(true);
+    metrics.set_datapath("xdp");
+    metrics.set_xdp_attached("eth0", "native");
+    metrics.set_xdp_ready("l", "g", Some(true));
+    let _passed = metrics.xdp_passed("", "not_ip");
     metrics
         .render()
         .lines()

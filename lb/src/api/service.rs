@@ -548,9 +548,12 @@ impl pb::control_server::Control for Api {
                 return Err(Status::invalid_argument(why));
             }
         };
-        self.ask(|reply| ControlRequest::Reload { config, reply })
-            .await?
-            .map_err(Status::failed_precondition)?;
+        self.ask(|reply| ControlRequest::Reload {
+            config: Box::new(config),
+            reply,
+        })
+        .await?
+        .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::ReloadResponse {
             path: path.display().to_string(),
         }))
