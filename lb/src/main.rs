@@ -444,6 +444,26 @@ fn describe(config: &Config) -> String {
         out += &format!(", tcp {tcp} with {}", auth.join(" and "));
     }
     out += "\n";
+    let datapath = &config.datapath;
+    out += &match datapath.kind {
+        DatapathKind::Userspace => "datapath: userspace\n".to_string(),
+        kind => format!(
+            "datapath: {} (XDP mode {:?} on {}, NAT ports {}-{})\n",
+            if kind == DatapathKind::Xdp {
+                "xdp"
+            } else {
+                "auto: xdp where it attaches, else userspace"
+            },
+            datapath.xdp_mode,
+            if datapath.interfaces.is_empty() {
+                "every Ethernet interface that is up".to_string()
+            } else {
+                datapath.interfaces.join(", ")
+            },
+            datapath.nat_ports.start(),
+            datapath.nat_ports.end()
+        ),
+    };
     for l in &config.listeners {
         out += &format!(
             "listener {} on {}: hash {}, idle timeout {:?}, up to {} sessions, Maglev {} slots, all down: {}\n",

@@ -122,6 +122,32 @@ fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
     // A WireGuard data packet is at least 32 bytes.
     ensure!(bytes_out >= 32.0 * packets_out);
     wglb_lab::metrics::check_exposition(&balancer.metrics(&rig)?)?;
+
+    // The CLI lists and evicts the sessions wherever the datapath holds them.
+    let listed: serde_json::Value = serde_json::from_str(&balancer.cli(&["--json", "sessions"])?)?;
+    ensure!(listed["total"] == 6, "{listed}");
+    for (i, &gateway) in wanted.iter().enumerate() {
+        let client = rig.client_addr(i).to_string();
+        let session = listed["sessions"]
+            .as_array()
+            .context("a session list")?
+            .iter()
+            .find(|s| s["client"] == client.as_str())
+            .with_context(|| format!("client {i} is not listed: {listed}"))?;
+        ensure!(session["gateway"] == format!("gw{gateway}"), "{session}");
+    }
+    let created = balancer.metric(&rig, "wglb_sessions_created_total")?;
+    let client = rig.client_addr(0).to_string();
+    let out = balancer.cli(&["evict", "--client", &client])?;
+    ensure!(out.contains("evicted 1 session(s)"), "{out}");
+    // Its next ping places it again, on the same gateway: Maglev has not changed.
+    balancer.wait_metric(
+        &rig,
+        "wglb_sessions_created_total",
+        Duration::from_secs(5),
+        |v| v == created + 1.0,
+    )?;
+    ensure!(rig.gateway_serving(0)? == Some(wanted[0]));
     Ok(())
 }
 
@@ -454,6 +480,45 @@ fn ipv6_clients_and_gateways(datapath: Datapath) -> Result<()> {
     }
     balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 2.0)?;
     Ok(())
+}
+
+#[test]
+fn xdp_that_cannot_attach_falls_back_to_userspace_under_auto_and_refuses_to_start_under_xdp(
+) -> Result<()> {
+    let config = config_text(Family::V4, &["active"]);
+    let mut rig = rig(Family::V4, 1, &config, &[0])?;
+    let unattachable = format!("[datapath]\ninterfaces = [\"nowhere0\"]\n{config}");
+
+    let refused = rig
+        .balancer_ns()
+        .command(env!("CARGO_BIN_EXE_wglb"))
+        .args(["run", "--datapath", "xdp", "--config"])
+        .arg(write_config(&rig, "refused.toml", &unattachable)?)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(!refused.status.success(), "started: {stderr}");
+    ensure!(
+        stderr.contains("the XDP datapath cannot run") && stderr.contains("nowhere0"),
+        "{stderr}"
+    );
+
+    let balancer = Balancer::start(&rig, &unattachable, Datapath::Auto)?;
+    let _pingers = connect(&mut rig, 0..1)?;
+    let endpoint = rig.gateway_endpoint_of(0, 0)?.context("no endpoint")?;
+    ensure!(Datapath::Userspace.relayed_from(endpoint), "{endpoint}");
+    ensure!(balancer.metric(&rig, r#"wglb_datapath{datapath="userspace"}"#)? == 1.0);
+    let log = balancer.log_text();
+    ensure!(
+        log.contains("forwarding in userspace only") && log.contains("nowhere0"),
+        "{log}"
+    );
+    Ok(())
+}
+
+fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf> {
+    let path = rig.temp_dir().join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
 }
 
 /// One test per datapath for a scenario.

@@ -195,6 +195,7 @@ impl FastPath {
         if interfaces.is_empty() {
             bail!("no Ethernet interface is up to attach to");
         }
+        let mut attached = Vec::new();
         for interface in &interfaces {
             let mode = match datapath.xdp_mode {
                 XdpMode::Native => self
@@ -217,6 +218,10 @@ impl FastPath {
             }
             .with_context(|| format!("attaching the XDP program to {interface}"))?;
             tracing::info!(%interface, mode, "XDP program attached");
+            attached.push((interface, mode));
+        }
+        // Only once every interface took it: a failure detaches them all.
+        for (interface, mode) in attached {
             self.metrics.set_xdp_attached(interface, mode);
         }
         Ok(())

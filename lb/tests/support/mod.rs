@@ -97,6 +97,8 @@ pub enum Datapath {
     /// XDP in driver mode on the rig's veths (their far ends have GRO on, see the lab).
     XdpNative,
     XdpGeneric,
+    /// XDP if it can attach, else userspace: the test finds out which.
+    Auto,
 }
 
 impl Datapath {
@@ -105,7 +107,12 @@ impl Datapath {
             Datapath::Userspace => &["--datapath", "userspace"],
             Datapath::XdpNative => &["--datapath", "xdp", "--xdp-mode", "native"],
             Datapath::XdpGeneric => &["--datapath", "xdp", "--xdp-mode", "generic"],
+            Datapath::Auto => &["--datapath", "auto"],
         }
+    }
+
+    fn is_xdp(self) -> bool {
+        matches!(self, Datapath::XdpNative | Datapath::XdpGeneric)
     }
 
     /// Whether a gateway that saw a client's session come from `endpoint` got it through this
@@ -113,7 +120,7 @@ impl Datapath {
     /// ephemeral ports.
     pub fn relayed_from(self, endpoint: SocketAddr) -> bool {
         let nat_port = DEFAULT_NAT_PORTS.contains(&endpoint.port());
-        nat_port == (self != Datapath::Userspace)
+        nat_port == self.is_xdp()
     }
 }
 
@@ -158,7 +165,7 @@ impl Balancer {
             Ok(balancer.metrics(rig).ok())
         })
         .with_context(|| format!("log:\n{}", balancer.log_text()))?;
-        if datapath != Datapath::Userspace {
+        if datapath.is_xdp() {
             let gateways = config_text.matches("[[listener.gateway]]").count() as f64;
             balancer.wait_metric(
                 rig,
