@@ -295,6 +295,10 @@ impl Rig {
         &self.clients[i].ns
     }
 
+    pub fn gateway_ns(&self, j: usize) -> &Netns {
+        &self.gateways[j].ns
+    }
+
     /// Where client i sends its WireGuard packets: the balancer's address on client i's link.
     pub fn listen_addr(&self, i: usize) -> SocketAddr {
         SocketAddr::new(self.clients[i].balancer_side, WG_PORT)

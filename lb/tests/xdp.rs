@@ -592,3 +592,55 @@ fn the_verifier_takes_the_largest_tables() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+fn a_gateway_without_a_known_next_hop_is_left_to_userspace_and_traffic_is_counted_per_gateway(
+) -> Result<()> {
+    let mut lab = Lab::new()?;
+    let client = client_v4(40_500);
+    let j = index_of(&lab.v4.place(client).unwrap().name);
+    let initiation = from_client(client, listener_v4(), &message(1, 148));
+    // Keeps its sessions, but userspace does not know its next hop's MAC yet.
+    let mut gateway = Gateway {
+        endpoint: wglb::xdp::endpoint_of(gateway_addr(j)),
+        source: wglb::xdp::endpoint_of(SocketAddr::new(source_of(j), 0)).addr,
+        next_hop_mac: [0; 6],
+        local_mac: BALANCER_MAC,
+        ifindex: LOOPBACK,
+        flags: GATEWAY_KEEPS,
+    };
+    lab.program.set_gateway(j, gateway)?;
+    let out = lab.expect(&initiation, XDP_PASS, XdpCounter::NextHopUnknown)?;
+    ensure!(out == initiation, "a passed frame was changed");
+    ensure!(lab.program.sessions()?.is_empty(), "a session was opened");
+
+    gateway.next_hop_mac = gateway_mac(j);
+    gateway.flags |= GATEWAY_READY;
+    lab.program.set_gateway(j, gateway)?;
+    let before = lab.program.traffic(j)?;
+    let (to, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
+    ensure!(to == j);
+    to_gateway(&lab, client, listener_v4(), &message(4, 32 + 16 * 4))?;
+    let response = frame(
+        gateway_addr(j),
+        SocketAddr::new(source_of(j), nat),
+        (gateway_mac(j), BALANCER_MAC),
+        &message(2, 92),
+    );
+    lab.expect(&response, XDP_TX, XdpCounter::ToClient)?;
+    let after = lab.program.traffic(j)?;
+    ensure!(after.packets_to_gateway == before.packets_to_gateway + 2);
+    ensure!(after.bytes_to_gateway == before.bytes_to_gateway + 148 + 96);
+    ensure!(after.initiations == before.initiations + 1);
+    ensure!(after.sessions_created == before.sessions_created + 1);
+    ensure!(after.packets_to_client == before.packets_to_client + 1);
+    ensure!(after.bytes_to_client == before.bytes_to_client + 92);
+    ensure!(after.responses == before.responses + 1);
+    // Counted in the listener's rows: from its clients, and from its gateways.
+    let counters = lab.program.counters(2)?;
+    ensure!(counters.get(Some(0), false, XdpCounter::NextHopUnknown) == 1);
+    ensure!(counters.get(Some(0), false, XdpCounter::ToGateway) == 2);
+    ensure!(counters.get(Some(0), true, XdpCounter::ToClient) == 1);
+    ensure!(counters.get(Some(1), false, XdpCounter::ToGateway) == 0);
+    Ok(())
+}
