@@ -482,6 +482,24 @@ fn ipv6_clients_and_gateways(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
+fn idle_sessions_expire(datapath: Datapath) -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active"])
+        .replace("hash_key", "idle_timeout = \"3s\"\nhash_key");
+    let mut rig = rig(Family::V4, 2, &config, &[1])?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..1)?;
+    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 1.0)?;
+    let idle = r#"wglb_session_evictions_total{listener="test",reason="idle"}"#;
+    ensure!(balancer.metric(&rig, idle)? == 0.0, "expired while in use");
+    // Silence: no pings, and no keepalive before WireGuard's 10 s.
+    drop(pingers);
+    balancer.wait_metric(&rig, idle, Duration::from_secs(9), |v| v == 1.0)?;
+    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 0.0);
+    let listed: serde_json::Value = serde_json::from_str(&balancer.cli(&["--json", "sessions"])?)?;
+    ensure!(listed["total"] == 0, "{listed}");
+    Ok(())
+}
+
 #[test]
 fn xdp_that_cannot_attach_falls_back_to_userspace_under_auto_and_refuses_to_start_under_xdp(
 ) -> Result<()> {
@@ -554,4 +572,5 @@ on_every_datapath!(
     a_restarted_balancer_puts_clients_back_on_their_gateways,
     junk_is_dropped_counted_and_harmless,
     ipv6_clients_and_gateways,
+    idle_sessions_expire,
 );
