@@ -180,8 +180,8 @@ fn offer(sources: &[UdpSocket], targets: &[SocketAddr], rate: u64, seconds: u64)
         if now >= end {
             break;
         }
-        if rate > 0 {
-            let due = start + Duration::from_nanos(sent * 1_000_000_000 / rate);
+        if let Some(due) = (sent * 1_000_000_000).checked_div(rate) {
+            let due = start + Duration::from_nanos(due);
             if now < due {
                 std::thread::sleep(due - now);
                 continue;
