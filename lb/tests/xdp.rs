@@ -530,6 +530,16 @@ fn unforwarded() -> Vec<(&'static str, Vec<u8>, u32, XdpCounter)> {
             XDP_PASS,
             NotListener,
         ),
+        (
+            "a listener's port on an address of none",
+            from_client(
+                client_v4(45_000),
+                SocketAddr::from(([10, 201, 0, 9], PORT)),
+                &message(1, 148),
+            ),
+            XDP_PASS,
+            NotListener,
+        ),
         ("IPv4 options", options, XDP_PASS, IpOptions),
         ("IPv4 first fragment", fragment, XDP_PASS, Fragment),
         (
