@@ -482,6 +482,50 @@ fn ipv6_clients_and_gateways(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
+fn a_gateway_removed_by_a_reload_hands_its_clients_over(datapath: Datapath) -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let mut rig = rig(Family::V4, 3, &config, &[0, 1])?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..2)?;
+    let handshake = rig.client_latest_handshake(1)?;
+    let seq = pingers[1].last_seq();
+
+    // gw0 leaves the file: its session goes at once, the client is placed again.
+    let start = config.find("[[listener.gateway]]").context("a gateway")?;
+    let end = start
+        + config[start..]
+            .find("state = \"active\"\n")
+            .context("its end")?
+        + 17;
+    let without_gw0 = format!("{}{}", &config[..start], &config[end..]);
+    ensure!(!without_gw0.contains("gw0") && without_gw0.contains("gw1"));
+    let removed = SystemTime::now();
+    balancer.reload(&rig, &without_gw0)?;
+    balancer.wait_metric(
+        &rig,
+        r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#,
+        Duration::from_secs(5),
+        |v| v == 1.0,
+    )?;
+    let failover = first_reply(&pingers[0], removed, Duration::from_secs(40))?;
+    eprintln!("client 0 answered again {failover:?} after gw0 was removed");
+    ensure!(failover <= FAILOVER_BOUND, "took {failover:?}");
+    let expected = predicted_gateway(&without_gw0, rig.client_addr(0));
+    ensure!(
+        rig.gateway_serving(0)? == Some(expected),
+        "client 0 is not on gw{expected}"
+    );
+    let endpoint = rig
+        .gateway_endpoint_of(expected, 0)?
+        .context("no endpoint")?;
+    ensure!(datapath.relayed_from(endpoint), "{endpoint}");
+    let lost = lost_since(&pingers[1], seq);
+    ensure!(lost.is_empty(), "client 1 lost pings {lost:?}");
+    ensure!(rig.client_latest_handshake(1)? == handshake);
+    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 2.0)?;
+    Ok(())
+}
+
 fn idle_sessions_expire(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active"])
         .replace("hash_key", "idle_timeout = \"3s\"\nhash_key");
@@ -573,4 +617,5 @@ on_every_datapath!(
     junk_is_dropped_counted_and_harmless,
     ipv6_clients_and_gateways,
     idle_sessions_expire,
+    a_gateway_removed_by_a_reload_hands_its_clients_over,
 );

@@ -310,14 +310,22 @@ impl FastPath {
         let mut current = HashMap::new();
         let mut lost_sessions = false;
         for gateway in placement.gateways() {
-            let slot = self.gateways.iter().find(|(_, s)| {
-                s.listener == index && s.id == gateway.id && s.address == gateway.address
+            // Retired slots are on their way out, whatever they held.
+            let live = |slot_index: &u32| !self.retired.contains(slot_index);
+            let slot = self.gateways.iter().find(|(slot_index, s)| {
+                live(slot_index)
+                    && s.listener == index
+                    && s.id == gateway.id
+                    && s.address == gateway.address
             });
             let slot_index = match slot {
                 Some((&slot_index, _)) => slot_index,
                 None => {
-                    if let Some(other) = self.gateways.values().find(|s| {
-                        s.address == gateway.address && !(s.listener == index && s.id == gateway.id)
+                    // Within a listener addresses are unique (the configuration sees to it); a
+                    // slot of its own with this address belongs to a gateway that moved away.
+                    if let Some(other) = self.gateways.iter().find_map(|(slot_index, s)| {
+                        (live(slot_index) && s.listener != index && s.address == gateway.address)
+                            .then_some(s)
                     }) {
                         bail!(
                             "gateway `{}` has the address {} of gateway `{}` of listener `{}`: the program tells gateways apart by address",
@@ -371,13 +379,8 @@ impl FastPath {
             .map(|(&slot_index, _)| slot_index)
             .collect();
         for slot_index in gone {
-            let slot = self.gateways.get_mut(&slot_index).expect("listed");
-            slot.keeps = false;
-            slot.written = None;
             lost_sessions = true;
-            self.program
-                .clear_gateway(slot_index, endpoint_of(slot.address))?;
-            self.retired.push(slot_index);
+            self.retire(slot_index)?;
         }
         for slot_index in current.values() {
             self.write_gateway(*slot_index)?;
@@ -409,16 +412,38 @@ impl FastPath {
     }
 
     /// Leaves a listener to the userspace datapath: the program stops matching its addresses,
-    /// so its packets reach the listener socket. Its sessions in the program's table idle out.
+    /// so its packets reach the listener socket; its gateways are retired, and the next sweep
+    /// removes its sessions from the program's table (their clients go on through userspace).
     fn unserve(&mut self, index: usize, reason: &str) {
         let listener = &mut self.listeners[index];
         tracing::error!(listener = %listener.name, "the XDP program no longer serves this listener, the userspace datapath does: {reason}");
         listener.served = false;
         let gone = std::mem::take(&mut listener.addresses);
         let info = listener_info(index, listener);
-        if let Err(e) = self.program.set_listener(&[], &gone, info) {
-            tracing::error!(listener = %self.listeners[index].name, "cannot remove its addresses from the XDP program: {e:#}");
+        let mut result = self.program.set_listener(&[], &gone, info);
+        let slots: Vec<u32> = self
+            .gateways
+            .iter()
+            .filter(|(slot_index, s)| s.listener == index && !self.retired.contains(slot_index))
+            .map(|(&slot_index, _)| slot_index)
+            .collect();
+        for slot_index in slots {
+            result = result.and(self.retire(slot_index));
         }
+        if let Err(e) = result {
+            tracing::error!(listener = %self.listeners[index].name, "cannot take the listener out of the XDP program: {e:#}");
+        }
+    }
+
+    /// Takes a gateway out of the program: its replies are no longer recognised and its sessions
+    /// no longer kept; the next sweep removes them and frees its index.
+    fn retire(&mut self, slot_index: u32) -> anyhow::Result<()> {
+        let slot = self.gateways.get_mut(&slot_index).expect("a slot");
+        slot.keeps = false;
+        slot.written = None;
+        self.retired.push(slot_index);
+        self.program
+            .clear_gateway(slot_index, endpoint_of(slot.address))
     }
 
     /// Writes a gateway's entry if it changed.
