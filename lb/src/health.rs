@@ -7,10 +7,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use wglb_healthcheck::http::probe_http;
+use wglb_healthcheck::thresholds::Thresholds;
 
 use crate::config::HealthCheckConfig;
 
@@ -31,92 +31,6 @@ pub struct Observation {
 
 /// Name of the built-in checker as a health source.
 pub const BUILTIN_SOURCE: &str = "builtin-http";
-
-/// One `GET path` against `target`; Ok on a 200 status line, Err with what went wrong otherwise.
-pub async fn probe_http(target: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(target)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: wglb\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        // The status line is all we need; a gateway's answer is tiny.
-        let mut head = Vec::with_capacity(128);
-        let mut chunk = [0u8; 128];
-        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("receive: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&chunk[..n]);
-        }
-        let line = String::from_utf8_lossy(&head);
-        let line = line.lines().next().unwrap_or_default();
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some(v), Some("200")) if v.starts_with("HTTP/") => Ok(()),
-            (Some(v), Some(code)) if v.starts_with("HTTP/") => {
-                Err(format!("status {code}: {}", line.trim()))
-            }
-            _ => Err(format!(
-                "not an HTTP response: {:?}",
-                line.chars().take(60).collect::<String>()
-            )),
-        }
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-    }
-}
-
-/// Consecutive-result thresholds: `rise` successes bring a gateway up, `fall` failures take it
-/// down. Gateways start up, so a restarted balancer keeps sending sessions where they were.
-#[derive(Debug)]
-pub struct Thresholds {
-    rise: u32,
-    fall: u32,
-    healthy: bool,
-    streak: u32,
-}
-
-impl Thresholds {
-    pub fn new(rise: u32, fall: u32) -> Thresholds {
-        Thresholds {
-            rise,
-            fall,
-            healthy: true,
-            streak: 0,
-        }
-    }
-
-    pub fn healthy(&self) -> bool {
-        self.healthy
-    }
-
-    /// Feeds one result; returns the new verdict when it changed.
-    pub fn record(&mut self, success: bool) -> Option<bool> {
-        if success == self.healthy {
-            self.streak = 0;
-            return None;
-        }
-        self.streak += 1;
-        let needed = if success { self.rise } else { self.fall };
-        if self.streak >= needed {
-            self.healthy = success;
-            self.streak = 0;
-            Some(success)
-        } else {
-            None
-        }
-    }
-}
 
 /// Probes one gateway forever, reporting its verdict after every probe (so that the control plane
 /// can tell a live checker from a stuck one). Dropping the handle does not stop it: the owner
@@ -140,7 +54,11 @@ pub fn spawn_http_checker(
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let result = probe_http(target, &params.path, params.timeout).await;
+            let result = match probe_http(target, &params.path, params.timeout).await {
+                Ok(200) => Ok(()),
+                Ok(code) => Err(format!("status {code}")),
+                Err(why) => Err(why),
+            };
             if let Err(why) = &result {
                 tracing::debug!(%listener, %gateway, %target, "health check failed: {why}");
             }
@@ -178,71 +96,10 @@ pub fn spawn_http_checker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
-
-    #[test]
-    fn thresholds_need_consecutive_results() {
-        let mut t = Thresholds::new(2, 3);
-        assert_eq!(t.record(true), None);
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(true), None, "a success breaks the failure streak");
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(false), None);
-        assert_eq!(t.record(false), Some(false));
-        assert_eq!(t.record(true), None);
-        assert_eq!(t.record(true), Some(true));
-        let mut fast = Thresholds::new(1, 1);
-        assert_eq!(fast.record(false), Some(false));
-        assert_eq!(fast.record(true), Some(true));
-    }
-
-    /// Serves one canned response per connection on loopback.
-    async fn server(response: &'static [u8]) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut buf = [0u8; 512];
-                let _ = stream.read(&mut buf).await;
-                if !response.is_empty() {
-                    let _ = stream.write_all(response).await;
-                }
-                // An empty response means: hold the connection open and say nothing.
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
-        addr
-    }
-
-    #[tokio::test]
-    async fn probe_reads_defguards_answers() {
-        let timeout = Duration::from_millis(300);
-        let alive = server(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nalive").await;
-        assert_eq!(probe_http(alive, "/health", timeout).await, Ok(()));
-        let detached =
-            server(b"HTTP/1.1 503 Service Unavailable\r\n\r\nNot connected to core").await;
-        let err = probe_http(detached, "/health", timeout).await.unwrap_err();
-        assert!(err.contains("503"), "{err}");
-        let silent = server(b"").await;
-        let err = probe_http(silent, "/health", timeout).await.unwrap_err();
-        assert!(err.contains("no answer"), "{err}");
-        let junk = server(b"SSH-2.0-OpenSSH\r\n").await;
-        let err = probe_http(junk, "/health", timeout).await.unwrap_err();
-        assert!(err.contains("not an HTTP response"), "{err}");
-        // Nothing listens on a port we just released.
-        let closed = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let err = probe_http(closed, "/health", timeout).await.unwrap_err();
-        assert!(err.contains("connect"), "{err}");
-    }
 
     #[tokio::test]
     async fn a_new_checker_says_nothing_until_a_result_backs_its_verdict() {
-        let down = server(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        let down = closed_port().await;
         let (tx, mut rx) = mpsc::channel(4);
         let params = HealthCheckConfig {
             interval: Duration::from_millis(20),
@@ -263,7 +120,7 @@ mod tests {
 
     #[tokio::test]
     async fn checker_repeats_its_verdict_after_every_probe() {
-        let down = server(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        let down = closed_port().await;
         let (tx, mut rx) = mpsc::channel(4);
         let params = HealthCheckConfig {
             interval: Duration::from_millis(20),
@@ -277,7 +134,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(
-            !first.healthy && first.detail.contains("503") && first.address == Some(gateway),
+            !first.healthy && first.detail.contains("connect") && first.address == Some(gateway),
             "{first:?}"
         );
         // Still down: the same verdict again, so it does not go stale.
@@ -287,5 +144,14 @@ mod tests {
             .unwrap();
         assert!(!second.healthy && second.ttl == first.ttl, "{second:?}");
         task.abort();
+    }
+
+    /// A port nothing listens on: every probe fails to connect.
+    async fn closed_port() -> SocketAddr {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
     }
 }

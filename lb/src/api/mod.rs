@@ -1,8 +1,7 @@
 //! The gRPC API (`wglb.v1`, defined in `proto/`): the [`service`] answers from the control plane
-//! and the datapaths, [`serve`] puts it on a Unix socket (and on TCP with a token or mTLS), and
-//! [`client`] is how the CLI and tests reach it.
+//! and the datapaths, and [`serve`] puts it on a Unix socket (and on TCP with a token or mTLS).
+//! The CLI, the tests and the sidecar reach it with `wglb_proto::client`.
 
-pub mod client;
 pub mod serve;
 pub mod service;
 

@@ -13,10 +13,10 @@ use clap::{Args, Subcommand};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::api::client::{with_causes, Connection, Target};
 use crate::api::pb;
 use crate::config::DEFAULT_API_SOCKET;
 use crate::pool::AdminState;
+use wglb_proto::client::{with_causes, Connection, Target};
 
 /// Exit codes a script can rely on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

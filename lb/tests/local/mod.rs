@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use wglb::api::client::{Connection, Target};
 use wglb::config::Config;
 use wglb::control::initial_placement;
 use wglb_lab::{metrics, wait_for};
+use wglb_proto::client::{Connection, Target};
 
 pub fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)

@@ -12,9 +12,9 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
-use super::pb::control_client::ControlClient;
-use super::pb::events_client::EventsClient;
-use super::pb::health_ingest_client::HealthIngestClient;
+use crate::v1::control_client::ControlClient;
+use crate::v1::events_client::EventsClient;
+use crate::v1::health_ingest_client::HealthIngestClient;
 
 /// A balancer that has not accepted a connection by then is not going to.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
