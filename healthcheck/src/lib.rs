@@ -8,9 +8,15 @@
 //! - [`handshake`]: a real WireGuard handshake from a probe peer, which only a working data plane
 //!   with the probe peer configured completes.
 //!
-//! [`thresholds`] turns results into a verdict that needs several in a row to change.
+//! [`thresholds`] turns results into a state that needs several in a row to change, and
+//! [`verdict`] combines a gateway's probes into one verdict by a documented policy. The sidecar
+//! binary runs a [`checker`] per gateway and a [`report`]er per balancer, as its [`config`] says.
 
+pub mod checker;
+pub mod config;
 pub mod handshake;
 pub mod http;
 pub mod port;
+pub mod report;
 pub mod thresholds;
+pub mod verdict;

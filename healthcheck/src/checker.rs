@@ -1,0 +1,139 @@
+//! Probes one gateway forever: every interval, all its probes at once, then its verdict.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{Gateway, Location, Probes, Role};
+use crate::handshake::probe_handshake;
+use crate::http::probe_http;
+use crate::port::{probe_port, PortState};
+use crate::verdict::{GatewayHealth, Probe, Verdict};
+
+/// A gateway's verdict after one round of probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub location: String,
+    pub gateway: String,
+    pub address: SocketAddr,
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
+pub fn spawn_gateway_checker(
+    location: &Location,
+    gateway: &Gateway,
+    probes: Arc<Probes>,
+    reports: mpsc::Sender<Report>,
+) -> JoinHandle<()> {
+    let roles = [
+        (Probe::Handshake, probes.handshake),
+        (Probe::Port, probes.port),
+        (
+            Probe::Health,
+            if gateway.health_port.is_some() {
+                probes.health
+            } else {
+                Role::Off
+            },
+        ),
+    ];
+    let mut health = GatewayHealth::new(&roles, probes.rise, probes.fall);
+    let public_key = location.public_key;
+    let location = location.name.clone();
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        let offset = probes.jitter.mul_f64(rand_fraction());
+        tokio::time::sleep(offset).await;
+        let mut ticks = tokio::time::interval(probes.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let on = |probe: Probe| {
+                roles
+                    .iter()
+                    .any(|(p, role)| *p == probe && *role != Role::Off)
+            };
+            let handshake = async {
+                match (&probes.private_key, public_key) {
+                    (Some(key), Some(public)) if on(Probe::Handshake) => Some(
+                        probe_handshake(gateway.address, key, &public, probes.timeout)
+                            .await
+                            .map(|done| {
+                                let cookie = if done.after_cookie {
+                                    " after a cookie reply"
+                                } else {
+                                    ""
+                                };
+                                format!("handshake in {}{cookie}", millis(done.rtt))
+                            })
+                            .map_err(|failure| failure.to_string()),
+                    ),
+                    _ => None,
+                }
+            };
+            let port = async {
+                if !on(Probe::Port) {
+                    return None;
+                }
+                Some(match probe_port(gateway.address, probes.timeout).await {
+                    Ok(PortState::NotRefused) => Ok(format!("{} not refused", gateway.address)),
+                    Ok(PortState::Closed) => Err(format!(
+                        "{} port unreachable: nothing listens",
+                        gateway.address
+                    )),
+                    Err(e) => Err(format!("cannot probe {}: {e}", gateway.address)),
+                })
+            };
+            let http = async {
+                let port = gateway.health_port.filter(|_| on(Probe::Health))?;
+                let target = SocketAddr::new(gateway.address.ip(), port);
+                let path = &probes.health_path;
+                Some(match probe_http(target, path, probes.timeout).await {
+                    Ok(200) => Ok(format!("GET {target}{path} 200")),
+                    Ok(code) => Err(format!("GET {target}{path} {code}")),
+                    Err(why) => Err(format!("GET {target}{path}: {why}")),
+                })
+            };
+            let (handshake, port, http) = tokio::join!(handshake, port, http);
+            for (probe, result) in [
+                (Probe::Handshake, handshake),
+                (Probe::Port, port),
+                (Probe::Health, http),
+            ] {
+                if let Some(result) = result {
+                    if let Err(why) = &result {
+                        tracing::debug!(%location, gateway = %gateway.name, probe = probe.as_str(), "probe failed: {why}");
+                    }
+                    health.record(probe, result);
+                }
+            }
+            let Some((verdict, detail)) = health.verdict() else {
+                continue;
+            };
+            let report = Report {
+                location: location.clone(),
+                gateway: gateway.name.clone(),
+                address: gateway.address,
+                verdict,
+                detail,
+            };
+            if reports.send(report).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A number in [0, 1), for the start offset.
+fn rand_fraction() -> f64 {
+    use rand_core::RngCore;
+    rand_core::OsRng.next_u32() as f64 / (u32::MAX as f64 + 1.0)
+}

@@ -1,0 +1,357 @@
+//! The sidecar's configuration file: what to probe (locations and their gateways), how, and which
+//! balancers to report to. A mistake is refused with the file's line and the field.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use boringtun::x25519::{PublicKey, StaticSecret};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::handshake::parse_key;
+
+/// How much a probe kind counts in a gateway's verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Failing it takes the gateway down.
+    Required,
+    /// Failing it marks the gateway degraded, still in service.
+    Advisory,
+    Off,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    /// The name the balancers know this sidecar's reports by.
+    pub source: String,
+    pub probes: Probes,
+    pub balancers: Vec<Balancer>,
+    pub locations: Vec<Location>,
+}
+
+#[derive(Clone)]
+pub struct Probes {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Each gateway's probes start at a random point within this, so that many gateways are
+    /// not all probed at the same instant.
+    pub jitter: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// The WireGuard handshake from the probe peer (off without a private key).
+    pub handshake: Role,
+    /// ICMP port unreachable on the gateway's WireGuard port.
+    pub port: Role,
+    /// Defguard's `GET /health` (on gateways that have a health port).
+    pub health: Role,
+    pub health_path: String,
+    /// The probe peer's private key; its public key must be a peer on every gateway.
+    pub private_key: Option<StaticSecret>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Balancer {
+    /// A Unix socket path, or an `http://` / `https://` URL.
+    pub api: String,
+    pub token_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+/// A VPN location: a listener of the balancers, and the gateways behind it.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub name: String,
+    /// The gateways' WireGuard public key (every gateway of a location has the same).
+    pub public_key: Option<PublicKey>,
+    pub gateways: Vec<Gateway>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    pub name: String,
+    pub address: SocketAddr,
+    pub health_port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: Option<String>,
+    #[serde(default)]
+    probes: Option<Spanned<RawProbes>>,
+    #[serde(default)]
+    balancer: Vec<Spanned<RawBalancer>>,
+    #[serde(default)]
+    location: Vec<Spanned<RawLocation>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProbes {
+    interval: Option<String>,
+    timeout: Option<String>,
+    jitter: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    handshake: Option<Role>,
+    port: Option<Role>,
+    health: Option<Role>,
+    health_path: Option<String>,
+    private_key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalancer {
+    api: String,
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocation {
+    name: String,
+    public_key: Option<String>,
+    #[serde(default)]
+    gateway: Vec<Spanned<RawGateway>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    name: String,
+    address: SocketAddr,
+    health_port: Option<u16>,
+}
+
+/// A refused file: where and why.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text, &path.display().to_string(), path.parent())
+    }
+
+    /// Parses `text` (from `name`); relative key files are read from `dir`.
+    pub fn parse(text: &str, name: &str, dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let at = |span: Option<Range<usize>>, what: &str, why: String| {
+            let line = span.map_or(0, |s| {
+                text[..s.start.min(text.len())].matches('\n').count() + 1
+            });
+            ConfigError(format!("{name} line {line} ({what}): {why}"))
+        };
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| at(e.span(), "syntax", e.message().trim().to_string()))?;
+        let probes_span = raw.probes.as_ref().map(|p| p.span());
+        let raw_probes = raw.probes.map(Spanned::into_inner).unwrap_or_default();
+        let probes_err = |why: String| at(probes_span.clone(), "[probes]", why);
+        let duration = |value: Option<String>, default: Duration, field: &str| match value {
+            None => Ok(default),
+            Some(text) => humantime::parse_duration(&text).map_err(|e| {
+                probes_err(format!("field `{field}`: `{text}` is not a duration ({e})"))
+            }),
+        };
+        // Defguard's Envoy example: every second, one result either way.
+        let interval = duration(raw_probes.interval, Duration::from_secs(1), "interval")?;
+        let timeout = duration(raw_probes.timeout, Duration::from_secs(1), "timeout")?;
+        let jitter = duration(raw_probes.jitter, Duration::from_millis(100), "jitter")?;
+        if interval.is_zero() || timeout.is_zero() {
+            return Err(probes_err(
+                "interval and timeout must be greater than zero".into(),
+            ));
+        }
+        let (rise, fall) = (raw_probes.rise.unwrap_or(1), raw_probes.fall.unwrap_or(1));
+        if rise == 0 || fall == 0 {
+            return Err(probes_err("rise and fall must be at least 1".into()));
+        }
+        let private_key = match &raw_probes.private_key_file {
+            Some(file) => {
+                let path = dir.map_or(file.clone(), |d| d.join(file));
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    probes_err(format!(
+                        "field `private_key_file`: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let key = parse_key(&text).map_err(|e| {
+                    probes_err(format!("field `private_key_file`: {}: {e}", path.display()))
+                })?;
+                Some(StaticSecret::from(key))
+            }
+            None => None,
+        };
+        let handshake = match (raw_probes.handshake, &private_key) {
+            (Some(Role::Off), _) | (None, None) => Role::Off,
+            (Some(_), None) => return Err(probes_err(
+                "field `handshake`: the handshake probe needs the probe peer's private_key_file"
+                    .into(),
+            )),
+            (Some(role), Some(_)) => role,
+            (None, Some(_)) => Role::Required,
+        };
+        let probes = Probes {
+            interval,
+            timeout,
+            jitter,
+            rise,
+            fall,
+            handshake,
+            port: raw_probes.port.unwrap_or(Role::Required),
+            // A Core outage turns every /health 503 while WireGuard works: by default that only
+            // degrades a gateway, it must not become a VPN outage.
+            health: raw_probes.health.unwrap_or(Role::Advisory),
+            health_path: raw_probes.health_path.unwrap_or_else(|| "/health".into()),
+            private_key,
+        };
+        if raw.balancer.is_empty() {
+            return Err(at(None, "[[balancer]]", "no balancer to report to".into()));
+        }
+        let balancers = raw
+            .balancer
+            .into_iter()
+            .map(|b| {
+                let b = b.into_inner();
+                Balancer {
+                    api: b.api,
+                    token_file: b.token_file,
+                    ca: b.ca,
+                }
+            })
+            .collect();
+        let mut locations = Vec::new();
+        for spanned in raw.location {
+            let span = spanned.span();
+            let raw_location = spanned.into_inner();
+            let what = format!("location `{}`", raw_location.name);
+            let public_key =
+                match raw_location.public_key {
+                    Some(text) => Some(PublicKey::from(parse_key(&text).map_err(|e| {
+                        at(
+                            Some(span.clone()),
+                            &what,
+                            format!("field `public_key`: {e}"),
+                        )
+                    })?)),
+                    None if handshake != Role::Off => return Err(at(
+                        Some(span),
+                        &what,
+                        "field `public_key`: the handshake probe needs the gateways' public key"
+                            .into(),
+                    )),
+                    None => None,
+                };
+            let mut gateways: Vec<Gateway> = Vec::new();
+            for gateway in raw_location.gateway {
+                let span = gateway.span();
+                let gateway = gateway.into_inner();
+                if gateways.iter().any(|g| g.name == gateway.name) {
+                    return Err(at(
+                        Some(span),
+                        &what,
+                        format!("gateway `{}` appears twice", gateway.name),
+                    ));
+                }
+                gateways.push(Gateway {
+                    name: gateway.name,
+                    address: gateway.address,
+                    health_port: gateway.health_port,
+                });
+            }
+            locations.push(Location {
+                name: raw_location.name,
+                public_key,
+                gateways,
+            });
+        }
+        let source = raw.source.unwrap_or_else(|| {
+            let host = nix_hostname().unwrap_or_else(|| "localhost".into());
+            format!("healthcheck@{host}")
+        });
+        Ok(Config {
+            source,
+            probes,
+            balancers,
+            locations,
+        })
+    }
+}
+
+fn nix_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+source = "hc-a"
+
+[probes]
+interval = "500ms"
+fall = 2
+
+[[balancer]]
+api = "/run/wglb/api.sock"
+
+[[location]]
+name = "office"
+
+[[location.gateway]]
+name = "gw1"
+address = "10.0.0.2:51820"
+health_port = 55003
+"#;
+
+    #[test]
+    fn reads_a_file_with_defaults() {
+        let config = Config::parse(GOOD, "hc.toml", None).unwrap();
+        assert_eq!(config.source, "hc-a");
+        assert_eq!(config.probes.interval, Duration::from_millis(500));
+        assert_eq!(config.probes.timeout, Duration::from_secs(1));
+        assert_eq!((config.probes.rise, config.probes.fall), (1, 2));
+        // No probe key: no handshake probe; a Core outage only degrades.
+        assert_eq!(config.probes.handshake, Role::Off);
+        assert_eq!(config.probes.port, Role::Required);
+        assert_eq!(config.probes.health, Role::Advisory);
+        assert_eq!(config.locations[0].gateways[0].health_port, Some(55003));
+    }
+
+    #[test]
+    fn refuses_mistakes_with_the_line() {
+        let refused = |text: &str| match Config::parse(text, "hc.toml", None) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.0,
+        };
+        let e = refused(&GOOD.replace("fall = 2", "fall = 0"));
+        assert!(e.contains("line 4 ([probes])") && e.contains("fall"), "{e}");
+        let e = refused(&GOOD.replace("10.0.0.2:51820", "10.0.0.2"));
+        assert!(e.contains("line 16") && e.contains("socket address"), "{e}");
+        let e = refused(&GOOD.replace("fall = 2", "handshake = \"required\""));
+        assert!(e.contains("private_key_file"), "{e}");
+        let e = refused(&GOOD.replace("api = ", "apy = "));
+        assert!(e.contains("apy"), "{e}");
+        let e = refused(&format!(
+            "{GOOD}\n[[location.gateway]]\nname = \"gw1\"\naddress = \"10.0.0.3:51820\"\n"
+        ));
+        assert!(e.contains("twice") && e.contains("line 19"), "{e}");
+    }
+}

@@ -1,0 +1,192 @@
+//! One verdict per gateway from its probes, by a fixed policy:
+//!
+//! - a required probe that fails (past its fall threshold) takes the gateway **down**, whatever the
+//!   others say: a dead data plane is down even while `/health` answers 200;
+//! - an advisory probe that fails marks it **degraded**, still in service: by default `/health`
+//!   is advisory, so a 503 with a working data plane reads "degraded: Core detached", and a Core
+//!   outage (which turns every gateway's `/health` 503) does not become a VPN outage;
+//! - otherwise it is **up**.
+//!
+//! Balancers get "healthy" for up and degraded, and the detail says which.
+
+use crate::config::Role;
+use crate::thresholds::Thresholds;
+
+/// The probe kinds, in the order details list them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Handshake,
+    Port,
+    Health,
+}
+
+impl Probe {
+    pub const ALL: [Probe; 3] = [Probe::Handshake, Probe::Port, Probe::Health];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Probe::Handshake => "handshake",
+            Probe::Port => "port",
+            Probe::Health => "health",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Up,
+    Degraded,
+    Down,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Up => "up",
+            Verdict::Degraded => "degraded",
+            Verdict::Down => "down",
+        }
+    }
+}
+
+struct ProbeState {
+    probe: Probe,
+    role: Role,
+    thresholds: Thresholds,
+    /// The latest result that agrees with the thresholded state; empty until one does, and
+    /// until then the state is only the starting assumption (up).
+    detail: String,
+}
+
+/// A gateway's probes and what they have said.
+pub struct GatewayHealth {
+    probes: Vec<ProbeState>,
+}
+
+impl GatewayHealth {
+    /// `roles` gives each probe kind the gateway runs (kinds that are off are left out).
+    pub fn new(roles: &[(Probe, Role)], rise: u32, fall: u32) -> GatewayHealth {
+        GatewayHealth {
+            probes: roles
+                .iter()
+                .filter(|(_, role)| *role != Role::Off)
+                .map(|&(probe, role)| ProbeState {
+                    probe,
+                    role,
+                    thresholds: Thresholds::new(rise, fall),
+                    detail: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Feeds one probe's result.
+    pub fn record(&mut self, probe: Probe, result: Result<String, String>) {
+        let Some(state) = self.probes.iter_mut().find(|s| s.probe == probe) else {
+            return;
+        };
+        state.thresholds.record(result.is_ok());
+        if result.is_ok() == state.thresholds.healthy() {
+            state.detail = match result {
+                Ok(detail) | Err(detail) => detail,
+            };
+        }
+    }
+
+    /// The verdict and what it rests on; `None` until every probe's state is backed by a result
+    /// (a sidecar started in front of a dead gateway must not report it up meanwhile).
+    pub fn verdict(&self) -> Option<(Verdict, String)> {
+        if self.probes.iter().any(|s| s.detail.is_empty()) {
+            return None;
+        }
+        let failing = |role: Role| {
+            self.probes
+                .iter()
+                .filter(move |s| s.role == role && !s.thresholds.healthy())
+        };
+        let verdict = if failing(Role::Required).next().is_some() {
+            Verdict::Down
+        } else if failing(Role::Advisory).next().is_some() {
+            Verdict::Degraded
+        } else {
+            Verdict::Up
+        };
+        let mut detail = verdict.as_str().to_string();
+        if verdict == Verdict::Degraded
+            && failing(Role::Advisory).any(|s| s.probe == Probe::Health && s.detail.contains("503"))
+        {
+            detail += ": Core detached";
+        }
+        let parts: Vec<String> = self
+            .probes
+            .iter()
+            .map(|s| format!("{}: {}", s.probe.as_str(), s.detail))
+            .collect();
+        detail += &format!(" ({})", parts.join("; "));
+        Some((verdict, detail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway() -> GatewayHealth {
+        GatewayHealth::new(
+            &[
+                (Probe::Handshake, Role::Required),
+                (Probe::Port, Role::Required),
+                (Probe::Health, Role::Advisory),
+            ],
+            1,
+            1,
+        )
+    }
+
+    #[test]
+    fn a_dead_data_plane_is_down_though_health_says_200() {
+        let mut g = gateway();
+        g.record(Probe::Handshake, Err("no handshake response".into()));
+        g.record(Probe::Port, Ok("not refused".into()));
+        g.record(Probe::Health, Ok("GET /health 200".into()));
+        let (verdict, detail) = g.verdict().unwrap();
+        assert_eq!(verdict, Verdict::Down);
+        assert!(detail.contains("no handshake response"), "{detail}");
+    }
+
+    #[test]
+    fn core_detached_with_a_working_data_plane_is_degraded() {
+        let mut g = gateway();
+        g.record(Probe::Handshake, Ok("handshake in 2 ms".into()));
+        g.record(Probe::Port, Ok("not refused".into()));
+        g.record(Probe::Health, Err("GET /health 503".into()));
+        let (verdict, detail) = g.verdict().unwrap();
+        assert_eq!(verdict, Verdict::Degraded);
+        assert!(detail.starts_with("degraded: Core detached"), "{detail}");
+        g.record(Probe::Health, Ok("GET /health 200".into()));
+        assert_eq!(g.verdict().unwrap().0, Verdict::Up);
+    }
+
+    #[test]
+    fn says_nothing_until_every_probe_has_a_result_behind_it() {
+        let mut g = GatewayHealth::new(&[(Probe::Port, Role::Required)], 1, 3);
+        // Starting from up, two failures below `fall` do not back "up".
+        g.record(Probe::Port, Err("refused".into()));
+        g.record(Probe::Port, Err("refused".into()));
+        assert_eq!(g.verdict(), None);
+        g.record(Probe::Port, Err("refused".into()));
+        assert_eq!(g.verdict().unwrap().0, Verdict::Down);
+    }
+
+    #[test]
+    fn probes_that_are_off_do_not_count() {
+        let mut g = GatewayHealth::new(
+            &[(Probe::Port, Role::Required), (Probe::Health, Role::Off)],
+            1,
+            1,
+        );
+        g.record(Probe::Health, Err("503".into()));
+        g.record(Probe::Port, Ok("not refused".into()));
+        assert_eq!(g.verdict().unwrap().0, Verdict::Up);
+    }
+}
