@@ -42,6 +42,7 @@ fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -118,7 +119,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             if snapshot.get(&key).is_none_or(
                 |(_, old): &(u64, wglb_healthcheck::checker::Report)| old.verdict != report.verdict,
             ) {
-                tracing::info!(location = %report.location, gateway = %report.gateway, verdict = report.verdict.as_str(), detail = %report.detail, "verdict");
+                tracing::info!(location = %report.location, gateway = %report.gateway, verdict = %report.verdict.as_str(), detail = %report.detail, "verdict");
             }
             snapshot.insert(key, (round, report));
             latest_tx.send_replace(Arc::new(snapshot.clone()));

@@ -23,6 +23,17 @@ pub enum Probe {
 impl Probe {
     pub const ALL: [Probe; 3] = [Probe::Handshake, Probe::Port, Probe::Health];
 
+    /// Successes in a row that bring the probe back. A refused port is proof, but silence is
+    /// weak evidence: the gateway's kernel sends about one ICMP error per second to a source
+    /// (net.ipv4.icmp_ratelimit), and the balancer's own traffic to a dead gateway uses them up.
+    /// So the port probe needs three quiet rounds at least.
+    fn rise(self, rise: u32) -> u32 {
+        match self {
+            Probe::Port => rise.max(3),
+            Probe::Handshake | Probe::Health => rise,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Probe::Handshake => "handshake",
@@ -73,7 +84,7 @@ impl GatewayHealth {
                 .map(|&(probe, role)| ProbeState {
                     probe,
                     role,
-                    thresholds: Thresholds::new(rise, fall),
+                    thresholds: Thresholds::new(probe.rise(rise), fall),
                     detail: String::new(),
                 })
                 .collect(),

@@ -9,6 +9,7 @@
 //! interface and file name carries the rig's id.
 
 mod cmd;
+mod daemon;
 mod health;
 pub mod metrics;
 mod netns;
@@ -22,9 +23,11 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 pub use cmd::{terminate, wait_for};
+pub use daemon::Daemon;
 pub use netns::Netns;
 pub use ping::Pinger;
 pub use rig::{Family, Rig, RigSpec};
+pub use wg::Keypair;
 
 /// Checks that rigs can be built here. Tests call it first and fail with its error: skipping
 /// would let a CI job that lost its root privileges pass without testing anything.

@@ -360,6 +360,50 @@ impl Rig {
         Ok(())
     }
 
+    /// Stops gateway j's WireGuard only: its `/health` goes on answering, as a Defguard gateway's
+    /// does when its interface is gone but the process lives.
+    pub fn stop_gateway_wireguard(&mut self, j: usize) -> Result<()> {
+        if let Some(wg) = self.gateways[j].wg.take() {
+            wg.stop()
+                .with_context(|| format!("stopping gateway {j}'s wireguard-go"))?;
+        }
+        Ok(())
+    }
+
+    /// The key every gateway answers handshakes with.
+    pub fn gateway_public_key(&self) -> &str {
+        &self.gateway_public
+    }
+
+    /// Adds a peer (e.g. a health probe's) to every running gateway, with a tunnel address of
+    /// its own outside the clients' range.
+    pub fn add_gateway_peer(&self, public_key: &str) -> Result<()> {
+        for gateway in self.gateways.iter().filter(|g| g.wg.is_some()) {
+            cmd::run(gateway.ns.command("wg").args([
+                "set",
+                &gateway.ifname,
+                "peer",
+                public_key,
+                "allowed-ips",
+                "10.99.0.250/32",
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a peer from gateway j.
+    pub fn remove_gateway_peer(&self, j: usize, public_key: &str) -> Result<()> {
+        let gateway = &self.gateways[j];
+        cmd::run(gateway.ns.command("wg").args([
+            "set",
+            &gateway.ifname,
+            "peer",
+            public_key,
+            "remove",
+        ]))?;
+        Ok(())
+    }
+
     /// Switches what gateway j's health endpoint reports, as a Defguard gateway does when it
     /// loses its connection to the core.
     pub fn set_gateway_health(&self, j: usize, healthy: bool) {

@@ -21,13 +21,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long wireguard-go gets to remove its control socket and exit after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-pub(crate) struct Keypair {
-    pub(crate) private: String,
-    pub(crate) public: String,
+/// A WireGuard key pair, as `wg genkey` and `wg pubkey` print them.
+pub struct Keypair {
+    pub private: String,
+    pub public: String,
 }
 
 impl Keypair {
-    pub(crate) fn generate() -> Result<Keypair> {
+    pub fn generate() -> Result<Keypair> {
         let private = cmd::run(Command::new("wg").arg("genkey"))?
             .trim()
             .to_owned();
@@ -41,7 +42,7 @@ impl Keypair {
     }
 
     /// `wg set` only takes private keys from files; keep them unreadable to other users anyway.
-    pub(crate) fn write_private(&self, path: &Path) -> Result<()> {
+    pub fn write_private(&self, path: &Path) -> Result<()> {
         OpenOptions::new()
             .write(true)
             .create(true)
