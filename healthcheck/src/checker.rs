@@ -13,6 +13,15 @@ use crate::http::probe_http;
 use crate::port::{probe_port, PortState};
 use crate::verdict::{GatewayHealth, Probe, Verdict};
 
+/// What the checkers tell the reporters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// A gateway's verdict after a round of probes.
+    Verdict(Report),
+    /// A gateway is no longer probed.
+    Forget { location: String, gateway: String },
+}
+
 /// A gateway's verdict after one round of probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
@@ -27,7 +36,7 @@ pub fn spawn_gateway_checker(
     location: &Location,
     gateway: &Gateway,
     probes: Arc<Probes>,
-    reports: mpsc::Sender<Report>,
+    updates: mpsc::Sender<Update>,
 ) -> JoinHandle<()> {
     let roles = [
         (Probe::Handshake, probes.handshake),
@@ -121,7 +130,7 @@ pub fn spawn_gateway_checker(
                 verdict,
                 detail,
             };
-            if reports.send(report).await.is_err() {
+            if updates.send(Update::Verdict(report)).await.is_err() {
                 return;
             }
         }

@@ -29,7 +29,19 @@ pub struct Config {
     pub source: String,
     pub probes: Probes,
     pub balancers: Vec<Balancer>,
+    /// Locations and gateways from the file; Core's are added when `core` is set.
     pub locations: Vec<Location>,
+    pub core: Option<Core>,
+}
+
+/// Where Defguard Core's REST API is, to follow its gateway list.
+#[derive(Clone, Debug)]
+pub struct Core {
+    pub url: String,
+    pub token: String,
+    pub interval: Duration,
+    /// Defguard's gateway health port (Core does not say; 55003 in Defguard's examples).
+    pub health_port: Option<u16>,
 }
 
 #[derive(Clone)]
@@ -86,6 +98,17 @@ struct RawConfig {
     balancer: Vec<Spanned<RawBalancer>>,
     #[serde(default)]
     location: Vec<Spanned<RawLocation>>,
+    core: Option<Spanned<RawCore>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCore {
+    url: String,
+    token_file: PathBuf,
+    interval: Option<String>,
+    /// 0 for none.
+    health_port: Option<u16>,
 }
 
 #[derive(Deserialize, Default)]
@@ -278,6 +301,50 @@ impl Config {
                 gateways,
             });
         }
+        let core = match raw.core {
+            Some(spanned) => {
+                let span = spanned.span();
+                let raw_core = spanned.into_inner();
+                let core_err = |why: String| at(Some(span.clone()), "[core]", why);
+                if !(raw_core.url.starts_with("http://") || raw_core.url.starts_with("https://")) {
+                    return Err(core_err(format!(
+                        "field `url`: `{}` is not an http(s) URL",
+                        raw_core.url
+                    )));
+                }
+                let path = dir.map_or(raw_core.token_file.clone(), |d| {
+                    d.join(&raw_core.token_file)
+                });
+                let token = std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        core_err(format!(
+                            "field `token_file`: cannot read {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .trim()
+                    .to_string();
+                let interval = match raw_core.interval {
+                    Some(text) => humantime::parse_duration(&text).map_err(|e| {
+                        core_err(format!(
+                            "field `interval`: `{text}` is not a duration ({e})"
+                        ))
+                    })?,
+                    None => Duration::from_secs(10),
+                };
+                Some(Core {
+                    url: raw_core.url,
+                    token,
+                    interval: interval.max(Duration::from_millis(100)),
+                    health_port: match raw_core.health_port {
+                        Some(0) => None,
+                        Some(port) => Some(port),
+                        None => Some(55003),
+                    },
+                })
+            }
+            None => None,
+        };
         let source = raw.source.unwrap_or_else(|| {
             let host = nix_hostname().unwrap_or_else(|| "localhost".into());
             format!("healthcheck@{host}")
@@ -287,6 +354,7 @@ impl Config {
             probes,
             balancers,
             locations,
+            core,
         })
     }
 }

@@ -10,12 +10,15 @@
 //!
 //! [`thresholds`] turns results into a state that needs several in a row to change, and
 //! [`verdict`] combines a gateway's probes into one verdict by a documented policy. The sidecar
-//! binary runs a [`checker`] per gateway and a [`report`]er per balancer, as its [`config`] says.
+//! binary runs a [`checker`] per gateway and a [`report`]er per balancer, as its [`config`] says,
+//! and with Core's API follows its gateway list ([`discovery`]) into the balancers' [`pools`].
 
 pub mod checker;
 pub mod config;
+pub mod discovery;
 pub mod handshake;
 pub mod http;
+pub mod pools;
 pub mod port;
 pub mod report;
 pub mod thresholds;

@@ -1,16 +1,22 @@
-//! `wglb-healthcheck`: probes every gateway of every location in its configuration and reports
-//! a verdict per gateway to one or more `wglb` balancers.
+//! `wglb-healthcheck`: probes every gateway of every location in its configuration (and, with a
+//! `[core]` section, of every location Defguard Core lists) and reports a verdict per gateway to
+//! one or more `wglb` balancers, whose pools it keeps in step with Core's list.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
-use wglb_healthcheck::checker::spawn_gateway_checker;
-use wglb_healthcheck::config::Config;
+use tokio::task::JoinHandle;
+use wglb_healthcheck::checker::{spawn_gateway_checker, Report, Update};
+use wglb_healthcheck::config::{Config, Location, Probes};
+use wglb_healthcheck::discovery::Discovery;
+use wglb_healthcheck::pools::sync_pools;
 use wglb_healthcheck::report::{run_reporter, Latest};
 use wglb_proto::client::Target;
 
@@ -71,21 +77,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let probes = Arc::new(config.probes.clone());
     // Room for a slow round and a late tick before a report goes stale at the balancer.
     let ttl = 3 * (probes.interval + probes.timeout);
-    let (reports_tx, mut reports) = mpsc::channel(1024);
-    let mut checkers = Vec::new();
-    for location in &config.locations {
-        for gateway in &location.gateways {
-            checkers.push(spawn_gateway_checker(
-                location,
-                gateway,
-                probes.clone(),
-                reports_tx.clone(),
-            ));
-        }
-    }
-    drop(reports_tx);
-    tracing::info!(source = %config.source, gateways = checkers.len(), balancers = config.balancers.len(), "probing");
+    let (updates_tx, mut updates) = mpsc::channel(1024);
     let (latest_tx, latest) = watch::channel::<Latest>(Arc::default());
+    let mut targets = Vec::new();
     for balancer in &config.balancers {
         let token = match &balancer.token_file {
             Some(path) => Some(
@@ -103,35 +97,148 @@ async fn run(config: Config) -> anyhow::Result<()> {
             identity: None,
         };
         tokio::spawn(run_reporter(
-            target,
+            target.clone(),
             config.source.clone(),
             ttl,
             latest.clone(),
         ));
+        targets.push(target);
     }
-    // Collects verdicts into the snapshot the reporters follow.
-    let collector = tokio::spawn(async move {
-        let mut snapshot: BTreeMap<(String, String), (u64, _)> = BTreeMap::new();
-        let mut round = 0u64;
-        while let Some(report) = reports.recv().await {
-            round += 1;
-            let key = (report.location.clone(), report.gateway.clone());
-            if snapshot.get(&key).is_none_or(
-                |(_, old): &(u64, wglb_healthcheck::checker::Report)| old.verdict != report.verdict,
-            ) {
-                tracing::info!(location = %report.location, gateway = %report.gateway, verdict = %report.verdict.as_str(), detail = %report.detail, "verdict");
-            }
-            snapshot.insert(key, (round, report));
-            latest_tx.send_replace(Arc::new(snapshot.clone()));
-        }
-    });
+    let mut checkers = Checkers {
+        running: HashMap::new(),
+        probes,
+        updates: updates_tx,
+    };
+    checkers.reconcile(&config.locations).await;
+    tracing::info!(source = %config.source, gateways = checkers.running.len(), balancers = targets.len(), "probing");
+    let discovery = config.core.clone().map(Discovery::new).transpose()?;
+    let mut poll = tokio::time::interval(
+        config
+            .core
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |c| c.interval),
+    );
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What Core listed last: a gateway that leaves it is drained on the balancers.
+    let mut from_core: Vec<Location> = Vec::new();
+    let mut snapshot: BTreeMap<(String, String), (u64, Report)> = BTreeMap::new();
+    let mut round = 0u64;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-        _ = collector => anyhow::bail!("every checker stopped"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            Some(update) = updates.recv() => {
+                match update {
+                    Update::Verdict(report) => {
+                        round += 1;
+                        let key = (report.location.clone(), report.gateway.clone());
+                        if snapshot.get(&key).is_none_or(|(_, old)| old.verdict != report.verdict) {
+                            tracing::info!(location = %report.location, gateway = %report.gateway, verdict = %report.verdict.as_str(), detail = %report.detail, "verdict");
+                        }
+                        snapshot.insert(key, (round, report));
+                    }
+                    Update::Forget { location, gateway } => {
+                        snapshot.remove(&(location, gateway));
+                    }
+                }
+                latest_tx.send_replace(Arc::new(snapshot.clone()));
+            }
+            _ = poll.tick(), if discovery.is_some() => {
+                let Some(discovery) = &discovery else { continue };
+                // Core down: keep probing and reporting what it listed last.
+                let found = match discovery.fetch().await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::warn!("cannot read Core's gateway list, keeping the last one: {e:#}");
+                        continue;
+                    }
+                };
+                checkers.reconcile(&merge(&config.locations, &found)).await;
+                for target in &targets {
+                    if let Err(e) = sync_pools(target, &from_core, &found).await {
+                        tracing::warn!(balancer = %target.address, "cannot bring the balancer's pools in line with Core: {e}");
+                    }
+                }
+                from_core = found;
+            }
+        }
     }
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// The gateways being probed, by location and name.
+struct Checkers {
+    running: HashMap<(String, String), (SocketAddr, JoinHandle<()>)>,
+    probes: Arc<Probes>,
+    updates: mpsc::Sender<Update>,
+}
+
+impl Checkers {
+    /// Probes exactly the gateways of `locations`: new ones start, gone or moved ones stop.
+    async fn reconcile(&mut self, locations: &[Location]) {
+        let mut wanted = HashMap::new();
+        for location in locations {
+            for gateway in &location.gateways {
+                wanted.insert(
+                    (location.name.clone(), gateway.name.clone()),
+                    (location, gateway),
+                );
+            }
+        }
+        let stale: Vec<(String, String)> = self
+            .running
+            .iter()
+            .filter(|(key, (address, _))| {
+                wanted.get(*key).is_none_or(|(_, g)| g.address != *address)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some((_, task)) = self.running.remove(&key) {
+                task.abort();
+                tracing::info!(location = %key.0, gateway = %key.1, "no longer probed");
+                let _ = self
+                    .updates
+                    .send(Update::Forget {
+                        location: key.0,
+                        gateway: key.1,
+                    })
+                    .await;
+            }
+        }
+        for (key, (location, gateway)) in wanted {
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.running.entry(key) {
+                tracing::info!(location = %location.name, gateway = %gateway.name, address = %gateway.address, "probing");
+                let task = spawn_gateway_checker(
+                    location,
+                    gateway,
+                    self.probes.clone(),
+                    self.updates.clone(),
+                );
+                entry.insert((gateway.address, task));
+            }
+        }
+    }
+}
+
+/// The file's locations with Core's added: a gateway the file names keeps the file's settings.
+fn merge(file: &[Location], core: &[Location]) -> Vec<Location> {
+    let mut merged = file.to_vec();
+    for location in core {
+        match merged.iter_mut().find(|l| l.name == location.name) {
+            Some(known) => {
+                known.public_key = known.public_key.or(location.public_key);
+                for gateway in &location.gateways {
+                    if !known.gateways.iter().any(|g| g.name == gateway.name) {
+                        known.gateways.push(gateway.clone());
+                    }
+                }
+            }
+            None => merged.push(location.clone()),
+        }
+    }
+    merged
 }

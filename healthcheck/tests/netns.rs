@@ -5,8 +5,10 @@
 //! Needs root, like every namespace test, and the `wglb` binary next to `wglb-healthcheck`
 //! (`cargo test --workspace` builds both).
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
@@ -37,8 +39,27 @@ fn wglb() -> Result<PathBuf> {
 
 impl Setup {
     /// A rig with one client and three gateways that know the sidecar's probe peer, a balancer,
-    /// and a sidecar whose [probes] section is `probes`.
+    /// and a sidecar whose [probes] section is `probes`; both know every gateway from their files.
     fn start(probes: &str) -> Result<Setup> {
+        let setup = Setup::start_with(probes, GATEWAYS, "", |_| Ok(()))?;
+        // Every gateway has a fresh report from the sidecar.
+        setup.wait_metric(
+            r#"wglb_health_report_up{gateway="#,
+            Duration::from_secs(15),
+            |v| v == GATEWAYS as f64,
+        )?;
+        Ok(setup)
+    }
+
+    /// The balancer's file names gateways 0..in_files, and so does the sidecar's (under a
+    /// [[location]] only if in_files > 0); `extra` goes at the end of the sidecar's file, after
+    /// `prepare` has had the rig (to start what the sidecar needs before it starts).
+    fn start_with(
+        probes: &str,
+        in_files: usize,
+        extra: &str,
+        prepare: impl FnOnce(&Rig) -> Result<()>,
+    ) -> Result<Setup> {
         require_root()?;
         let rig = Rig::new(RigSpec {
             family: Family::V4,
@@ -58,12 +79,16 @@ impl Setup {
         let mut sidecar_config = format!(
             "source = \"hc-test\"\n[probes]\ninterval = \"500ms\"\ntimeout = \"500ms\"\nfall = 2\n\
              private_key_file = \"probe.key\"\n{probes}\n\
-             [[balancer]]\napi = \"{}\"\n\
-             [[location]]\nname = \"office\"\npublic_key = \"{}\"\n",
+             [[balancer]]\napi = \"{}\"\n",
             socket.display(),
-            rig.gateway_public_key()
         );
-        for j in 0..GATEWAYS {
+        if in_files > 0 {
+            sidecar_config += &format!(
+                "[[location]]\nname = \"office\"\npublic_key = \"{}\"\n",
+                rig.gateway_public_key()
+            );
+        }
+        for j in 0..in_files {
             let address = rig.gateway_addr(j);
             balancer_config +=
                 &format!("[[listener.gateway]]\nname = \"gw{j}\"\naddress = \"{address}\"\n");
@@ -72,9 +97,11 @@ impl Setup {
                 rig.gateway_health_port()
             );
         }
+        sidecar_config += extra;
         std::fs::write(dir.join("wglb.toml"), balancer_config)?;
         probe.write_private(&dir.join("probe.key"))?;
         std::fs::write(dir.join("healthcheck.toml"), sidecar_config)?;
+        prepare(&rig)?;
         let balancer = Daemon::spawn(
             rig.balancer_ns(),
             &wglb()?,
@@ -98,19 +125,12 @@ impl Setup {
             ],
             &dir.join("healthcheck.log"),
         )?;
-        let setup = Setup {
+        Ok(Setup {
             rig,
             balancer,
             sidecar,
             probe,
-        };
-        // Every gateway has a fresh report from the sidecar.
-        setup.wait_metric(
-            r#"wglb_health_report_up{gateway="#,
-            Duration::from_secs(15),
-            |v| v == GATEWAYS as f64,
-        )?;
-        Ok(setup)
+        })
     }
 
     fn metric(&self, prefix: &str) -> Result<f64> {
@@ -264,6 +284,117 @@ fn core_detached_with_a_working_data_plane_stays_in_service_as_degraded() -> Res
         setup
             .metric(r#"wglb_health_report_up{gateway="gw0",listener="office",source="hc-test"}"#)?
             == 1.0
+    );
+    Ok(())
+}
+
+/// A stand-in for Defguard Core's REST API: the two listings the sidecar reads, in Core's JSON
+/// shapes, behind a bearer token. The test changes the gateways it lists.
+struct CoreStandIn {
+    gateways: Arc<Mutex<String>>,
+}
+
+const CORE: &str = "127.0.0.1:8000";
+const CORE_TOKEN: &str = "core-api-token";
+
+impl CoreStandIn {
+    fn start(rig: &Rig) -> Result<CoreStandIn> {
+        let networks = format!(
+            r#"[{{"id":1,"name":"office","address":["10.99.0.1/24"],"port":51820,"pubkey":"{}","endpoint":"vpn.example.com"}}]"#,
+            rig.gateway_public_key()
+        );
+        let gateways = Arc::new(Mutex::new("[]".to_string()));
+        let listener = rig.balancer_ns().run(|| TcpListener::bind(CORE))??;
+        let serving = gateways.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let Ok(read) = stream.try_clone() else {
+                    continue;
+                };
+                let mut reader = BufReader::new(read);
+                let mut request = String::new();
+                let _ = reader.read_line(&mut request);
+                let mut authorized = false;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                        break;
+                    }
+                    authorized |= header
+                        .trim()
+                        .eq_ignore_ascii_case(&format!("authorization: Bearer {CORE_TOKEN}"));
+                }
+                let (status, body) = match request.split_whitespace().nth(1) {
+                    _ if !authorized => ("401 Unauthorized", "{}".to_string()),
+                    Some("/api/v1/network") => ("200 OK", networks.clone()),
+                    Some("/api/v1/gateway") => ("200 OK", serving.lock().unwrap().clone()),
+                    _ => ("404 Not Found", "{}".to_string()),
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Ok(CoreStandIn { gateways })
+    }
+
+    /// Core's gateway rows: gateways adopted into location 1, by name and address.
+    fn serve_gateways(&self, gateways: &[(&str, IpAddr)]) {
+        let rows: Vec<String> = gateways
+            .iter()
+            .enumerate()
+            .map(|(i, (name, ip))| {
+                format!(
+                    r#"{{"id":{},"location_id":1,"location_name":"office","name":"{name}","address":"{ip}","port":50066,"enabled":true,"connected":true,"version":"2.0.0"}}"#,
+                    i + 1
+                )
+            })
+            .collect();
+        *self.gateways.lock().unwrap() = format!("[{}]", rows.join(","));
+    }
+}
+
+#[test]
+fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
+    let mut core = None;
+    let extra = format!(
+        "[core]\nurl = \"http://{CORE}\"\ntoken_file = \"core.token\"\ninterval = \"300ms\"\nhealth_port = 55003\n"
+    );
+    // The balancer's file has gw0 only; Core lists gw0 and has adopted gw1.
+    let setup = Setup::start_with("", 1, &extra, |rig| {
+        std::fs::write(rig.temp_dir().join("core.token"), CORE_TOKEN)?;
+        let stand_in = CoreStandIn::start(rig)?;
+        stand_in.serve_gateways(&[
+            ("gw0", rig.gateway_addr(0).ip()),
+            ("gw1", rig.gateway_addr(1).ip()),
+        ]);
+        core = Some(stand_in);
+        Ok(())
+    })?;
+    let core = core.context("the stand-in")?;
+    let state = |j: usize, state: &str| {
+        format!(r#"wglb_gateway_admin_state{{gateway="gw{j}",listener="office",state="{state}"}}"#)
+    };
+    setup.wait_metric(&state(1, "active"), Duration::from_secs(10), |v| v == 1.0)?;
+    // ... and the sidecar probes it and reports on it.
+    setup.wait_metric(
+        r#"wglb_health_report_up{gateway="gw1",listener="office",source="hc-test"}"#,
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    )?;
+    // Core drops gw1: the balancer drains it (its sessions may finish) and the sidecar stops
+    // probing it. gw0, which the balancer's file names too, is untouched.
+    core.serve_gateways(&[("gw0", setup.rig.gateway_addr(0).ip())]);
+    setup.wait_metric(&state(1, "draining"), Duration::from_secs(10), |v| v == 1.0)?;
+    ensure!(setup.metric(&state(0, "active"))? == 1.0);
+    let log = setup.sidecar.log_text();
+    ensure!(
+        log.contains("no longer probed location=office gateway=gw1"),
+        "{}",
+        tail(&log)
     );
     Ok(())
 }

@@ -1,0 +1,138 @@
+//! Following Defguard Core's gateway list through its REST API (`Authorization: Bearer` with an
+//! API token): `GET /api/v1/network` gives the locations (a location's WireGuard port and public
+//! key), `GET /api/v1/gateway` the gateways adopted into them (`location_id`, `name`, `address`,
+//! `enabled`). A location becomes a balancer listener of the same name, an enabled gateway one of
+//! its gateways at the gateway's address and the location's WireGuard port.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use boringtun::x25519::PublicKey;
+use serde::Deserialize;
+
+use crate::config::{Core, Gateway, Location};
+use crate::handshake::parse_key;
+
+#[derive(Deserialize)]
+struct Network {
+    id: i64,
+    name: String,
+    /// The location's WireGuard listen port, the same on every gateway.
+    port: u16,
+    #[serde(default)]
+    pubkey: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CoreGateway {
+    location_id: i64,
+    name: String,
+    /// A host name or an IP, as entered at adoption.
+    address: String,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+pub struct Discovery {
+    client: reqwest::Client,
+    core: Core,
+}
+
+impl Discovery {
+    pub fn new(core: Core) -> anyhow::Result<Discovery> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client for Core")?;
+        Ok(Discovery { client, core })
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.core.url.trim_end_matches('/'));
+        let response = self
+            .client
+            .get(&url)
+            .bearer_auth(&self.core.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        anyhow::ensure!(status.is_success(), "GET {url}: {status}");
+        response
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: not the JSON Core serves"))
+    }
+
+    /// The locations and enabled gateways Core has now.
+    pub async fn fetch(&self) -> anyhow::Result<Vec<Location>> {
+        let networks: Vec<Network> = self.get("/api/v1/network").await?;
+        let gateways: Vec<CoreGateway> = self.get("/api/v1/gateway").await?;
+        let mut locations: BTreeMap<i64, Location> = BTreeMap::new();
+        let mut ports = BTreeMap::new();
+        for network in networks {
+            let public_key = match network.pubkey.as_deref().map(parse_key) {
+                Some(Ok(key)) => Some(PublicKey::from(key)),
+                Some(Err(e)) => {
+                    tracing::warn!(location = %network.name, "Core gives a public key that is not one: {e}");
+                    None
+                }
+                None => None,
+            };
+            ports.insert(network.id, network.port);
+            locations.insert(
+                network.id,
+                Location {
+                    name: network.name,
+                    public_key,
+                    gateways: Vec::new(),
+                },
+            );
+        }
+        for gateway in gateways.into_iter().filter(|g| g.enabled) {
+            let (Some(location), Some(&port)) = (
+                locations.get_mut(&gateway.location_id),
+                ports.get(&gateway.location_id),
+            ) else {
+                tracing::warn!(gateway = %gateway.name, location = gateway.location_id, "Core lists a gateway of a location it does not list");
+                continue;
+            };
+            let address = match resolve(&gateway.address, port).await {
+                Ok(address) => address,
+                Err(e) => {
+                    tracing::warn!(gateway = %gateway.name, "skipped: {e:#}");
+                    continue;
+                }
+            };
+            location.gateways.push(Gateway {
+                name: gateway.name,
+                address,
+                health_port: self.core.health_port,
+            });
+        }
+        Ok(locations.into_values().collect())
+    }
+}
+
+/// A gateway's WireGuard endpoint from the address Core holds (an IP, an IP:port whose port is
+/// the gateway's gRPC one, or a host name) and the location's WireGuard port.
+async fn resolve(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    if let Ok(ip) = address.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if let Ok(with_port) = address.parse::<SocketAddr>() {
+        return Ok(SocketAddr::new(with_port.ip(), port));
+    }
+    let host = address.split(':').next().unwrap_or(address);
+    tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("resolving `{address}`"))?
+        .next()
+        .with_context(|| format!("`{address}` has no address"))
+}

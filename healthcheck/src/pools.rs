@@ -1,0 +1,90 @@
+//! Keeps a balancer's gateway pools in step with Core's list through the control API: a gateway
+//! Core adopts is added to the listener of its location; one Core drops (removed or disabled) is
+//! drained, so its live sessions finish where they are and it takes no new ones. Gateways the
+//! balancer has from its own file and Core never listed are left alone.
+
+use wglb_proto::client::Target;
+use wglb_proto::v1::{AddGatewayRequest, GatewayState, ListGatewaysRequest, SetGatewayRequest};
+
+use crate::config::Location;
+
+/// Brings one balancer in line with `current`, given what Core listed before (`previous`).
+pub async fn sync_pools(
+    target: &Target,
+    previous: &[Location],
+    current: &[Location],
+) -> Result<(), String> {
+    let connection = target.connect().await.map_err(|e| e.to_string())?;
+    let mut control = connection.control;
+    // A location Core dropped altogether has its gateways drained too.
+    let gone: Vec<Location> = previous
+        .iter()
+        .filter(|p| !current.iter().any(|c| c.name == p.name))
+        .map(|p| Location {
+            gateways: Vec::new(),
+            ..p.clone()
+        })
+        .collect();
+    for location in current.iter().chain(&gone) {
+        let pool = match control
+            .list_gateways(ListGatewaysRequest {
+                listener: location.name.clone(),
+            })
+            .await
+        {
+            Ok(response) => response.into_inner().gateways,
+            Err(status) => {
+                tracing::warn!(balancer = %target.address, location = %location.name, "cannot follow this location: {}", status.message());
+                continue;
+            }
+        };
+        for gateway in &location.gateways {
+            match pool.iter().find(|g| g.name == gateway.name) {
+                None => {
+                    control
+                        .add_gateway(AddGatewayRequest {
+                            listener: location.name.clone(),
+                            name: gateway.name.clone(),
+                            address: gateway.address.to_string(),
+                            weight: 0,
+                            state: GatewayState::Active as i32,
+                            // The sidecar probes it; the balancer need not.
+                            health_port: 0,
+                        })
+                        .await
+                        .map_err(|s| {
+                            format!("adding gateway `{}`: {}", gateway.name, s.message())
+                        })?;
+                    tracing::info!(balancer = %target.address, location = %location.name, gateway = %gateway.name, address = %gateway.address, "gateway added: Core adopted it");
+                }
+                Some(known) if known.address != gateway.address.to_string() => {
+                    tracing::warn!(balancer = %target.address, location = %location.name, gateway = %gateway.name, "Core and the balancer disagree on the gateway's address ({} against {}): left as it is", gateway.address, known.address);
+                }
+                Some(_) => {}
+            }
+        }
+        let dropped = previous
+            .iter()
+            .filter(|p| p.name == location.name)
+            .flat_map(|p| &p.gateways)
+            .filter(|g| !location.gateways.iter().any(|c| c.name == g.name));
+        for gateway in dropped {
+            let live = pool
+                .iter()
+                .any(|g| g.name == gateway.name && g.state != GatewayState::Draining as i32);
+            if live {
+                control
+                    .set_gateway(SetGatewayRequest {
+                        listener: location.name.clone(),
+                        name: gateway.name.clone(),
+                        state: GatewayState::Draining as i32,
+                        weight: 0,
+                    })
+                    .await
+                    .map_err(|s| format!("draining gateway `{}`: {}", gateway.name, s.message()))?;
+                tracing::info!(balancer = %target.address, location = %location.name, gateway = %gateway.name, "gateway drained: Core no longer lists it");
+            }
+        }
+    }
+    Ok(())
+}
