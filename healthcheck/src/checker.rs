@@ -28,8 +28,15 @@ pub struct Report {
     pub location: String,
     pub gateway: String,
     pub address: SocketAddr,
+    pub core_id: Option<i64>,
     pub verdict: Verdict,
     pub detail: String,
+    /// What `/health` says about Core's stream to the gateway, when it is probed.
+    pub core_attached: Option<bool>,
+    /// The data-plane probes (handshake, port) that run all pass.
+    pub data_plane_up: bool,
+    /// The latest handshake's round trip.
+    pub handshake_rtt: Option<Duration>,
 }
 
 pub fn spawn_gateway_checker(
@@ -51,6 +58,7 @@ pub fn spawn_gateway_checker(
         ),
     ];
     let mut health = GatewayHealth::new(&roles, probes.rise, probes.fall);
+    let mut handshake_rtt = None;
     let public_key = location.public_key;
     let location = location.name.clone();
     let gateway = gateway.clone();
@@ -68,19 +76,9 @@ pub fn spawn_gateway_checker(
             };
             let handshake = async {
                 match (&probes.private_key, public_key) {
-                    (Some(key), Some(public)) if on(Probe::Handshake) => Some(
-                        probe_handshake(gateway.address, key, &public, probes.timeout)
-                            .await
-                            .map(|done| {
-                                let cookie = if done.after_cookie {
-                                    " after a cookie reply"
-                                } else {
-                                    ""
-                                };
-                                format!("handshake in {}{cookie}", millis(done.rtt))
-                            })
-                            .map_err(|failure| failure.to_string()),
-                    ),
+                    (Some(key), Some(public)) if on(Probe::Handshake) => {
+                        Some(probe_handshake(gateway.address, key, &public, probes.timeout).await)
+                    }
                     _ => None,
                 }
             };
@@ -108,6 +106,21 @@ pub fn spawn_gateway_checker(
                 })
             };
             let (handshake, port, http) = tokio::join!(handshake, port, http);
+            if let Some(Ok(done)) = &handshake {
+                handshake_rtt = Some(done.rtt);
+            }
+            let handshake = handshake.map(|result| {
+                result
+                    .map(|done| {
+                        let cookie = if done.after_cookie {
+                            " after a cookie reply"
+                        } else {
+                            ""
+                        };
+                        format!("handshake in {}{cookie}", millis(done.rtt))
+                    })
+                    .map_err(|failure| failure.to_string())
+            });
             for (probe, result) in [
                 (Probe::Handshake, handshake),
                 (Probe::Port, port),
@@ -127,8 +140,14 @@ pub fn spawn_gateway_checker(
                 location: location.clone(),
                 gateway: gateway.name.clone(),
                 address: gateway.address,
+                core_id: gateway.core_id,
                 verdict,
                 detail,
+                core_attached: health.passing(Probe::Health),
+                data_plane_up: [Probe::Handshake, Probe::Port]
+                    .into_iter()
+                    .all(|p| health.passing(p) != Some(false)),
+                handshake_rtt,
             };
             if updates.send(Update::Verdict(report)).await.is_err() {
                 return;

@@ -32,6 +32,8 @@ pub struct Config {
     /// Locations and gateways from the file; Core's are added when `core` is set.
     pub locations: Vec<Location>,
     pub core: Option<Core>,
+    /// Where to serve the topology and grpc.health.v1 (plain gRPC: keep it on a trusted network).
+    pub grpc_listen: Option<SocketAddr>,
 }
 
 /// Where Defguard Core's REST API is, to follow its gateway list.
@@ -86,6 +88,8 @@ pub struct Gateway {
     pub name: String,
     pub address: SocketAddr,
     pub health_port: Option<u16>,
+    /// Defguard Core's id for it; `None` for a gateway from the file.
+    pub core_id: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +103,13 @@ struct RawConfig {
     #[serde(default)]
     location: Vec<Spanned<RawLocation>>,
     core: Option<Spanned<RawCore>>,
+    grpc: Option<RawGrpc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpc {
+    listen: SocketAddr,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +304,7 @@ impl Config {
                     name: gateway.name,
                     address: gateway.address,
                     health_port: gateway.health_port,
+                    core_id: None,
                 });
             }
             locations.push(Location {
@@ -355,6 +367,7 @@ impl Config {
             balancers,
             locations,
             core,
+            grpc_listen: raw.grpc.map(|g| g.listen),
         })
     }
 }

@@ -27,6 +27,7 @@ struct Network {
 
 #[derive(Deserialize)]
 struct CoreGateway {
+    id: i64,
     location_id: i64,
     name: String,
     /// A host name or an IP, as entered at adoption.
@@ -114,6 +115,7 @@ impl Discovery {
                 name: gateway.name,
                 address,
                 health_port: self.core.health_port,
+                core_id: Some(gateway.id),
             });
         }
         Ok(locations.into_values().collect())

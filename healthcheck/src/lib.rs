@@ -11,7 +11,8 @@
 //! [`thresholds`] turns results into a state that needs several in a row to change, and
 //! [`verdict`] combines a gateway's probes into one verdict by a documented policy. The sidecar
 //! binary runs a [`checker`] per gateway and a [`report`]er per balancer, as its [`config`] says,
-//! and with Core's API follows its gateway list ([`discovery`]) into the balancers' [`pools`].
+//! and with Core's API follows its gateway list ([`discovery`]) into the balancers' [`pools`];
+//! it serves the [`topology`] it sees over gRPC.
 
 pub mod checker;
 pub mod config;
@@ -22,4 +23,5 @@ pub mod pools;
 pub mod port;
 pub mod report;
 pub mod thresholds;
+pub mod topology;
 pub mod verdict;

@@ -18,6 +18,7 @@ use wglb_healthcheck::config::{Config, Location, Probes};
 use wglb_healthcheck::discovery::Discovery;
 use wglb_healthcheck::pools::sync_pools;
 use wglb_healthcheck::report::{run_reporter, Latest};
+use wglb_healthcheck::topology::{poll_balancer, Topology, TopologyService};
 use wglb_proto::client::Target;
 
 #[derive(Parser)]
@@ -104,9 +105,39 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ));
         targets.push(target);
     }
+    let (health_reporter, health_server) = tonic_health::server::health_reporter();
+    let (mut topology, snapshots) = Topology::new(config.source.clone(), health_reporter);
+    if let Some(listen) = config.grpc_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve gRPC on {listen}: {e}"))?;
+        tracing::info!(%listen, "serving the topology and grpc.health.v1");
+        let topology_server = TopologyService::server(snapshots);
+        // A failing gRPC server must not stop the probes and reports.
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(topology_server)
+                .add_service(health_server)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!("the gRPC server failed, the topology is no longer served: {e}");
+            }
+        });
+    }
+    let (views_tx, mut views) = mpsc::channel(16);
+    for target in &targets {
+        tokio::spawn(poll_balancer(
+            target.clone(),
+            probes.interval.max(Duration::from_secs(1)),
+            views_tx.clone(),
+        ));
+    }
+    drop(views_tx);
     let mut checkers = Checkers {
         running: HashMap::new(),
-        probes,
+        probes: probes.clone(),
         updates: updates_tx,
     };
     checkers.reconcile(&config.locations).await;
@@ -132,6 +163,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Some(update) = updates.recv() => {
                 match update {
                     Update::Verdict(report) => {
+                        topology.verdict(&report).await;
                         round += 1;
                         let key = (report.location.clone(), report.gateway.clone());
                         if snapshot.get(&key).is_none_or(|(_, old)| old.verdict != report.verdict) {
@@ -140,11 +172,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
                         snapshot.insert(key, (round, report));
                     }
                     Update::Forget { location, gateway } => {
+                        topology.forget(&location, &gateway).await;
                         snapshot.remove(&(location, gateway));
                     }
                 }
                 latest_tx.send_replace(Arc::new(snapshot.clone()));
             }
+            Some(view) = views.recv() => topology.balancer(view),
             _ = poll.tick(), if discovery.is_some() => {
                 let Some(discovery) = &discovery else { continue };
                 // Core down: keep probing and reporting what it listed last.

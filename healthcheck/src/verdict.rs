@@ -104,6 +104,15 @@ impl GatewayHealth {
         }
     }
 
+    /// Whether a probe passes (past its thresholds); `None` when it does not run or has no
+    /// result behind its state yet.
+    pub fn passing(&self, probe: Probe) -> Option<bool> {
+        self.probes
+            .iter()
+            .find(|s| s.probe == probe && !s.detail.is_empty())
+            .map(|s| s.thresholds.healthy())
+    }
+
     /// The verdict and what it rests on; `None` until every probe's state is backed by a result
     /// (a sidecar started in front of a dead gateway must not report it up meanwhile).
     pub fn verdict(&self) -> Option<(Verdict, String)> {

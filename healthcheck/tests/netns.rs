@@ -398,3 +398,108 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
     );
     Ok(())
 }
+
+const GRPC: &str = "127.0.0.1:50070";
+
+/// A gRPC channel to the sidecar's server inside the balancer namespace: the connection is made
+/// there, then handed to tonic.
+fn grpc_channel(rig: &Rig, runtime: &tokio::runtime::Runtime) -> Result<tonic::transport::Channel> {
+    let stream = rig
+        .balancer_ns()
+        .run(|| std::net::TcpStream::connect(GRPC))??;
+    stream.set_nonblocking(true)?;
+    let stream = Mutex::new(Some(stream));
+    let _entered = runtime.enter();
+    let channel = runtime.block_on(
+        tonic::transport::Endpoint::from_static("http://sidecar").connect_with_connector(
+            tower::service_fn(move |_| {
+                let stream = stream.lock().unwrap().take();
+                async move {
+                    let stream =
+                        stream.ok_or_else(|| std::io::Error::other("one connection only"))?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::TcpStream::from_std(stream)?,
+                    ))
+                }
+            }),
+        ),
+    )?;
+    Ok(channel)
+}
+
+#[test]
+fn the_topology_and_grpc_health_follow_a_gateway_that_fails() -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use wglb_proto::v1::topology_client::TopologyClient;
+    use wglb_proto::v1::{CoreAttachment, TopologyRequest, Verdict};
+
+    let mut setup = Setup::start_with(
+        "",
+        GATEWAYS,
+        &format!("[grpc]\nlisten = \"{GRPC}\"\n"),
+        |_| Ok(()),
+    )?;
+    setup.wait_metric(
+        r#"wglb_health_report_up{gateway="#,
+        Duration::from_secs(15),
+        |v| v == GATEWAYS as f64,
+    )?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let channel = grpc_channel(&setup.rig, &runtime)?;
+    let mut health = HealthClient::new(channel.clone());
+    let mut topology = TopologyClient::new(channel);
+    let check = |health: &mut HealthClient<_>| -> Result<i32> {
+        let request = HealthCheckRequest {
+            service: "wglb.gateway/office/gw1".into(),
+        };
+        Ok(runtime.block_on(health.check(request))?.into_inner().status)
+    };
+    ensure!(check(&mut health)? == ServingStatus::Serving as i32);
+    let mut watch = runtime
+        .block_on(topology.watch(TopologyRequest {}))?
+        .into_inner();
+    let mut next = |what: &str, done: &dyn Fn(&wglb_proto::v1::TopologySnapshot) -> bool| {
+        runtime.block_on(async {
+            tokio::time::timeout(EJECTION * 2, async {
+                while let Some(snapshot) = watch.message().await? {
+                    if done(&snapshot) {
+                        return Ok(snapshot);
+                    }
+                }
+                anyhow::bail!("the watch stream ended")
+            })
+            .await
+            .with_context(|| format!("no snapshot where {what}"))?
+        })
+    };
+    let gw1 = |s: &wglb_proto::v1::TopologySnapshot| {
+        s.locations
+            .iter()
+            .flat_map(|l| &l.gateways)
+            .find(|g| g.name == "gw1")
+            .cloned()
+    };
+    let live = next("gw1 is up and the balancer is seen", &|s| {
+        s.balancers.iter().any(|b| b.reachable)
+            && gw1(s).is_some_and(|g| !g.balancers.is_empty() && g.verdict == Verdict::Up as i32)
+    })?;
+    let gateway = gw1(&live).context("gw1")?;
+    ensure!(
+        gateway.data_plane_up
+            && gateway.core == CoreAttachment::Attached as i32
+            && gateway.handshake_ms > 0.0
+            && gateway.origin == "file",
+        "{gateway:?}"
+    );
+    ensure!(live.source == "hc-test" && live.locations[0].gateways.len() == GATEWAYS);
+
+    setup.rig.stop_gateway_wireguard(1)?;
+    let dead = next("gw1 is down", &|s| {
+        gw1(s).is_some_and(|g| g.verdict == Verdict::Down as i32 && !g.data_plane_up)
+    })?;
+    ensure!(gw1(&dead).context("gw1")?.core == CoreAttachment::Attached as i32);
+    ensure!(check(&mut health)? == ServingStatus::NotServing as i32);
+    Ok(())
+}
