@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Gateway, Location, Probes, Role};
 use crate::handshake::probe_handshake;
 use crate::http::probe_http;
+use crate::metrics::Metrics;
 use crate::port::{probe_port, PortState};
 use crate::verdict::{GatewayHealth, Probe, Verdict};
 
@@ -44,6 +45,7 @@ pub fn spawn_gateway_checker(
     gateway: &Gateway,
     probes: Arc<Probes>,
     updates: mpsc::Sender<Update>,
+    metrics: Metrics,
 ) -> JoinHandle<()> {
     let roles = [
         (Probe::Handshake, probes.handshake),
@@ -74,15 +76,15 @@ pub fn spawn_gateway_checker(
                     .iter()
                     .any(|(p, role)| *p == probe && *role != Role::Off)
             };
-            let handshake = async {
+            let handshake = timed(async {
                 match (&probes.private_key, public_key) {
                     (Some(key), Some(public)) if on(Probe::Handshake) => {
                         Some(probe_handshake(gateway.address, key, &public, probes.timeout).await)
                     }
                     _ => None,
                 }
-            };
-            let port = async {
+            });
+            let port = timed(async {
                 if !on(Probe::Port) {
                     return None;
                 }
@@ -94,8 +96,8 @@ pub fn spawn_gateway_checker(
                     )),
                     Err(e) => Err(format!("cannot probe {}: {e}", gateway.address)),
                 })
-            };
-            let http = async {
+            });
+            let http = timed(async {
                 let port = gateway.health_port.filter(|_| on(Probe::Health))?;
                 let target = SocketAddr::new(gateway.address.ip(), port);
                 let path = &probes.health_path;
@@ -104,8 +106,9 @@ pub fn spawn_gateway_checker(
                     Ok(code) => Err(format!("GET {target}{path} {code}")),
                     Err(why) => Err(format!("GET {target}{path}: {why}")),
                 })
-            };
-            let (handshake, port, http) = tokio::join!(handshake, port, http);
+            });
+            let ((handshake, handshake_took), (port, port_took), (http, http_took)) =
+                tokio::join!(handshake, port, http);
             if let Some(Ok(done)) = &handshake {
                 handshake_rtt = Some(done.rtt);
             }
@@ -121,12 +124,13 @@ pub fn spawn_gateway_checker(
                     })
                     .map_err(|failure| failure.to_string())
             });
-            for (probe, result) in [
-                (Probe::Handshake, handshake),
-                (Probe::Port, port),
-                (Probe::Health, http),
+            for (probe, result, took) in [
+                (Probe::Handshake, handshake, handshake_took),
+                (Probe::Port, port, port_took),
+                (Probe::Health, http, http_took),
             ] {
                 if let Some(result) = result {
+                    metrics.probe(&location, &gateway.name, probe, result.is_ok(), took);
                     if let Err(why) = &result {
                         tracing::debug!(%location, gateway = %gateway.name, probe = probe.as_str(), "probe failed: {why}");
                     }
@@ -154,6 +158,13 @@ pub fn spawn_gateway_checker(
             }
         }
     })
+}
+
+/// A probe's result and how long it took.
+async fn timed<T>(probe: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let started = std::time::Instant::now();
+    let result = probe.await;
+    (result, started.elapsed())
 }
 
 fn millis(d: Duration) -> String {

@@ -34,6 +34,8 @@ pub struct Config {
     pub core: Option<Core>,
     /// Where to serve the topology and grpc.health.v1 (plain gRPC: keep it on a trusted network).
     pub grpc_listen: Option<SocketAddr>,
+    /// Where to serve Prometheus metrics.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Where Defguard Core's REST API is, to follow its gateway list.
@@ -103,12 +105,14 @@ struct RawConfig {
     #[serde(default)]
     location: Vec<Spanned<RawLocation>>,
     core: Option<Spanned<RawCore>>,
-    grpc: Option<RawGrpc>,
+    grpc: Option<RawListen>,
+    metrics: Option<RawListen>,
 }
 
+/// Where a server of the sidecar listens ([grpc], [metrics]).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawGrpc {
+struct RawListen {
     listen: SocketAddr,
 }
 
@@ -368,6 +372,7 @@ impl Config {
             locations,
             core,
             grpc_listen: raw.grpc.map(|g| g.listen),
+            metrics_listen: raw.metrics.map(|m| m.listen),
         })
     }
 }

@@ -17,8 +17,10 @@
 pub mod checker;
 pub mod config;
 pub mod discovery;
+pub mod exposition;
 pub mod handshake;
 pub mod http;
+pub mod metrics;
 pub mod pools;
 pub mod port;
 pub mod report;

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use wglb_healthcheck::checker::{spawn_gateway_checker, Report, Update};
 use wglb_healthcheck::config::{Config, Location, Probes};
 use wglb_healthcheck::discovery::Discovery;
+use wglb_healthcheck::metrics::Metrics;
 use wglb_healthcheck::pools::sync_pools;
 use wglb_healthcheck::report::{run_reporter, Latest};
 use wglb_healthcheck::topology::{poll_balancer, Topology, TopologyService};
@@ -79,6 +80,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Room for a slow round and a late tick before a report goes stale at the balancer.
     let ttl = 3 * (probes.interval + probes.timeout);
     let (updates_tx, mut updates) = mpsc::channel(1024);
+    let metrics = Metrics::new();
+    if let Some(listen) = config.metrics_listen {
+        let socket = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {listen}: {e}"))?;
+        tracing::info!(%listen, "serving Prometheus metrics on /metrics");
+        let registry = metrics.registry();
+        // Losing the metrics endpoint must not stop the probes.
+        tokio::spawn(async move {
+            if let Err(e) = wglb_healthcheck::exposition::serve(socket, registry).await {
+                tracing::error!("the metrics server failed, metrics are no longer served: {e}");
+            }
+        });
+    }
     let (latest_tx, latest) = watch::channel::<Latest>(Arc::default());
     let mut targets = Vec::new();
     for balancer in &config.balancers {
@@ -102,6 +117,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config.source.clone(),
             ttl,
             latest.clone(),
+            metrics.clone(),
         ));
         targets.push(target);
     }
@@ -139,6 +155,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         running: HashMap::new(),
         probes: probes.clone(),
         updates: updates_tx,
+        metrics: metrics.clone(),
     };
     checkers.reconcile(&config.locations).await;
     tracing::info!(source = %config.source, gateways = checkers.running.len(), balancers = targets.len(), "probing");
@@ -166,13 +183,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
                         topology.verdict(&report).await;
                         round += 1;
                         let key = (report.location.clone(), report.gateway.clone());
-                        if snapshot.get(&key).is_none_or(|(_, old)| old.verdict != report.verdict) {
+                        let previous = snapshot.get(&key).map(|(_, old)| old.verdict);
+                        metrics.verdict(&key.0, &key.1, report.verdict, previous.is_some_and(|v| v != report.verdict));
+                        if previous != Some(report.verdict) {
                             tracing::info!(location = %report.location, gateway = %report.gateway, verdict = %report.verdict.as_str(), detail = %report.detail, "verdict");
                         }
                         snapshot.insert(key, (round, report));
                     }
                     Update::Forget { location, gateway } => {
                         topology.forget(&location, &gateway).await;
+                        metrics.forget(&location, &gateway);
                         snapshot.remove(&(location, gateway));
                     }
                 }
@@ -208,6 +228,7 @@ struct Checkers {
     running: HashMap<(String, String), (SocketAddr, JoinHandle<()>)>,
     probes: Arc<Probes>,
     updates: mpsc::Sender<Update>,
+    metrics: Metrics,
 }
 
 impl Checkers {
@@ -251,6 +272,7 @@ impl Checkers {
                     gateway,
                     self.probes.clone(),
                     self.updates.clone(),
+                    self.metrics.clone(),
                 );
                 entry.insert((gateway.address, task));
             }

@@ -14,6 +14,7 @@ use wglb_proto::client::Target;
 use wglb_proto::v1::HealthReport;
 
 use crate::checker::Report;
+use crate::metrics::Metrics;
 use crate::verdict::Verdict;
 
 /// (location, gateway) -> the latest report and its round number.
@@ -27,10 +28,13 @@ pub async fn run_reporter(
     source: String,
     ttl: Duration,
     mut latest: watch::Receiver<Latest>,
+    metrics: Metrics,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        match report_until_error(&target, &source, ttl, &mut latest).await {
+        let result = report_until_error(&target, &source, ttl, &mut latest, &metrics).await;
+        metrics.balancer(&target.address, false);
+        match result {
             Ok(()) => return,
             Err(why) => {
                 tracing::warn!(balancer = %target.address, "reporting stopped, retrying in {backoff:?}: {why}");
@@ -47,6 +51,7 @@ async fn report_until_error(
     source: &str,
     ttl: Duration,
     latest: &mut watch::Receiver<Latest>,
+    metrics: &Metrics,
 ) -> Result<(), String> {
     let connection = target.connect().await.map_err(|e| e.to_string())?;
     let mut client = connection.health;
@@ -57,6 +62,7 @@ async fn report_until_error(
         .map_err(|status| format!("opening the stream: {}", status.message()))?
         .into_inner();
     tracing::info!(balancer = %target.address, "reporting");
+    metrics.balancer(&target.address, true);
     // What this stream has sent, by gateway: a reconnect sends everything again.
     let mut sent: HashMap<(String, String), u64> = HashMap::new();
     // The latest refusal per gateway, so a refused report is logged once, not every round.

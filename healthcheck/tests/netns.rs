@@ -15,6 +15,7 @@ use anyhow::{ensure, Context, Result};
 use wglb_lab::{metrics, require_root, wait_for, Daemon, Family, Keypair, Rig, RigSpec};
 
 const METRICS: &str = "127.0.0.1:9640";
+const SIDECAR_METRICS: &str = "127.0.0.1:9641";
 const GATEWAYS: usize = 3;
 /// A probe round is at most interval + timeout (0.5 + 0.5 s); `fall = 2` rounds take a gateway
 /// down, the balancer then waits its eviction delay (2 s): well within this.
@@ -79,7 +80,7 @@ impl Setup {
         let mut sidecar_config = format!(
             "source = \"hc-test\"\n[probes]\ninterval = \"500ms\"\ntimeout = \"500ms\"\nfall = 2\n\
              private_key_file = \"probe.key\"\n{probes}\n\
-             [[balancer]]\napi = \"{}\"\n",
+             [metrics]\nlisten = \"{SIDECAR_METRICS}\"\n[[balancer]]\napi = \"{}\"\n",
             socket.display(),
         );
         if in_files > 0 {
@@ -134,12 +135,14 @@ impl Setup {
     }
 
     fn metric(&self, prefix: &str) -> Result<f64> {
-        let address: SocketAddr = METRICS.parse()?;
-        let text = self
-            .rig
+        Ok(metrics::sum(&self.scrape(METRICS)?, prefix))
+    }
+
+    fn scrape(&self, address: &str) -> Result<String> {
+        let address: SocketAddr = address.parse()?;
+        self.rig
             .balancer_ns()
-            .run(move || metrics::scrape(address))??;
-        Ok(metrics::sum(&text, prefix))
+            .run(move || metrics::scrape(address))?
     }
 
     fn wait_metric(
@@ -226,6 +229,22 @@ fn a_dead_data_plane_is_ejected_though_its_health_endpoint_says_200() -> Result<
         "{}",
         tail(&log)
     );
+    // The sidecar's own metrics say the same, and promtool accepts them.
+    let text = setup.scrape(SIDECAR_METRICS)?;
+    let series = |name: &str, labels: &str| metrics::sum(&text, &format!("{name}{{{labels}"));
+    let gateway = format!(r#"gateway="gw{j}",location="office""#);
+    ensure!(
+        series(
+            "wglb_healthcheck_verdict",
+            &format!(r#"{gateway},verdict="down""#)
+        ) == 1.0
+    );
+    ensure!(series("wglb_healthcheck_verdict_changes_total", &gateway) >= 1.0);
+    let failed = format!(r#"{gateway},probe="handshake",result="fail""#);
+    ensure!(series("wglb_healthcheck_probes_total", &failed) >= 2.0);
+    ensure!(series("wglb_healthcheck_balancer_connected", "") == 1.0);
+    ensure!(metrics::sum(&text, "wglb_healthcheck_probe_duration_seconds_count") > 0.0);
+    metrics::check_exposition(&text)?;
     Ok(())
 }
 

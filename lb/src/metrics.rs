@@ -3,9 +3,7 @@
 //! sets once per gateway ([`GatewayCounters`]) and per listener ([`ListenerCounters`]) rather than
 //! per packet.
 
-use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use wglb_common::wireguard::{Junk, MessageType};
 
 use crate::pool::{AdminState, GatewayView, Health};
@@ -141,11 +139,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding");
-        String::from_utf8(out).expect("utf-8 metrics")
+        wglb_healthcheck::exposition::render(&self.registry)
     }
 
     pub fn listener(&self, listener: &str) -> ListenerCounters {
@@ -331,18 +325,5 @@ pub struct GatewayCounters {
 
 /// Serves `GET /metrics` in Prometheus' text format on an already bound socket.
 pub async fn serve(socket: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
-    use axum::{routing::get, Router};
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
-    axum::serve(socket, app).await
+    wglb_healthcheck::exposition::serve(socket, metrics.registry).await
 }
