@@ -156,11 +156,20 @@ mod tests {
     async fn responder(
         gateway: StaticSecret,
         probe_public: PublicKey,
+        under_load: bool,
     ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
+        // A limit of 0 handshakes: always under load, so every initiation without a cookie is
+        // answered with a cookie reply.
+        let limiter = under_load.then(|| {
+            std::sync::Arc::new(boringtun::noise::rate_limiter::RateLimiter::new(
+                &PublicKey::from(&gateway),
+                0,
+            ))
+        });
         let task = tokio::spawn(async move {
-            let mut tunn = Tunn::new(gateway, probe_public, None, None, 7, None);
+            let mut tunn = Tunn::new(gateway, probe_public, None, None, 7, limiter);
             let mut datagram = [0u8; 256];
             let mut out = [0u8; 256];
             while let Ok((length, from)) = socket.recv_from(&mut datagram).await {
@@ -185,7 +194,7 @@ mod tests {
         let timeout = Duration::from_millis(500);
         let (gateway_secret, gateway_public) = keys();
         let (probe_secret, probe_public) = keys();
-        let (address, task) = responder(gateway_secret.clone(), probe_public).await;
+        let (address, task) = responder(gateway_secret.clone(), probe_public, false).await;
         let done = probe_handshake(address, &probe_secret, &gateway_public, timeout)
             .await
             .unwrap();
@@ -207,6 +216,23 @@ mod tests {
             probe_handshake(address, &probe_secret, &gateway_public, timeout).await,
             Err(Failure::Refused)
         );
+    }
+
+    #[tokio::test]
+    async fn a_gateway_under_load_is_answered_with_its_cookie() {
+        let (gateway_secret, gateway_public) = keys();
+        let (probe_secret, probe_public) = keys();
+        let (address, task) = responder(gateway_secret, probe_public, true).await;
+        let done = probe_handshake(
+            address,
+            &probe_secret,
+            &gateway_public,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert!(done.after_cookie);
+        task.abort();
     }
 
     #[test]

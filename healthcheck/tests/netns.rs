@@ -522,3 +522,72 @@ fn the_topology_and_grpc_health_follow_a_gateway_that_fails() -> Result<()> {
     ensure!(check(&mut health)? == ServingStatus::NotServing as i32);
     Ok(())
 }
+
+#[test]
+fn with_quorum_2_a_sidecar_cut_off_from_a_gateway_does_not_eject_it() -> Result<()> {
+    let setup = Setup::start_with("", GATEWAYS, "", |rig| {
+        let config = rig.temp_dir().join("wglb.toml");
+        let text = std::fs::read_to_string(&config)?;
+        std::fs::write(&config, format!("[health]\nquorum = 2\n{text}"))?;
+        // A second sidecar will live in the client's namespace, with a way to gw1 and gw2
+        // through the balancer's namespace and none to gw0.
+        let via_balancer = rig.listen_addr(0).ip().to_string();
+        for j in 1..GATEWAYS {
+            let link = format!("10.202.{j}.0/24");
+            wglb_lab::run(rig.client_ns(0).command("ip").args([
+                "route",
+                "add",
+                &link,
+                "via",
+                &via_balancer,
+            ]))?;
+            wglb_lab::run(rig.gateway_ns(j).command("ip").args([
+                "route",
+                "add",
+                "10.201.0.0/24",
+                "via",
+                &format!("10.202.{j}.1"),
+            ]))?;
+        }
+        wglb_lab::run(rig.balancer_ns().command("sysctl").args([
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]))?;
+        Ok(())
+    })?;
+    let reports = |source: &str, j: usize| {
+        format!(r#"wglb_health_report_up{{gateway="gw{j}",listener="office",source="{source}"}}"#)
+    };
+    for j in 0..GATEWAYS {
+        setup.wait_metric(&reports("hc-test", j), Duration::from_secs(15), |v| {
+            v == 1.0
+        })?;
+    }
+    let dir = setup.rig.temp_dir();
+    let text = std::fs::read_to_string(dir.join("healthcheck.toml"))?
+        .replace("source = \"hc-test\"", "source = \"hc-cut-off\"")
+        .replace(SIDECAR_METRICS, "127.0.0.1:9642");
+    std::fs::write(dir.join("cut-off.toml"), text)?;
+    let _cut_off = Daemon::spawn(
+        setup.rig.client_ns(0),
+        Path::new(env!("CARGO_BIN_EXE_wglb-healthcheck")),
+        &["--config", &path(dir, "cut-off.toml")],
+        &dir.join("cut-off.log"),
+    )?;
+    // It sees gw1 and gw2 up, and gw0 down.
+    setup.wait_metric(&reports("hc-cut-off", 1), EJECTION, |v| v == 1.0)?;
+    setup.wait_metric(&reports("hc-cut-off", 0), EJECTION, |v| v == 0.0)?;
+    // One of the two fresh sources says down, the quorum is two: gw0 stays up, past the
+    // balancer's eviction delay.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        setup.metric(&setup.health(0, "up"))? == 1.0,
+        "gw0 was ejected"
+    );
+    // When both see it dead, it goes.
+    let mut setup = setup;
+    setup.rig.stop_gateway_wireguard(0)?;
+    setup.wait_metric(&setup.health(0, "down"), EJECTION, |v| v == 1.0)?;
+    Ok(())
+}

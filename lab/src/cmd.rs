@@ -16,7 +16,7 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs a command to completion; the error names the command line and carries its stderr, which
 /// is the only useful diagnostic `ip` and `wg` give.
-pub(crate) fn run(cmd: &mut Command) -> Result<String> {
+pub fn run(cmd: &mut Command) -> Result<String> {
     let line = describe(cmd);
     tracing::debug!(command = %line, "running");
     let output = cmd

@@ -22,7 +22,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-pub use cmd::{terminate, wait_for};
+pub use cmd::{run, terminate, wait_for};
 pub use daemon::Daemon;
 pub use netns::Netns;
 pub use ping::Pinger;
