@@ -422,6 +422,30 @@ health_port = 55003
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/wglb-healthcheck.example.toml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        // Its key file is a deployment's; a key of our own stands in for it.
+        let dir = std::env::temp_dir().join(format!("wglb-hc-example-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("probe.key"),
+            "YOdlS0GwLFoX5bRhvGtb0ovfsuRoxQbLpAbqqV5qz2Q=\n",
+        )
+        .unwrap();
+        let text = text.replace("/etc/wglb-healthcheck/probe.key", "probe.key");
+        let config = Config::parse(&text, path, Some(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let config = config.unwrap();
+        assert_eq!(config.locations[0].gateways.len(), 2);
+        assert_eq!(config.probes.handshake, Role::Required);
+        assert!(config.grpc_listen.is_some() && config.metrics_listen.is_some());
+    }
+
+    #[test]
     fn refuses_mistakes_with_the_line() {
         let refused = |text: &str| match Config::parse(text, "hc.toml", None) {
             Ok(_) => panic!("accepted:\n{text}"),
