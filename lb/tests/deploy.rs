@@ -8,8 +8,11 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use std::time::Duration;
+
 use wglb::metrics::Metrics;
 use wglb::pool::{AdminState, GatewayId, GatewayView, Health};
+use wglb_healthcheck::verdict::{Probe, Verdict};
 
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -39,7 +42,7 @@ fn prometheus_accepts_the_scrape_configuration() -> Result<()> {
     promtool(&["check", "config"], &deploy("prometheus/prometheus.yml"))
 }
 
-/// Every metric family the balancer exports, each made to appear once.
+/// Every metric family the balancer and the sidecar export, each made to appear once.
 fn exported_metrics() -> BTreeSet<String> {
     let metrics = Metrics::new();
     let _listener = metrics.listener("l");
@@ -63,9 +66,12 @@ fn exported_metrics() -> BTreeSet<String> {
     metrics.set_xdp_attached("eth0", "native");
     metrics.set_xdp_ready("l", "g", Some(true));
     let _passed = metrics.xdp_passed("", "not_ip");
-    metrics
-        .render()
-        .lines()
+    let sidecar = wglb_healthcheck::metrics::Metrics::new();
+    sidecar.probe("l", "g", Probe::Handshake, true, Duration::from_millis(1));
+    sidecar.verdict("l", "g", Verdict::Up, true);
+    sidecar.balancer("b", true);
+    let text = metrics.render() + &wglb_healthcheck::exposition::render(&sidecar.registry());
+    text.lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
         .filter_map(|line| line.split_whitespace().next())
         .map(str::to_string)
@@ -115,6 +121,12 @@ fn the_dashboard_queries_exported_metrics_with_valid_promql() -> Result<()> {
     let mut used = BTreeSet::new();
     for expr in &exprs {
         for name in metric_names(expr) {
+            // A histogram's series are its family's name with a suffix.
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| name.strip_suffix(suffix))
+                .find(|family| exported.contains(*family))
+                .map_or(name.clone(), str::to_string);
             ensure!(
                 exported.contains(&name),
                 "the dashboard queries {name}, which wglb does not export: {expr}"
