@@ -205,8 +205,15 @@ fn health_endpoint_follows_the_gateway_state() {
     assert_eq!(get_health(&rig, 1, "/health").unwrap(), ok);
 
     rig.stop_gateway(0).unwrap();
+    // No answer: refused, or (seen once in CI) reset, never an HTTP response.
     let refused = get_health(&rig, 0, "/health").unwrap_err();
-    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
+    assert!(
+        matches!(
+            refused.kind(),
+            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+        ),
+        "{refused}"
+    );
     let socket = format!("/var/run/wireguard/wg{}g0.sock", rig.id());
     assert!(!Path::new(&socket).exists(), "{socket} left behind");
     assert!(
