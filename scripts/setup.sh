@@ -14,6 +14,8 @@ packages=(
     iproute2         # ip netns, veth
     iputils-ping     # ping through the tunnels
     ethtool          # test rigs set veth offloads for the XDP datapath
+    systemd          # systemd-analyze verifies the packaged units
+    binutils         # strip, for the Debian package
     prometheus       # promtool: the tests check the metrics exposition and deploy/ with it
     llvm-22-dev      # bpf-linker links the XDP program against Debian's LLVM 22
     ca-certificates
@@ -49,6 +51,11 @@ if [[ -z $ebpf_toolchain ]]; then
 fi
 if ! rustup component list --installed --toolchain "$ebpf_toolchain" 2>/dev/null | grep -q '^rust-src'; then
     rustup toolchain install "$ebpf_toolchain" --profile minimal --component rust-src
+fi
+# The Debian package (scripts/package.sh).
+cargo_deb_version=3.8.0
+if [[ $(cargo deb --version 2>/dev/null) != *"$cargo_deb_version"* ]]; then
+    cargo install cargo-deb --locked --version "$cargo_deb_version"
 fi
 bpf_linker_version=0.13.0
 if [[ $(bpf-linker --version 2>/dev/null) != *"$bpf_linker_version"* ]]; then

@@ -14,3 +14,5 @@ cargo test --locked --workspace 2>&1 | tee "$log"
 # (a doc-test run) may well be empty.
 awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
      END { printf "workspace: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
+# The Debian package: builds, installs with dpkg, units verified, removes.
+bash scripts/check-package.sh

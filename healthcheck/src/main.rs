@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::task::JoinHandle;
 use wglb_healthcheck::checker::{spawn_gateway_checker, Report, Update};
 use wglb_healthcheck::config::{Config, Location, Probes};
 use wglb_healthcheck::discovery::Discovery;
+use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
 use wglb_healthcheck::metrics::Metrics;
 use wglb_healthcheck::pools::sync_pools;
 use wglb_healthcheck::report::{run_reporter, Latest};
@@ -81,15 +83,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let ttl = 3 * (probes.interval + probes.timeout);
     let (updates_tx, mut updates) = mpsc::channel(1024);
     let metrics = Metrics::new();
+    // Ready (for systemd and /ready) once probing; not once shutting down.
+    let ready = Arc::new(AtomicBool::new(false));
     if let Some(listen) = config.metrics_listen {
         let socket = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {listen}: {e}"))?;
         tracing::info!(%listen, "serving Prometheus metrics on /metrics");
         let registry = metrics.registry();
+        let ready = ready.clone();
         // Losing the metrics endpoint must not stop the probes.
         tokio::spawn(async move {
-            if let Err(e) = wglb_healthcheck::exposition::serve(socket, registry).await {
+            if let Err(e) = wglb_healthcheck::exposition::serve(socket, registry, ready).await {
                 tracing::error!("the metrics server failed, metrics are no longer served: {e}");
             }
         });
@@ -173,6 +178,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut round = 0u64;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    ready.store(true, Ordering::Relaxed);
+    notify_systemd(&[NotifyState::Ready]);
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -220,6 +227,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
+    ready.store(false, Ordering::Relaxed);
+    notify_systemd(&[NotifyState::Stopping]);
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use wglb::events::EventBus;
 use wglb::metrics::{self, Metrics};
 use wglb::pool::{AllDownPolicy, HashKey};
 use wglb::xdp::fastpath::{FastPath, FastPathLinks};
+use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
 
 #[derive(Parser)]
 #[command(name = "wglb", version, about = "A WireGuard-aware UDP load balancer")]
@@ -305,12 +306,15 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let fast_path = fast_path
         .transpose()
         .context("cannot start the XDP fast path's thread")?;
+    // Ready (for systemd and /ready) once everything above is up; not once shutting down.
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(socket) = metrics_socket {
-        tracing::info!(listen = %socket.local_addr()?, "serving Prometheus metrics on /metrics");
+        tracing::info!(listen = %socket.local_addr()?, "serving Prometheus metrics on /metrics and readiness on /ready");
         let metrics = metrics.clone();
+        let ready = ready.clone();
         // Losing the metrics endpoint must not stop the traffic: log it and go on.
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(socket, metrics).await {
+            if let Err(e) = metrics::serve(socket, metrics, ready).await {
                 tracing::error!("metrics server failed, metrics are no longer served: {e}");
             }
         });
@@ -329,6 +333,8 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             tracing::error!("the API server failed, the API is no longer served: {e:#}");
         }
     });
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    notify_systemd(&[NotifyState::Ready]);
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -362,6 +368,8 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
+    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    notify_systemd(&[NotifyState::Stopping]);
     // The API first (its socket file goes with it), then listeners, so none mistakes the control
     // plane's end for a failure.
     api_task.abort();

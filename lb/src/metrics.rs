@@ -323,7 +323,11 @@ pub struct GatewayCounters {
     pub sessions_created: IntCounter,
 }
 
-/// Serves `GET /metrics` in Prometheus' text format on an already bound socket.
-pub async fn serve(socket: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
-    wglb_healthcheck::exposition::serve(socket, metrics.registry).await
+/// Serves `GET /metrics` in Prometheus' text format, and `GET /ready`, on a bound socket.
+pub async fn serve(
+    socket: tokio::net::TcpListener,
+    metrics: Metrics,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
+    wglb_healthcheck::exposition::serve(socket, metrics.registry, ready).await
 }

@@ -119,3 +119,56 @@ fn with_the_drop_policy_nothing_reaches_a_pool_that_is_all_down() -> Result<()> 
     ensure!(gateway.count() == 0);
     Ok(())
 }
+
+#[test]
+fn tells_systemd_and_kubernetes_when_it_is_ready_and_when_it_stops() -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    let ip = Ipv4Addr::new(127, 36, 0, 1);
+    let gateway = Gateway::start(at(ip, 52001))?;
+    let metrics = at(ip, 9638);
+    // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+    let notify_path = local::temp_path(ip, ".notify");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = UnixDatagram::bind(&notify_path)?;
+    notify.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
+        .args(["run", "--listen", &at(ip, 51820).to_string()])
+        .args(["--gateway", &format!("gw={}", gateway.address)])
+        .args(["--metrics-listen", &metrics.to_string()])
+        .arg("--api-socket")
+        .arg(local::temp_path(ip, ".sock"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let mut message = [0u8; 256];
+    let len = notify.recv(&mut message)?;
+    ensure!(
+        &message[..len] == b"READY=1\n",
+        "{:?}",
+        String::from_utf8_lossy(&message[..len])
+    );
+    // Ready means forwarding: a client is answered at once.
+    round_trip(at(Ipv4Addr::new(127, 36, 1, 1), 40_000), at(ip, 51820))?;
+    let mut http = std::net::TcpStream::connect(metrics)?;
+    write!(
+        http,
+        "GET /ready HTTP/1.1\r\nHost: wglb\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    http.read_to_string(&mut response)?;
+    ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    let status = wglb_lab::terminate(&mut child, Duration::from_secs(10))?;
+    let len = notify.recv(&mut message)?;
+    ensure!(
+        &message[..len] == b"STOPPING=1\n",
+        "{:?}",
+        String::from_utf8_lossy(&message[..len])
+    );
+    ensure!(status.success(), "wglb exited with {status} on SIGTERM");
+    let _ = std::fs::remove_file(&notify_path);
+    Ok(())
+}
