@@ -16,6 +16,7 @@ packages=(
     ethtool          # test rigs set veth offloads for the XDP datapath
     systemd          # systemd-analyze verifies the packaged units
     binutils         # strip, for the Debian package
+    python3-venv     # the schema checkers of deploy/ (below) live in a virtualenv
     prometheus       # promtool: the tests check the metrics exposition and deploy/ with it
     llvm-22-dev      # bpf-linker links the XDP program against Debian's LLVM 22
     ca-certificates
@@ -51,6 +52,14 @@ if [[ -z $ebpf_toolchain ]]; then
 fi
 if ! rustup component list --installed --toolchain "$ebpf_toolchain" 2>/dev/null | grep -q '^rust-src'; then
     rustup toolchain install "$ebpf_toolchain" --profile minimal --component rust-src
+fi
+# Schema checkers for deploy/ (lb/tests/deploy.rs): the Kubernetes API's schemas and the Compose
+# specification's, from PyPI, pinned, in a virtualenv of their own.
+tools=/opt/wglb-tools/venv
+if ! "$tools/bin/pip" freeze 2>/dev/null | grep -qx 'kubernetes-validate==1.37.0' \
+    || ! "$tools/bin/pip" freeze 2>/dev/null | grep -qx 'check-jsonschema==0.39.0'; then
+    python3 -m venv "$tools"
+    "$tools/bin/pip" install --quiet kubernetes-validate==1.37.0 check-jsonschema==0.39.0
 fi
 # The Debian package (scripts/package.sh).
 cargo_deb_version=3.8.0

@@ -1,6 +1,9 @@
-//! The observability files in deploy/ work as shipped: Prometheus accepts the scrape
-//! configuration, and the Grafana dashboard's queries are valid PromQL over metrics the balancer
-//! really exports (and cover all of them), so an import shows data rather than empty panels.
+//! The files in deploy/ work as shipped: Prometheus accepts the scrape configuration; the Grafana
+//! dashboard's queries are valid PromQL over metrics the balancer and the sidecar really export
+//! (and cover all of them), so an import shows data rather than empty panels; the Kubernetes
+//! manifests pass the API's schemas and carry configurations both programs load; the compose file
+//! follows the Compose specification. The schema checkers come from PyPI, installed by
+//! scripts/setup.sh into a virtualenv of their own.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use std::time::Duration;
 
+use wglb::config::Config;
 use wglb::metrics::Metrics;
 use wglb::pool::{AdminState, GatewayId, GatewayView, Health};
 use wglb_healthcheck::verdict::{Probe, Verdict};
@@ -34,6 +38,118 @@ fn promtool(args: &[&str], file: &Path) -> Result<()> {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    Ok(())
+}
+
+/// Where scripts/setup.sh installs kubernetes-validate and check-jsonschema.
+const TOOLS: &str = "/opt/wglb-tools/venv/bin";
+
+/// Runs a tool of the virtualenv; its output on success.
+fn tool(name: &str, args: &[&str]) -> Result<String> {
+    let path = Path::new(TOOLS).join(name);
+    let output = Command::new(&path)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} (scripts/setup.sh installs it)", path.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        output.status.success(),
+        "{name} {args:?}: {}\n{text}",
+        output.status
+    );
+    Ok(text)
+}
+
+/// Every document of a YAML file, as JSON.
+fn yaml_documents(path: &Path) -> Result<Vec<Value>> {
+    let json = tool(
+        "python",
+        &[
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+            &path.display().to_string(),
+        ],
+    )?;
+    Ok(serde_json::from_str(&json)?)
+}
+
+#[test]
+fn the_kubernetes_manifests_pass_the_api_schemas_and_carry_loadable_configurations() -> Result<()> {
+    let manifest = deploy("kubernetes/wglb.yaml");
+    let documents = yaml_documents(&manifest)?;
+    let report = tool(
+        "kubernetes-validate",
+        &["--strict", &manifest.display().to_string()],
+    )?;
+    // Every resource but the Prometheus Operator's ServiceMonitor (a CRD) has a schema.
+    let passed = report.matches(" passed for resource ").count();
+    ensure!(passed == documents.len() - 1, "{report}");
+    let kind = |kind: &'static str| documents.iter().filter(move |d| d["kind"] == kind);
+    let monitor = kind("ServiceMonitor").next().context("a ServiceMonitor")?;
+    // It scrapes the port named metrics of both services.
+    let selected = &monitor["spec"]["selector"]["matchExpressions"][0]["values"];
+    for service in kind("Service") {
+        let name = &service["metadata"]["labels"]["app.kubernetes.io/name"];
+        ensure!(
+            selected.as_array().is_some_and(|v| v.contains(name)),
+            "the ServiceMonitor does not select {name}"
+        );
+        ensure!(
+            service["spec"]["ports"]
+                .as_array()
+                .is_some_and(|ports| ports.iter().any(|p| p["name"] == "metrics")),
+            "{name} has no metrics port"
+        );
+    }
+    // The ConfigMaps hold configurations the programs accept.
+    let config = |name: &str, key: &str| -> Result<String> {
+        let map = kind("ConfigMap")
+            .find(|m| m["metadata"]["name"] == name)
+            .with_context(|| format!("ConfigMap {name}"))?;
+        Ok(map["data"][key].as_str().context("the file")?.to_string())
+    };
+    Config::parse(&config("wglb", "wglb.toml")?, "ConfigMap wglb")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = std::env::temp_dir().join(format!("wglb-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("probe.key"),
+        "YOdlS0GwLFoX5bRhvGtb0ovfsuRoxQbLpAbqqV5qz2Q=\n",
+    )?;
+    std::fs::write(dir.join("token"), "a-token\n")?;
+    // Secrets mounted as files in the pod; stand-ins here.
+    let text = config("wglb-healthcheck", "healthcheck.toml")?
+        .replace("/etc/wglb-healthcheck/probe/probe.key", "probe.key")
+        .replace("/etc/wglb-healthcheck/core/token", "token");
+    let parsed =
+        wglb_healthcheck::config::Config::parse(&text, "ConfigMap wglb-healthcheck", Some(&dir));
+    std::fs::remove_dir_all(&dir)?;
+    parsed.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[test]
+fn the_compose_file_follows_the_compose_specification() -> Result<()> {
+    let compose = deploy("compose.yaml");
+    tool(
+        "check-jsonschema",
+        &[
+            "--builtin-schema",
+            "vendor.compose-spec",
+            &compose.display().to_string(),
+        ],
+    )?;
+    // wglb stands where Envoy stood, in front of both gateways.
+    let document = &yaml_documents(&compose)?[0];
+    let wglb = &document["services"]["wglb"];
+    ensure!(wglb["ports"][0] == "50051:50051/udp", "{wglb}");
+    for gateway in ["gateway1", "gateway2"] {
+        ensure!(document["services"][gateway]["environment"]["HEALTH_PORT"] == 55003);
+    }
     Ok(())
 }
 
