@@ -1,9 +1,11 @@
 //! The per-packet decisions of the userspace datapath, each beside a baseline measured in the
 //! same run so results read as ratios: the WireGuard shape check against a bare length check,
 //! the flow hash against std's SipHash, a session lookup in the bounded LRU table against a plain
-//! HashMap, and Maglev placement. Also the cost of rebuilding a Maglev table, which the control
-//! plane pays on every health change, and of one page of `wglb sessions` from a million sessions,
-//! which the datapath pays between batches (against sorting them all).
+//! HashMap (and inserts into a full table, each evicting the least recently used session) at 1k,
+//! 100k and 1M sessions, and Maglev placement. Also the cost of rebuilding a Maglev table (3 to
+//! 1000 gateways), which the control plane pays on every health change, and of one page of
+//! `wglb sessions` from a million sessions, which the datapath pays between batches (against
+//! sorting them all).
 //!
 //! Run: `cargo bench -p wglb --bench decisions`
 
@@ -92,47 +94,64 @@ fn placement_lookup(c: &mut Criterion) {
     });
 }
 
-fn session_lookup(c: &mut Criterion) {
+fn session(i: u32) -> Session<()> {
+    Session {
+        gateway: GatewayId(i % 3),
+        gateway_address: SocketAddr::from(([10, 1, 0, 1], 51820)),
+        activity: Arc::new(Activity::default()),
+        link: (),
+    }
+}
+
+/// A full table of `size` sessions, and the same clients in a plain HashMap.
+fn full_table(size: u32) -> (SessionTable<()>, HashMap<SocketAddr, GatewayId>) {
     let mut table = SessionTable::new(
-        NonZeroUsize::new(SESSIONS as usize).unwrap(),
+        NonZeroUsize::new(size as usize).unwrap(),
         Duration::from_secs(180),
     );
     let mut plain = HashMap::new();
-    for i in 0..SESSIONS {
-        let activity = Arc::new(Activity::default());
-        let address = SocketAddr::from(([10, 1, 0, 1], 51820));
-        table.insert(
-            client(i),
-            Session {
-                gateway: GatewayId(i % 3),
-                gateway_address: address,
-                activity,
-                link: (),
-            },
-        );
+    for i in 0..size {
+        table.insert(client(i), session(i));
         plain.insert(client(i), GatewayId(i % 3));
     }
-    let mut group = c.benchmark_group("session_lookup_100k");
-    let mut i = 0u32;
-    group.bench_function("lru_session_table_hit", |b| {
-        b.iter(|| {
-            i = (i + 7919) % SESSIONS;
-            table.lookup(black_box(&client(i)), 1).map(|s| s.gateway)
-        })
-    });
-    group.bench_function("baseline_hashmap_hit", |b| {
-        b.iter(|| {
-            i = (i + 7919) % SESSIONS;
-            plain.get(black_box(&client(i))).copied()
-        })
-    });
-    group.finish();
+    (table, plain)
+}
+
+/// Hits, and inserts into a full table (each pushing the least recently used session out), at
+/// 1k, 100k and 1M sessions; a hit beside a plain HashMap's.
+fn session_table(c: &mut Criterion) {
+    for size in [1_000u32, SESSIONS, 1_000_000] {
+        let (mut table, plain) = full_table(size);
+        let mut group = c.benchmark_group(format!("session_table_{size}"));
+        let mut i = 0u32;
+        group.bench_function("hit", |b| {
+            b.iter(|| {
+                i = (i + 7919) % size;
+                table.lookup(black_box(&client(i)), 1).map(|s| s.gateway)
+            })
+        });
+        group.bench_function("baseline_hashmap_hit", |b| {
+            b.iter(|| {
+                i = (i + 7919) % size;
+                plain.get(black_box(&client(i))).copied()
+            })
+        });
+        // New clients past the table's end: every insert evicts the oldest session.
+        let mut next = size;
+        group.bench_function("insert_evicting_lru", |b| {
+            b.iter(|| {
+                next = next.wrapping_add(1);
+                table.insert(black_box(client(next)), session(next))
+            })
+        });
+        group.finish();
+    }
 }
 
 fn maglev_build(c: &mut Criterion) {
     let mut group = c.benchmark_group("maglev_build_65537");
     group.sample_size(20);
-    for gateways in [3usize, 100] {
+    for gateways in [3usize, 10, 100, 1000] {
         let names: Vec<String> = (0..gateways).map(|i| format!("gw{i}")).collect();
         let backends: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
         group.bench_function(format!("{gateways}_gateways"), |b| {
@@ -169,7 +188,7 @@ criterion_group!(
     classification,
     hashing,
     placement_lookup,
-    session_lookup,
+    session_table,
     maglev_build,
     session_listing
 );
