@@ -17,52 +17,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use wglb_lab::cpu::{machine_ticks, process_ticks, TICKS_PER_SECOND};
+
 const RATE: u64 = 50_000;
 const SECONDS: u64 = 10;
 const SOURCES: usize = 1_000;
 const ROUNDS: usize = 3;
 const SINK: &str = "127.0.0.1:52901";
 const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
-
-/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
-const TICKS: f64 = 100.0;
-
-/// (busy, total) ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .expect("cpu line")
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|v| v.parse().expect("a number"))
-        .collect();
-    let total: u64 = fields.iter().sum();
-    (total - fields[3] - fields[4], total)
-}
-
-/// User and system ticks of `pid` and its direct children (nginx's workers).
-fn process_ticks(pid: u32) -> u64 {
-    let stat = |path: &Path| -> Option<(u32, u64)> {
-        let text = std::fs::read_to_string(path).ok()?;
-        let fields: Vec<&str> = text[text.rfind(')')? + 2..].split_whitespace().collect();
-        let ppid = fields[1].parse().ok()?;
-        Some((
-            ppid,
-            fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?,
-        ))
-    };
-    let own = stat(&Path::new("/proc").join(pid.to_string()).join("stat")).map_or(0, |s| s.1);
-    let children: u64 = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| stat(&e.ok()?.path().join("stat")))
-        .filter(|(ppid, _)| *ppid == pid)
-        .map(|(_, ticks)| ticks)
-        .sum();
-    own + children
-}
 
 struct Contender {
     name: &'static str,
@@ -176,7 +138,7 @@ fn run(contender: &Contender, delivered: &AtomicU64) -> Result {
     }
     std::thread::sleep(Duration::from_millis(500));
     delivered.store(0, Ordering::Relaxed);
-    let (busy0, _) = machine_ticks();
+    let busy0 = machine_ticks().busy;
     let own0 = process_ticks(contender.child.id());
     let start = Instant::now();
     let total = RATE * SECONDS;
@@ -195,7 +157,7 @@ fn run(contender: &Contender, delivered: &AtomicU64) -> Result {
     }
     let seconds = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(300));
-    let (busy1, _) = machine_ticks();
+    let busy1 = machine_ticks().busy;
     let own1 = process_ticks(contender.child.id());
     let got = delivered.load(Ordering::Relaxed);
     let millions = got as f64 / 1e6;
@@ -203,8 +165,8 @@ fn run(contender: &Contender, delivered: &AtomicU64) -> Result {
         name: contender.name,
         delivered_per_second: got as f64 / seconds,
         loss: 1.0 - got as f64 / sent as f64,
-        machine_per_million: (busy1 - busy0) as f64 / TICKS / millions,
-        process_per_million: (own1 - own0) as f64 / TICKS / millions,
+        machine_per_million: (busy1 - busy0) as f64 / TICKS_PER_SECOND / millions,
+        process_per_million: (own1 - own0) as f64 / TICKS_PER_SECOND / millions,
     }
 }
 

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use wglb_lab::cpu::{machine_ticks, process_ticks, TICKS_PER_SECOND};
 use wglb_lab::{metrics, Family, Rig, RigSpec};
 
 const RATE: u64 = 50_000;
@@ -34,9 +35,6 @@ const SOURCES: u16 = 256;
 const FIRST_SOURCE_PORT: u16 = 20_000;
 const ROUNDS: usize = 5;
 const METRICS: &str = "127.0.0.1:9639";
-/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
-const TICKS: f64 = 100.0;
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Contender {
     Userspace,
@@ -61,37 +59,6 @@ impl Contender {
             Contender::KernelForwarding => "kernel forwarding, no balancing",
         }
     }
-}
-
-/// (busy, softirq) ticks of the whole machine.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .expect("cpu line")
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|v| v.parse().expect("a number"))
-        .collect();
-    let total: u64 = fields.iter().sum();
-    (total - fields[3] - fields[4], fields[6])
-}
-
-fn process_ticks(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(end) = text.rfind(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = text[end + 2..].split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
 }
 
 struct Measured {
@@ -206,11 +173,11 @@ fn measure(
 ) -> Measured {
     delivered.store(0, Ordering::Relaxed);
     let pid = running.wglb.as_ref().map(|c| c.id());
-    let (busy0, soft0) = machine_ticks();
+    let before = machine_ticks();
     let own0 = pid.map_or(0, process_ticks);
     let (sent, seconds) = offer(sources, targets, rate, SECONDS);
     std::thread::sleep(Duration::from_millis(300));
-    let (busy1, soft1) = machine_ticks();
+    let after = machine_ticks();
     let own1 = pid.map_or(0, process_ticks);
     let got = delivered.load(Ordering::Relaxed);
     let millions = (got as f64 / 1e6).max(1e-9);
@@ -218,9 +185,9 @@ fn measure(
         delivered_per_second: got as f64 / seconds,
         offered_per_second: sent as f64 / seconds,
         loss: 1.0 - got as f64 / sent.max(1) as f64,
-        machine_per_million: (busy1 - busy0) as f64 / TICKS / millions,
-        softirq_per_million: (soft1 - soft0) as f64 / TICKS / millions,
-        process_per_million: (own1 - own0) as f64 / TICKS / millions,
+        machine_per_million: (after.busy - before.busy) as f64 / TICKS_PER_SECOND / millions,
+        softirq_per_million: (after.softirq - before.softirq) as f64 / TICKS_PER_SECOND / millions,
+        process_per_million: (own1 - own0) as f64 / TICKS_PER_SECOND / millions,
     }
 }
 

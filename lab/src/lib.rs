@@ -9,6 +9,7 @@
 //! interface and file name carries the rig's id.
 
 mod cmd;
+pub mod cpu;
 mod daemon;
 mod health;
 pub mod metrics;
