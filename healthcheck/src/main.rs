@@ -2,7 +2,7 @@
 //! `[core]` section, of every location Defguard Core lists) and reports a verdict per gateway to
 //! one or more `wglb` balancers, whose pools it keeps in step with Core's list.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +14,7 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use wglb_healthcheck::checker::{spawn_gateway_checker, Report, Update};
+use wglb_healthcheck::checker::{spawn_gateway_checker, Update};
 use wglb_healthcheck::config::{Config, Location, Probes};
 use wglb_healthcheck::discovery::Discovery;
 use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
@@ -174,8 +174,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // What Core listed last: a gateway that leaves it is drained on the balancers.
     let mut from_core: Vec<Location> = Vec::new();
-    let mut snapshot: BTreeMap<(String, String), (u64, Report)> = BTreeMap::new();
-    let mut round = 0u64;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     ready.store(true, Ordering::Relaxed);
@@ -187,23 +185,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Some(update) = updates.recv() => {
                 match update {
                     Update::Verdict(report) => {
-                        topology.verdict(&report).await;
-                        round += 1;
-                        let key = (report.location.clone(), report.gateway.clone());
-                        let previous = snapshot.get(&key).map(|(_, old)| old.verdict);
-                        metrics.verdict(&key.0, &key.1, report.verdict, previous.is_some_and(|v| v != report.verdict));
-                        if previous != Some(report.verdict) {
-                            tracing::info!(location = %report.location, gateway = %report.gateway, verdict = %report.verdict.as_str(), detail = %report.detail, "verdict");
+                        let previous = topology.verdict(report.clone()).await;
+                        let verdict = report.verdict;
+                        metrics.verdict(&report.location, &report.gateway, verdict, previous.is_some_and(|v| v != verdict));
+                        if previous != Some(verdict) {
+                            tracing::info!(location = %report.location, gateway = %report.gateway, verdict = %verdict.as_str(), detail = %report.detail, "verdict");
                         }
-                        snapshot.insert(key, (round, report));
                     }
                     Update::Forget { location, gateway } => {
                         topology.forget(&location, &gateway).await;
                         metrics.forget(&location, &gateway);
-                        snapshot.remove(&(location, gateway));
                     }
                 }
-                latest_tx.send_replace(Arc::new(snapshot.clone()));
+                latest_tx.send_replace(topology.latest());
             }
             Some(view) = views.recv() => topology.balancer(view),
             _ = poll.tick(), if discovery.is_some() => {

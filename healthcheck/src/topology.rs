@@ -21,6 +21,7 @@ use wglb_proto::v1::{
 };
 
 use crate::checker::Report;
+use crate::report::Latest;
 use crate::verdict::Verdict;
 
 /// The grpc.health.v1 service name of a gateway.
@@ -39,11 +40,13 @@ pub struct BalancerView {
     pub gateways: BTreeMap<(String, String), BalancerGateway>,
 }
 
-/// Builds the snapshot from what the checkers and balancer pollers report, and keeps the
-/// grpc.health.v1 statuses in step.
+/// Holds the latest report of every gateway (numbered, for the reporters), builds the snapshot
+/// from them and what the balancer pollers say, and keeps the grpc.health.v1 statuses in step.
 pub struct Topology {
     source: String,
-    gateways: BTreeMap<(String, String), Report>,
+    gateways: BTreeMap<(String, String), (u64, Report)>,
+    /// The number of the latest report.
+    round: u64,
     balancers: BTreeMap<String, BalancerView>,
     snapshots: watch::Sender<Arc<TopologySnapshot>>,
     health: HealthReporter,
@@ -58,6 +61,7 @@ impl Topology {
         let topology = Topology {
             source,
             gateways: BTreeMap::new(),
+            round: 0,
             balancers: BTreeMap::new(),
             snapshots,
             health,
@@ -66,12 +70,12 @@ impl Topology {
         (topology, receiver)
     }
 
-    pub async fn verdict(&mut self, report: &Report) {
+    /// Takes a gateway's new report; returns the verdict it had before, if any.
+    pub async fn verdict(&mut self, report: Report) -> Option<Verdict> {
         let key = (report.location.clone(), report.gateway.clone());
-        let changed = self
-            .gateways
-            .get(&key)
-            .is_none_or(|old| old.verdict != report.verdict);
+        let old = self.gateways.get(&key).map(|(_, old)| old);
+        let previous = old.map(|old| old.verdict);
+        let changed = previous != Some(report.verdict);
         if changed {
             let status = match report.verdict {
                 Verdict::Down => ServingStatus::NotServing,
@@ -82,14 +86,21 @@ impl Topology {
                 .await;
         }
         let publish = changed
-            || self.gateways.get(&key).is_none_or(|old| {
+            || self.gateways.get(&key).is_none_or(|(_, old)| {
                 (&old.detail, old.core_attached, old.data_plane_up)
                     != (&report.detail, report.core_attached, report.data_plane_up)
             });
-        self.gateways.insert(key, report.clone());
+        self.round += 1;
+        self.gateways.insert(key, (self.round, report));
         if publish {
             self.publish();
         }
+        previous
+    }
+
+    /// Every gateway's latest report, as the reporters send them.
+    pub fn latest(&self) -> Latest {
+        Arc::new(self.gateways.clone())
     }
 
     pub async fn forget(&mut self, location: &str, gateway: &str) {
@@ -114,7 +125,7 @@ impl Topology {
 
     fn publish(&self) {
         let mut locations: BTreeMap<&str, Vec<TopologyGateway>> = BTreeMap::new();
-        for ((location, name), report) in &self.gateways {
+        for ((location, name), (_, report)) in &self.gateways {
             let balancers = self
                 .balancers
                 .values()
