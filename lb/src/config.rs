@@ -34,7 +34,34 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub api: ApiConfig,
     pub datapath: DatapathConfig,
+    pub sync: SyncConfig,
 }
+
+/// Session sync with peer balancers. Fixed for the process's life: a reload does not change it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncConfig {
+    /// This balancer's name among its peers (default: the host name).
+    pub node: String,
+    pub peers: Vec<SyncPeerConfig>,
+    /// Changes queued per peer; beyond it they are dropped (counted) and the peer is resynced.
+    pub queue: usize,
+}
+
+/// A peer balancer this one pushes its sessions to, through the peer's TCP API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncPeerConfig {
+    pub name: String,
+    /// `http://` or `https://` URL of the peer's `[api] tcp`.
+    pub url: String,
+    /// The peer API's bearer token.
+    pub token_file: Option<PathBuf>,
+    /// CA to verify the peer's certificate with.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, when the peer asks for mutual TLS.
+    pub identity: Option<TlsFiles>,
+}
+
+pub const DEFAULT_SYNC_QUEUE: usize = 65_536;
 
 /// Which datapath forwards, and how the XDP one is set up. Fixed for the process's life: a
 /// reload does not change it.
@@ -244,8 +271,29 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     api: Option<Spanned<RawApi>>,
     datapath: Option<Spanned<RawDatapath>>,
+    sync: Option<Spanned<RawSync>>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    node: Option<String>,
+    queue: Option<usize>,
+    #[serde(default)]
+    peer: Vec<Spanned<RawSyncPeer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSyncPeer {
+    name: String,
+    url: String,
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -411,6 +459,7 @@ impl Config {
                 )
             }),
             datapath: None,
+            sync: None,
             listener: vec![Spanned::new(0..0, listener)],
         };
         build(raw, Origin::Flags)
@@ -683,13 +732,100 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
             reason: format!("the XDP datapath serves at most {MAX_LISTENERS} listeners"),
         });
     }
+    let sync = build_sync(raw.sync, &api, origin)?;
     Ok(Config {
         listeners,
         health,
         metrics_listen: raw.metrics.map(|m| m.listen),
         api,
         datapath,
+        sync,
     })
+}
+
+fn build_sync(
+    raw: Option<Spanned<RawSync>>,
+    api: &ApiConfig,
+    origin: Origin<'_>,
+) -> Result<SyncConfig, ConfigError> {
+    let span = raw.as_ref().map(|r| r.span());
+    let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+    let err = |span: Option<Range<usize>>, what: &str, field: &str, reason: &str| ConfigError {
+        place: origin.place(span, what),
+        field: field.into(),
+        reason: reason.into(),
+    };
+    let node = match raw.node {
+        Some(node) => node,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_else(|_| "wglb".into()),
+    };
+    if node.is_empty() || node.len() > 64 {
+        return Err(err(span, "[sync]", "node", "must be 1 to 64 characters"));
+    }
+    let queue = raw.queue.unwrap_or(DEFAULT_SYNC_QUEUE);
+    if !(64..=16_777_216).contains(&queue) {
+        return Err(err(
+            span,
+            "[sync]",
+            "queue",
+            "must be from 64 to 16777216 changes",
+        ));
+    }
+    if !raw.peer.is_empty() && api.tcp.is_none() {
+        return Err(err(
+            span,
+            "[sync]",
+            "peer",
+            "peers push their sessions to this balancer's TCP API too: set [api] tcp (with a \
+             token_file or client_ca) on every balancer of the group",
+        ));
+    }
+    let mut peers: Vec<SyncPeerConfig> = Vec::new();
+    for spanned in raw.peer {
+        let span = Some(spanned.span());
+        let peer = spanned.into_inner();
+        let err = |field: &str, reason: &str| err(span.clone(), "[[sync.peer]]", field, reason);
+        if peer.name.is_empty() || peer.name == node {
+            return Err(err(
+                "name",
+                "must be set and differ from this balancer's node name",
+            ));
+        }
+        if peers.iter().any(|p| p.name == peer.name) {
+            return Err(err(
+                "name",
+                &format!("peer `{}` is defined twice", peer.name),
+            ));
+        }
+        let https = peer.url.starts_with("https://");
+        if !https && !peer.url.starts_with("http://") {
+            return Err(err(
+                "url",
+                "expected the peer's API as http://HOST:PORT or https://HOST:PORT",
+            ));
+        }
+        let identity = match (peer.cert, peer.key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(err("cert", "cert and key go together")),
+        };
+        if (identity.is_some() || peer.ca.is_some()) && !https {
+            return Err(err(
+                "url",
+                "a CA or client certificate needs an https:// URL",
+            ));
+        }
+        peers.push(SyncPeerConfig {
+            name: peer.name,
+            url: peer.url,
+            token_file: peer.token_file,
+            ca: peer.ca,
+            identity,
+        });
+    }
+    Ok(SyncConfig { node, peers, queue })
 }
 
 fn build_datapath(raw: RawDatapath, place: &str) -> Result<DatapathConfig, ConfigError> {
@@ -1047,6 +1183,37 @@ address = "[fd00::2]:51820"
         assert!(msg.contains("need TLS"), "{msg}");
         let msg = refused(&format!("[health]\nquorum = 0\n{listener}"));
         assert!(msg.contains("field `quorum`"), "{msg}");
+    }
+
+    #[test]
+    fn sync_peers_need_a_tcp_api_and_distinct_names() {
+        let api = "[api]\ntcp = \"127.0.0.1:7443\"\ntoken_file = \"/etc/wglb/token\"\n";
+        let sync = "[sync]\nnode = \"lb-a\"\n[[sync.peer]]\nname = \"lb-b\"\nurl = \"http://10.0.0.2:7443\"\ntoken_file = \"/etc/wglb/token\"\n";
+        let config = Config::parse(&format!("{api}{sync}{GOOD}"), "wglb.toml").unwrap();
+        assert_eq!(config.sync.node, "lb-a");
+        assert_eq!(config.sync.peers[0].url, "http://10.0.0.2:7443");
+        assert_eq!(config.sync.queue, DEFAULT_SYNC_QUEUE);
+
+        let msg = refused(&format!("{sync}{GOOD}"));
+        assert!(msg.contains("line 1") && msg.contains("[api] tcp"), "{msg}");
+        let msg = refused(&format!("{api}{}{GOOD}", sync.replace("lb-b", "lb-a")));
+        assert!(
+            msg.contains("line 6") && msg.contains("field `name`"),
+            "{msg}"
+        );
+        let msg = refused(&format!("{api}{}{GOOD}", sync.replace("http://", "ftp://")));
+        assert!(
+            msg.contains("line 6") && msg.contains("field `url`"),
+            "{msg}"
+        );
+        let msg = refused(&format!(
+            "{api}{}{GOOD}",
+            sync.replace("node = \"lb-a\"", "queue = 1")
+        ));
+        assert!(
+            msg.contains("line 4") && msg.contains("field `queue`"),
+            "{msg}"
+        );
     }
 
     #[test]

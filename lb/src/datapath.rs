@@ -10,6 +10,9 @@
 //! offers it) and owns the session table; one small task per session waits on its upstream socket
 //! and relays replies, borrowing a per-thread batch buffer only while it drains. Decisions come
 //! from the [`ListenerPlan`]; this module only executes them.
+//!
+//! The table also holds peers' sessions (session sync): standby entries with no socket, which
+//! become forwarding sessions on the gateway they name when their client's traffic comes here.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -33,6 +36,8 @@ use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::pool::{GatewayId, Placement};
 use crate::query::{self, SessionInfo, SessionPage, SessionRequest};
 use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
+use crate::sync::{self, Applied, Change, PeerChange, Resyncs, SyncOut, SyncStep};
+use prometheus::IntGauge;
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
 const RECV_BUFFER: usize = 64 * 1024;
@@ -183,16 +188,56 @@ thread_local! {
 }
 
 /// What the session table holds for a session besides its gateway.
-struct Link {
+enum Link {
+    /// This balancer forwards the session.
+    Forwarding(Forwarding),
+    /// A peer's session, kept so that its client stays on its gateway should its traffic come
+    /// here.
+    Standby(Standby),
+}
+
+impl Link {
+    fn synced_from(&self) -> Option<&str> {
+        match self {
+            Link::Forwarding(_) => None,
+            Link::Standby(standby) => Some(&standby.peer),
+        }
+    }
+}
+
+/// A forwarding session's socket towards its gateway and the task relaying the replies.
+struct Forwarding {
     upstream: Arc<UdpEndpoint>,
     replies: AbortHandle,
     counters: Arc<GatewayCounters>,
 }
 
-impl Drop for Link {
+impl Drop for Forwarding {
     fn drop(&mut self) {
         self.replies.abort();
         self.counters.sessions.dec();
+    }
+}
+
+struct Standby {
+    peer: Arc<str>,
+    /// The listener's count of standby entries.
+    count: IntGauge,
+}
+
+impl Standby {
+    fn new(peer: Arc<str>, count: &IntGauge) -> Standby {
+        count.inc();
+        Standby {
+            peer,
+            count: count.clone(),
+        }
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        self.count.dec();
     }
 }
 
@@ -366,14 +411,20 @@ struct Relay {
     /// Sessions pushed out of a full table since the last sweep: counted at once, announced once
     /// per sweep rather than once per packet of a flood.
     pushed_out: u64,
+    sync: SyncOut,
+    standby: IntGauge,
+    resyncs: Resyncs,
+    /// When forwarding sessions were last announced again to peers (ms, [`now_ms`]).
+    refreshed_at: u64,
 }
 
 impl Relay {
     fn apply(&mut self, plan: Arc<ListenerPlan>) {
         let before = std::mem::replace(&mut self.plan, plan);
         self.sessions.set_idle_timeout(self.plan.idle_timeout);
-        let pushed_out = self.sessions.set_capacity(self.plan.table_size).len() as u64;
-        self.push_out(pushed_out);
+        for (client, session) in self.sessions.set_capacity(self.plan.table_size) {
+            self.push_out(client, &session);
+        }
         let placement = &self.plan.placement;
         let gone = self
             .sessions
@@ -391,29 +442,36 @@ impl Relay {
             .set(placement.failing_open() as i64);
     }
 
-    /// Counts sessions pushed out of a full table at once; the event waits for the sweep.
-    fn push_out(&mut self, count: u64) {
-        self.counters
-            .eviction(EvictionReason::TableFull)
-            .inc_by(count);
-        self.pushed_out += count;
+    /// Counts a session pushed out of a full table at once; the event waits for the sweep. A
+    /// standby entry goes silently: it was a peer's.
+    fn push_out(&mut self, client: SocketAddr, session: &Session<Link>) {
+        if let Link::Forwarding(_) = session.link {
+            self.counters.eviction(EvictionReason::TableFull).inc();
+            self.pushed_out += 1;
+            self.sync.evicted(client);
+        }
     }
 
-    /// Counts evicted sessions and announces them, per gateway.
+    /// Counts evicted forwarding sessions and announces them, per gateway and to peers. Standby
+    /// entries go silently: they were peers' sessions, and peers announce their own.
     fn evicted(
         &self,
         reason: EvictionReason,
         sessions: &[(SocketAddr, Session<Link>)],
         placement: &Placement,
     ) {
-        if sessions.is_empty() {
+        let mut per_gateway: HashMap<GatewayId, u64> = HashMap::new();
+        for (client, session) in sessions {
+            if let Link::Forwarding(_) = session.link {
+                *per_gateway.entry(session.gateway).or_default() += 1;
+                self.sync.evicted(*client);
+            }
+        }
+        let count: u64 = per_gateway.values().sum();
+        if count == 0 {
             return;
         }
-        self.counters.eviction(reason).inc_by(sessions.len() as u64);
-        let mut per_gateway: HashMap<GatewayId, u64> = HashMap::new();
-        for (_, session) in sessions {
-            *per_gateway.entry(session.gateway).or_default() += 1;
-        }
+        self.counters.eviction(reason).inc_by(count);
         for (id, count) in per_gateway {
             let gateway = placement.gateway(id).map_or("", |g| g.name.as_str());
             self.events.publish(
@@ -446,7 +504,9 @@ impl Relay {
                 let matching = self
                     .sessions
                     .iter()
-                    .filter(|(client, s)| filter.matches(client, name_of(s.gateway)))
+                    .filter(|(client, s)| {
+                        filter.matches(client, name_of(s.gateway), s.link.synced_from().is_some())
+                    })
                     .map(|(client, s)| (*client, s));
                 let (chosen, more, total) = query::page(matching, after, limit);
                 let now = now_ms();
@@ -457,6 +517,7 @@ impl Relay {
                         gateway: name_of(session.gateway).to_string(),
                         gateway_address: session.gateway_address,
                         idle_ms: now.saturating_sub(session.activity.last_ms()),
+                        synced_from: session.link.synced_from().map(str::to_string),
                     })
                     .collect();
                 let _ = reply.send(SessionPage {
@@ -466,14 +527,101 @@ impl Relay {
                 });
             }
             SessionRequest::Evict { filter, reply } => {
-                let evicted = self
-                    .sessions
-                    .evict_where(|c, s| filter.matches(c, name_of(s.gateway)));
+                let evicted = self.sessions.evict_where(|c, s| {
+                    filter.matches(c, name_of(s.gateway), s.link.synced_from().is_some())
+                });
                 tracing::info!(listener = %self.name, evicted = evicted.len(), "sessions evicted through the API");
                 self.evicted(EvictionReason::Operator, &evicted, &self.plan.placement);
                 let _ = reply.send(evicted.len() as u64);
             }
+            SessionRequest::Sync { peer, step, reply } => {
+                let _ = reply.send(self.apply_sync(peer, step));
+            }
         }
+    }
+
+    /// Applies a step of a peer's sync stream to the standby entries.
+    fn apply_sync(&mut self, peer: Arc<str>, step: SyncStep) -> Applied {
+        let mut outcome = Applied::default();
+        match step {
+            SyncStep::Begin => {
+                let held: Vec<SocketAddr> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.link.synced_from() == Some(&*peer))
+                    .map(|(client, _)| *client)
+                    .collect();
+                self.resyncs.begin(peer, held.into_iter());
+            }
+            SyncStep::End => {
+                let gone = self.resyncs.end(&peer);
+                self.sessions.evict_where(|client, s| {
+                    s.link.synced_from() == Some(&*peer) && gone.contains(client)
+                });
+            }
+            SyncStep::Changes(changes) => {
+                for PeerChange { client, change } in changes {
+                    let applied = match change {
+                        Change::Upsert {
+                            gateway,
+                            address,
+                            idle_ms,
+                        } => self.hold_for_peer(&peer, client, &gateway, address, idle_ms),
+                        Change::Evicted => {
+                            let theirs = self
+                                .sessions
+                                .peek(&client)
+                                .is_some_and(|s| s.link.synced_from() == Some(&*peer));
+                            if theirs {
+                                self.sessions.remove(&client);
+                            }
+                            true
+                        }
+                    };
+                    if applied {
+                        outcome.applied += 1;
+                    } else {
+                        outcome.refused += 1;
+                    }
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Keeps a peer's session as a standby entry on the gateway it names; false if this balancer
+    /// has no such gateway, or has it down. The peer forwarded it last, so it takes the place of
+    /// this balancer's own session of the client, if any.
+    fn hold_for_peer(
+        &mut self,
+        peer: &Arc<str>,
+        client: SocketAddr,
+        gateway: &str,
+        address: SocketAddr,
+        idle_ms: u64,
+    ) -> bool {
+        self.resyncs.seen(peer, &client);
+        let Some(id) = self.plan.placement.keeper(gateway, address) else {
+            return false;
+        };
+        let activity = Arc::new(Activity::default());
+        activity.touch(now_ms().saturating_sub(idle_ms));
+        let session = Session {
+            gateway: id,
+            gateway_address: address,
+            activity,
+            link: Link::Standby(Standby::new(peer.clone(), &self.standby)),
+        };
+        // Replacing the client's own session is not an eviction: its traffic went elsewhere.
+        if let Some(mine) = self.sessions.remove(&client) {
+            if let Link::Forwarding(_) = mine.link {
+                tracing::debug!(listener = %self.name, %client, %peer, "a peer forwards this session now");
+            }
+        }
+        if let Some((pushed, session)) = self.sessions.insert(client, session) {
+            self.push_out(pushed, &session);
+        }
+        true
     }
 
     fn counters_for(&mut self, id: GatewayId, name: &str) -> Arc<GatewayCounters> {
@@ -502,9 +650,25 @@ impl Relay {
         }
     }
 
-    /// The once-a-second sweep: idle sessions go, and table-full evictions are announced.
+    /// The once-a-second sweep: idle sessions go, table-full evictions are announced, and
+    /// forwarding sessions with traffic since the last refresh are announced to peers again.
     fn sweep(&mut self) {
-        let expired = self.sessions.expire_idle(now_ms());
+        let now = now_ms();
+        let refresh = sync::refresh_interval(self.plan.idle_timeout).as_millis() as u64;
+        if self.sync.enabled() && now.saturating_sub(self.refreshed_at) >= refresh {
+            let placement = &self.plan.placement;
+            for (client, session) in self.sessions.iter() {
+                let last = session.activity.last_ms();
+                if let (Link::Forwarding(_), true) = (&session.link, last >= self.refreshed_at) {
+                    let name = placement.gateway(session.gateway).map_or("", |g| &g.name);
+                    let idle = now.saturating_sub(last);
+                    self.sync
+                        .upsert(*client, name, session.gateway_address, idle);
+                }
+            }
+            self.refreshed_at = now;
+        }
+        let expired = self.sessions.expire_idle(now);
         if !expired.is_empty() {
             tracing::debug!(listener = %self.name, expired = expired.len(), "idle sessions expired");
         }
@@ -535,7 +699,13 @@ impl Relay {
                 .placement
                 .keeps(session.gateway, session.gateway_address)
             {
-                to_gateway(session, &self.counters, client, data, stride, batch);
+                let standby = matches!(session.link, Link::Standby(_));
+                if standby && !self.take_over(client, meta.dst_ip, batch) {
+                    return;
+                }
+                if let Some(session) = self.sessions.peek(&client) {
+                    to_gateway(session, &self.counters, client, data, stride, batch);
+                }
                 return;
             }
             if let Some(session) = self.sessions.remove(&client) {
@@ -568,17 +738,78 @@ impl Relay {
             return false;
         };
         let (id, name, address) = (gateway.id, gateway.name.clone(), gateway.address);
+        let activity = Arc::new(Activity::default());
+        activity.touch(now);
+        let Some(link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
+        else {
+            return false;
+        };
+        tracing::debug!(listener = %self.name, %client, gateway = %name, "new session");
+        let session = Session {
+            gateway: id,
+            gateway_address: address,
+            activity,
+            link: Link::Forwarding(link),
+        };
+        if let Some((evicted, session)) = self.sessions.insert(client, session) {
+            self.push_out(evicted, &session);
+            tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
+        }
+        self.sync.upsert(client, &name, address, 0);
+        true
+    }
+
+    /// Turns a peer's standby entry into a session this balancer forwards, on the gateway the
+    /// peer had it on; false when it cannot, with `batch` counted as dropped.
+    fn take_over(&mut self, client: SocketAddr, reply_from: Option<IpAddr>, batch: Batch) -> bool {
+        let Some(session) = self.sessions.peek(&client) else {
+            return false;
+        };
+        let (id, address, activity) = (
+            session.gateway,
+            session.gateway_address,
+            session.activity.clone(),
+        );
+        let Some(name) = self.plan.placement.gateway(id).map(|g| g.name.clone()) else {
+            return false;
+        };
+        let Some(link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
+        else {
+            return false;
+        };
+        if let Some(session) = self.sessions.peek_mut(&client) {
+            let Link::Standby(standby) =
+                std::mem::replace(&mut session.link, Link::Forwarding(link))
+            else {
+                unreachable!("only standby entries are taken over")
+            };
+            tracing::debug!(listener = %self.name, %client, gateway = %name, peer = %standby.peer, "took over a peer's session");
+        }
+        self.sync.upsert(client, &name, address, 0);
+        true
+    }
+
+    /// Opens a session's socket towards its gateway and starts relaying the replies.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        client: SocketAddr,
+        reply_from: Option<IpAddr>,
+        id: GatewayId,
+        name: &str,
+        address: SocketAddr,
+        activity: &Arc<Activity>,
+        batch: Batch,
+    ) -> Option<Forwarding> {
         let upstream = match UdpEndpoint::upstream(address, self.source) {
             Ok(upstream) => Arc::new(upstream),
             Err(e) => {
                 self.counters.upstream_unavailable.inc_by(batch.valid);
                 tracing::debug!(listener = %self.name, %client, gateway = %name, "dropped: cannot open a socket towards the gateway: {e}");
-                return false;
+                return None;
             }
         };
-        let counters = self.counters_for(id, &name);
-        let activity = Arc::new(Activity::default());
-        activity.touch(now);
+        let counters = self.counters_for(id, name);
         let replies = tokio::spawn(
             ReplyPath {
                 upstream: upstream.clone(),
@@ -594,22 +825,11 @@ impl Relay {
         .abort_handle();
         counters.sessions.inc();
         counters.sessions_created.inc();
-        tracing::debug!(listener = %self.name, %client, gateway = %name, "new session");
-        let session = Session {
-            gateway: id,
-            gateway_address: address,
-            activity,
-            link: Link {
-                upstream,
-                replies,
-                counters,
-            },
-        };
-        if let Some((evicted, _)) = self.sessions.insert(client, session) {
-            self.push_out(1);
-            tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
-        }
-        true
+        Some(Forwarding {
+            upstream,
+            replies,
+            counters,
+        })
     }
 }
 
@@ -621,9 +841,18 @@ fn to_gateway(
     stride: usize,
     batch: Batch,
 ) {
-    let upstream = &session.link.upstream;
-    match forward(upstream, session.gateway_address, None, data, stride, batch) {
-        Ok(()) => count_forwarded(batch, Direction::ToGateway, &session.link.counters),
+    let Link::Forwarding(link) = &session.link else {
+        return;
+    };
+    match forward(
+        &link.upstream,
+        session.gateway_address,
+        None,
+        data,
+        stride,
+        batch,
+    ) {
+        Ok(()) => count_forwarded(batch, Direction::ToGateway, &link.counters),
         Err(e) => {
             counters.send_failed_to_gateway.inc_by(batch.valid);
             tracing::debug!(%client, "dropped a datagram: send to gateway failed: {e}");
@@ -637,6 +866,7 @@ pub struct ListenerLinks {
     pub requests: mpsc::Receiver<SessionRequest>,
     pub metrics: Metrics,
     pub events: EventBus,
+    pub sync: SyncOut,
 }
 
 /// Runs one listener until its socket fails. The socket is bound by the caller so that a bad
@@ -652,6 +882,7 @@ pub async fn run_listener(
         mut requests,
         metrics,
         events,
+        sync,
     } = links;
     let plan = plans.borrow_and_update().clone();
     let mut relay = Relay {
@@ -660,11 +891,15 @@ pub async fn run_listener(
         source: config.source,
         sessions: SessionTable::new(plan.table_size, plan.idle_timeout),
         counters: Arc::new(metrics.listener(&config.name)),
+        standby: metrics.sync_standby(&config.name),
         metrics,
         plan: plan.clone(),
         gateway_counters: HashMap::new(),
         events,
         pushed_out: 0,
+        sync,
+        resyncs: Resyncs::default(),
+        refreshed_at: now_ms(),
     };
     relay.apply(plan);
     let mut buffers = RecvBuffers::new();

@@ -18,4 +18,5 @@ pub mod pool;
 pub mod query;
 pub mod quorum;
 pub mod session;
+pub mod sync;
 pub mod xdp;

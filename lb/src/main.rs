@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::collections::BTreeMap;
@@ -11,7 +12,7 @@ use std::collections::BTreeMap;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use wglb::api::serve::ApiServer;
 use wglb::api::service::Api;
@@ -22,8 +23,13 @@ use wglb::datapath::{run_listener, ListenerLinks, UdpEndpoint};
 use wglb::events::EventBus;
 use wglb::metrics::{self, Metrics};
 use wglb::pool::{AllDownPolicy, HashKey};
+use wglb::sync::{self, PeerQueue, SyncOut};
 use wglb::xdp::fastpath::{FastPath, FastPathLinks};
 use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
+use wglb_proto::client::Target;
+
+/// How long a stopping balancer waits for its peers to take its last session changes.
+const SYNC_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(name = "wglb", version, about = "A WireGuard-aware UDP load balancer")]
@@ -270,6 +276,15 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         requests: Vec::new(),
         slow_paths: Vec::new(),
     };
+    let mut sync_peers = Vec::new();
+    let mut sync_queues = Vec::new();
+    for peer in &config.sync.peers {
+        let (queue, changes) =
+            PeerQueue::new(&peer.name, config.sync.queue, metrics.sync_peer(&peer.name));
+        sync_queues.push(queue.clone());
+        sync_peers.push((peer, queue, changes));
+    }
+    let sync_queues: Arc<[Arc<PeerQueue>]> = sync_queues.into();
     let mut tasks = JoinSet::new();
     let mut datapaths = BTreeMap::new();
     for ((listener, socket), plans) in sockets.into_iter().zip(listener_plans) {
@@ -288,6 +303,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             requests,
             metrics: metrics.clone(),
             events: events.clone(),
+            sync: SyncOut::new(&listener.name, sync_queues.clone()),
         };
         tracing::info!(listener = %listener.name, listen = %listener.listen, gateways = listener.gateways.len(), "listening");
         tasks.spawn(async move {
@@ -320,6 +336,39 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         });
     }
     tracing::info!(socket = %api_server.socket_path().display(), tcp = ?api_server.tcp_address(), "serving the API");
+    let (stop_sync, sync_stopping) = watch::channel(false);
+    let mut sync_tasks = JoinSet::new();
+    for (peer, queue, changes) in sync_peers {
+        let token = match &peer.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| {
+                        format!("sync peer `{}`: cannot read {}", peer.name, path.display())
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let target = Target {
+            address: peer.url.clone(),
+            token,
+            ca: peer.ca.clone(),
+            identity: peer
+                .identity
+                .as_ref()
+                .map(|t| (t.cert.clone(), t.key.clone())),
+        };
+        tracing::info!(peer = %peer.name, url = %peer.url, node = %config.sync.node, "syncing sessions with a peer");
+        sync_tasks.spawn(sync::peer::run(
+            queue,
+            changes,
+            target,
+            config.sync.node.clone(),
+            datapaths.clone(),
+            sync_stopping.clone(),
+        ));
+    }
     let api = Api::new(
         requests_tx.clone(),
         datapaths,
@@ -372,6 +421,16 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     notify_systemd(&[NotifyState::Stopping]);
     // The API first (its socket file goes with it), then listeners, so none mistakes the control
     // plane's end for a failure.
+    // Peers get this balancer's last changes while its datapaths still answer; its sessions stay
+    // on them as standby entries (a stop is not an eviction).
+    let _ = stop_sync.send(true);
+    let flushed = async { while sync_tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(SYNC_FLUSH_WAIT, flushed)
+        .await
+        .is_err()
+    {
+        tracing::warn!("session sync: a peer did not take the last changes in time");
+    }
     api_task.abort();
     let _ = api_task.await;
     tasks.shutdown().await;
@@ -472,6 +531,12 @@ fn describe(config: &Config) -> String {
             datapath.nat_ports.end()
         ),
     };
+    for peer in &config.sync.peers {
+        out += &format!(
+            "session sync: node {} pushes its sessions to peer {} at {} (queue {})\n",
+            config.sync.node, peer.name, peer.url, config.sync.queue
+        );
+    }
     for l in &config.listeners {
         out += &format!(
             "listener {} on {}: hash {}, idle timeout {:?}, up to {} sessions, Maglev {} slots, all down: {}\n",

@@ -3,7 +3,9 @@
 //! sets once per gateway ([`GatewayCounters`]) and per listener ([`ListenerCounters`]) rather than
 //! per packet.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use wglb_common::wireguard::{Junk, MessageType};
 
 use crate::pool::{AdminState, GatewayView, Health};
@@ -30,6 +32,14 @@ pub struct Metrics {
     xdp_attached: IntGaugeVec,
     xdp_passed: IntCounterVec,
     xdp_ready: IntGaugeVec,
+    sync_connected: IntGaugeVec,
+    sync_queued: IntGaugeVec,
+    sync_sent: IntCounterVec,
+    sync_dropped: IntCounterVec,
+    sync_resyncs: IntCounterVec,
+    sync_lag: GaugeVec,
+    sync_received: IntCounterVec,
+    sync_standby: IntGaugeVec,
 }
 
 /// Why the datapath dropped a packet; the label values of `wglb_dropped_packets_total`.
@@ -134,8 +144,47 @@ impl Metrics {
             xdp_attached: gauge(r, "wglb_xdp_attached", "1 for each interface the XDP program is attached to, and how.", &["interface", "mode"]),
             xdp_ready: gauge(r, "wglb_xdp_gateway_ready", "1 while the XDP program forwards to the gateway itself; 0 while it passes the gateway's traffic to userspace (no route, or the next hop's MAC not known yet).", &["listener", "gateway"]),
             xdp_passed: counter(r, "wglb_xdp_passed_packets_total", "Packets the XDP program left to the kernel (and so to the userspace datapath), by reason; listener is empty for packets of none.", &["listener", "reason"]),
+            sync_connected: gauge(r, "wglb_sync_peer_connected", "1 while the sync stream to the peer is up.", &["peer"]),
+            sync_queued: gauge(r, "wglb_sync_queued_changes", "Session changes waiting to be sent to the peer.", &["peer"]),
+            sync_sent: counter(r, "wglb_sync_changes_sent_total", "Session changes sent to the peer, resyncs included.", &["peer"]),
+            sync_dropped: counter(r, "wglb_sync_changes_dropped_total", "Session changes dropped because the peer's queue was full (a resync follows).", &["peer"]),
+            sync_resyncs: counter(r, "wglb_sync_resyncs_total", "Full resyncs sent to the peer (on connect and after drops).", &["peer"]),
+            sync_lag: {
+                let vec = GaugeVec::new(Opts::new("wglb_sync_lag_seconds", "For the last batch the peer acknowledged: time from its oldest change to the ack."), &["peer"]).expect("valid metric");
+                r.register(Box::new(vec.clone())).expect("unique metric");
+                vec
+            },
+            sync_received: counter(r, "wglb_sync_changes_received_total", "Session changes received from the peer, by result (applied; refused: unknown listener, or a gateway this balancer does not have or has down).", &["peer", "result"]),
+            sync_standby: gauge(r, "wglb_sync_standby_sessions", "Peers' sessions held as standby entries, forwarded if their traffic comes here.", &["listener"]),
             registry,
         }
+    }
+
+    /// The sending side's metrics for one peer.
+    pub fn sync_peer(&self, peer: &str) -> PeerSyncMetrics {
+        PeerSyncMetrics {
+            connected: self.sync_connected.with_label_values(&[peer]),
+            queued: self.sync_queued.with_label_values(&[peer]),
+            sent: self.sync_sent.with_label_values(&[peer]),
+            dropped: self.sync_dropped.with_label_values(&[peer]),
+            resyncs: self.sync_resyncs.with_label_values(&[peer]),
+            lag: self.sync_lag.with_label_values(&[peer]),
+        }
+    }
+
+    /// Counts what a peer's batch did here.
+    pub fn sync_received(&self, peer: &str, applied: u32, refused: u32) {
+        self.sync_received
+            .with_label_values(&[peer, "applied"])
+            .inc_by(applied as u64);
+        self.sync_received
+            .with_label_values(&[peer, "refused"])
+            .inc_by(refused as u64);
+    }
+
+    /// The gauge of a listener's standby entries.
+    pub fn sync_standby(&self, listener: &str) -> IntGauge {
+        self.sync_standby.with_label_values(&[listener])
     }
 
     pub fn render(&self) -> String {
@@ -281,6 +330,17 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// Session sync towards one peer.
+#[derive(Clone)]
+pub struct PeerSyncMetrics {
+    pub connected: IntGauge,
+    pub queued: IntGauge,
+    pub sent: IntCounter,
+    pub dropped: IntCounter,
+    pub resyncs: IntCounter,
+    pub lag: Gauge,
 }
 
 pub struct ListenerCounters {

@@ -235,6 +235,13 @@ impl Placement {
         Some(&self.gateways[self.placeable[index]])
     }
 
+    /// The gateway of this name and address, if sessions pinned to it may keep going there: how
+    /// a session synced from a peer balancer finds its gateway here.
+    pub fn keeper(&self, name: &str, address: SocketAddr) -> Option<GatewayId> {
+        let gateway = self.gateways.iter().find(|g| g.name == name)?;
+        self.keeps(gateway.id, address).then_some(gateway.id)
+    }
+
     /// Whether a session pinned to `id` at `address` may keep going there. A changed address is a
     /// different gateway as far as WireGuard state goes, so it ends the session too.
     pub fn keeps(&self, id: GatewayId, address: SocketAddr) -> bool {

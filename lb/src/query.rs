@@ -8,7 +8,11 @@
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
+
+use crate::sync::{Applied, SyncStep};
 
 /// Which sessions a request is about.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -16,6 +20,8 @@ pub struct SessionFilter {
     /// Pinned to the gateway of this name.
     pub gateway: Option<String>,
     pub client: Option<ClientMatch>,
+    /// Only this balancer's own sessions, not the standby entries synced from peers.
+    pub own_only: bool,
 }
 
 /// A client address, or every port of a client IP.
@@ -39,7 +45,11 @@ impl std::str::FromStr for ClientMatch {
 }
 
 impl SessionFilter {
-    pub fn matches(&self, client: &SocketAddr, gateway: &str) -> bool {
+    /// Whether a session of `client` on `gateway` matches; `synced` for a peer's standby entry.
+    pub fn matches(&self, client: &SocketAddr, gateway: &str, synced: bool) -> bool {
+        if synced && self.own_only {
+            return false;
+        }
         let client_ok = match self.client {
             None => true,
             Some(ClientMatch::Ip(ip)) => client.ip() == ip,
@@ -56,6 +66,8 @@ pub struct SessionInfo {
     pub gateway: String,
     pub gateway_address: SocketAddr,
     pub idle_ms: u64,
+    /// The peer a standby entry was synced from; None for this balancer's own sessions.
+    pub synced_from: Option<String>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -83,6 +95,12 @@ pub enum SessionRequest {
     Evict {
         filter: SessionFilter,
         reply: oneshot::Sender<u64>,
+    },
+    /// Applies a step of a peer's session sync stream.
+    Sync {
+        peer: Arc<str>,
+        step: SyncStep,
+        reply: oneshot::Sender<Applied>,
     },
 }
 
@@ -178,6 +196,7 @@ mod tests {
                 gateway: format!("gw{}", i % 3),
                 gateway_address: "10.0.0.1:51820".parse().unwrap(),
                 idle_ms: 0,
+                synced_from: None,
             })
             .collect()
     }
@@ -187,7 +206,7 @@ mod tests {
         filter: &'a SessionFilter,
     ) -> impl Iterator<Item = (SocketAddr, &'a SessionInfo)> {
         all.iter()
-            .filter(|s| filter.matches(&s.client, &s.gateway))
+            .filter(|s| filter.matches(&s.client, &s.gateway, false))
             .map(|s| (s.client, s))
     }
 
@@ -216,24 +235,31 @@ mod tests {
         let all = sessions(30);
         let by_gateway = SessionFilter {
             gateway: Some("gw1".into()),
-            client: None,
+            ..SessionFilter::default()
         };
         let (chosen, _, total) = page(matching(&all, &by_gateway), None, 100);
         assert_eq!(total, 10);
         assert!(chosen.iter().all(|(_, s)| s.gateway == "gw1"));
         let ip: IpAddr = "192.0.2.3".parse().unwrap();
         let by_ip = SessionFilter {
-            gateway: None,
             client: Some(ClientMatch::Ip(ip)),
+            ..SessionFilter::default()
         };
         let (chosen, _, total) = page(matching(&all, &by_ip), None, 100);
         assert!(total > 0 && chosen.iter().all(|(client, _)| client.ip() == ip));
         let exact: ClientMatch = "192.0.2.3:1003".parse().unwrap();
         let one = SessionFilter {
-            gateway: None,
             client: Some(exact),
+            ..SessionFilter::default()
         };
         assert_eq!(page(matching(&all, &one), None, 100).2, 1);
+        let own = SessionFilter {
+            own_only: true,
+            ..SessionFilter::default()
+        };
+        let client: SocketAddr = "192.0.2.3:1003".parse().unwrap();
+        assert!(own.matches(&client, "gw1", false));
+        assert!(!own.matches(&client, "gw1", true));
         assert!("nonsense".parse::<ClientMatch>().is_err());
     }
 
@@ -250,7 +276,7 @@ mod tests {
         let page_of = |held: &[&SessionInfo], after, limit| {
             let (chosen, more, total) = page(
                 held.iter()
-                    .filter(|s| filter.matches(&s.client, &s.gateway))
+                    .filter(|s| filter.matches(&s.client, &s.gateway, false))
                     .map(|s| (s.client, (*s).clone())),
                 after,
                 limit,

@@ -141,6 +141,16 @@ impl<L> SessionTable<L> {
         }
     }
 
+    /// Looks a client up without marking it used or active.
+    pub fn peek(&self, client: &SocketAddr) -> Option<&Session<L>> {
+        self.sessions.peek(client)
+    }
+
+    /// The session of a client, to change, without marking it used or active.
+    pub fn peek_mut(&mut self, client: &SocketAddr) -> Option<&mut Session<L>> {
+        self.sessions.peek_mut(client)
+    }
+
     pub fn remove(&mut self, client: &SocketAddr) -> Option<Session<L>> {
         self.sessions.pop(client)
     }

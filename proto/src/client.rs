@@ -15,6 +15,7 @@ use tonic::{Request, Status};
 use crate::v1::control_client::ControlClient;
 use crate::v1::events_client::EventsClient;
 use crate::v1::health_ingest_client::HealthIngestClient;
+use crate::v1::session_sync_client::SessionSyncClient;
 
 /// A balancer that has not accepted a connection by then is not going to.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -62,6 +63,7 @@ pub struct Connection {
     pub control: ControlClient<AuthChannel>,
     pub health: HealthIngestClient<AuthChannel>,
     pub events: EventsClient<AuthChannel>,
+    pub sync: SessionSyncClient<AuthChannel>,
 }
 
 impl Target {
@@ -121,7 +123,8 @@ impl Target {
         Ok(Connection {
             control: ControlClient::new(intercepted.clone()),
             health: HealthIngestClient::new(intercepted.clone()),
-            events: EventsClient::new(intercepted),
+            events: EventsClient::new(intercepted.clone()),
+            sync: SessionSyncClient::new(intercepted),
         })
     }
 }

@@ -17,6 +17,7 @@ use tonic::{Request, Status};
 use super::pb::control_server::ControlServer;
 use super::pb::events_server::EventsServer;
 use super::pb::health_ingest_server::HealthIngestServer;
+use super::pb::session_sync_server::SessionSyncServer;
 use super::service::Api;
 use crate::config::ApiConfig;
 
@@ -131,6 +132,7 @@ impl ApiServer {
             .add_service(ControlServer::new(api.clone()))
             .add_service(HealthIngestServer::new(api.clone()))
             .add_service(EventsServer::new(api.clone()))
+            .add_service(SessionSyncServer::new(api.clone()))
             .serve_with_incoming(UnixListenerStream::new(unix));
         let remote = async move {
             let Some((listener, tls, token)) = tcp else {
@@ -146,7 +148,8 @@ impl ApiServer {
                     api.clone(),
                     token.clone(),
                 ))
-                .add_service(EventsServer::with_interceptor(api, token))
+                .add_service(EventsServer::with_interceptor(api.clone(), token.clone()))
+                .add_service(SessionSyncServer::with_interceptor(api, token))
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await
                 .context("TCP API server")

@@ -23,6 +23,7 @@ use crate::health::Observation;
 use crate::metrics::Metrics;
 use crate::pool::{AdminState, Health};
 use crate::query::{ClientMatch, SessionFilter, SessionPage, SessionRequest, SessionRequests};
+use crate::sync;
 
 /// Sessions per page when the client does not say, and the most it may ask for.
 const DEFAULT_PAGE: usize = 1000;
@@ -279,6 +280,7 @@ fn session_filter(gateway: &str, client: &str) -> Result<SessionFilter, Status> 
                     .map_err(Status::invalid_argument)?,
             )
         },
+        own_only: false,
     })
 }
 
@@ -480,6 +482,7 @@ impl pb::control_server::Control for Api {
                 gateway: s.gateway,
                 gateway_address: s.gateway_address.to_string(),
                 idle_ms: s.idle_ms,
+                synced_from: s.synced_from.unwrap_or_default(),
             }));
         }
         let next_page_token = match sessions.last() {
@@ -670,6 +673,38 @@ impl pb::events_server::Events for Api {
             })
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::session_sync_server::SessionSync for Api {
+    type PushStream = ReceiverStream<Result<pb::SyncAck, Status>>;
+
+    async fn push(
+        &self,
+        request: Request<Streaming<pb::SyncBatch>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
+        let mut batches = request.into_inner();
+        let (acks, stream) = mpsc::channel(16);
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = batches.next().await {
+                let ack = match batch {
+                    Ok(batch) => sync::receive::apply(batch, &api.sessions, &api.metrics)
+                        .await
+                        .map_err(|bad| Status::invalid_argument(bad.0)),
+                    Err(status) => {
+                        tracing::debug!("session sync stream ended: {status}");
+                        return;
+                    }
+                };
+                let refused = ack.is_err();
+                if acks.send(ack).await.is_err() || refused {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
     }
 }
 

@@ -185,11 +185,19 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
                 "gateway": s.gateway,
                 "gateway_address": s.gateway_address,
                 "idle_ms": s.idle_ms,
+                "synced_from": (!s.synced_from.is_empty()).then_some(&s.synced_from),
             })).collect::<Vec<_>>(),
         }));
         return;
     }
-    let mut out = table(&["LISTENER", "CLIENT", "GATEWAY", "GATEWAY ADDRESS", "IDLE"]);
+    let mut out = table(&[
+        "LISTENER",
+        "CLIENT",
+        "GATEWAY",
+        "GATEWAY ADDRESS",
+        "IDLE",
+        "SYNCED FROM",
+    ]);
     for s in sessions {
         out.add_row(vec![
             s.listener.clone(),
@@ -197,6 +205,7 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
             s.gateway.clone(),
             s.gateway_address.clone(),
             format!("{:.1}s", s.idle_ms as f64 / 1000.0),
+            s.synced_from.clone(),
         ]);
     }
     right_align(&mut out, &[4]);

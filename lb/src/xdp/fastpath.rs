@@ -760,6 +760,7 @@ impl FastPath {
                                 gateway: slot.name.clone(),
                                 gateway_address: slot.address,
                                 idle_ms: now.saturating_sub(session.last_seen_ns) / 1_000_000,
+                                synced_from: None,
                             }
                         })
                         .collect(),
@@ -802,6 +803,16 @@ impl FastPath {
                 tracing::info!(listener = %listener.name, evicted = total, "XDP and userspace sessions evicted through the API");
                 let _ = reply.send(total);
             }
+            SessionRequest::Sync { peer, step, reply } => {
+                let applied = ask(slow_path, |reply| SessionRequest::Sync {
+                    peer,
+                    step,
+                    reply,
+                })
+                .await
+                .unwrap_or_default();
+                let _ = reply.send(applied);
+            }
         }
     }
 
@@ -825,7 +836,7 @@ impl FastPath {
                 let slot = self.gateways.get(&session.gateway)?;
                 let client = address_of(key.client);
                 filter
-                    .matches(&client, &slot.name)
+                    .matches(&client, &slot.name, false)
                     .then_some((client, key, session))
             })
             .collect()

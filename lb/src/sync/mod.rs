@@ -1,0 +1,274 @@
+//! Session sync between the balancers of one site, in the spirit of IPVS's sync daemon and
+//! conntrackd: each balancer pushes the sessions it forwards to every peer ([`peer`]), and keeps
+//! what its peers push ([`receive`]) as standby entries pinned to the same gateway. A standby
+//! entry costs no socket; it turns into a forwarding session when the client's traffic reaches
+//! this balancer (the floating address moved, or ECMP rehashed), so the client stays on the
+//! gateway that holds its WireGuard state even where this balancer's Maglev would place it
+//! elsewhere (the gateway set changed since, or the gateway is draining).
+//!
+//! Only a balancer's own sessions are announced: an entry received from a peer is never sent on,
+//! so changes cannot loop. Whoever forwarded a session last owns it; a peer's upsert makes the
+//! receiver's copy a standby entry again.
+//!
+//! The datapaths publish through a [`SyncOut`] that never blocks: each peer has a bounded queue,
+//! and a change that does not fit is dropped, counted, and repaired by a full resync of that peer
+//! once it catches up.
+
+pub mod peer;
+pub mod receive;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use crate::metrics::PeerSyncMetrics;
+
+/// What happened to a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The session goes to this gateway, and has been idle this long: a new session, or the
+    /// periodic refresh of a live one (idempotent either way).
+    Upsert {
+        gateway: String,
+        address: SocketAddr,
+        idle_ms: u64,
+    },
+    /// The session is gone.
+    Evicted,
+}
+
+/// A change to one of this balancer's own sessions, queued for a peer.
+#[derive(Clone, Debug)]
+pub struct LocalChange {
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+    pub change: Change,
+    /// When it was queued: what the sync lag is measured from.
+    pub at: Instant,
+}
+
+/// A change a peer sent about one of its sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerChange {
+    pub client: SocketAddr,
+    pub change: Change,
+}
+
+/// One step of a peer's stream, as a listener's datapath applies it.
+#[derive(Debug)]
+pub enum SyncStep {
+    /// A full resync starts: what the peer sent before and does not repeat before the end goes.
+    Begin,
+    Changes(Vec<PeerChange>),
+    End,
+}
+
+/// How many changes of a step a datapath applied and refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u32,
+    pub refused: u32,
+}
+
+/// How often a forwarding session with traffic is announced again, so that its standby copies
+/// do not expire while it lives: three times per idle timeout, at most once a minute.
+pub fn refresh_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// One peer's queue of changes.
+pub struct PeerQueue {
+    pub name: String,
+    changes: mpsc::Sender<LocalChange>,
+    /// A change was dropped: the peer needs a full resync.
+    resync_due: AtomicBool,
+    metrics: PeerSyncMetrics,
+}
+
+impl PeerQueue {
+    /// A queue of `capacity` changes and its receiving end, for the peer's [`peer::run`] task.
+    pub fn new(
+        name: &str,
+        capacity: usize,
+        metrics: PeerSyncMetrics,
+    ) -> (Arc<PeerQueue>, mpsc::Receiver<LocalChange>) {
+        let (changes, receiver) = mpsc::channel(capacity);
+        let queue = PeerQueue {
+            name: name.into(),
+            changes,
+            resync_due: AtomicBool::new(false),
+            metrics,
+        };
+        (Arc::new(queue), receiver)
+    }
+
+    fn push(&self, change: LocalChange) {
+        match self.changes.try_send(change) {
+            Ok(()) => self.metrics.queued.inc(),
+            Err(TrySendError::Full(_)) => {
+                self.metrics.dropped.inc();
+                self.resync_due.store(true, Ordering::Relaxed);
+            }
+            // The peer's task ended with the process.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Whether a resync is due, clearing the flag.
+    fn take_resync_due(&self) -> bool {
+        self.resync_due.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Where a listener's datapath publishes changes to its own sessions. Cheap to clone; never
+/// blocks; does nothing without peers.
+#[derive(Clone)]
+pub struct SyncOut {
+    listener: Arc<str>,
+    peers: Arc<[Arc<PeerQueue>]>,
+}
+
+impl SyncOut {
+    pub fn new(listener: &str, peers: Arc<[Arc<PeerQueue>]>) -> SyncOut {
+        SyncOut {
+            listener: listener.into(),
+            peers,
+        }
+    }
+
+    /// A listener with no peers to tell.
+    pub fn none(listener: &str) -> SyncOut {
+        SyncOut::new(listener, Arc::new([]))
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.peers.is_empty()
+    }
+
+    pub fn upsert(&self, client: SocketAddr, gateway: &str, address: SocketAddr, idle_ms: u64) {
+        if self.enabled() {
+            self.publish(
+                client,
+                Change::Upsert {
+                    gateway: gateway.into(),
+                    address,
+                    idle_ms,
+                },
+            );
+        }
+    }
+
+    pub fn evicted(&self, client: SocketAddr) {
+        if self.enabled() {
+            self.publish(client, Change::Evicted);
+        }
+    }
+
+    fn publish(&self, client: SocketAddr, change: Change) {
+        let at = Instant::now();
+        for peer in self.peers.iter() {
+            peer.push(LocalChange {
+                listener: self.listener.clone(),
+                client,
+                change: change.clone(),
+                at,
+            });
+        }
+    }
+}
+
+/// Which of a peer's standby entries a resync in progress has not repeated yet: what is left at
+/// its end the peer no longer has.
+#[derive(Default)]
+pub struct Resyncs(HashMap<Arc<str>, HashSet<SocketAddr>>);
+
+impl Resyncs {
+    /// A resync by `peer` starts while these of its entries are held.
+    pub fn begin(&mut self, peer: Arc<str>, held: impl Iterator<Item = SocketAddr>) {
+        self.0.insert(peer, held.collect());
+    }
+
+    /// The resync in progress repeated `client`.
+    pub fn seen(&mut self, peer: &str, client: &SocketAddr) {
+        if let Some(unseen) = self.0.get_mut(peer) {
+            unseen.remove(client);
+        }
+    }
+
+    /// The resync ended: the entries it did not repeat (none if it never began here).
+    pub fn end(&mut self, peer: &str) -> HashSet<SocketAddr> {
+        self.0.remove(peer).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_asks_for_a_resync_without_blocking() {
+        let metrics = Metrics::new();
+        let (queue, mut receiver) = PeerQueue::new("b", 64, metrics.sync_peer("b"));
+        let out = SyncOut::new("office", Arc::new([queue.clone()]));
+        let gateway: SocketAddr = "10.0.0.1:51820".parse().unwrap();
+        for port in 0..100 {
+            out.upsert(client(port), "gw1", gateway, 0);
+        }
+        assert!(queue.take_resync_due());
+        assert!(!queue.take_resync_due(), "the flag clears once taken");
+        let text = metrics.render();
+        assert!(
+            text.contains("wglb_sync_changes_dropped_total{peer=\"b\"} 36"),
+            "{text}"
+        );
+        let first = receiver.try_recv().unwrap();
+        assert_eq!(&*first.listener, "office");
+        assert_eq!(first.client, client(0));
+        assert_eq!(
+            first.change,
+            Change::Upsert {
+                gateway: "gw1".into(),
+                address: gateway,
+                idle_ms: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_resync_leaves_what_it_did_not_repeat() {
+        let mut resyncs = Resyncs::default();
+        resyncs.begin("a".into(), [client(1), client(2), client(3)].into_iter());
+        resyncs.begin("b".into(), [client(1)].into_iter());
+        resyncs.seen("a", &client(2));
+        resyncs.seen("a", &client(9));
+        assert_eq!(resyncs.end("a"), HashSet::from([client(1), client(3)]));
+        assert_eq!(resyncs.end("a"), HashSet::new(), "ended once");
+        assert_eq!(resyncs.end("b"), HashSet::from([client(1)]));
+        assert_eq!(resyncs.end("never"), HashSet::new());
+    }
+
+    #[test]
+    fn refreshes_come_often_enough_to_outlive_the_idle_timeout() {
+        assert_eq!(
+            refresh_interval(Duration::from_secs(180)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            refresh_interval(Duration::from_secs(9)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            refresh_interval(Duration::from_millis(600)),
+            Duration::from_secs(1)
+        );
+    }
+}
