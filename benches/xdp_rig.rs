@@ -203,6 +203,7 @@ fn main() -> Result<()> {
     }
     wglb_lab::require_root()?;
     let mut rig = Rig::new(RigSpec {
+        balancers: 1,
         family: Family::V4,
         gateways: 2,
         client_ports: vec![41_000],

@@ -63,6 +63,7 @@ impl Setup {
     ) -> Result<Setup> {
         require_root()?;
         let rig = Rig::new(RigSpec {
+            balancers: 1,
             family: Family::V4,
             gateways: GATEWAYS,
             client_ports: vec![41_000],

@@ -27,7 +27,7 @@ pub use cmd::{run, terminate, wait_for};
 pub use daemon::Daemon;
 pub use netns::Netns;
 pub use ping::Pinger;
-pub use rig::{Family, Rig, RigSpec};
+pub use rig::{Family, Rig, RigSpec, FLOATING_ADDR};
 pub use wg::Keypair;
 
 /// Checks that rigs can be built here. Tests call it first and fail with its error: skipping

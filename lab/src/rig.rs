@@ -30,6 +30,11 @@ const FIRST_CLIENT_HOST: usize = 10;
 const CLIENT_LINKS: (u8, u16) = (201, 0x201);
 const GATEWAY_LINKS: (u8, u16) = (202, 0x202);
 
+/// The bridges of a shared-segment rig's switch, and the address its clients send to.
+const FRONT_BRIDGE: &str = "front";
+const BACK_BRIDGE: &str = "back";
+pub const FLOATING_ADDR: Ipv4Addr = Ipv4Addr::new(10, CLIENT_LINKS.0, 255, 100);
+
 /// Makes rig ids unique within the process; the process id makes them unique across processes.
 static RIG_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -48,6 +53,9 @@ pub enum Family {
 
 #[derive(Clone, Debug)]
 pub struct RigSpec {
+    /// 1: one balancer namespace with a link per client and per gateway. 2 or more: that many
+    /// balancer namespaces on two shared segments (see [`Rig`]), for HA pairs.
+    pub balancers: usize,
     pub family: Family,
     pub gateways: usize,
     /// One entry per client: its WireGuard listen port, fixed so that the source address the
@@ -64,11 +72,20 @@ pub struct RigSpec {
 /// j in hex), the far end .2 (::2) and the balancer end .1 (::1). Nothing routes between links:
 /// a balancer must proxy, receiving on client links and sending from its gateway-link addresses.
 ///
+/// With several balancers the balancer namespace becomes a switch instead: the client and gateway
+/// links end in two bridges there, the front segment 10.201.0.0/16 (client i at 10.201.i.2) and
+/// the back segment 10.202.0.0/16 (gateway j at 10.202.j.2), and each balancer b has its own
+/// namespace on both segments, at 10.201.255.(b+1) and 10.202.255.(b+1). Clients send to the
+/// floating address 10.201.255.100, which nobody holds until a test (keepalived) assigns it.
+///
 /// Everything is torn down on drop, in field order: processes first, then namespaces, then the
 /// temporary directory.
 pub struct Rig {
     clients: Vec<Client>,
     gateways: Vec<Gateway>,
+    /// The balancers of a shared-segment rig (empty otherwise).
+    balancers: Vec<Netns>,
+    /// The balancer's namespace, or the switch of a shared-segment rig.
     balancer: Netns,
     temp: TempDir,
     id: String,
@@ -115,6 +132,10 @@ impl Rig {
             !spec.client_ports.contains(&0),
             "client ports must be fixed, not 0"
         );
+        ensure!(
+            spec.balancers <= 1 || (spec.family == Family::V4 && spec.balancers < 100),
+            "shared segments are IPv4, for up to 99 balancers"
+        );
         let (id, temp) = claim_id()?;
         let balancer = Netns::create(format!("wglb-{id}-b"))?;
         let gateway_key = Keypair::generate()?;
@@ -123,6 +144,7 @@ impl Rig {
         let mut rig = Rig {
             clients: Vec::new(),
             gateways: Vec::new(),
+            balancers: Vec::new(),
             balancer,
             temp,
             id,
@@ -130,6 +152,10 @@ impl Rig {
             keepalive: spec.keepalive,
             gateway_public: gateway_key.public,
         };
+        if spec.balancers > 1 {
+            rig.add_switch(spec.balancers)
+                .context("setting up the shared segments")?;
+        }
         for (i, &port) in spec.client_ports.iter().enumerate() {
             let client = rig
                 .add_client(i, port)
@@ -220,8 +246,46 @@ impl Rig {
         })
     }
 
-    /// The far-end and balancer-end addresses of link `index` of the given kind.
+    /// Makes the balancer namespace a switch with a front and a back bridge, and links each
+    /// balancer to both.
+    fn add_switch(&mut self, balancers: usize) -> Result<()> {
+        let id = self.id.clone();
+        for bridge in [FRONT_BRIDGE, BACK_BRIDGE] {
+            self.balancer
+                .ip(&["link", "add", bridge, "type", "bridge"])?;
+            self.balancer.ip(&["link", "set", bridge, "up"])?;
+        }
+        for b in 0..balancers {
+            let ns = Netns::create(format!("wglb-{id}-lb{b}"))?;
+            for (bridge, octet) in [(FRONT_BRIDGE, CLIENT_LINKS.0), (BACK_BRIDGE, GATEWAY_LINKS.0)] {
+                let near = format!("v{id}{bridge}{b}");
+                let far = format!("{bridge}{b}");
+                self.balancer
+                    .ip(&["link", "add", &near, "type", "veth", "peer", "name", &far])?;
+                self.balancer.ip(&["link", "set", &far, "netns", ns.name()])?;
+                self.balancer
+                    .ip(&["link", "set", &near, "master", bridge, "up"])?;
+                let addr = format!("10.{octet}.255.{}/16", b + 1);
+                ns.ip(&["addr", "add", &addr, "dev", &far])?;
+                ns.ip(&["link", "set", &far, "up"])?;
+            }
+            ns.ip(&["link", "set", "lo", "up"])?;
+            self.balancers.push(ns);
+        }
+        Ok(())
+    }
+
+    fn shared_segments(&self) -> bool {
+        !self.balancers.is_empty()
+    }
+
+    /// The far-end and balancer-end addresses of link `index` of the given kind; on shared
+    /// segments the balancer end is the first balancer's address there.
     fn link_addrs(&self, (v4_octet, v6_segment): (u8, u16), index: usize) -> (IpAddr, IpAddr) {
+        if self.shared_segments() {
+            let far = IpAddr::V4(Ipv4Addr::new(10, v4_octet, index as u8, 2));
+            return (far, IpAddr::V4(Ipv4Addr::new(10, v4_octet, 255, 1)));
+        }
         match self.family {
             Family::V4 => {
                 let addr = |host| IpAddr::V4(Ipv4Addr::new(10, v4_octet, index as u8, host));
@@ -258,7 +322,23 @@ impl Rig {
             "link", "add", far_if, "type", "veth", "peer", "name", near_if,
         ])?;
         ns.ip(&["link", "set", near_if, "netns", self.balancer.name()])?;
-        for (netns, ifname, addr) in [(ns, far_if, far), (&self.balancer, near_if, near)] {
+        if self.shared_segments() {
+            let bridge = if far.to_string().starts_with(&format!("10.{}.", CLIENT_LINKS.0)) {
+                FRONT_BRIDGE
+            } else {
+                BACK_BRIDGE
+            };
+            self.balancer
+                .ip(&["link", "set", near_if, "master", bridge, "up"])?;
+            ns.ip(&["addr", "add", &format!("{far}/16"), "dev", far_if])?;
+            ns.ip(&["link", "set", far_if, "up"])?;
+        }
+        let ends: &[(&Netns, &str, IpAddr)] = if self.shared_segments() {
+            &[]
+        } else {
+            &[(ns, far_if, far), (&self.balancer, near_if, near)]
+        };
+        for &(netns, ifname, addr) in ends {
             let mut args = vec!["addr", "add"];
             let cidr = match addr {
                 IpAddr::V4(_) => format!("{addr}/24"),
@@ -287,8 +367,24 @@ impl Rig {
         &self.id
     }
 
+    /// The balancer's namespace (the switch of a shared-segment rig).
     pub fn balancer_ns(&self) -> &Netns {
         &self.balancer
+    }
+
+    /// Balancer b's namespace on a shared-segment rig.
+    pub fn balancer_ns_at(&self, b: usize) -> &Netns {
+        &self.balancers[b]
+    }
+
+    /// Balancer b's address on the front (client) segment of a shared-segment rig, its interface
+    /// there, and its address on the back (gateway) segment.
+    pub fn balancer_front(&self, b: usize) -> (Ipv4Addr, String, Ipv4Addr) {
+        (
+            Ipv4Addr::new(10, CLIENT_LINKS.0, 255, b as u8 + 1),
+            format!("{FRONT_BRIDGE}{b}"),
+            Ipv4Addr::new(10, GATEWAY_LINKS.0, 255, b as u8 + 1),
+        )
     }
 
     pub fn client_ns(&self, i: usize) -> &Netns {
@@ -299,8 +395,12 @@ impl Rig {
         &self.gateways[j].ns
     }
 
-    /// Where client i sends its WireGuard packets: the balancer's address on client i's link.
+    /// Where client i sends its WireGuard packets: the balancer's address on client i's link, or
+    /// the floating address of a shared-segment rig.
     pub fn listen_addr(&self, i: usize) -> SocketAddr {
+        if self.shared_segments() {
+            return SocketAddr::new(FLOATING_ADDR.into(), WG_PORT);
+        }
         SocketAddr::new(self.clients[i].balancer_side, WG_PORT)
     }
 

@@ -98,6 +98,7 @@ impl Drop for Relay {
 fn tunnel_through_relay(family: Family) {
     require_root().unwrap();
     let mut rig = Rig::new(RigSpec {
+        balancers: 1,
         family,
         gateways: 2,
         client_ports: vec![41000, 41001],
@@ -181,6 +182,7 @@ fn get_health(rig: &Rig, j: usize, path: &'static str) -> io::Result<(String, St
 fn health_endpoint_follows_the_gateway_state() {
     require_root().unwrap();
     let mut rig = Rig::new(RigSpec {
+        balancers: 1,
         family: Family::V4,
         gateways: 2,
         client_ports: vec![],

@@ -10,13 +10,16 @@
 //! client on a chosen gateway, then checks on the gateways themselves (`wg show`) that the
 //! handshake happened there.
 
+#[macro_use]
 mod support;
 
 use std::net::UdpSocket;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use support::{config_text, first_reply, ports_for, predicted_gateway, Balancer, Datapath};
+use support::{
+    config_text, first_reply, ports_for, predicted_gateway, settled_handshakes, Balancer, Datapath,
+};
 use wglb_lab::{require_root, Family, Pinger, Rig, RigSpec};
 
 /// Longest wait for a first handshake through the balancer.
@@ -28,6 +31,7 @@ const FAILOVER_BOUND: Duration = Duration::from_secs(17);
 fn rig(family: Family, gateways: usize, config: &str, wanted: &[usize]) -> Result<Rig> {
     require_root()?;
     Rig::new(RigSpec {
+        balancers: 1,
         family,
         gateways,
         client_ports: ports_for(family, config, wanted),
@@ -158,25 +162,7 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice(datapath: Datapath)
     let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..wanted.len())?;
     let survivors = [1, 2, 4, 5];
-    // A first handshake answered late (six clients start at once on two cores) has a
-    // retransmitted one behind it, REKEY_TIMEOUT (5 s + jitter) later: let any such complete
-    // before taking the handshakes the failover must not change.
-    let newest = survivors
-        .iter()
-        .map(|&i| rig.client_latest_handshake(i))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(0);
-    let settled = SystemTime::UNIX_EPOCH + Duration::from_secs(newest + 7);
-    if let Ok(wait) = settled.duration_since(SystemTime::now()) {
-        std::thread::sleep(wait);
-    }
-    let handshakes: Vec<_> = survivors
-        .iter()
-        .map(|&i| rig.client_latest_handshake(i))
-        .collect::<Result<_>>()?;
+    let handshakes = settled_handshakes(&rig, &survivors)?;
     let seqs: Vec<_> = survivors.iter().map(|&i| pingers[i].last_seq()).collect();
 
     rig.stop_gateway(0)?;
@@ -596,30 +582,6 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
     let path = rig.temp_dir().join(name);
     std::fs::write(&path, text)?;
     Ok(path)
-}
-
-/// One test per datapath for a scenario.
-macro_rules! on_every_datapath {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::*;
-
-            #[test]
-            fn userspace() -> Result<()> {
-                super::$scenario(Datapath::Userspace)
-            }
-
-            #[test]
-            fn xdp_native() -> Result<()> {
-                super::$scenario(Datapath::XdpNative)
-            }
-
-            #[test]
-            fn xdp_generic() -> Result<()> {
-                super::$scenario(Datapath::XdpGeneric)
-            }
-        }
-    )*};
 }
 
 on_every_datapath!(

@@ -91,6 +91,7 @@ fn demo(wglb: &Path) -> Result<()> {
         "building a rig: {GATEWAYS} gateways, {CLIENTS} clients, IPv4"
     ));
     let mut rig = Rig::new(RigSpec {
+        balancers: 1,
         family: Family::V4,
         gateways: GATEWAYS,
         client_ports: (FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + CLIENTS).collect(),

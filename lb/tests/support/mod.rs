@@ -1,11 +1,14 @@
 //! A `wglb` process under test inside a rig's balancer namespace, and the placement predictions
 //! the tests check real traffic against.
 
+// Each test crate uses a part of this module.
+#![allow(dead_code)]
+
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use wglb::config::{Config, DEFAULT_NAT_PORTS};
@@ -38,9 +41,14 @@ pub fn config_text(family: Family, states: &[&str]) -> String {
     text
 }
 
-/// `config_text` with an [api] section for `socket`: every balancer of a test run has its own.
+/// `config_text` with an [api] socket of its own (every balancer of a test run has one), in the
+/// text's [api] section if it has one.
 fn with_api(config_text: &str, socket: &Path) -> String {
-    format!("[api]\nsocket = \"{}\"\n{config_text}", socket.display())
+    let socket = format!("[api]\nsocket = \"{}\"\n", socket.display());
+    match config_text.strip_prefix("[api]\n") {
+        Some(rest) => format!("{socket}{rest}"),
+        None => format!("{socket}{config_text}"),
+    }
 }
 
 /// Client i's outer address in a rig of `family`, as the lab lays it out.
@@ -126,6 +134,8 @@ impl Datapath {
 
 pub struct Balancer {
     child: Option<Child>,
+    /// Which balancer of a shared-segment rig; None for the rig's one balancer.
+    at: Option<usize>,
     config: PathBuf,
     api_socket: PathBuf,
     pub log: PathBuf,
@@ -136,16 +146,30 @@ impl Balancer {
     /// metrics (it binds its listeners before that) and, with XDP, until the program forwards
     /// to every gateway itself (the kernel has resolved their MACs for the health checks).
     pub fn start(rig: &Rig, config_text: &str, datapath: Datapath) -> Result<Balancer> {
-        let config = rig.temp_dir().join("wglb.toml");
-        let api_socket = rig.temp_dir().join("api.sock");
+        Balancer::start_at(rig, None, config_text, datapath)
+    }
+
+    /// [`Balancer::start`] for balancer `at` of a shared-segment rig (None: the rig's one).
+    pub fn start_at(
+        rig: &Rig,
+        at: Option<usize>,
+        config_text: &str,
+        datapath: Datapath,
+    ) -> Result<Balancer> {
+        let suffix = at.map_or(String::new(), |b| b.to_string());
+        let config = rig.temp_dir().join(format!("wglb{suffix}.toml"));
+        let api_socket = rig.temp_dir().join(format!("api{suffix}.sock"));
         fs::write(&config, with_api(config_text, &api_socket))?;
-        let log = rig.temp_dir().join("wglb.log");
+        let log = rig.temp_dir().join(format!("wglb{suffix}.log"));
         let log_file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = rig
-            .balancer_ns()
+        let ns = match at {
+            Some(b) => rig.balancer_ns_at(b),
+            None => rig.balancer_ns(),
+        };
+        let child = ns
             .command(env!("CARGO_BIN_EXE_wglb"))
             .args(["--log", "wglb=debug", "run", "--config"])
             .arg(&config)
@@ -157,6 +181,7 @@ impl Balancer {
             .context("starting wglb")?;
         let balancer = Balancer {
             child: Some(child),
+            at,
             config,
             api_socket,
             log,
@@ -181,10 +206,18 @@ impl Balancer {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn api_socket(&self) -> PathBuf {
+        self.api_socket.clone()
+    }
+
     /// The Prometheus text the balancer serves.
     pub fn metrics(&self, rig: &Rig) -> Result<String> {
         let address = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
-        rig.balancer_ns().run(move || metrics::scrape(address))?
+        let ns = match self.at {
+            Some(b) => rig.balancer_ns_at(b),
+            None => rig.balancer_ns(),
+        };
+        ns.run(move || metrics::scrape(address))?
     }
 
     /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels).
@@ -257,6 +290,15 @@ impl Balancer {
         Ok(String::from_utf8(output.stdout)?)
     }
 
+    /// SIGKILL: the balancer dies without a word to anyone.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     /// SIGTERM, and wait for the process to exit.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
@@ -286,4 +328,48 @@ pub fn first_reply(
 ) -> Result<Duration> {
     let at = pinger.wait_reply_after(after, timeout)?;
     Ok(at.duration_since(after).unwrap_or_default())
+}
+
+/// The latest handshake of each client, taken once the handshakes have settled: a first
+/// handshake answered late (several clients start at once on two cores) has a retransmitted one
+/// behind it, REKEY_TIMEOUT (5 s + jitter) later, which must not pass for one a test provoked.
+pub fn settled_handshakes(rig: &Rig, clients: &[usize]) -> Result<Vec<Option<u64>>> {
+    let latest = |rig: &Rig| -> Result<Vec<Option<u64>>> {
+        clients
+            .iter()
+            .map(|&i| rig.client_latest_handshake(i))
+            .collect()
+    };
+    let newest = latest(rig)?.into_iter().flatten().max().unwrap_or(0);
+    let settled = SystemTime::UNIX_EPOCH + Duration::from_secs(newest + 7);
+    if let Ok(wait) = settled.duration_since(SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
+    latest(rig)
+}
+
+/// A test per datapath for each scenario: `scenario::userspace`, `scenario::xdp_native`,
+/// `scenario::xdp_generic`.
+#[allow(unused_macros)]
+macro_rules! on_every_datapath {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[test]
+            fn userspace() -> Result<()> {
+                super::$scenario(Datapath::Userspace)
+            }
+
+            #[test]
+            fn xdp_native() -> Result<()> {
+                super::$scenario(Datapath::XdpNative)
+            }
+
+            #[test]
+            fn xdp_generic() -> Result<()> {
+                super::$scenario(Datapath::XdpGeneric)
+            }
+        }
+    )*};
 }

@@ -1,0 +1,240 @@
+//! An HA pair: two wglb balancers syncing sessions, and Debian's keepalived moving a floating
+//! address between them with the configuration and notify hook shipped in deploy/keepalived/,
+//! on shared segments with the clients and three wireguard-go gateways (see the lab's rig).
+//!
+//! These tests need root and FAIL without it; CI runs them as root.
+
+#[macro_use]
+mod support;
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{ensure, Context, Result};
+use support::{config_text, first_reply, ports_for, settled_handshakes, Balancer, Datapath};
+use wglb_lab::{require_root, wait_for, Daemon, Family, Rig, RigSpec};
+
+const HANDSHAKE: Duration = Duration::from_secs(20);
+const API_PORT: u16 = 7443;
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+/// The track script misses twice a second apart, then VRRP moves the address at once (the
+/// failing node advertises priority 0); a generous bound for two loaded cores.
+const VRRP_SWITCH: Duration = Duration::from_secs(10);
+
+/// Balancer b's configuration: the test listener and gateways, its API on the back segment for
+/// the peer, and the peer to sync with.
+fn ha_config(rig: &Rig, b: usize, listener_config: &str) -> Result<String> {
+    let token = rig.temp_dir().join("sync.token");
+    fs::write(&token, TOKEN)?;
+    let peer = 1 - b;
+    let (_, _, back) = rig.balancer_front(b);
+    let (_, _, peer_back) = rig.balancer_front(peer);
+    let token = token.display();
+    Ok(format!(
+        "[api]\ntcp = \"{back}:{API_PORT}\"\ntoken_file = \"{token}\"\n\n\
+         [sync]\nnode = \"lb{b}\"\n[[sync.peer]]\nname = \"lb{peer}\"\n\
+         url = \"http://{peer_back}:{API_PORT}\"\ntoken_file = \"{token}\"\n\n{listener_config}"
+    ))
+}
+
+/// keepalived for balancer b from the shipped configuration, with this rig's interface and
+/// addresses, the test's wglb and API socket, and the shipped notify hook writing into the
+/// rig's directory. Script security is off only because a test's paths may sit under a world-
+/// writable temporary directory, which keepalived refuses for root's scripts.
+fn start_keepalived(rig: &Rig, b: usize, api_socket: &Path) -> Result<Daemon> {
+    let shipped = include_str!("../../deploy/keepalived/keepalived.conf");
+    let (front, interface, _) = rig.balancer_front(b);
+    let (peer_front, _, _) = rig.balancer_front(1 - b);
+    let temp = rig.temp_dir();
+    let notify = temp.join(format!("notify{b}"));
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keepalived/keepalived-notify");
+    let wglb = env!("CARGO_BIN_EXE_wglb");
+    fs::write(
+        &notify,
+        format!(
+            "#!/bin/sh\nWGLB_BIN={wglb} WGLB_API={} WGLB_NOTIFY_DIR={} exec {} \"$@\"\n",
+            api_socket.display(),
+            temp.join(format!("vrrp{b}")).display(),
+            hook.display()
+        ),
+    )?;
+    fs::set_permissions(&notify, fs::Permissions::from_mode(0o755))?;
+    let replacements = [
+        ("    enable_script_security\n", String::new()),
+        (
+            "/usr/bin/wglb --api /run/wglb/api.sock status",
+            format!("{wglb} --api {} status", api_socket.display()),
+        ),
+        ("interface eth0", format!("interface {interface}")),
+        ("dev eth0", format!("dev {interface}")),
+        ("priority 150", format!("priority {}", 150 - 50 * b)),
+        ("192.0.2.100/24", format!("{}/16", wglb_lab::FLOATING_ADDR)),
+        ("192.0.2.10 ", format!("{front} ")),
+        ("192.0.2.11 ", format!("{peer_front} ")),
+        ("/usr/lib/wglb/keepalived-notify", notify.display().to_string()),
+    ];
+    let mut config = shipped.to_string();
+    for (from, to) in &replacements {
+        ensure!(config.contains(from), "the shipped keepalived.conf has no `{from}`");
+        config = config.replace(from, to);
+    }
+    let path = temp.join(format!("keepalived{b}.conf"));
+    fs::write(&path, config)?;
+    let pid = |what: &str| temp.join(format!("{what}{b}.pid")).display().to_string();
+    Daemon::spawn(
+        rig.balancer_ns_at(b),
+        Path::new("keepalived"),
+        &[
+            "--dont-fork",
+            "--log-console",
+            "--log-detail",
+            "--vrrp",
+            "--use-file",
+            &path.display().to_string(),
+            "--pid",
+            &pid("keepalived"),
+            "--vrrp_pid",
+            &pid("vrrp"),
+        ],
+        &temp.join(format!("keepalived{b}.log")),
+    )
+}
+
+fn holds_floating_address(rig: &Rig, b: usize) -> Result<bool> {
+    let (_, interface, _) = rig.balancer_front(b);
+    let addresses = wglb_lab::run(rig.balancer_ns_at(b).command("ip").args([
+        "-4", "-o", "addr", "show", "dev", &interface,
+    ]))?;
+    Ok(addresses.contains(&format!("{}/", wglb_lab::FLOATING_ADDR)))
+}
+
+/// The sessions `wglb sessions --all --json` lists: (client, gateway, synced from).
+fn sessions(balancer: &Balancer) -> Result<Vec<(String, String, Option<String>)>> {
+    let text = balancer.cli(&["sessions", "--all", "--json"])?;
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    let sessions = value["sessions"].as_array().context("a session list")?;
+    Ok(sessions
+        .iter()
+        .map(|s| {
+            (
+                s["client"].as_str().unwrap_or_default().to_string(),
+                s["gateway"].as_str().unwrap_or_default().to_string(),
+                s["synced_from"].as_str().map(str::to_string),
+            )
+        })
+        .collect())
+}
+
+/// Kills the master balancer mid-session: keepalived moves the floating address to the other,
+/// and every tunnel goes on through the same gateway with no new handshake. With `drain`, a
+/// gateway is drained on both balancers first, so the standby's own placement would send that
+/// gateway's clients elsewhere: only the synced sessions keep them where their WireGuard state
+/// is.
+fn failover(datapath: Datapath, drain: bool) -> Result<()> {
+    require_root()?;
+    let listener = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = Rig::new(RigSpec {
+        balancers: 2,
+        family: Family::V4,
+        gateways: 3,
+        client_ports: ports_for(Family::V4, &listener, &wanted),
+        keepalive: None,
+    })?;
+    let mut balancers = Vec::new();
+    for b in 0..2 {
+        let config = ha_config(&rig, b, &listener)?;
+        balancers.push(Balancer::start_at(&rig, Some(b), &config, datapath)?);
+    }
+    let _keepalived: Vec<Daemon> = (0..2)
+        .map(|b| start_keepalived(&rig, b, &balancers[b].api_socket()))
+        .collect::<Result<_>>()?;
+    wait_for("lb0 to take the floating address", VRRP_SWITCH * 2, || {
+        Ok(holds_floating_address(&rig, 0)?.then_some(()))
+    })?;
+
+    let start = SystemTime::now();
+    let mut pingers = Vec::new();
+    for i in 0..wanted.len() {
+        rig.start_client(i)?;
+        pingers.push(rig.pinger(i)?);
+    }
+    for pinger in &pingers {
+        first_reply(pinger, start, HANDSHAKE)?;
+    }
+    for (i, &j) in wanted.iter().enumerate() {
+        ensure!(rig.gateway_serving(i)? == Some(j), "client {i} is not on gw{j}");
+    }
+    wait_for("lb1 to hold lb0's sessions", Duration::from_secs(10), || {
+        let held = sessions(&balancers[1])?;
+        let synced = held.iter().filter(|s| s.2.as_deref() == Some("lb0")).count();
+        Ok((synced == wanted.len()).then_some(held))
+    })?;
+    if drain {
+        for balancer in &balancers {
+            balancer.cli(&["drain", "gw1"])?;
+        }
+    }
+    let clients: Vec<usize> = (0..wanted.len()).collect();
+    let handshakes = settled_handshakes(&rig, &clients)?;
+
+    let killed = SystemTime::now();
+    balancers[0].kill()?;
+    wait_for("lb1 to take the floating address", VRRP_SWITCH, || {
+        Ok(holds_floating_address(&rig, 1)?.then_some(()))
+    })?;
+    for (i, pinger) in pingers.iter().enumerate() {
+        let back = first_reply(pinger, killed, VRRP_SWITCH + Duration::from_secs(5))?;
+        eprintln!("client {i} answered again {back:?} after lb0 was killed");
+    }
+    let (_, _, lb1_back) = rig.balancer_front(1);
+    for (i, &j) in wanted.iter().enumerate() {
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[i],
+            "client {i} handshook again: its session did not survive the failover"
+        );
+        let endpoint = rig
+            .gateway_endpoint_of(j, i)?
+            .context("the gateway knows the client")?;
+        ensure!(
+            endpoint.ip() == Ipv4Addr::from(lb1_back),
+            "gw{j} hears client {i} from {endpoint}, not through lb1"
+        );
+        ensure!(
+            datapath.relayed_from(endpoint),
+            "client {i} was not relayed by the {datapath:?} datapath ({endpoint})"
+        );
+    }
+    let held = sessions(&balancers[1])?;
+    for (i, &j) in wanted.iter().enumerate() {
+        let client = rig.client_addr(i).to_string();
+        let session = held
+            .iter()
+            .find(|s| s.0 == client && s.2.is_none())
+            .with_context(|| format!("lb1 forwards no session of client {i}: {held:?}"))?;
+        ensure!(session.1 == format!("gw{j}"), "client {i} is on {} at lb1", session.1);
+    }
+    let state = fs::read_to_string(rig.temp_dir().join("vrrp1/vrrp-wglb.prom"))
+        .context("the notify hook's state file")?;
+    ensure!(
+        state.contains("wglb_vrrp_state{instance=\"wglb\",state=\"MASTER\"} 1"),
+        "{state}"
+    );
+    Ok(())
+}
+
+fn the_standby_takes_over_every_session_when_the_master_dies(datapath: Datapath) -> Result<()> {
+    failover(datapath, false)
+}
+
+fn sessions_of_a_drained_gateway_survive_a_failover(datapath: Datapath) -> Result<()> {
+    failover(datapath, true)
+}
+
+on_every_datapath!(
+    the_standby_takes_over_every_session_when_the_master_dies,
+    sessions_of_a_drained_gateway_survive_a_failover,
+);
