@@ -257,14 +257,25 @@ impl Rig {
         }
         for b in 0..balancers {
             let ns = Netns::create(format!("wglb-{id}-lb{b}"))?;
-            for (bridge, octet) in [(FRONT_BRIDGE, CLIENT_LINKS.0), (BACK_BRIDGE, GATEWAY_LINKS.0)] {
+            for (bridge, octet) in [
+                (FRONT_BRIDGE, CLIENT_LINKS.0),
+                (BACK_BRIDGE, GATEWAY_LINKS.0),
+            ] {
                 let near = format!("v{id}{bridge}{b}");
                 let far = format!("{bridge}{b}");
                 self.balancer
                     .ip(&["link", "add", &near, "type", "veth", "peer", "name", &far])?;
-                self.balancer.ip(&["link", "set", &far, "netns", ns.name()])?;
+                self.balancer
+                    .ip(&["link", "set", &far, "netns", ns.name()])?;
                 self.balancer
                     .ip(&["link", "set", &near, "master", bridge, "up"])?;
+                // An XDP balancer's native redirects into its veth reach the switch only with
+                // GRO on this end (see `connect`).
+                cmd::run(
+                    self.balancer
+                        .command("ethtool")
+                        .args(["-K", &near, "gro", "on"]),
+                )?;
                 let addr = format!("10.{octet}.255.{}/16", b + 1);
                 ns.ip(&["addr", "add", &addr, "dev", &far])?;
                 ns.ip(&["link", "set", &far, "up"])?;
@@ -323,7 +334,10 @@ impl Rig {
         ])?;
         ns.ip(&["link", "set", near_if, "netns", self.balancer.name()])?;
         if self.shared_segments() {
-            let bridge = if far.to_string().starts_with(&format!("10.{}.", CLIENT_LINKS.0)) {
+            let bridge = if far
+                .to_string()
+                .starts_with(&format!("10.{}.", CLIENT_LINKS.0))
+            {
                 FRONT_BRIDGE
             } else {
                 BACK_BRIDGE

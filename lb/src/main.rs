@@ -275,6 +275,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         plans: listener_plans.clone(),
         requests: Vec::new(),
         slow_paths: Vec::new(),
+        syncs: Vec::new(),
     };
     let mut sync_peers = Vec::new();
     let mut sync_queues = Vec::new();
@@ -305,6 +306,11 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             events: events.clone(),
             sync: SyncOut::new(&listener.name, sync_queues.clone()),
         };
+        if fast_path.is_some() {
+            fast_links
+                .syncs
+                .push(SyncOut::new(&listener.name, sync_queues.clone()));
+        }
         tracing::info!(listener = %listener.name, listen = %listener.listen, gateways = listener.gateways.len(), "listening");
         tasks.spawn(async move {
             run_listener(&listener, socket, links)

@@ -58,7 +58,10 @@ pub struct Session {
     /// replies go back the same way.
     pub client_mac: [u8; 6],
     pub local_mac: [u8; 6],
-    pub pad: [u8; 2],
+    /// Set by userspace once it has told peer balancers about the session (session sync); the
+    /// program creates sessions with 0.
+    pub announced: u8,
+    pub pad: u8,
     pub ifindex: u32,
     /// The address the client sent to: replies come from it.
     pub listener: Endpoint,

@@ -48,6 +48,12 @@ static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 0);
 
+/// Gateway index by client, for clients whose session a peer balancer forwarded (session sync):
+/// a client without a session here is placed on its pinned gateway instead of by Maglev, and the
+/// pin goes once the session exists. Sized by userspace like SESSIONS.
+#[map]
+static PINS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1, 0);
+
 /// Which session a NAT port of a gateway belongs to.
 #[map]
 static NAT: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries(1, 0);
@@ -305,18 +311,29 @@ fn from_client(
         0
     };
     let hash = flow_hash(headers.source.addr, hash_port);
-    if listener.maglev_size == 0 {
-        return (DROP, XdpCounter::NoGateway);
-    }
-    let slot = listener.maglev_offset + hash % listener.maglev_size;
-    let entry = MAGLEV.get(slot).copied().unwrap_or(0);
-    let Some(gateway) = entry
-        .checked_sub(1)
+    // A pinned client goes where its peer-forwarded session went, even to a gateway that takes
+    // no new sessions (draining), as long as it keeps its own.
+    let pinned = unsafe { PINS.get(&key) }
+        .copied()
         .and_then(|index| gateway(index).map(|g| (index, g)))
-    else {
-        return (DROP, XdpCounter::NoGateway);
+        .filter(|(_, g)| g.flags & GATEWAY_KEEPS != 0);
+    let (index, gateway) = match pinned {
+        Some(pinned) => pinned,
+        None => {
+            if listener.maglev_size == 0 {
+                return (DROP, XdpCounter::NoGateway);
+            }
+            let slot = listener.maglev_offset + hash % listener.maglev_size;
+            let entry = MAGLEV.get(slot).copied().unwrap_or(0);
+            let Some(placed) = entry
+                .checked_sub(1)
+                .and_then(|index| gateway(index).map(|g| (index, g)))
+            else {
+                return (DROP, XdpCounter::NoGateway);
+            };
+            placed
+        }
     };
-    let (index, gateway) = gateway;
     if headers.ipv4 != is_mapped(&gateway.endpoint.addr) {
         // Rewriting between families means resizing headers: the userspace datapath does it.
         return (PASS, XdpCounter::WireguardPassed);
@@ -363,7 +380,8 @@ fn from_client(
         nat_port,
         client_mac,
         local_mac,
-        pad: [0; 2],
+        announced: 0,
+        pad: 0,
         ifindex: ctx.ingress_ifindex() as u32,
         listener: headers.destination,
         pad2: [0; 4],
@@ -376,6 +394,9 @@ fn from_client(
             pad: [0; 2],
         });
         return (DROP, XdpCounter::NatPortsExhausted);
+    }
+    if pinned.is_some() {
+        let _ = PINS.remove(&key);
     }
     let (verdict, counter) = to_gateway(ctx, headers, index, &gateway, nat_port, kind);
     if counter == XdpCounter::ToGateway {

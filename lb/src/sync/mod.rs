@@ -59,7 +59,7 @@ pub struct PeerChange {
 }
 
 /// One step of a peer's stream, as a listener's datapath applies it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum SyncStep {
     /// A full resync starts: what the peer sent before and does not repeat before the end goes.
     Begin,

@@ -40,6 +40,7 @@ use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, M
 use crate::pool::{GatewayId, HashKey};
 use crate::query::{self, SessionFilter, SessionInfo, SessionPage, SessionRequest};
 use crate::session::EvictionReason;
+use crate::sync::{self, Applied, Change, PeerChange, Resyncs, SyncOut, SyncStep};
 
 /// How often routes, counters and idle sessions are looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -53,6 +54,8 @@ pub struct FastPathLinks {
     pub requests: Vec<mpsc::Receiver<SessionRequest>>,
     /// The userspace datapaths', asked for the sessions they hold.
     pub slow_paths: Vec<mpsc::Sender<SessionRequest>>,
+    /// Where the program's sessions are announced to peer balancers.
+    pub syncs: Vec<SyncOut>,
 }
 
 /// The loaded, attached program and the state that keeps its maps in step.
@@ -86,6 +89,21 @@ struct Listener {
     /// False while the program leaves this listener to userspace (see [`FastPath::unserve`]).
     served: bool,
     counters: ListenerCounters,
+    sync: SyncOut,
+    /// Peers' sessions pinned in the program, by client: the program places such a client on
+    /// the pinned gateway, and drops the pin once the session exists.
+    pins: HashMap<SocketAddr, Pin>,
+    resyncs: Resyncs,
+    /// When the listener's sessions with traffic were last announced again (coarse ns).
+    refreshed_at_ns: u64,
+}
+
+/// A peer's session, held as a pin in the program.
+struct Pin {
+    slot: u32,
+    peer: Arc<str>,
+    /// Its last packet on the peer (coarse ns): pins expire as sessions do.
+    seen_ns: u64,
 }
 
 struct GatewaySlot {
@@ -159,6 +177,10 @@ impl FastPath {
                 addresses: Vec::new(),
                 served: true,
                 counters: metrics.listener(&listener.name),
+                sync: SyncOut::none(&listener.name),
+                pins: HashMap::new(),
+                resyncs: Resyncs::default(),
+                refreshed_at_ns: coarse_now_ns(),
             });
             offset += listener.maglev_size;
         }
@@ -240,6 +262,9 @@ impl FastPath {
                 return;
             }
         };
+        for (listener, sync) in self.listeners.iter_mut().zip(links.syncs) {
+            listener.sync = sync;
+        }
         runtime.block_on(async move {
             // Many sources, one loop: small tasks forward each into one channel.
             let (changed_tx, mut changed) = mpsc::channel(64);
@@ -642,30 +667,70 @@ impl FastPath {
         let now = coarse_now_ns();
         let mut counts: HashMap<u32, i64> = HashMap::new();
         let mut evicted: HashMap<(usize, u32, EvictionReason), u64> = HashMap::new();
+        let refresh_due: Vec<bool> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let every = sync::refresh_interval(l.plan.idle_timeout).as_nanos() as u64;
+                l.sync.enabled() && now.saturating_sub(l.refreshed_at_ns) >= every
+            })
+            .collect();
+        let mut announced = Vec::new();
         for (key, session) in &sessions {
             let index = key.listener as usize;
             let Some(listener) = self.listeners.get(index) else {
                 continue;
             };
-            let keeps = self
+            let slot = self
                 .gateways
                 .get(&session.gateway)
-                .is_some_and(|s| s.keeps && s.listener == index);
+                .filter(|s| s.keeps && s.listener == index);
             let idle = now.saturating_sub(session.last_seen_ns);
-            let reason = if !keeps {
-                EvictionReason::GatewayGone
-            } else if idle > listener.plan.idle_timeout.as_nanos() as u64 {
-                EvictionReason::Idle
-            } else {
-                *counts.entry(session.gateway).or_default() += 1;
-                continue;
+            let client = address_of(key.client);
+            let reason = match slot {
+                None => EvictionReason::GatewayGone,
+                Some(_) if idle > listener.plan.idle_timeout.as_nanos() as u64 => {
+                    EvictionReason::Idle
+                }
+                Some(slot) => {
+                    *counts.entry(session.gateway).or_default() += 1;
+                    let fresh = session.announced == 0;
+                    if listener.sync.enabled()
+                        && (fresh
+                            || refresh_due[index]
+                                && session.last_seen_ns >= listener.refreshed_at_ns)
+                    {
+                        let idle_ms = idle / 1_000_000;
+                        listener
+                            .sync
+                            .upsert(client, &slot.name, slot.address, idle_ms);
+                        if fresh {
+                            announced.push((*key, *session));
+                        }
+                    }
+                    continue;
+                }
             };
             if let Err(e) = self.program.remove_session(key, session) {
                 tracing::warn!("cannot remove an XDP session: {e:#}");
                 continue;
             }
+            if session.announced != 0 {
+                listener.sync.evicted(client);
+            }
             *evicted.entry((index, session.gateway, reason)).or_default() += 1;
         }
+        for (key, session) in announced {
+            if let Err(e) = self.program.mark_announced(&key, &session) {
+                tracing::warn!("cannot mark an XDP session as synced: {e:#}");
+            }
+        }
+        for (listener, due) in self.listeners.iter_mut().zip(refresh_due) {
+            if due {
+                listener.refreshed_at_ns = now;
+            }
+        }
+        self.expire_pins(&sessions, now);
         for ((index, slot_index, reason), count) in evicted {
             let listener = &self.listeners[index];
             listener.counters.eviction(reason).inc_by(count);
@@ -709,6 +774,126 @@ impl FastPath {
         }
         self.last_sweep = started.elapsed();
         self.swept_at = Instant::now();
+    }
+
+    /// Drops pins whose session exists now (the program used them), whose gateway no longer
+    /// keeps sessions, or that have been idle for the listener's idle timeout.
+    fn expire_pins(&mut self, sessions: &[(FlowKey, Session)], now: u64) {
+        if self.listeners.iter().all(|l| l.pins.is_empty()) {
+            return;
+        }
+        let live: HashSet<(u32, SocketAddr)> = sessions
+            .iter()
+            .map(|(key, _)| (key.listener, address_of(key.client)))
+            .collect();
+        for (index, listener) in self.listeners.iter_mut().enumerate() {
+            let idle_timeout = listener.plan.idle_timeout.as_nanos() as u64;
+            let gateways = &self.gateways;
+            let program = &mut self.program;
+            listener.pins.retain(|client, pin| {
+                let keep = !live.contains(&(index as u32, *client))
+                    && gateways
+                        .get(&pin.slot)
+                        .is_some_and(|s| s.keeps && s.listener == index)
+                    && now.saturating_sub(pin.seen_ns) <= idle_timeout;
+                if !keep {
+                    let _ = program.unpin(&flow_key(index, *client));
+                }
+                keep
+            });
+        }
+    }
+
+    /// Applies a step of a peer's sync stream to listener `index`'s pins.
+    fn apply_sync(&mut self, index: usize, peer: &Arc<str>, step: &SyncStep) -> Applied {
+        let mut outcome = Applied::default();
+        match step {
+            SyncStep::Begin => {
+                let listener = &mut self.listeners[index];
+                let held: Vec<SocketAddr> = listener
+                    .pins
+                    .iter()
+                    .filter(|(_, pin)| pin.peer == *peer)
+                    .map(|(client, _)| *client)
+                    .collect();
+                listener.resyncs.begin(peer.clone(), held.into_iter());
+            }
+            SyncStep::End => {
+                let gone = self.listeners[index].resyncs.end(peer);
+                for client in gone {
+                    self.unpin(index, peer, client);
+                }
+            }
+            SyncStep::Changes(changes) => {
+                for PeerChange { client, change } in changes {
+                    let applied = match change {
+                        Change::Upsert {
+                            gateway,
+                            address,
+                            idle_ms,
+                        } => self.pin(index, peer, *client, gateway, *address, *idle_ms),
+                        Change::Evicted => {
+                            self.unpin(index, peer, *client);
+                            true
+                        }
+                    };
+                    if applied {
+                        outcome.applied += 1;
+                    } else {
+                        outcome.refused += 1;
+                    }
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Pins a peer's session; false if no gateway of this name and address keeps sessions here.
+    /// The peer forwarded it last, so the program's own session of the client, if any, goes.
+    fn pin(
+        &mut self,
+        index: usize,
+        peer: &Arc<str>,
+        client: SocketAddr,
+        gateway: &str,
+        address: SocketAddr,
+        idle_ms: u64,
+    ) -> bool {
+        self.listeners[index].resyncs.seen(peer, &client);
+        let Some(slot) = self
+            .gateways
+            .iter()
+            .find(|(_, s)| {
+                s.listener == index && s.keeps && s.name == gateway && s.address == address
+            })
+            .map(|(slot, _)| *slot)
+        else {
+            return false;
+        };
+        let key = flow_key(index, client);
+        if let Some(session) = self.program.session(&key) {
+            let _ = self.program.remove_session(&key, &session);
+        }
+        if let Err(e) = self.program.pin(&key, slot) {
+            tracing::warn!("cannot pin a peer's session in the XDP program: {e:#}");
+            return false;
+        }
+        let pin = Pin {
+            slot,
+            peer: peer.clone(),
+            seen_ns: coarse_now_ns().saturating_sub(idle_ms * 1_000_000),
+        };
+        self.listeners[index].pins.insert(client, pin);
+        true
+    }
+
+    /// Drops `peer`'s pin of `client`, if it is `peer`'s.
+    fn unpin(&mut self, index: usize, peer: &str, client: SocketAddr) {
+        let pins = &mut self.listeners[index].pins;
+        if pins.get(&client).is_some_and(|pin| &*pin.peer == peer) {
+            pins.remove(&client);
+            let _ = self.program.unpin(&flow_key(index, client));
+        }
     }
 
     async fn answer(
@@ -777,10 +962,25 @@ impl FastPath {
                 .await
                 .unwrap_or(0);
                 let mut per_gateway: HashMap<u32, u64> = HashMap::new();
-                for (_, key, session) in self.matching(index, &filter) {
+                for (client, key, session) in self.matching(index, &filter) {
                     if self.program.remove_session(&key, &session).is_ok() {
                         *per_gateway.entry(session.gateway).or_default() += 1;
+                        if session.announced != 0 {
+                            self.listeners[index].sync.evicted(client);
+                        }
                     }
+                }
+                let pinned: Vec<(SocketAddr, Arc<str>)> = self.listeners[index]
+                    .pins
+                    .iter()
+                    .filter(|(client, pin)| {
+                        let name = self.gateways.get(&pin.slot).map_or("", |s| s.name.as_str());
+                        filter.matches(client, name, true)
+                    })
+                    .map(|(client, pin)| (*client, pin.peer.clone()))
+                    .collect();
+                for (client, peer) in pinned {
+                    self.unpin(index, &peer, client);
                 }
                 let listener = &self.listeners[index];
                 let mut total = slow;
@@ -804,13 +1004,15 @@ impl FastPath {
                 let _ = reply.send(total);
             }
             SessionRequest::Sync { peer, step, reply } => {
-                let applied = ask(slow_path, |reply| SessionRequest::Sync {
+                // The userspace datapath keeps them too, for clients the program passes to it
+                // (one whose gateway's next hop is not resolved yet).
+                let applied = self.apply_sync(index, &peer, &step);
+                let _ = ask(slow_path, |reply| SessionRequest::Sync {
                     peer,
                     step,
                     reply,
                 })
-                .await
-                .unwrap_or_default();
+                .await;
                 let _ = reply.send(applied);
             }
         }
@@ -864,6 +1066,14 @@ fn listener_info(index: usize, listener: &Listener) -> ListenerInfo {
 }
 
 /// An endpoint of the program's maps as an address: IPv4-mapped IPv6 back to IPv4.
+/// Listener `index`'s session key of `client`.
+fn flow_key(index: usize, client: SocketAddr) -> FlowKey {
+    FlowKey {
+        listener: index as u32,
+        client: endpoint_of(client),
+    }
+}
+
 fn address_of(endpoint: Endpoint) -> SocketAddr {
     let ip = std::net::Ipv6Addr::from(endpoint.addr);
     let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);

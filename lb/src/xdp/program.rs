@@ -56,6 +56,7 @@ impl XdpProgram {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("SESSIONS", limits.sessions)
             .map_max_entries("NAT", limits.sessions)
+            .map_max_entries("PINS", limits.sessions)
             .map_max_entries("MAGLEV", limits.maglev_slots)
             .load(OBJECT)
             .context("loading the XDP object")?;
@@ -185,6 +186,13 @@ impl XdpProgram {
         Ok(sessions.iter().collect::<Result<_, _>>()?)
     }
 
+    /// The session of `key`, if the kernel holds one.
+    pub fn session(&self, key: &FlowKey) -> Option<Session> {
+        let map = self.ebpf.map("SESSIONS")?;
+        let sessions: BpfHashMap<&MapData, FlowKey, Session> = BpfHashMap::try_from(map).ok()?;
+        sessions.get(key, 0).ok()
+    }
+
     /// Forgets a session and its NAT port.
     pub fn remove_session(&mut self, key: &FlowKey, session: &Session) -> anyhow::Result<()> {
         let mut sessions: BpfHashMap<&mut MapData, FlowKey, Session> =
@@ -198,6 +206,36 @@ impl XdpProgram {
             nat_port: session.nat_port,
             pad: [0; 2],
         });
+        Ok(())
+    }
+
+    /// Marks a session as told to peer balancers. Only if it still exists: the program may have
+    /// replaced it since it was read (with a fresher activity time, kept as read here).
+    pub fn mark_announced(&mut self, key: &FlowKey, session: &Session) -> anyhow::Result<()> {
+        let mut sessions: BpfHashMap<&mut MapData, FlowKey, Session> =
+            BpfHashMap::try_from(self.map_mut("SESSIONS")?)?;
+        let announced = Session {
+            announced: 1,
+            ..*session
+        };
+        // BPF_EXIST: a session evicted meanwhile stays evicted.
+        let _ = sessions.insert(key, announced, 2);
+        Ok(())
+    }
+
+    /// Places `key`'s next new session on gateway `index` (a peer balancer's session).
+    pub fn pin(&mut self, key: &FlowKey, index: u32) -> anyhow::Result<()> {
+        let mut pins: BpfHashMap<&mut MapData, FlowKey, u32> =
+            BpfHashMap::try_from(self.map_mut("PINS")?)?;
+        pins.insert(key, index, 0)?;
+        Ok(())
+    }
+
+    pub fn unpin(&mut self, key: &FlowKey) -> anyhow::Result<()> {
+        let mut pins: BpfHashMap<&mut MapData, FlowKey, u32> =
+            BpfHashMap::try_from(self.map_mut("PINS")?)?;
+        // Used by the program already: nothing to do.
+        let _ = pins.remove(key);
         Ok(())
     }
 
