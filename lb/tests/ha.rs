@@ -7,6 +7,7 @@
 #[macro_use]
 mod support;
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -256,7 +257,131 @@ fn sessions_of_a_drained_gateway_survive_a_failover(datapath: Datapath) -> Resul
     failover(datapath, true)
 }
 
+/// Sends one WireGuard handshake initiation (shaped right; the gateways drop it) from each of
+/// `ports` in client 0's namespace to the floating address: a session per port on the balancer
+/// holding it.
+fn offer(rig: &Rig, ports: std::ops::Range<u16>) -> Result<()> {
+    let to = std::net::SocketAddr::new(wglb_lab::FLOATING_ADDR.into(), 51820);
+    rig.client_ns(0).run(move || -> Result<()> {
+        let mut initiation = [0u8; 148];
+        initiation[0] = 1;
+        for (n, port) in ports.enumerate() {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+            socket.send_to(&initiation, to)?;
+            if n % 128 == 127 {
+                // Paced, so no burst outruns a socket buffer.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    })?
+}
+
+/// The clients of a balancer's own sessions, and of those it holds for `peer`.
+fn clients(balancer: &Balancer, peer: &str) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let mut own = BTreeSet::new();
+    let mut held = BTreeSet::new();
+    for (client, _, from) in sessions(balancer)? {
+        match from.as_deref() {
+            None => own.insert(client),
+            Some(from) if from == peer => held.insert(client),
+            Some(_) => false,
+        };
+    }
+    Ok((own, held))
+}
+
+/// Waits until lb1 holds exactly lb0's sessions, and returns how many.
+fn converged(balancers: &[Balancer], what: &str) -> Result<usize> {
+    wait_for(
+        format!("lb1 to hold lb0's sessions {what}"),
+        Duration::from_secs(40),
+        || {
+            let (own, _) = clients(&balancers[0], "")?;
+            let (_, held) = clients(&balancers[1], "lb0")?;
+            Ok((own == held).then_some(own.len()))
+        },
+    )
+}
+
+fn route(rig: &Rig, b: usize, verb: &str) -> Result<()> {
+    let (_, _, peer_back) = rig.balancer_front(1 - b);
+    wglb_lab::run(rig.balancer_ns_at(b).command("ip").args([
+        "route",
+        verb,
+        "blackhole",
+        &format!("{peer_back}/32"),
+    ]))?;
+    Ok(())
+}
+
+/// Thousands of sessions created and evicted on one balancer appear on and vanish from the
+/// other; changes made while the two cannot reach each other (and more than the sync queue
+/// holds) converge once they can again.
+fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Result<()> {
+    require_root()?;
+    let listener = config_text(Family::V4, &["active", "active", "active"]);
+    let rig = Rig::new(RigSpec {
+        balancers: 2,
+        family: Family::V4,
+        gateways: 3,
+        client_ports: vec![41_000],
+        keepalive: None,
+    })?;
+    let mut balancers = Vec::new();
+    for b in 0..2 {
+        let config = ha_config(&rig, b, &listener)?.replace("[sync]\n", "[sync]\nqueue = 512\n");
+        balancers.push(Balancer::start_at(&rig, Some(b), &config, datapath)?);
+    }
+    let (_, interface, _) = rig.balancer_front(0);
+    let vip = format!("{}/16", wglb_lab::FLOATING_ADDR);
+    wglb_lab::run(
+        rig.balancer_ns_at(0)
+            .command("ip")
+            .args(["addr", "add", &vip, "dev", &interface]),
+    )?;
+
+    offer(&rig, 20_000..23_000)?;
+    let created = converged(&balancers, "after 3000 were created")?;
+    ensure!(created == 3000, "lb0 holds {created} sessions, not 3000");
+    balancers[0].cli(&["evict", "--gateway", "gw1"])?;
+    let left = converged(&balancers, "after gw1's were evicted")?;
+    ensure!(
+        left < created && left > 1000,
+        "{left} sessions left after evicting gw1's"
+    );
+
+    let dropped = r#"wglb_sync_changes_dropped_total{peer="lb1"}"#;
+    let resyncs = r#"wglb_sync_resyncs_total{peer="lb1"}"#;
+    let resyncs_before = balancers[0].metric(&rig, resyncs)?;
+    for b in 0..2 {
+        route(&rig, b, "add")?;
+    }
+    // More than the queue and the batches in flight hold.
+    offer(&rig, 30_000..40_000)?;
+    balancers[0].cli(&["evict", "--gateway", "gw0"])?;
+    balancers[0].wait_metric(&rig, dropped, Duration::from_secs(20), |v| v > 0.0)?;
+    // Long enough for the stream to be found dead (HTTP/2 pings): the heal then goes through a
+    // new connection and its resync.
+    let connected = r#"wglb_sync_peer_connected{peer="lb1"}"#;
+    balancers[0].wait_metric(&rig, connected, Duration::from_secs(30), |v| v == 0.0)?;
+    for b in 0..2 {
+        route(&rig, b, "del")?;
+    }
+    let healed = converged(&balancers, "once the partition healed")?;
+    ensure!(
+        healed > left,
+        "{healed} sessions after the partition, {left} before"
+    );
+    ensure!(
+        balancers[0].metric(&rig, resyncs)? > resyncs_before,
+        "lb0 converged lb1 without a resync"
+    );
+    Ok(())
+}
+
 on_every_datapath!(
     the_standby_takes_over_every_session_when_the_master_dies,
     sessions_of_a_drained_gateway_survive_a_failover,
+    sync_follows_churn_and_converges_after_a_partition,
 );

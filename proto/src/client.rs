@@ -19,6 +19,9 @@ use crate::v1::session_sync_client::SessionSyncClient;
 
 /// A balancer that has not accepted a connection by then is not going to.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// HTTP/2 pings on long-lived streams (events, health reports, session sync): a peer gone
+/// silent (a partition, a dead host) is noticed in seconds rather than at TCP's timeout.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where and how to reach a balancer.
 #[derive(Clone, Debug, Default)]
@@ -76,7 +79,10 @@ impl Target {
         {
             let mut endpoint = Endpoint::from_shared(self.address.clone())
                 .map_err(|e| unreachable(format!("not a URL: {e}")))?
-                .connect_timeout(CONNECT_TIMEOUT);
+                .connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEPALIVE)
+                .keep_alive_timeout(KEEPALIVE)
+                .keep_alive_while_idle(true);
             if self.address.starts_with("https://") {
                 let mut tls = ClientTlsConfig::new();
                 if let Some(ca) = &self.ca {

@@ -138,7 +138,11 @@ impl ApiServer {
             let Some((listener, tls, token)) = tcp else {
                 return std::future::pending().await;
             };
-            let mut builder = Server::builder();
+            // Pings find a peer gone silent (a partition) on a long-lived stream in seconds.
+            let keepalive = Some(std::time::Duration::from_secs(5));
+            let mut builder = Server::builder()
+                .http2_keepalive_interval(keepalive)
+                .http2_keepalive_timeout(keepalive);
             if let Some(tls) = tls {
                 builder = builder.tls_config(tls).context("TLS configuration")?;
             }
