@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The Debian package builds, installs with dpkg, its units pass `systemd-analyze verify` with the
-# binaries in place, and it removes cleanly. Run as root by scripts/test.sh.
+# The Debian package builds, installs with dpkg, its units pass `systemd-analyze verify` and its
+# keepalived example `keepalived --config-test` with the binaries in place, and it removes
+# cleanly. Run as root by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/package.sh
@@ -11,6 +12,9 @@ trap 'dpkg -r wglb >/dev/null 2>&1 || true' EXIT
 test -x /usr/bin/wglb && test -x /usr/bin/wglb-healthcheck
 getent group wglb >/dev/null
 /usr/bin/wglb check-config /usr/share/doc/wglb/examples/wglb.example.toml >/dev/null
+test -x /usr/lib/wglb/keepalived-notify
+# The shipped keepalived configuration, with the installed wglb and notify hook in place.
+keepalived --config-test -f /usr/share/doc/wglb/examples/keepalived.conf
 systemd-analyze verify /lib/systemd/system/wglb.service /lib/systemd/system/wglb-healthcheck.service
 dpkg -r wglb
 trap - EXIT

@@ -1267,6 +1267,9 @@ address = "[fd00::2]:51820"
         let config = Config::parse(text, "wglb.example.toml").unwrap();
         assert_eq!(config.listeners.len(), 2);
         assert_eq!(config.listeners[0].gateways[1].state, AdminState::Draining);
+        let text = include_str!("../../deploy/keepalived/wglb-ha.example.toml");
+        let config = Config::parse(text, "wglb-ha.example.toml").unwrap();
+        assert_eq!(config.sync.peers[0].name, "lb-b");
     }
 
     #[test]

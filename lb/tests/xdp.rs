@@ -17,7 +17,7 @@ use wglb::control::initial_placement;
 use wglb::pool::Placement;
 use wglb::xdp::{Limits, XdpProgram, XDP_DROP, XDP_PASS, XDP_TX};
 use wglb_common::wireguard::classify;
-use wglb_common::xdp::{Gateway, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY};
+use wglb_common::xdp::{FlowKey, Gateway, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY};
 use wglb_lab::require_root;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -418,6 +418,46 @@ fn a_down_gateway_loses_its_sessions_and_a_draining_one_keeps_them() -> Result<(
         XDP_DROP,
         XdpCounter::NoGateway,
     )?;
+    Ok(())
+}
+
+#[test]
+fn a_peer_balancers_session_pins_its_client_until_the_session_exists() -> Result<()> {
+    let mut lab = Lab::new()?;
+    // gw1 drains: Maglev places nobody there, but a session a peer forwarded to it stays there.
+    lab.set_v4_states(["active", "draining", "active"])?;
+    let client = client_v4(45_000);
+    let key = FlowKey {
+        listener: 0,
+        client: wglb::xdp::endpoint_of(client),
+    };
+    lab.program.pin(&key, 1)?;
+    let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(4, 48))?;
+    ensure!(j == 1, "the pinned client went to gw{j}");
+    let session = lab.program.session(&key).context("a session")?;
+    ensure!(session.announced == 0, "a new session is not announced yet");
+    lab.program.mark_announced(&key, &session)?;
+    let session = lab.program.session(&key).context("a session")?;
+    ensure!(session.announced == 1 && session.nat_port == nat.to_be_bytes());
+    ensure!(to_gateway(&lab, client, listener_v4(), &message(4, 48))? == (1, nat));
+    // The pin went with its first use: once the session is gone, Maglev places the client.
+    lab.program.remove_session(&key, &session)?;
+    let (j, _) = to_gateway(&lab, client, listener_v4(), &message(4, 48))?;
+    ensure!(j != 1, "the pin outlived its use");
+
+    // A pin to a gateway that keeps no sessions is ignored.
+    let other = client_v4(45_001);
+    let other_key = FlowKey {
+        listener: 0,
+        client: wglb::xdp::endpoint_of(other),
+    };
+    lab.program.pin(&other_key, 1)?;
+    lab.set_v4_states(["active", "down", "active"])?;
+    let (j, _) = to_gateway(&lab, other, listener_v4(), &message(1, 148))?;
+    ensure!(
+        gateway_addr(j) == lab.v4.place(other).unwrap().address,
+        "a pin to a down gateway was followed to gw{j}"
+    );
     Ok(())
 }
 
