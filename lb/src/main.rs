@@ -425,8 +425,12 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     ready.store(false, std::sync::atomic::Ordering::Relaxed);
     notify_systemd(&[NotifyState::Stopping]);
-    // The API first (its socket file goes with it), then listeners, so none mistakes the control
-    // plane's end for a failure.
+    // The fast path first: it announces the sessions its last sweep has not, and its end detaches
+    // the program (its links go with it); the userspace datapath takes what still comes.
+    let _ = stop_fast_path.send(());
+    if let Some(thread) = fast_path {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     // Peers get this balancer's last changes while its datapaths still answer; its sessions stay
     // on them as standby entries (a stop is not an eviction).
     let _ = stop_sync.send(true);
@@ -437,15 +441,12 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     {
         tracing::warn!("session sync: a peer did not take the last changes in time");
     }
+    // The API (its socket file goes with it), then listeners, so none mistakes the control plane's
+    // end for a failure.
     api_task.abort();
     let _ = api_task.await;
     tasks.shutdown().await;
     control.abort();
-    // Detaches the program: its links go with the fast path.
-    let _ = stop_fast_path.send(());
-    if let Some(thread) = fast_path {
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    }
     Ok(())
 }
 

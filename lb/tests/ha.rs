@@ -377,6 +377,25 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
         balancers[0].metric(&rig, resyncs)? > resyncs_before,
         "lb0 converged lb1 without a resync"
     );
+
+    // A clean stop hands the last sessions over before the process ends.
+    let created = "wglb_sessions_created_total";
+    let before = balancers[0].metric(&rig, created)?;
+    offer(&rig, 40_000..40_500)?;
+    balancers[0].wait_metric(&rig, created, Duration::from_secs(10), |v| {
+        v >= before + 500.0
+    })?;
+    balancers[0].stop()?;
+    // No waiting: the flush was acknowledged, so applied, before lb0 exited.
+    let (_, held) = clients(&balancers[1], "lb0")?;
+    let ip = rig.client_addr(0).ip();
+    let missing = (40_000..40_500)
+        .filter(|port| !held.contains(&format!("{ip}:{port}")))
+        .count();
+    ensure!(
+        missing == 0,
+        "{missing} of the last 500 sessions did not reach lb1"
+    );
     Ok(())
 }
 

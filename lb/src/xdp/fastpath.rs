@@ -295,7 +295,14 @@ impl FastPath {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = &mut shutdown => break,
+                    _ = &mut shutdown => {
+                        // Sessions created since the last sweep reach the peers before the
+                        // balancer's sync flushes.
+                        if self.listeners.iter().any(|l| l.sync.enabled()) {
+                            self.sweep();
+                        }
+                        break;
+                    }
                     Some((index, plan)) = changed.recv() => {
                         if let Err(e) = self.apply(index, plan) {
                             self.unserve(index, &format!("{e:#}"));
