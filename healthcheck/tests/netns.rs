@@ -250,6 +250,39 @@ fn a_dead_data_plane_is_ejected_though_its_health_endpoint_says_200() -> Result<
 }
 
 #[test]
+fn a_dead_sidecar_leaves_every_session_untouched() -> Result<()> {
+    let mut setup = Setup::start("")?;
+    let (pinger, j) = setup.connect()?;
+    let handshake = setup.rig.client_latest_handshake(0)?;
+    let from_seq = pinger.last_seq();
+    setup.sidecar.kill()?;
+    // Its reports expire (3 x (interval + timeout)) and every gateway keeps its last health.
+    setup.wait_metric("wglb_health_fail_static{", EJECTION, |v| {
+        v == GATEWAYS as f64
+    })?;
+    for g in 0..GATEWAYS {
+        ensure!(
+            setup.metric(&setup.health(g, "up"))? == 1.0,
+            "gw{g} is not up"
+        );
+    }
+    // Long enough for a session that moved to have shown it (WireGuard's 5 s retry).
+    std::thread::sleep(Duration::from_secs(6));
+    let lost = pinger.lost_between(from_seq, pinger.last_seq().saturating_sub(6));
+    ensure!(lost.is_empty(), "pings {lost:?} went unanswered");
+    ensure!(setup.rig.gateway_serving(0)? == Some(j), "the client moved");
+    ensure!(
+        setup.rig.client_latest_handshake(0)? == handshake,
+        "the client handshook again"
+    );
+    ensure!(
+        setup.metric("wglb_session_evictions_total{")? == 0.0,
+        "sessions were evicted"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_gateway_that_does_not_know_the_probe_peer_fails_the_handshake_probe() -> Result<()> {
     let setup = Setup::start("")?;
     setup.rig.remove_gateway_peer(1, &setup.probe.public)?;

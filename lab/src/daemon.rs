@@ -37,6 +37,13 @@ impl Daemon {
         })
     }
 
+    /// SIGKILL: the program dies without cleaning up, as in a crash.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().context("killing")?;
+        self.child.wait().context("reaping")?;
+        Ok(())
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
