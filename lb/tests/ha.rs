@@ -15,7 +15,10 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use support::{config_text, first_reply, ports_for, settled_handshakes, Balancer, Datapath};
+use support::{
+    client_ip, config_text, first_reply, ports_for, predicted_gateway, settled_handshakes,
+    Balancer, Datapath,
+};
 use wglb_lab::{require_root, wait_for, Daemon, Family, Rig, RigSpec};
 
 const HANDSHAKE: Duration = Duration::from_secs(20);
@@ -137,20 +140,60 @@ fn sessions(balancer: &Balancer) -> Result<Vec<(String, String, Option<String>)>
         .collect())
 }
 
+/// What changes in the gateway set between placement and failover.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Between {
+    Nothing,
+    /// gw1 is drained on both balancers: the standby's own placement would send its clients
+    /// elsewhere.
+    Drain,
+    /// gw2 joins both pools: the standby's own placement would send some clients of gw0 and gw1
+    /// to it.
+    Join,
+}
+
+/// Client ports for the `Join` scenario: client i on gateway i % 2 under `before`, and the odd
+/// clients on gw2 under `after`, which only sync can then keep where they are.
+fn ports_moving_to_gw2(before: &str, after: &str, clients: usize) -> Vec<u16> {
+    (0..clients)
+        .map(|i| {
+            let first = 41_000 + 100 * i as u16;
+            (first..first + 100)
+                .find(|&port| {
+                    let client = std::net::SocketAddr::new(client_ip(Family::V4, i), port);
+                    let later = if i % 2 == 1 { 2 } else { i % 2 };
+                    predicted_gateway(before, client) == i % 2
+                        && predicted_gateway(after, client) == later
+                })
+                .expect("a port within 100 tries")
+        })
+        .collect()
+}
+
 /// Kills the master balancer mid-session: keepalived moves the floating address to the other,
-/// and every tunnel goes on through the same gateway with no new handshake. With `drain`, a
-/// gateway is drained on both balancers first, so the standby's own placement would send that
-/// gateway's clients elsewhere: only the synced sessions keep them where their WireGuard state
-/// is.
-fn failover(datapath: Datapath, drain: bool) -> Result<()> {
+/// and every tunnel goes on through the same gateway with no new handshake, whatever changed in
+/// the gateway set `between` placement and failover: only the synced sessions keep clients
+/// where their WireGuard state is when the standby's own placement says otherwise.
+fn failover(datapath: Datapath, between: Between) -> Result<()> {
     require_root()?;
-    let listener = config_text(Family::V4, &["active", "active", "active"]);
-    let wanted = [0, 1, 2, 0, 1, 2];
+    let all = config_text(Family::V4, &["active", "active", "active"]);
+    let (listener, wanted, ports) = match between {
+        Between::Join => {
+            let two = config_text(Family::V4, &["active", "active"]);
+            let ports = ports_moving_to_gw2(&two, &all, 6);
+            (two, vec![0, 1, 0, 1, 0, 1], ports)
+        }
+        _ => {
+            let wanted = vec![0, 1, 2, 0, 1, 2];
+            let ports = ports_for(Family::V4, &all, &wanted);
+            (all, wanted, ports)
+        }
+    };
     let mut rig = Rig::new(RigSpec {
         balancers: 2,
         family: Family::V4,
         gateways: 3,
-        client_ports: ports_for(Family::V4, &listener, &wanted),
+        client_ports: ports,
         keepalive: None,
     })?;
     let mut balancers = Vec::new();
@@ -192,9 +235,29 @@ fn failover(datapath: Datapath, drain: bool) -> Result<()> {
             Ok((synced == wanted.len()).then_some(held))
         },
     )?;
-    if drain {
-        for balancer in &balancers {
-            balancer.cli(&["drain", "gw1"])?;
+    match between {
+        Between::Nothing => {}
+        Between::Drain => {
+            for balancer in &balancers {
+                balancer.cli(&["drain", "gw1"])?;
+            }
+        }
+        Between::Join => {
+            let address = rig.gateway_addr(2).to_string();
+            let port = rig.gateway_health_port().to_string();
+            for balancer in &balancers {
+                balancer.cli(&[
+                    "gateway",
+                    "add",
+                    "--listener",
+                    "test",
+                    "gw2",
+                    &address,
+                    "--health-port",
+                    &port,
+                ])?;
+                balancer.wait_health(&rig, 2, "up")?;
+            }
         }
     }
     let clients: Vec<usize> = (0..wanted.len()).collect();
@@ -250,11 +313,15 @@ fn failover(datapath: Datapath, drain: bool) -> Result<()> {
 }
 
 fn the_standby_takes_over_every_session_when_the_master_dies(datapath: Datapath) -> Result<()> {
-    failover(datapath, false)
+    failover(datapath, Between::Nothing)
 }
 
 fn sessions_of_a_drained_gateway_survive_a_failover(datapath: Datapath) -> Result<()> {
-    failover(datapath, true)
+    failover(datapath, Between::Drain)
+}
+
+fn sessions_placed_before_a_gateway_joined_survive_a_failover(datapath: Datapath) -> Result<()> {
+    failover(datapath, Between::Join)
 }
 
 /// Sends one WireGuard handshake initiation (shaped right; the gateways drop it) from each of
@@ -402,5 +469,6 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
 on_every_datapath!(
     the_standby_takes_over_every_session_when_the_master_dies,
     sessions_of_a_drained_gateway_survive_a_failover,
+    sessions_placed_before_a_gateway_joined_survive_a_failover,
     sync_follows_churn_and_converges_after_a_partition,
 );
