@@ -9,7 +9,6 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -285,8 +284,7 @@ fn failover(datapath: Datapath, between: Between) -> Result<()> {
             Duration::from_secs(5),
             || {
                 let endpoint = rig.gateway_endpoint_of(j, i)?;
-                Ok(endpoint
-                    .filter(|e| e.ip() == Ipv4Addr::from(lb1_back) && datapath.relayed_from(*e)))
+                Ok(endpoint.filter(|e| e.ip() == lb1_back && datapath.relayed_from(*e)))
             },
         )?;
     }
