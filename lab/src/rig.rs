@@ -602,6 +602,27 @@ impl Rig {
         Pinger::spawn(&client.ns, GATEWAY_TUNNEL_ADDR, &stderr)
     }
 
+    /// Pings the gateways' tunnel address through client i's tunnel with `size` bytes of ICMP
+    /// payload and the don't-fragment bit, until one reply (three tries): 1392 fills the default
+    /// tunnel MTU of 1420, the largest WireGuard transport messages a gateway sees.
+    pub fn ping_with_size(&self, i: usize, size: usize) -> Result<()> {
+        cmd::run(self.clients[i].ns.command("ping").args([
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &size.to_string(),
+            &GATEWAY_TUNNEL_ADDR.to_string(),
+        ]))
+        .with_context(|| format!("no reply to {size}-byte pings through client {i}'s tunnel"))?;
+        Ok(())
+    }
+
     /// A directory for this rig's logs, keys and whatever a test wants to put there (a balancer
     /// config, its log); removed with the rig unless `WGLB_LAB_KEEP_TEMP` is set.
     pub fn temp_dir(&self) -> &Path {

@@ -548,8 +548,8 @@ fn unforwarded() -> Vec<(&'static str, Vec<u8>, u32, XdpCounter)> {
             JunkBadLength,
         ),
         (
-            "unaligned data",
-            to_listener(&message(4, 33)),
+            "short data",
+            to_listener(&message(4, 31)),
             XDP_DROP,
             JunkBadLength,
         ),
