@@ -11,6 +11,7 @@
 mod cmd;
 pub mod cpu;
 mod daemon;
+pub mod generator;
 mod health;
 pub mod metrics;
 mod netns;

@@ -1,0 +1,744 @@
+//! wglb against the balancers users would pick instead, in one run on one netns rig: packets/s
+//! and Gbit/s delivered to the gateways, loss, and the whole machine's busy CPU per million
+//! packets, for 64- and 1420-byte WireGuard transport messages from 1024 source tuples.
+//!
+//! Contenders: wglb userspace, wglb XDP native, wglb XDP generic, nginx stream (UDP, `hash
+//! $remote_addr$remote_port consistent`, a worker per core, reuseport, 4 MB socket buffers like
+//! wglb's, no `proxy_responses` limit), nftables DNAT spreading by jhash of the source tuple with
+//! conntrack (and masquerade, so replies would come back), and plain kernel forwarding with no
+//! balancing: the rig's own ceiling. The lab's rig: a client namespace, the balancer namespace,
+//! two gateway namespaces whose WireGuard is replaced by UDP sinks that count.
+//!
+//! The generator (`wglb_lab::generator`: sendmmsg on a raw socket, batches of 64) runs pinned to
+//! CPU 0 and reports its own rate. Each contender is measured at a fixed offered rate every
+//! contender sustains (50k packets/s: CPU per packet is comparable there) and flat out. The
+//! machine has two cores shared by generator, contender and sinks, so flat-out figures measure
+//! the rig as much as the contender; the busy CPU of the whole machine is the figure that is fair
+//! to kernel-path and userspace contenders alike (veth runs the receiver's path in the sender's
+//! context, so per-process CPU cannot separate them). Rounds alternate the contenders; each
+//! figure is the median over rounds.
+//!
+//! Writes `benches/results/rig.{csv,md,svg}`. Run (as root): `sudo bash scripts/bench.sh`, or
+//! `cargo bench -p wglb --bench rig` with nginx, libnginx-mod-stream and nftables installed.
+//! `WGLB_BENCH_QUICK=1` runs one short round (to try the rig, not for figures).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use plotters::prelude::*;
+use wglb_lab::cpu::{machine_ticks, process_ticks, TICKS_PER_SECOND};
+use wglb_lab::generator::{self, Flows};
+use wglb_lab::{metrics, Family, Rig, RigSpec};
+
+const RATE: u64 = 50_000;
+const FLOWS: usize = 1024;
+const PAYLOADS: [usize; 2] = [64, 1420];
+const GENERATOR_CPU: usize = 0;
+const METRICS: &str = "127.0.0.1:9639";
+const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Userspace,
+    XdpNative,
+    XdpGeneric,
+    Nginx,
+    Nftables,
+    KernelForwarding,
+}
+
+impl Contender {
+    const ALL: [Contender; 6] = [
+        Contender::Userspace,
+        Contender::XdpNative,
+        Contender::XdpGeneric,
+        Contender::Nginx,
+        Contender::Nftables,
+        Contender::KernelForwarding,
+    ];
+    const WGLB: [Contender; 3] = [
+        Contender::Userspace,
+        Contender::XdpNative,
+        Contender::XdpGeneric,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Userspace => "wglb userspace",
+            Contender::XdpNative => "wglb XDP native",
+            Contender::XdpGeneric => "wglb XDP generic",
+            Contender::Nginx => "nginx stream",
+            Contender::Nftables => "nftables DNAT",
+            Contender::KernelForwarding => "kernel forwarding",
+        }
+    }
+
+    fn is_xdp(self) -> bool {
+        matches!(self, Contender::XdpNative | Contender::XdpGeneric)
+    }
+}
+
+/// One measurement.
+#[derive(Clone, Copy, Debug, Default)]
+struct Measured {
+    offered_pps: f64,
+    delivered_pps: f64,
+    gbps: f64,
+    loss: f64,
+    machine_per_million: f64,
+    process_per_million: f64,
+}
+
+/// UDP sinks on the gateways' WireGuard port, counting what arrives.
+struct Sinks {
+    packets: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Sinks {
+    fn start(rig: &Rig) -> Result<Sinks> {
+        let packets = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for j in 0..2 {
+            let address = rig.gateway_addr(j);
+            let socket = rig.gateway_ns(j).run(move || UdpSocket::bind(address))??;
+            // The sinks must not be where packets are lost.
+            let _ = nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(32 << 20),
+            );
+            socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let (packets, bytes, stop) = (packets.clone(), bytes.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buffer = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, _)) = socket.recv_from(&mut buffer) {
+                        packets.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        Ok(Sinks {
+            packets,
+            bytes,
+            stop,
+            threads,
+        })
+    }
+
+    fn reset(&self) {
+        self.packets.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Sinks {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A running contender; stopped (and the balancer namespace reset) on drop.
+struct Running<'a> {
+    rig: &'a Rig,
+    child: Option<Child>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: nginx's master takes its workers down with it only then.
+            let _ = wglb_lab::terminate(&mut child, Duration::from_secs(5));
+        }
+        let _ = self
+            .rig
+            .balancer_ns()
+            .command("nft")
+            .args(["delete", "table", "ip", "bench"])
+            .stderr(Stdio::null())
+            .status();
+        let _ = set_forwarding(self.rig, false);
+    }
+}
+
+fn set_forwarding(rig: &Rig, on: bool) -> Result<()> {
+    let value = format!("net.ipv4.ip_forward={}", on as u8);
+    wglb_lab::run(
+        rig.balancer_ns()
+            .command("sysctl")
+            .args(["-q", "-w", &value]),
+    )?;
+    Ok(())
+}
+
+fn listen_addr(rig: &Rig) -> SocketAddrV4 {
+    match rig.listen_addr(0) {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => unreachable!("an IPv4 rig"),
+    }
+}
+
+fn gateway_v4(rig: &Rig, j: usize) -> SocketAddrV4 {
+    match rig.gateway_addr(j) {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => unreachable!("an IPv4 rig"),
+    }
+}
+
+fn start<'a>(rig: &'a Rig, contender: Contender, dir: &Path) -> Result<Running<'a>> {
+    let mut running = Running { rig, child: None };
+    let spawn = |program: &str, args: &[&str], log: &str| -> Result<Child> {
+        let log = std::fs::File::create(dir.join(log))?;
+        rig.balancer_ns()
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {program}"))
+    };
+    match contender {
+        Contender::Userspace | Contender::XdpNative | Contender::XdpGeneric => {
+            let datapath: &[&str] = match contender {
+                Contender::Userspace => &["--datapath", "userspace"],
+                Contender::XdpNative => &["--datapath", "xdp", "--xdp-mode", "native"],
+                _ => &["--datapath", "xdp", "--xdp-mode", "generic"],
+            };
+            let config = dir.join("wglb.toml").display().to_string();
+            let mut args = vec!["--log", "warn", "run", "--config", &config];
+            args.extend(datapath);
+            running.child = Some(spawn(env!("CARGO_BIN_EXE_wglb"), &args, "wglb.log")?);
+            let address: SocketAddr = METRICS.parse()?;
+            wglb_lab::wait_for("wglb to serve metrics", Duration::from_secs(15), || {
+                Ok(rig
+                    .balancer_ns()
+                    .run(move || metrics::scrape(address))?
+                    .ok())
+            })?;
+        }
+        Contender::Nginx => {
+            ensure!(
+                Path::new(NGINX_MODULE).exists(),
+                "nginx stream is not installed (apt-get install nginx libnginx-mod-stream)"
+            );
+            let config = dir.join("nginx.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "load_module {NGINX_MODULE};\nworker_processes 2;\nworker_rlimit_nofile 65536;\n\
+                     pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
+                     events {{ worker_connections 16384; }}\n\
+                     stream {{\n  upstream gateways {{\n    hash $remote_addr$remote_port consistent;\n\
+                     server {g0};\n    server {g1};\n  }}\n  server {{\n\
+                     listen {listen} udp reuseport rcvbuf=4m sndbuf=4m;\n\
+                     proxy_pass gateways;\n    proxy_timeout 180s;\n  }}\n}}\n",
+                    dir = dir.display(),
+                    g0 = rig.gateway_addr(0),
+                    g1 = rig.gateway_addr(1),
+                    listen = rig.listen_addr(0),
+                ),
+            )?;
+            let config = config.display().to_string();
+            running.child = Some(spawn(
+                "nginx",
+                &["-c", &config, "-g", "daemon off;"],
+                "nginx.log",
+            )?);
+            wglb_lab::wait_for("nginx to listen", Duration::from_secs(10), || {
+                let bound = wglb_lab::run(
+                    rig.balancer_ns()
+                        .command("ss")
+                        .args(["-Hlun", "sport", "=", ":51820"]),
+                )?;
+                Ok((!bound.trim().is_empty()).then_some(()))
+            })?;
+        }
+        Contender::Nftables => {
+            set_forwarding(rig, true)?;
+            let rules = dir.join("bench.nft");
+            std::fs::write(
+                &rules,
+                format!(
+                    "table ip bench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n\
+                     ip daddr {listen} udp dport {port} dnat to jhash ip saddr . udp sport mod 2 map {{ 0 : {g0}, 1 : {g1} }}\n  }}\n\
+                     chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
+                     ip daddr {{ {g0}, {g1} }} udp dport {port} masquerade\n  }}\n}}\n",
+                    listen = listen_addr(rig).ip(),
+                    port = listen_addr(rig).port(),
+                    g0 = gateway_v4(rig, 0).ip(),
+                    g1 = gateway_v4(rig, 1).ip(),
+                ),
+            )?;
+            wglb_lab::run(rig.balancer_ns().command("nft").arg("-f").arg(&rules))?;
+        }
+        Contender::KernelForwarding => set_forwarding(rig, true)?,
+    }
+    Ok(running)
+}
+
+fn measure(
+    rig: &Rig,
+    running: &Running,
+    flows: &Arc<Flows>,
+    sinks: &Sinks,
+    rate: u64,
+    seconds: u64,
+) -> Result<Measured> {
+    sinks.reset();
+    let pid = running.child.as_ref().map(|c| c.id());
+    let before = machine_ticks();
+    let own0 = pid.map_or(0, process_ticks);
+    let sent = generator::send(
+        rig.client_ns(0),
+        flows,
+        rate,
+        Duration::from_secs(seconds),
+        GENERATOR_CPU,
+    )?;
+    // What is in flight arrives.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = machine_ticks();
+    let own1 = pid.map_or(0, process_ticks);
+    let got = sinks.packets.load(Ordering::Relaxed);
+    let bytes = sinks.bytes.load(Ordering::Relaxed);
+    let millions = (got as f64 / 1e6).max(1e-9);
+    Ok(Measured {
+        offered_pps: sent.packets as f64 / sent.seconds,
+        delivered_pps: got as f64 / sent.seconds,
+        gbps: bytes as f64 * 8.0 / sent.seconds / 1e9,
+        loss: 1.0 - got as f64 / sent.packets.max(1) as f64,
+        machine_per_million: (after.busy - before.busy) as f64 / TICKS_PER_SECOND / millions,
+        process_per_million: (own1 - own0) as f64 / TICKS_PER_SECOND / millions,
+    })
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The median of every figure over rounds.
+fn medians(runs: &[Measured]) -> Measured {
+    Measured {
+        offered_pps: median(runs.iter().map(|m| m.offered_pps)),
+        delivered_pps: median(runs.iter().map(|m| m.delivered_pps)),
+        gbps: median(runs.iter().map(|m| m.gbps)),
+        loss: median(runs.iter().map(|m| m.loss)),
+        machine_per_million: median(runs.iter().map(|m| m.machine_per_million)),
+        process_per_million: median(runs.iter().map(|m| m.process_per_million)),
+    }
+}
+
+/// Routes across the balancer namespace, for the contenders that forward in the kernel.
+fn add_routes(rig: &Rig) -> Result<()> {
+    let listen = listen_addr(rig).ip().to_string();
+    wglb_lab::run(rig.client_ns(0).command("ip").args([
+        "route",
+        "add",
+        "10.202.0.0/16",
+        "via",
+        &listen,
+    ]))?;
+    for j in 0..2 {
+        let [a, b, c, _] = gateway_v4(rig, j).ip().octets();
+        let via = Ipv4Addr::new(a, b, c, 1).to_string();
+        wglb_lab::run(rig.gateway_ns(j).command("ip").args([
+            "route",
+            "add",
+            "10.201.0.0/16",
+            "via",
+            &via,
+        ]))?;
+    }
+    Ok(())
+}
+
+struct Results {
+    /// (contender, payload, at the fixed rate, flat out)
+    rows: Vec<(Contender, usize, Measured, Measured)>,
+    rounds: usize,
+    seconds: u64,
+}
+
+impl Results {
+    fn get(&self, contender: Contender, payload: usize) -> (Measured, Measured) {
+        self.rows
+            .iter()
+            .find(|r| r.0 == contender && r.1 == payload)
+            .map(|r| (r.2, r.3))
+            .expect("every contender measured")
+    }
+
+    fn csv(&self) -> String {
+        let mut out = String::from(
+            "contender,payload_bytes,mode,offered_pps,delivered_pps,delivered_gbps,loss,machine_cpu_s_per_million,balancer_process_cpu_s_per_million\n",
+        );
+        for (contender, payload, paced, flat) in &self.rows {
+            for (mode, m) in [(format!("{RATE}pps"), paced), ("max".to_string(), flat)] {
+                let _ = writeln!(
+                    out,
+                    "{},{payload},{mode},{:.0},{:.0},{:.4},{:.4},{:.3},{:.3}",
+                    contender.name(),
+                    m.offered_pps,
+                    m.delivered_pps,
+                    m.gbps,
+                    m.loss,
+                    m.machine_per_million,
+                    m.process_per_million
+                );
+            }
+        }
+        out
+    }
+
+    fn markdown(&self, machine: &str) -> String {
+        let mut out = format!(
+            "# The rig: wglb against nginx stream, nftables DNAT and kernel forwarding\n\n\
+             Command: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb --bench rig`).\n\n\
+             Machine: {machine}\n\n\
+             {FLOWS} source tuples, WireGuard transport messages, 2 gateways (UDP sinks); generator \
+             pinned to CPU {GENERATOR_CPU}; medians of {} alternating rounds of {} s. CPU: the whole \
+             machine's busy time per million packets delivered (generator and sinks included, the \
+             same for every contender at a fixed rate).\n",
+            self.rounds, self.seconds
+        );
+        for payload in PAYLOADS {
+            let _ = write!(
+                out,
+                "\n## {payload}-byte messages\n\n\
+                 | contender | at {RATE} packets/s: delivered | loss | machine CPU s per 1M | balancer process CPU s per 1M | flat out: offered (generator) | delivered packets/s | Gbit/s | loss |\n\
+                 |---|---|---|---|---|---|---|---|---|\n"
+            );
+            for contender in Contender::ALL {
+                let (p, f) = self.get(contender, payload);
+                let process = match contender {
+                    Contender::Nftables | Contender::KernelForwarding => "kernel".to_string(),
+                    _ => format!("{:.2}", p.process_per_million),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {:.2} % | {:.2} | {process} | {:.0} | {:.0} | {:.2} | {:.1} % |",
+                    contender.name(),
+                    p.delivered_pps,
+                    100.0 * p.loss,
+                    p.machine_per_million,
+                    f.offered_pps,
+                    f.delivered_pps,
+                    f.gbps,
+                    100.0 * f.loss
+                );
+            }
+            let _ = write!(
+                out,
+                "\nRatios, wglb to each contender ({payload} bytes): machine CPU per packet at {RATE} packets/s / packets per second delivered flat out\n\n| | {} |\n|---|{}\n",
+                Contender::ALL.map(Contender::name).join(" | "),
+                "---|".repeat(Contender::ALL.len())
+            );
+            for row in Contender::WGLB {
+                let (rp, rf) = self.get(row, payload);
+                let cells: Vec<String> = Contender::ALL
+                    .iter()
+                    .map(|&column| {
+                        let (cp, cf) = self.get(column, payload);
+                        format!(
+                            "{:.2}x / {:.2}x",
+                            rp.machine_per_million / cp.machine_per_million,
+                            rf.delivered_pps / cf.delivered_pps
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(out, "| {} | {} |", row.name(), cells.join(" | "));
+            }
+        }
+        out += "\n## Against the targets (64-byte messages)\n\n";
+        let (up, uf) = self.get(Contender::Userspace, 64);
+        let (np, nf) = self.get(Contender::Nginx, 64);
+        let (kp, _) = self.get(Contender::KernelForwarding, 64);
+        let (_, tf) = self.get(Contender::Nftables, 64);
+        let mut target = |what: String, ratio: f64, bound: f64, at_most: bool| {
+            let met = if at_most {
+                ratio <= bound
+            } else {
+                ratio >= bound
+            };
+            let _ = writeln!(
+                out,
+                "- {what}: {ratio:.2}x (target {} {bound}x): {}",
+                if at_most { "at most" } else { "at least" },
+                if met { "met" } else { "missed" }
+            );
+        };
+        target(
+            "userspace CPU per packet / nginx's".into(),
+            up.machine_per_million / np.machine_per_million,
+            0.75,
+            true,
+        );
+        target(
+            "userspace packets/s flat out / nginx's".into(),
+            uf.delivered_pps / nf.delivered_pps,
+            1.0,
+            false,
+        );
+        for xdp in [Contender::XdpNative, Contender::XdpGeneric] {
+            let (xp, xf) = self.get(xdp, 64);
+            target(
+                format!("{} CPU per packet / kernel forwarding's", xdp.name()),
+                xp.machine_per_million / kp.machine_per_million,
+                1.0,
+                true,
+            );
+            target(
+                format!("{} packets/s flat out / nftables'", xdp.name()),
+                xf.delivered_pps / tf.delivered_pps,
+                1.0,
+                false,
+            );
+        }
+        out += "\n![the rig's figures](rig.svg)\n";
+        out
+    }
+
+    /// Two panels: packets/s delivered flat out, and machine CPU per million packets at the
+    /// fixed rate, one bar per contender and payload.
+    fn plot(&self, path: &Path) -> Result<()> {
+        let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(600);
+        let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14)];
+        let names = Contender::ALL.map(|c| c.name().trim_start_matches("wglb "));
+        let panels: [(
+            &DrawingArea<_, _>,
+            &str,
+            Box<dyn Fn(&Measured, &Measured) -> f64>,
+        ); 2] = [
+            (
+                &left,
+                "packets/s delivered flat out (thousands)",
+                Box::new(|_, f: &Measured| f.delivered_pps / 1e3),
+            ),
+            (
+                &right,
+                "machine CPU s per 1M packets at 50k packets/s",
+                Box::new(|p: &Measured, _| p.machine_per_million),
+            ),
+        ];
+        for (area, title, value) in panels {
+            let top = self
+                .rows
+                .iter()
+                .map(|r| value(&r.2, &r.3))
+                .fold(0.0, f64::max)
+                * 1.15;
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(60)
+                .y_label_area_size(55)
+                .build_cartesian_2d(0f64..Contender::ALL.len() as f64, 0f64..top.max(1.0))?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(Contender::ALL.len() * 2 + 1)
+                .x_label_formatter(&|x| {
+                    let slot = x.floor() as usize;
+                    if (x - slot as f64 - 0.5).abs() < 0.01 {
+                        names.get(slot).copied().unwrap_or("").to_string()
+                    } else {
+                        String::new()
+                    }
+                })
+                .draw()?;
+            for (p, payload) in PAYLOADS.iter().enumerate() {
+                let color = colors[p];
+                chart
+                    .draw_series(Contender::ALL.iter().enumerate().map(|(i, &c)| {
+                        let (paced, flat) = self.get(c, *payload);
+                        let x = i as f64 + 0.1 + 0.4 * p as f64;
+                        Rectangle::new([(x, 0.0), (x + 0.4, value(&paced, &flat))], color.filled())
+                    }))?
+                    .label(format!("{payload}-byte messages"))
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .border_style(BLACK)
+                .background_style(WHITE.mix(0.8))
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    }
+}
+
+/// The machine, as the results describe it.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} x {model}, {memory} GiB, Linux {}", kernel.trim())
+}
+
+fn results_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/results")
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(()); // `cargo test --benches` probes benchmarks this way: nothing to list.
+    }
+    wglb_lab::require_root()?;
+    let quick = std::env::var_os("WGLB_BENCH_QUICK").is_some();
+    let (rounds, seconds) = if quick { (1, 2) } else { (3, 5) };
+    let mut rig = Rig::new(RigSpec {
+        balancers: 1,
+        family: Family::V4,
+        gateways: 2,
+        client_ports: vec![41_000],
+        keepalive: None,
+    })?;
+    for j in 0..2 {
+        rig.stop_gateway(j)?;
+    }
+    let sinks = Sinks::start(&rig)?;
+    add_routes(&rig)?;
+    let dir = rig.temp_dir().to_path_buf();
+    std::fs::write(
+        dir.join("wglb.toml"),
+        format!(
+            "[api]\nsocket = \"{}\"\n[metrics]\nlisten = \"{METRICS}\"\n\
+             [[listener]]\nname = \"bench\"\nlisten = \"0.0.0.0:51820\"\nhash_key = \"source-ip-port\"\n\
+             [[listener.gateway]]\nname = \"sink0\"\naddress = \"{}\"\n\
+             [[listener.gateway]]\nname = \"sink1\"\naddress = \"{}\"\n",
+            dir.join("api.sock").display(),
+            rig.gateway_addr(0),
+            rig.gateway_addr(1)
+        ),
+    )?;
+    let client = match rig.client_addr(0).ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(_) => unreachable!("an IPv4 rig"),
+    };
+    let sources = generator::sources(&[client], 20_000, FLOWS);
+    let listen = listen_addr(&rig);
+    let gateways = [gateway_v4(&rig, 0), gateway_v4(&rig, 1)];
+    let mut runs: Vec<(Contender, usize, Vec<Measured>, Vec<Measured>)> = Vec::new();
+    for round in 0..rounds {
+        for &payload in &PAYLOADS {
+            for contender in Contender::ALL {
+                let flows = Arc::new(Flows::new(
+                    &sources,
+                    |k| match contender {
+                        Contender::KernelForwarding => gateways[k % 2],
+                        _ => listen,
+                    },
+                    payload,
+                ));
+                let running = start(&rig, contender, &dir)
+                    .with_context(|| format!("starting {}", contender.name()))?;
+                // Warm up: every flow gets its session (or conntrack entry), and the gateways'
+                // MACs are resolved (the XDP program leaves traffic to userspace until they are).
+                generator::send(
+                    rig.client_ns(0),
+                    &flows,
+                    20_000,
+                    Duration::from_secs(1),
+                    GENERATOR_CPU,
+                )?;
+                if contender.is_xdp() {
+                    let address: SocketAddr = METRICS.parse()?;
+                    wglb_lab::wait_for(
+                        "XDP to forward to both sinks",
+                        Duration::from_secs(10),
+                        || {
+                            let text =
+                                rig.balancer_ns().run(move || metrics::scrape(address))??;
+                            Ok((metrics::sum(&text, "wglb_xdp_gateway_ready{") == 2.0)
+                                .then_some(()))
+                        },
+                    )?;
+                    generator::send(
+                        rig.client_ns(0),
+                        &flows,
+                        20_000,
+                        Duration::from_secs(1),
+                        GENERATOR_CPU,
+                    )?;
+                }
+                let paced = measure(&rig, &running, &flows, &sinks, RATE, seconds)?;
+                let flat = measure(&rig, &running, &flows, &sinks, 0, seconds)?;
+                eprintln!(
+                    "round {round}, {payload} bytes, {}: {:.0} of {RATE} packets/s delivered, {:.2} s CPU per 1M; flat out {:.0} of {:.0} packets/s",
+                    contender.name(),
+                    paced.delivered_pps,
+                    paced.machine_per_million,
+                    flat.delivered_pps,
+                    flat.offered_pps
+                );
+                match runs.iter_mut().find(|r| r.0 == contender && r.1 == payload) {
+                    Some(r) => {
+                        r.2.push(paced);
+                        r.3.push(flat);
+                    }
+                    None => runs.push((contender, payload, vec![paced], vec![flat])),
+                }
+            }
+        }
+    }
+    drop(sinks);
+    let results = Results {
+        rows: runs
+            .iter()
+            .map(|(c, p, paced, flat)| (*c, *p, medians(paced), medians(flat)))
+            .collect(),
+        rounds,
+        seconds,
+    };
+    let out = results_dir();
+    std::fs::create_dir_all(&out)?;
+    let markdown = results.markdown(&machine());
+    std::fs::write(out.join("rig.csv"), results.csv())?;
+    std::fs::write(out.join("rig.md"), &markdown)?;
+    results.plot(&out.join("rig.svg"))?;
+    println!("{markdown}");
+    println!("written: {}", out.join("rig.{csv,md,svg}").display());
+    Ok(())
+}
