@@ -23,66 +23,21 @@
 //! `WGLB_BENCH_QUICK=1` runs one short round (to try the rig, not for figures).
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use plotters::prelude::*;
+use wglb_lab::contender::{results_dir, Contender, Running, Setup};
 use wglb_lab::cpu::{machine_ticks, process_ticks, TICKS_PER_SECOND};
-use wglb_lab::generator::{self, Flows};
-use wglb_lab::{metrics, Family, Rig, RigSpec};
+use wglb_lab::generator::{self, machine, v4, v4_socket, Flows, Sinks};
+use wglb_lab::{Family, Rig, RigSpec};
 
 const RATE: u64 = 50_000;
 const FLOWS: usize = 1024;
 const PAYLOADS: [usize; 2] = [64, 1420];
 const GENERATOR_CPU: usize = 0;
-const METRICS: &str = "127.0.0.1:9639";
-const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Contender {
-    Userspace,
-    XdpNative,
-    XdpGeneric,
-    Nginx,
-    Nftables,
-    KernelForwarding,
-}
-
-impl Contender {
-    const ALL: [Contender; 6] = [
-        Contender::Userspace,
-        Contender::XdpNative,
-        Contender::XdpGeneric,
-        Contender::Nginx,
-        Contender::Nftables,
-        Contender::KernelForwarding,
-    ];
-    const WGLB: [Contender; 3] = [
-        Contender::Userspace,
-        Contender::XdpNative,
-        Contender::XdpGeneric,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Contender::Userspace => "wglb userspace",
-            Contender::XdpNative => "wglb XDP native",
-            Contender::XdpGeneric => "wglb XDP generic",
-            Contender::Nginx => "nginx stream",
-            Contender::Nftables => "nftables DNAT",
-            Contender::KernelForwarding => "kernel forwarding",
-        }
-    }
-
-    fn is_xdp(self) -> bool {
-        matches!(self, Contender::XdpNative | Contender::XdpGeneric)
-    }
-}
 
 /// One measurement.
 #[derive(Clone, Copy, Debug, Default)]
@@ -95,203 +50,6 @@ struct Measured {
     process_per_million: f64,
 }
 
-/// UDP sinks on the gateways' WireGuard port, counting what arrives.
-struct Sinks {
-    packets: Arc<AtomicU64>,
-    bytes: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Sinks {
-    fn start(rig: &Rig) -> Result<Sinks> {
-        let packets = Arc::new(AtomicU64::new(0));
-        let bytes = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for j in 0..2 {
-            let address = rig.gateway_addr(j);
-            let socket = rig.gateway_ns(j).run(move || UdpSocket::bind(address))??;
-            // The sinks must not be where packets are lost.
-            let _ = nix::sys::socket::setsockopt(
-                &socket,
-                nix::sys::socket::sockopt::RcvBufForce,
-                &(32 << 20),
-            );
-            socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-            let (packets, bytes, stop) = (packets.clone(), bytes.clone(), stop.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut buffer = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, _)) = socket.recv_from(&mut buffer) {
-                        packets.fetch_add(1, Ordering::Relaxed);
-                        bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-        Ok(Sinks {
-            packets,
-            bytes,
-            stop,
-            threads,
-        })
-    }
-
-    fn reset(&self) {
-        self.packets.store(0, Ordering::Relaxed);
-        self.bytes.store(0, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Sinks {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// A running contender; stopped (and the balancer namespace reset) on drop.
-struct Running<'a> {
-    rig: &'a Rig,
-    child: Option<Child>,
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM: nginx's master takes its workers down with it only then.
-            let _ = wglb_lab::terminate(&mut child, Duration::from_secs(5));
-        }
-        let _ = self
-            .rig
-            .balancer_ns()
-            .command("nft")
-            .args(["delete", "table", "ip", "bench"])
-            .stderr(Stdio::null())
-            .status();
-        let _ = set_forwarding(self.rig, false);
-    }
-}
-
-fn set_forwarding(rig: &Rig, on: bool) -> Result<()> {
-    let value = format!("net.ipv4.ip_forward={}", on as u8);
-    wglb_lab::run(
-        rig.balancer_ns()
-            .command("sysctl")
-            .args(["-q", "-w", &value]),
-    )?;
-    Ok(())
-}
-
-fn listen_addr(rig: &Rig) -> SocketAddrV4 {
-    match rig.listen_addr(0) {
-        SocketAddr::V4(v4) => v4,
-        SocketAddr::V6(_) => unreachable!("an IPv4 rig"),
-    }
-}
-
-fn gateway_v4(rig: &Rig, j: usize) -> SocketAddrV4 {
-    match rig.gateway_addr(j) {
-        SocketAddr::V4(v4) => v4,
-        SocketAddr::V6(_) => unreachable!("an IPv4 rig"),
-    }
-}
-
-fn start<'a>(rig: &'a Rig, contender: Contender, dir: &Path) -> Result<Running<'a>> {
-    let mut running = Running { rig, child: None };
-    let spawn = |program: &str, args: &[&str], log: &str| -> Result<Child> {
-        let log = std::fs::File::create(dir.join(log))?;
-        rig.balancer_ns()
-            .command(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {program}"))
-    };
-    match contender {
-        Contender::Userspace | Contender::XdpNative | Contender::XdpGeneric => {
-            let datapath: &[&str] = match contender {
-                Contender::Userspace => &["--datapath", "userspace"],
-                Contender::XdpNative => &["--datapath", "xdp", "--xdp-mode", "native"],
-                _ => &["--datapath", "xdp", "--xdp-mode", "generic"],
-            };
-            let config = dir.join("wglb.toml").display().to_string();
-            let mut args = vec!["--log", "warn", "run", "--config", &config];
-            args.extend(datapath);
-            running.child = Some(spawn(env!("CARGO_BIN_EXE_wglb"), &args, "wglb.log")?);
-            let address: SocketAddr = METRICS.parse()?;
-            wglb_lab::wait_for("wglb to serve metrics", Duration::from_secs(15), || {
-                Ok(rig
-                    .balancer_ns()
-                    .run(move || metrics::scrape(address))?
-                    .ok())
-            })?;
-        }
-        Contender::Nginx => {
-            ensure!(
-                Path::new(NGINX_MODULE).exists(),
-                "nginx stream is not installed (apt-get install nginx libnginx-mod-stream)"
-            );
-            let config = dir.join("nginx.conf");
-            std::fs::write(
-                &config,
-                format!(
-                    "load_module {NGINX_MODULE};\nworker_processes 2;\nworker_rlimit_nofile 65536;\n\
-                     pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
-                     events {{ worker_connections 16384; }}\n\
-                     stream {{\n  upstream gateways {{\n    hash $remote_addr$remote_port consistent;\n\
-                     server {g0};\n    server {g1};\n  }}\n  server {{\n\
-                     listen {listen} udp reuseport rcvbuf=4m sndbuf=4m;\n\
-                     proxy_pass gateways;\n    proxy_timeout 180s;\n  }}\n}}\n",
-                    dir = dir.display(),
-                    g0 = rig.gateway_addr(0),
-                    g1 = rig.gateway_addr(1),
-                    listen = rig.listen_addr(0),
-                ),
-            )?;
-            let config = config.display().to_string();
-            running.child = Some(spawn(
-                "nginx",
-                &["-c", &config, "-g", "daemon off;"],
-                "nginx.log",
-            )?);
-            wglb_lab::wait_for("nginx to listen", Duration::from_secs(10), || {
-                let bound = wglb_lab::run(
-                    rig.balancer_ns()
-                        .command("ss")
-                        .args(["-Hlun", "sport", "=", ":51820"]),
-                )?;
-                Ok((!bound.trim().is_empty()).then_some(()))
-            })?;
-        }
-        Contender::Nftables => {
-            set_forwarding(rig, true)?;
-            let rules = dir.join("bench.nft");
-            std::fs::write(
-                &rules,
-                format!(
-                    "table ip bench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n\
-                     ip daddr {listen} udp dport {port} dnat to jhash ip saddr . udp sport mod 2 map {{ 0 : {g0}, 1 : {g1} }}\n  }}\n\
-                     chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
-                     ip daddr {{ {g0}, {g1} }} udp dport {port} masquerade\n  }}\n}}\n",
-                    listen = listen_addr(rig).ip(),
-                    port = listen_addr(rig).port(),
-                    g0 = gateway_v4(rig, 0).ip(),
-                    g1 = gateway_v4(rig, 1).ip(),
-                ),
-            )?;
-            wglb_lab::run(rig.balancer_ns().command("nft").arg("-f").arg(&rules))?;
-        }
-        Contender::KernelForwarding => set_forwarding(rig, true)?,
-    }
-    Ok(running)
-}
-
 fn measure(
     rig: &Rig,
     running: &Running,
@@ -301,7 +59,7 @@ fn measure(
     seconds: u64,
 ) -> Result<Measured> {
     sinks.reset();
-    let pid = running.child.as_ref().map(|c| c.id());
+    let pid = running.pid();
     let before = machine_ticks();
     let own0 = pid.map_or(0, process_ticks);
     let sent = generator::send(
@@ -315,8 +73,7 @@ fn measure(
     std::thread::sleep(Duration::from_millis(300));
     let after = machine_ticks();
     let own1 = pid.map_or(0, process_ticks);
-    let got = sinks.packets.load(Ordering::Relaxed);
-    let bytes = sinks.bytes.load(Ordering::Relaxed);
+    let (got, bytes) = sinks.count();
     let millions = (got as f64 / 1e6).max(1e-9);
     Ok(Measured {
         offered_pps: sent.packets as f64 / sent.seconds,
@@ -344,30 +101,6 @@ fn medians(runs: &[Measured]) -> Measured {
         machine_per_million: median(runs.iter().map(|m| m.machine_per_million)),
         process_per_million: median(runs.iter().map(|m| m.process_per_million)),
     }
-}
-
-/// Routes across the balancer namespace, for the contenders that forward in the kernel.
-fn add_routes(rig: &Rig) -> Result<()> {
-    let listen = listen_addr(rig).ip().to_string();
-    wglb_lab::run(rig.client_ns(0).command("ip").args([
-        "route",
-        "add",
-        "10.202.0.0/16",
-        "via",
-        &listen,
-    ]))?;
-    for j in 0..2 {
-        let [a, b, c, _] = gateway_v4(rig, j).ip().octets();
-        let via = Ipv4Addr::new(a, b, c, 1).to_string();
-        wglb_lab::run(rig.gateway_ns(j).command("ip").args([
-            "route",
-            "add",
-            "10.201.0.0/16",
-            "via",
-            &via,
-        ]))?;
-    }
-    Ok(())
 }
 
 struct Results {
@@ -590,37 +323,6 @@ impl Results {
     }
 }
 
-/// The machine, as the results describe it.
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kb| kb / 1024 / 1024);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} x {model}, {memory} GiB, Linux {}", kernel.trim())
-}
-
-fn results_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/results")
-}
-
 fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(()); // `cargo test --benches` probes benchmarks this way: nothing to list.
@@ -638,71 +340,52 @@ fn main() -> Result<()> {
     for j in 0..2 {
         rig.stop_gateway(j)?;
     }
-    let sinks = Sinks::start(&rig)?;
-    add_routes(&rig)?;
+    let gateways = vec![rig.gateway_addr(0), rig.gateway_addr(1)];
+    let sinks = Sinks::start(&rig, &gateways)?;
+    rig.route_through_balancer()?;
     let dir = rig.temp_dir().to_path_buf();
-    std::fs::write(
-        dir.join("wglb.toml"),
-        format!(
-            "[api]\nsocket = \"{}\"\n[metrics]\nlisten = \"{METRICS}\"\n\
-             [[listener]]\nname = \"bench\"\nlisten = \"0.0.0.0:51820\"\nhash_key = \"source-ip-port\"\n\
-             [[listener.gateway]]\nname = \"sink0\"\naddress = \"{}\"\n\
-             [[listener.gateway]]\nname = \"sink1\"\naddress = \"{}\"\n",
-            dir.join("api.sock").display(),
-            rig.gateway_addr(0),
-            rig.gateway_addr(1)
-        ),
-    )?;
-    let client = match rig.client_addr(0).ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(_) => unreachable!("an IPv4 rig"),
+    let setup = Setup {
+        rig: &rig,
+        wglb: Path::new(env!("CARGO_BIN_EXE_wglb")),
+        dir: &dir,
+        listen: rig.listen_addr(0),
+        gateways: gateways.clone(),
+        health_port: None,
+        wglb_listener_extra: String::new(),
+        wglb_datapath_extra: String::new(),
     };
+    let client = v4(rig.client_addr(0).ip())?;
     let sources = generator::sources(&[client], 20_000, FLOWS);
-    let listen = listen_addr(&rig);
-    let gateways = [gateway_v4(&rig, 0), gateway_v4(&rig, 1)];
     let mut runs: Vec<(Contender, usize, Vec<Measured>, Vec<Measured>)> = Vec::new();
     for round in 0..rounds {
         for &payload in &PAYLOADS {
             for contender in Contender::ALL {
                 let flows = Arc::new(Flows::new(
                     &sources,
-                    |k| match contender {
-                        Contender::KernelForwarding => gateways[k % 2],
-                        _ => listen,
+                    |k| {
+                        let to = if contender.routes_to_gateways() {
+                            gateways[k % 2]
+                        } else {
+                            setup.listen
+                        };
+                        v4_socket(to)
                     },
                     payload,
                 ));
-                let running = start(&rig, contender, &dir)
-                    .with_context(|| format!("starting {}", contender.name()))?;
-                // Warm up: every flow gets its session (or conntrack entry), and the gateways'
-                // MACs are resolved (the XDP program leaves traffic to userspace until they are).
-                generator::send(
-                    rig.client_ns(0),
-                    &flows,
-                    20_000,
-                    Duration::from_secs(1),
-                    GENERATOR_CPU,
-                )?;
-                if contender.is_xdp() {
-                    let address: SocketAddr = METRICS.parse()?;
-                    wglb_lab::wait_for(
-                        "XDP to forward to both sinks",
-                        Duration::from_secs(10),
-                        || {
-                            let text =
-                                rig.balancer_ns().run(move || metrics::scrape(address))??;
-                            Ok((metrics::sum(&text, "wglb_xdp_gateway_ready{") == 2.0)
-                                .then_some(()))
-                        },
-                    )?;
+                // Every flow gets its session (or conntrack entry) before measuring.
+                let warm_up = || {
                     generator::send(
                         rig.client_ns(0),
                         &flows,
                         20_000,
                         Duration::from_secs(1),
                         GENERATOR_CPU,
-                    )?;
-                }
+                    )
+                    .map(drop)
+                };
+                let running = contender
+                    .start(&setup, warm_up)
+                    .with_context(|| format!("starting {}", contender.name()))?;
                 let paced = measure(&rig, &running, &flows, &sinks, RATE, seconds)?;
                 let flat = measure(&rig, &running, &flows, &sinks, 0, seconds)?;
                 eprintln!(
@@ -732,7 +415,7 @@ fn main() -> Result<()> {
         rounds,
         seconds,
     };
-    let out = results_dir();
+    let out = results_dir(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(&out)?;
     let markdown = results.markdown(&machine());
     std::fs::write(out.join("rig.csv"), results.csv())?;

@@ -6,14 +6,16 @@
 //! packets, not a million file descriptors; and one thread, pinned to a core, sends in batches
 //! of 64, so the generator is not the bottleneck the rig measures (its own rate is returned).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
 use crate::netns::Netns;
+use crate::Rig;
 
 /// Packets per `sendmmsg` call.
 const BATCH: usize = 64;
@@ -215,6 +217,118 @@ fn write_packet(packet: &mut [u8], from: SocketAddrV4, to: SocketAddrV4, message
         c => c,
     };
     udp[6..8].copy_from_slice(&checksum.to_be_bytes());
+}
+
+/// UDP sinks in the gateways' namespaces, counting what arrives: what a benchmark's gateways
+/// become once their WireGuard is stopped.
+pub struct Sinks {
+    packets: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Sinks {
+    /// A sink on each address, in the namespace of the rig's gateway with that IP.
+    pub fn start(rig: &Rig, addresses: &[SocketAddr]) -> Result<Sinks> {
+        let packets = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &address in addresses {
+            let j = (0..rig.gateways())
+                .find(|&j| rig.gateway_addr(j).ip() == address.ip())
+                .with_context(|| format!("no gateway has {}", address.ip()))?;
+            let socket = rig.gateway_ns(j).run(move || UdpSocket::bind(address))??;
+            // The sinks must not be where packets are lost.
+            let _ = nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(32 << 20),
+            );
+            socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let (packets, bytes, stop) = (packets.clone(), bytes.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buffer = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, _)) = socket.recv_from(&mut buffer) {
+                        packets.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        Ok(Sinks {
+            packets,
+            bytes,
+            stop,
+            threads,
+        })
+    }
+
+    pub fn reset(&self) {
+        self.packets.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Datagrams and payload bytes received since the last reset.
+    pub fn count(&self) -> (u64, u64) {
+        (
+            self.packets.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Sinks {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn v4(ip: IpAddr) -> Result<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => Ok(v4),
+        IpAddr::V6(v6) => anyhow::bail!("{v6}: the generator sends IPv4"),
+    }
+}
+
+/// An IPv4 socket address (the generator's rigs are IPv4).
+pub fn v4_socket(address: SocketAddr) -> SocketAddrV4 {
+    match address {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(v6) => panic!("{v6}: the generator sends IPv4"),
+    }
+}
+
+/// The machine, as benchmark results describe it.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} x {model}, {memory} GiB, Linux {}", kernel.trim())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! interface and file name carries the rig's id.
 
 mod cmd;
+pub mod contender;
 pub mod cpu;
 mod daemon;
 pub mod generator;

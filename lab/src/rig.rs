@@ -386,6 +386,11 @@ impl Rig {
         &self.balancer
     }
 
+    /// How many gateways the rig has.
+    pub fn gateways(&self) -> usize {
+        self.gateways.len()
+    }
+
     /// Balancer b's namespace on a shared-segment rig.
     pub fn balancer_ns_at(&self, b: usize) -> &Netns {
         &self.balancers[b]
@@ -600,6 +605,58 @@ impl Rig {
         );
         let stderr = self.temp.path.join(format!("c{i}-ping.log"));
         Pinger::spawn(&client.ns, GATEWAY_TUNNEL_ADDR, &stderr)
+    }
+
+    /// Makes the balancer namespace a router between the client and gateway links (benchmarks
+    /// compare balancers against plain forwarding): routes on both sides; forwarding itself is
+    /// switched with [`Rig::set_forwarding`].
+    pub fn route_through_balancer(&self) -> Result<()> {
+        ensure!(
+            self.family == Family::V4 && !self.shared_segments(),
+            "routing is set up for IPv4 rigs with one balancer"
+        );
+        for (i, client) in self.clients.iter().enumerate() {
+            let via = self.link_addrs(CLIENT_LINKS, i).1.to_string();
+            client.ns.ip(&[
+                "route",
+                "add",
+                &format!("10.{}.0.0/16", GATEWAY_LINKS.0),
+                "via",
+                &via,
+            ])?;
+        }
+        for (j, gateway) in self.gateways.iter().enumerate() {
+            let via = self.link_addrs(GATEWAY_LINKS, j).1.to_string();
+            gateway.ns.ip(&[
+                "route",
+                "add",
+                &format!("10.{}.0.0/16", CLIENT_LINKS.0),
+                "via",
+                &via,
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// IPv4 forwarding in the balancer namespace.
+    pub fn set_forwarding(&self, on: bool) -> Result<()> {
+        let value = format!("net.ipv4.ip_forward={}", on as u8);
+        cmd::run(self.balancer.command("sysctl").args(["-q", "-w", &value]))?;
+        Ok(())
+    }
+
+    /// Points client i's WireGuard at `endpoint` (a balancer, or a gateway directly).
+    pub fn set_client_endpoint(&self, i: usize, endpoint: SocketAddr) -> Result<()> {
+        let client = &self.clients[i];
+        cmd::run(client.ns.command("wg").args([
+            "set",
+            &client.ifname,
+            "peer",
+            &self.gateway_public,
+            "endpoint",
+            &endpoint.to_string(),
+        ]))?;
+        Ok(())
     }
 
     /// Pings the gateways' tunnel address through client i's tunnel with `size` bytes of ICMP

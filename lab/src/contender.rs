@@ -1,0 +1,287 @@
+//! The balancers the benchmarks compare, started in a rig's balancer namespace: wglb on each of
+//! its datapaths, nginx stream, nftables DNAT, and plain kernel forwarding. Each is configured
+//! the way a fair operator would (see [`Contender::start`]); stopping one resets the namespace.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::{cmd, metrics, Rig};
+
+const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+/// Where a wglb contender serves metrics, inside the balancer namespace.
+pub const WGLB_METRICS: &str = "127.0.0.1:9639";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contender {
+    Userspace,
+    XdpNative,
+    XdpGeneric,
+    Nginx,
+    Nftables,
+    KernelForwarding,
+}
+
+impl Contender {
+    pub const ALL: [Contender; 6] = [
+        Contender::Userspace,
+        Contender::XdpNative,
+        Contender::XdpGeneric,
+        Contender::Nginx,
+        Contender::Nftables,
+        Contender::KernelForwarding,
+    ];
+    pub const WGLB: [Contender; 3] = [
+        Contender::Userspace,
+        Contender::XdpNative,
+        Contender::XdpGeneric,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Contender::Userspace => "wglb userspace",
+            Contender::XdpNative => "wglb XDP native",
+            Contender::XdpGeneric => "wglb XDP generic",
+            Contender::Nginx => "nginx stream",
+            Contender::Nftables => "nftables DNAT",
+            Contender::KernelForwarding => "kernel forwarding",
+        }
+    }
+
+    pub fn is_xdp(self) -> bool {
+        matches!(self, Contender::XdpNative | Contender::XdpGeneric)
+    }
+
+    /// Whether clients send to the gateways themselves (through the balancer namespace as a
+    /// router) rather than to the balancer's address.
+    pub fn routes_to_gateways(self) -> bool {
+        self == Contender::KernelForwarding
+    }
+}
+
+/// What every contender balances.
+pub struct Setup<'a> {
+    pub rig: &'a Rig,
+    /// The wglb binary (the bench's `CARGO_BIN_EXE_wglb`).
+    pub wglb: &'a Path,
+    /// Where configurations and logs go.
+    pub dir: &'a Path,
+    /// The address clients send to (the balancer's on their link).
+    pub listen: SocketAddr,
+    pub gateways: Vec<SocketAddr>,
+    /// Defguard's health port on each gateway, for wglb's built-in checks; None: no checks.
+    pub health_port: Option<u16>,
+    /// Lines added to wglb's [[listener]] (e.g. `table_size = ...`).
+    pub wglb_listener_extra: String,
+    /// Lines added to wglb's [datapath] (e.g. `nat_ports = ...`).
+    pub wglb_datapath_extra: String,
+}
+
+/// A running contender; stopped on drop, with forwarding off and the nftables table gone.
+pub struct Running<'a> {
+    rig: &'a Rig,
+    child: Option<Child>,
+}
+
+impl Running<'_> {
+    /// The contender's process (nginx's master, whose workers count with it), if it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The wglb contender's metrics.
+    pub fn wglb_metrics(&self) -> Result<String> {
+        let address: SocketAddr = WGLB_METRICS.parse()?;
+        self.rig
+            .balancer_ns()
+            .run(move || metrics::scrape(address))?
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: nginx's master takes its workers down with it only then.
+            let _ = cmd::terminate(&mut child, Duration::from_secs(5));
+        }
+        let _ = self
+            .rig
+            .balancer_ns()
+            .command("nft")
+            .args(["delete", "table", "ip", "bench"])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.rig.set_forwarding(false);
+    }
+}
+
+impl Contender {
+    /// Starts the contender and waits until it forwards: wglb serves metrics (and, with XDP,
+    /// the program forwards to every gateway itself: `warm_up` is called until it does), nginx
+    /// listens, the nftables rules are in. `warm_up` sends traffic through it, so that the
+    /// gateways' MACs get resolved.
+    pub fn start<'a>(
+        self,
+        setup: &Setup<'a>,
+        warm_up: impl Fn() -> Result<()>,
+    ) -> Result<Running<'a>> {
+        let rig = setup.rig;
+        let mut running = Running { rig, child: None };
+        let spawn = |program: &Path, args: &[&str], log: &str| -> Result<Child> {
+            let log = std::fs::File::create(setup.dir.join(log))?;
+            rig.balancer_ns()
+                .command(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", program.display()))
+        };
+        match self {
+            Contender::Userspace | Contender::XdpNative | Contender::XdpGeneric => {
+                let config = setup.dir.join("wglb.toml");
+                std::fs::write(&config, wglb_config(setup))?;
+                let config = config.display().to_string();
+                let mut args = vec!["--log", "warn", "run", "--config", &config];
+                args.extend(match self {
+                    Contender::Userspace => &["--datapath", "userspace"][..],
+                    Contender::XdpNative => &["--datapath", "xdp", "--xdp-mode", "native"],
+                    _ => &["--datapath", "xdp", "--xdp-mode", "generic"],
+                });
+                running.child = Some(spawn(setup.wglb, &args, "wglb.log")?);
+                cmd::wait_for("wglb to serve metrics", Duration::from_secs(15), || {
+                    Ok(running.wglb_metrics().ok())
+                })?;
+                warm_up()?;
+                if self.is_xdp() {
+                    let gateways = setup.gateways.len() as f64;
+                    cmd::wait_for(
+                        "XDP to forward to every gateway",
+                        Duration::from_secs(20),
+                        || {
+                            let ready =
+                                metrics::sum(&running.wglb_metrics()?, "wglb_xdp_gateway_ready{");
+                            if ready < gateways {
+                                warm_up()?;
+                            }
+                            Ok((ready == gateways).then_some(()))
+                        },
+                    )?;
+                }
+            }
+            Contender::Nginx => {
+                ensure!(
+                    Path::new(NGINX_MODULE).exists(),
+                    "nginx stream is not installed (apt-get install nginx libnginx-mod-stream)"
+                );
+                let config = setup.dir.join("nginx.conf");
+                std::fs::write(&config, nginx_config(setup))?;
+                let config = config.display().to_string();
+                running.child = Some(spawn(
+                    Path::new("nginx"),
+                    &["-c", &config, "-g", "daemon off;"],
+                    "nginx.log",
+                )?);
+                let port = format!(":{}", setup.listen.port());
+                cmd::wait_for("nginx to listen", Duration::from_secs(10), || {
+                    let bound = cmd::run(
+                        rig.balancer_ns()
+                            .command("ss")
+                            .args(["-Hlun", "sport", "=", &port]),
+                    )?;
+                    Ok((!bound.trim().is_empty()).then_some(()))
+                })?;
+                warm_up()?;
+            }
+            Contender::Nftables => {
+                rig.set_forwarding(true)?;
+                let rules = setup.dir.join("bench.nft");
+                std::fs::write(&rules, nft_rules(setup))?;
+                cmd::run(rig.balancer_ns().command("nft").arg("-f").arg(&rules))?;
+                warm_up()?;
+            }
+            Contender::KernelForwarding => {
+                rig.set_forwarding(true)?;
+                warm_up()?;
+            }
+        }
+        Ok(running)
+    }
+}
+
+fn wglb_config(setup: &Setup) -> String {
+    let mut text = format!(
+        "[api]\nsocket = \"{}\"\n[metrics]\nlisten = \"{WGLB_METRICS}\"\n[datapath]\n{}\n\
+         [[listener]]\nname = \"bench\"\nlisten = \"0.0.0.0:{}\"\nhash_key = \"source-ip-port\"\n{}\n",
+        setup.dir.join("api.sock").display(),
+        setup.wglb_datapath_extra,
+        setup.listen.port(),
+        setup.wglb_listener_extra,
+    );
+    for (j, gateway) in setup.gateways.iter().enumerate() {
+        let _ = write!(
+            text,
+            "[[listener.gateway]]\nname = \"gw{j}\"\naddress = \"{gateway}\"\n"
+        );
+        if let Some(port) = setup.health_port {
+            let _ = writeln!(text, "health_port = {port}");
+        }
+    }
+    text
+}
+
+/// nginx stream as users would set it up, fairly: a worker per core with reuseport, hashing the
+/// source address and port (so one client address's flows spread), wglb's socket buffer size,
+/// its idle timeout, and no `proxy_responses` limit (which would open a session per datagram).
+fn nginx_config(setup: &Setup) -> String {
+    let servers: String = setup
+        .gateways
+        .iter()
+        .map(|g| format!("    server {g};\n"))
+        .collect();
+    format!(
+        "load_module {NGINX_MODULE};\nworker_processes 2;\nworker_rlimit_nofile 65536;\n\
+         pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
+         events {{ worker_connections 16384; }}\n\
+         stream {{\n  upstream gateways {{\n    hash $remote_addr$remote_port consistent;\n{servers}  }}\n\
+         server {{\n    listen {listen} udp reuseport rcvbuf=4m sndbuf=4m;\n\
+         proxy_pass gateways;\n    proxy_timeout 180s;\n  }}\n}}\n",
+        dir = setup.dir.display(),
+        listen = setup.listen,
+    )
+}
+
+/// DNAT spreading by a hash of the source tuple, with conntrack keeping each flow where it
+/// went, and masquerade so the gateways' replies come back through the balancer. The gateways
+/// listen on the listener's port (DNAT keeps it).
+fn nft_rules(setup: &Setup) -> String {
+    let map: Vec<String> = setup
+        .gateways
+        .iter()
+        .enumerate()
+        .map(|(j, g)| format!("{j} : {}", g.ip()))
+        .collect();
+    let addresses: Vec<String> = setup.gateways.iter().map(|g| g.ip().to_string()).collect();
+    format!(
+        "table ip bench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n\
+         ip daddr {listen} udp dport {port} dnat to jhash ip saddr . udp sport mod {n} map {{ {map} }}\n  }}\n\
+         chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
+         ip daddr {{ {addresses} }} udp dport {gport} masquerade\n  }}\n}}\n",
+        listen = setup.listen.ip(),
+        port = setup.listen.port(),
+        n = setup.gateways.len(),
+        map = map.join(", "),
+        gport = setup.gateways[0].port(),
+        addresses = addresses.join(", "),
+    )
+}
+
+/// The directory benchmarks write their results to.
+pub fn results_dir(manifest_dir: &str) -> PathBuf {
+    Path::new(manifest_dir).join("../benches/results")
+}
