@@ -5,11 +5,12 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
+use crate::netns::run_in;
 use crate::{cmd, metrics, Rig};
 
 const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -81,13 +82,15 @@ pub struct Setup<'a> {
     pub wglb_datapath_extra: String,
 }
 
-/// A running contender; stopped on drop, with forwarding off and the nftables table gone.
-pub struct Running<'a> {
-    rig: &'a Rig,
+/// A running contender; stopped on drop, with forwarding off and the nftables table gone. It
+/// holds the balancer namespace by name, so the rig stays free for the benchmark to change
+/// (start clients, stop gateways).
+pub struct Running {
+    ns: String,
     child: Option<Child>,
 }
 
-impl Running<'_> {
+impl Running {
     /// The contender's process (nginx's master, whose workers count with it), if it has one.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -96,26 +99,26 @@ impl Running<'_> {
     /// The wglb contender's metrics.
     pub fn wglb_metrics(&self) -> Result<String> {
         let address: SocketAddr = WGLB_METRICS.parse()?;
-        self.rig
-            .balancer_ns()
-            .run(move || metrics::scrape(address))?
+        run_in(&self.ns, move || metrics::scrape(address))?
     }
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SIGTERM: nginx's master takes its workers down with it only then.
             let _ = cmd::terminate(&mut child, Duration::from_secs(5));
         }
-        let _ = self
-            .rig
-            .balancer_ns()
-            .command("nft")
-            .args(["delete", "table", "ip", "bench"])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.rig.set_forwarding(false);
+        for command in [
+            &["nft", "delete", "table", "ip", "bench"][..],
+            &["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"],
+        ] {
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &self.ns])
+                .args(command)
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -124,13 +127,12 @@ impl Contender {
     /// the program forwards to every gateway itself: `warm_up` is called until it does), nginx
     /// listens, the nftables rules are in. `warm_up` sends traffic through it, so that the
     /// gateways' MACs get resolved.
-    pub fn start<'a>(
-        self,
-        setup: &Setup<'a>,
-        warm_up: impl Fn() -> Result<()>,
-    ) -> Result<Running<'a>> {
+    pub fn start(self, setup: &Setup, warm_up: impl Fn() -> Result<()>) -> Result<Running> {
         let rig = setup.rig;
-        let mut running = Running { rig, child: None };
+        let mut running = Running {
+            ns: rig.balancer_ns().name().to_string(),
+            child: None,
+        };
         let spawn = |program: &Path, args: &[&str], log: &str| -> Result<Child> {
             let log = std::fs::File::create(setup.dir.join(log))?;
             rig.balancer_ns()
@@ -267,12 +269,17 @@ fn nft_rules(setup: &Setup) -> String {
         .map(|(j, g)| format!("{j} : {}", g.ip()))
         .collect();
     let addresses: Vec<String> = setup.gateways.iter().map(|g| g.ip().to_string()).collect();
+    // A wildcard listener: whatever local address clients send to.
+    let to = if setup.listen.ip().is_unspecified() {
+        "fib daddr type local".to_string()
+    } else {
+        format!("ip daddr {}", setup.listen.ip())
+    };
     format!(
         "table ip bench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n\
-         ip daddr {listen} udp dport {port} dnat to jhash ip saddr . udp sport mod {n} map {{ {map} }}\n  }}\n\
+         {to} udp dport {port} dnat to jhash ip saddr . udp sport mod {n} map {{ {map} }}\n  }}\n\
          chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
          ip daddr {{ {addresses} }} udp dport {gport} masquerade\n  }}\n}}\n",
-        listen = setup.listen.ip(),
         port = setup.listen.port(),
         n = setup.gateways.len(),
         map = map.join(", "),

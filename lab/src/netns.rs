@@ -45,27 +45,32 @@ impl Netns {
     ///
     /// A panic in `f` is resumed on the calling thread, as if `f` had been called directly.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let path = Path::new("/var/run/netns").join(&self.name);
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let name = self.name.clone();
-        let handle = thread::Builder::new()
-            .name(format!("netns {}", self.name))
-            .spawn(move || -> Result<T> {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("setns into network namespace {name}"))?;
-                drop(file);
-                Ok(f())
-            })
-            .context("spawning a thread to enter a network namespace")?;
-        match handle.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        run_in(&self.name, f)
     }
 
     /// Runs `ip -n NAME ARGS…`.
     pub(crate) fn ip(&self, args: &[&str]) -> Result<String> {
         cmd::run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+}
+
+/// [`Netns::run`] for a namespace known by name: for whoever must not hold the rig borrowed.
+pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = Path::new("/var/run/netns").join(name);
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let name = name.to_string();
+    let handle = thread::Builder::new()
+        .name(format!("netns {name}"))
+        .spawn(move || -> Result<T> {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns into network namespace {name}"))?;
+            drop(file);
+            Ok(f())
+        })
+        .context("spawning a thread to enter a network namespace")?;
+    match handle.join() {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
