@@ -14,7 +14,7 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::bindings::{xdp_action, BPF_NOEXIST};
+use aya_ebpf::bindings::{xdp_action, BPF_F_NO_PREALLOC, BPF_NOEXIST};
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_redirect};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
@@ -50,9 +50,10 @@ static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 
 
 /// Gateway index by client, for clients whose session a peer balancer forwarded (session sync):
 /// a client without a session here is placed on its pinned gateway instead of by Maglev, and the
-/// pin goes once the session exists. Sized by userspace like SESSIONS.
+/// pin goes once the session exists. Sized by userspace like SESSIONS, but allocated as pins come
+/// (most balancers hold few or none), not up front.
 #[map]
-static PINS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1, 0);
+static PINS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 /// Which session a NAT port of a gateway belongs to.
 #[map]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The throughput rig in one command (as root): installs what the benchmarks need on top of the
+# project's own setup (nginx stream, nftables, iperf3), then runs, on network namespaces of this
+# machine only:
+#   rig      wglb (userspace, XDP native, XDP generic) against nginx stream, nftables DNAT and
+#            kernel forwarding: packets/s, Gbit/s, loss, CPU per packet, 64- and 1420-byte messages
+#   tunnel   iperf3 TCP inside wireguard-go tunnels, through wglb and directly
+#   failover time to recover from a gateway's death, wglb against nginx stream and nftables DNAT
+#   scale    packets/s and memory with 1k, 100k and 1M live sessions
+# Results: benches/results/{rig,tunnel,failover,scale}.{csv,md} and rig.svg. About 25 minutes.
+# `bash scripts/bench.sh rig` runs one of them; WGLB_BENCH_QUICK=1 makes short runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+packages=(nginx libnginx-mod-stream nftables iperf3)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    apt-get update -q
+    # policy-rc.d: the benchmarks start nginx themselves, in a namespace; Debian's package would
+    # otherwise start one on this host's port 80.
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+source "$HOME/.cargo/env" 2>/dev/null || true
+benches=("${@:-rig tunnel failover scale}")
+for bench in ${benches[*]}; do
+    echo "== $bench"
+    cargo bench -p wglb --bench "$bench" 2> >(grep -v '^warning: wglb@' >&2)
+done
+echo "results: benches/results/"
