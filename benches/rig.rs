@@ -20,7 +20,8 @@
 //!
 //! Writes `benches/results/rig.{csv,md,svg}`. Run (as root): `sudo bash scripts/bench.sh`, or
 //! `cargo bench -p wglb --bench rig` with nginx, libnginx-mod-stream and nftables installed.
-//! `WGLB_BENCH_QUICK=1` runs one short round (to try the rig, not for figures).
+//! `WGLB_BENCH_QUICK=1` runs one short round (to try the rig, not for figures);
+//! `WGLB_BENCH_ONLY="wglb XDP generic"` runs one contender and writes nothing (for profiling).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -277,7 +278,7 @@ impl Results {
                 .iter()
                 .map(|r| value(&r.2, &r.3))
                 .fold(0.0, f64::max)
-                * 1.15;
+                * 1.4;
             let mut chart = ChartBuilder::on(area)
                 .caption(title, ("sans-serif", 18))
                 .margin(12)
@@ -312,6 +313,7 @@ impl Results {
             }
             chart
                 .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.8))
                 .draw()?;
@@ -354,10 +356,17 @@ fn main() -> Result<()> {
     };
     let client = v4(rig.client_addr(0).ip())?;
     let sources = generator::sources(&[client], 20_000, FLOWS);
+    // To profile one contender (`perf record -a` around a run): its name, e.g. "nginx stream";
+    // nothing is written then.
+    let only = std::env::var("WGLB_BENCH_ONLY").ok();
+    let contenders: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|c| only.as_deref().is_none_or(|name| c.name() == name))
+        .collect();
     let mut runs: Vec<(Contender, usize, Vec<Measured>, Vec<Measured>)> = Vec::new();
     for round in 0..rounds {
         for &payload in &PAYLOADS {
-            for contender in Contender::ALL {
+            for &contender in &contenders {
                 let flows = Arc::new(Flows::new(
                     &sources,
                     |k| {
@@ -405,6 +414,9 @@ fn main() -> Result<()> {
         }
     }
     drop(sinks);
+    if only.is_some() {
+        return Ok(());
+    }
     let results = Results {
         rows: runs
             .iter()

@@ -21,6 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -37,7 +38,6 @@ use crate::pool::{GatewayId, Placement};
 use crate::query::{self, SessionInfo, SessionPage, SessionRequest};
 use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Applied, Change, PeerChange, Resyncs, SyncOut, SyncStep};
-use prometheus::IntGauge;
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
 const RECV_BUFFER: usize = 64 * 1024;
