@@ -18,8 +18,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use wglb_lab::contender::{results_dir, Contender, Setup};
-use wglb_lab::generator::machine;
+use wglb_lab::bench::{self, machine, Run};
+use wglb_lab::contender::{Contender, Setup};
 use wglb_lab::{Family, Rig, RigSpec};
 
 const CLIENTS: usize = 4;
@@ -108,14 +108,15 @@ fn trial(contender: Contender) -> Result<Trial> {
 }
 
 fn main() -> Result<()> {
-    if std::env::args().any(|a| a == "--list") {
-        return Ok(()); // `cargo test --benches` probes benchmarks this way: nothing to list.
-    }
-    wglb_lab::require_root()?;
-    let trials = if std::env::var_os("WGLB_BENCH_QUICK").is_some() {
-        1
-    } else {
-        3
+    let trials = match bench::begin()? {
+        Run::Listing => return Ok(()),
+        Run::Measure { quick } => {
+            if quick {
+                1
+            } else {
+                3
+            }
+        }
     };
     let mut csv =
         String::from("contender,trial,failover_s,beyond_floor_s,survivors,survivors_disturbed\n");
@@ -179,10 +180,7 @@ fn main() -> Result<()> {
         );
     }
     md += "\nTargets: wglb adds at most 1 s beyond the WireGuard floor; sessions on healthy gateways: 0 moved.\n";
-    let out = results_dir(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("failover.csv"), csv)?;
-    std::fs::write(out.join("failover.md"), &md)?;
+    bench::write_results(env!("CARGO_MANIFEST_DIR"), "failover", &csv, &md)?;
     println!("{md}");
     Ok(())
 }

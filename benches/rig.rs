@@ -30,9 +30,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
-use wglb_lab::contender::{results_dir, Contender, Running, Setup};
+use wglb_lab::bench::{self, machine, Run};
+use wglb_lab::contender::{Contender, Running, Setup};
 use wglb_lab::cpu::{machine_ticks, process_ticks, TICKS_PER_SECOND};
-use wglb_lab::generator::{self, machine, v4, v4_socket, Flows, Sinks};
+use wglb_lab::generator::{self, v4, v4_socket, Flows, Sinks};
 use wglb_lab::{Family, Rig, RigSpec};
 
 const RATE: u64 = 50_000;
@@ -324,12 +325,11 @@ impl Results {
 }
 
 fn main() -> Result<()> {
-    if std::env::args().any(|a| a == "--list") {
-        return Ok(()); // `cargo test --benches` probes benchmarks this way: nothing to list.
-    }
-    wglb_lab::require_root()?;
-    let quick = std::env::var_os("WGLB_BENCH_QUICK").is_some();
-    let (rounds, seconds) = if quick { (1, 2) } else { (3, 5) };
+    let (rounds, seconds) = match bench::begin()? {
+        Run::Listing => return Ok(()),
+        Run::Measure { quick: true } => (1, 2),
+        Run::Measure { quick: false } => (3, 5),
+    };
     let mut rig = Rig::new(RigSpec {
         balancers: 1,
         family: Family::V4,
@@ -425,11 +425,8 @@ fn main() -> Result<()> {
         rounds,
         seconds,
     };
-    let out = results_dir(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(&out)?;
     let markdown = results.markdown(&machine());
-    std::fs::write(out.join("rig.csv"), results.csv())?;
-    std::fs::write(out.join("rig.md"), &markdown)?;
+    let out = bench::write_results(env!("CARGO_MANIFEST_DIR"), "rig", &results.csv(), &markdown)?;
     results.plot(&out.join("rig.svg"))?;
     println!("{markdown}");
     println!("written: {}", out.join("rig.{csv,md,svg}").display());

@@ -23,8 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use wglb_lab::contender::{results_dir, Contender, Running, Setup};
-use wglb_lab::generator::{self, machine, v4_socket, Flows, Sinks};
+use wglb_lab::bench::{self, machine, Run};
+use wglb_lab::contender::{Contender, Running, Setup};
+use wglb_lab::generator::{self, v4_socket, Flows, Sinks};
 use wglb_lab::{metrics, Family, Rig, RigSpec};
 
 const GENERATOR_CPU: usize = 0;
@@ -89,17 +90,16 @@ fn held(running: &Running) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    if std::env::args().any(|a| a == "--list") {
-        return Ok(()); // `cargo test --benches` probes benchmarks this way: nothing to list.
-    }
-    wglb_lab::require_root()?;
+    let quick = match bench::begin()? {
+        Run::Listing => return Ok(()),
+        Run::Measure { quick } => quick,
+    };
     // A session per socket: the userspace datapath needs a descriptor each (it raises its soft
     // limit, but only up to the hard one it inherits from here).
     // Without CAP_SYS_RESOURCE (some containers) the hard limit stays and bounds the level.
     let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, 1 << 20, 1 << 20);
     let (_, files) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
     let userspace_top = (files.saturating_sub(2_000) / 1_000 * 1_000).clamp(1_000, 50_000) as usize;
-    let quick = std::env::var_os("WGLB_BENCH_QUICK").is_some();
     let seconds = if quick { 2 } else { 5 };
     let mut rig = Rig::new(RigSpec {
         balancers: 1,
@@ -275,10 +275,7 @@ fn main() -> Result<()> {
         );
     }
     md += "\nTarget: packets/s at 1M sessions at least 0.9x of that at 1k.\n";
-    let out = results_dir(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("scale.csv"), csv)?;
-    std::fs::write(out.join("scale.md"), &md)?;
+    bench::write_results(env!("CARGO_MANIFEST_DIR"), "scale", &csv, &md)?;
     println!("{md}");
     Ok(())
 }

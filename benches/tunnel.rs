@@ -10,8 +10,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use wglb_lab::contender::{results_dir, Contender, Setup};
-use wglb_lab::generator::machine;
+use wglb_lab::bench::{self, machine, Run};
+use wglb_lab::contender::{Contender, Setup};
 use wglb_lab::{Daemon, Family, Rig, RigSpec};
 
 const SECONDS: u64 = 8;
@@ -53,14 +53,15 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    if std::env::args().any(|a| a == "--list") {
-        return Ok(()); // `cargo test --benches` probes benchmarks this way: nothing to list.
-    }
-    wglb_lab::require_root()?;
-    let rounds = if std::env::var_os("WGLB_BENCH_QUICK").is_some() {
-        1
-    } else {
-        3
+    let rounds = match bench::begin()? {
+        Run::Listing => return Ok(()),
+        Run::Measure { quick } => {
+            if quick {
+                1
+            } else {
+                3
+            }
+        }
     };
     let mut rig = Rig::new(RigSpec {
         balancers: 1,
@@ -124,10 +125,7 @@ fn main() -> Result<()> {
         );
     }
     md += "\nTarget: through wglb at least 0.9x of direct.\n";
-    let out = results_dir(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("tunnel.csv"), csv)?;
-    std::fs::write(out.join("tunnel.md"), &md)?;
+    bench::write_results(env!("CARGO_MANIFEST_DIR"), "tunnel", &csv, &md)?;
     println!("{md}");
     Ok(())
 }

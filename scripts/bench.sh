@@ -12,20 +12,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-packages=(nginx libnginx-mod-stream nftables iperf3)
-missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    apt-get update -q
-    # policy-rc.d: the benchmarks start nginx themselves, in a namespace; Debian's package would
-    # otherwise start one on this host's port 80.
+# policy-rc.d: the benchmarks start nginx themselves, in a namespace; Debian's package would
+# otherwise start one on this host's port 80 when it is installed.
+if [[ ! -e /usr/sbin/policy-rc.d ]]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+bash scripts/apt-install.sh nginx libnginx-mod-stream nftables iperf3
 source "$HOME/.cargo/env" 2>/dev/null || true
 benches=("${@:-rig tunnel failover scale}")
 for bench in ${benches[*]}; do

@@ -22,15 +22,7 @@ packages=(
     llvm-22-dev      # bpf-linker links the XDP program against Debian's LLVM 22
     ca-certificates
 )
-missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    apt-get update -q
-    # --no-install-recommends: wireguard-tools would otherwise pull in a kernel image and systemd.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+bash "$(dirname "$0")/apt-install.sh" "${packages[@]}"
 
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null; then

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -286,9 +286,4 @@ fn nft_rules(setup: &Setup) -> String {
         gport = setup.gateways[0].port(),
         addresses = addresses.join(", "),
     )
-}
-
-/// The directory benchmarks write their results to.
-pub fn results_dir(manifest_dir: &str) -> PathBuf {
-    Path::new(manifest_dir).join("../benches/results")
 }

@@ -37,7 +37,7 @@ use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::pool::{GatewayId, Placement};
 use crate::query::{self, SessionInfo, SessionPage, SessionRequest};
 use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
-use crate::sync::{self, Applied, Change, PeerChange, Resyncs, SyncOut, SyncStep};
+use crate::sync::{self, Resyncs, SyncOut};
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
 const RECV_BUFFER: usize = 64 * 1024;
@@ -535,93 +535,9 @@ impl Relay {
                 let _ = reply.send(evicted.len() as u64);
             }
             SessionRequest::Sync { peer, step, reply } => {
-                let _ = reply.send(self.apply_sync(peer, step));
+                let _ = reply.send(sync::apply(self, &peer, &step));
             }
         }
-    }
-
-    /// Applies a step of a peer's sync stream to the standby entries.
-    fn apply_sync(&mut self, peer: Arc<str>, step: SyncStep) -> Applied {
-        let mut outcome = Applied::default();
-        match step {
-            SyncStep::Begin => {
-                let held: Vec<SocketAddr> = self
-                    .sessions
-                    .iter()
-                    .filter(|(_, s)| s.link.synced_from() == Some(&*peer))
-                    .map(|(client, _)| *client)
-                    .collect();
-                self.resyncs.begin(peer, held.into_iter());
-            }
-            SyncStep::End => {
-                let gone = self.resyncs.end(&peer);
-                self.sessions.evict_where(|client, s| {
-                    s.link.synced_from() == Some(&*peer) && gone.contains(client)
-                });
-            }
-            SyncStep::Changes(changes) => {
-                for PeerChange { client, change } in changes {
-                    let applied = match change {
-                        Change::Upsert {
-                            gateway,
-                            address,
-                            idle_ms,
-                        } => self.hold_for_peer(&peer, client, &gateway, address, idle_ms),
-                        Change::Evicted => {
-                            let theirs = self
-                                .sessions
-                                .peek(&client)
-                                .is_some_and(|s| s.link.synced_from() == Some(&*peer));
-                            if theirs {
-                                self.sessions.remove(&client);
-                            }
-                            true
-                        }
-                    };
-                    if applied {
-                        outcome.applied += 1;
-                    } else {
-                        outcome.refused += 1;
-                    }
-                }
-            }
-        }
-        outcome
-    }
-
-    /// Keeps a peer's session as a standby entry on the gateway it names; false if this balancer
-    /// has no such gateway, or has it down. The peer forwarded it last, so it takes the place of
-    /// this balancer's own session of the client, if any.
-    fn hold_for_peer(
-        &mut self,
-        peer: &Arc<str>,
-        client: SocketAddr,
-        gateway: &str,
-        address: SocketAddr,
-        idle_ms: u64,
-    ) -> bool {
-        self.resyncs.seen(peer, &client);
-        let Some(id) = self.plan.placement.keeper(gateway, address) else {
-            return false;
-        };
-        let activity = Arc::new(Activity::default());
-        activity.touch(now_ms().saturating_sub(idle_ms));
-        let session = Session {
-            gateway: id,
-            gateway_address: address,
-            activity,
-            link: Link::Standby(Standby::new(peer.clone(), &self.standby)),
-        };
-        // Replacing the client's own session is not an eviction: its traffic went elsewhere.
-        if let Some(mine) = self.sessions.remove(&client) {
-            if let Link::Forwarding(_) = mine.link {
-                tracing::debug!(listener = %self.name, %client, %peer, "a peer forwards this session now");
-            }
-        }
-        if let Some((pushed, session)) = self.sessions.insert(client, session) {
-            self.push_out(pushed, &session);
-        }
-        true
     }
 
     fn counters_for(&mut self, id: GatewayId, name: &str) -> Arc<GatewayCounters> {
@@ -830,6 +746,64 @@ impl Relay {
             replies,
             counters,
         })
+    }
+}
+
+impl sync::Standbys for Relay {
+    fn held_for(&self, peer: &str) -> Vec<SocketAddr> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.link.synced_from() == Some(peer))
+            .map(|(client, _)| *client)
+            .collect()
+    }
+
+    /// Keeps a peer's session as a standby entry on the gateway it names; false if this balancer
+    /// has no such gateway, or has it down. The peer forwarded it last, so it takes the place of
+    /// this balancer's own session of the client, if any.
+    fn hold(
+        &mut self,
+        peer: &Arc<str>,
+        client: SocketAddr,
+        gateway: &str,
+        address: SocketAddr,
+        idle_ms: u64,
+    ) -> bool {
+        let Some(id) = self.plan.placement.keeper(gateway, address) else {
+            return false;
+        };
+        let activity = Arc::new(Activity::default());
+        activity.touch(now_ms().saturating_sub(idle_ms));
+        let session = Session {
+            gateway: id,
+            gateway_address: address,
+            activity,
+            link: Link::Standby(Standby::new(peer.clone(), &self.standby)),
+        };
+        // Replacing the client's own session is not an eviction: its traffic went elsewhere.
+        if let Some(mine) = self.sessions.remove(&client) {
+            if let Link::Forwarding(_) = mine.link {
+                tracing::debug!(listener = %self.name, %client, %peer, "a peer forwards this session now");
+            }
+        }
+        if let Some((pushed, session)) = self.sessions.insert(client, session) {
+            self.push_out(pushed, &session);
+        }
+        true
+    }
+
+    fn release(&mut self, peer: &str, client: SocketAddr) {
+        let theirs = self
+            .sessions
+            .peek(&client)
+            .is_some_and(|s| s.link.synced_from() == Some(peer));
+        if theirs {
+            self.sessions.remove(&client);
+        }
+    }
+
+    fn resyncs(&mut self) -> &mut Resyncs {
+        &mut self.resyncs
     }
 }
 

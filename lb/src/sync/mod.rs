@@ -181,6 +181,66 @@ impl SyncOut {
     }
 }
 
+/// Where a datapath keeps its peers' sessions: the userspace table's standby entries, or the XDP
+/// program's pins. [`apply`] runs a peer's sync steps against them.
+pub trait Standbys {
+    /// The clients `peer`'s entries are for.
+    fn held_for(&self, peer: &str) -> Vec<SocketAddr>;
+    /// Keeps `peer`'s session of `client` on the gateway it names; false if it cannot be kept
+    /// (no such gateway here, or it is down).
+    fn hold(
+        &mut self,
+        peer: &Arc<str>,
+        client: SocketAddr,
+        gateway: &str,
+        address: SocketAddr,
+        idle_ms: u64,
+    ) -> bool;
+    /// Drops `peer`'s entry for `client`, if there is one and it is `peer`'s.
+    fn release(&mut self, peer: &str, client: SocketAddr);
+    fn resyncs(&mut self) -> &mut Resyncs;
+}
+
+/// Applies one step of `peer`'s stream.
+pub fn apply(standbys: &mut impl Standbys, peer: &Arc<str>, step: &SyncStep) -> Applied {
+    let mut outcome = Applied::default();
+    match step {
+        SyncStep::Begin => {
+            let held = standbys.held_for(peer);
+            standbys.resyncs().begin(peer.clone(), held.into_iter());
+        }
+        SyncStep::End => {
+            for client in standbys.resyncs().end(peer) {
+                standbys.release(peer, client);
+            }
+        }
+        SyncStep::Changes(changes) => {
+            for PeerChange { client, change } in changes {
+                let applied = match change {
+                    Change::Upsert {
+                        gateway,
+                        address,
+                        idle_ms,
+                    } => {
+                        standbys.resyncs().seen(peer, client);
+                        standbys.hold(peer, *client, gateway, *address, *idle_ms)
+                    }
+                    Change::Evicted => {
+                        standbys.release(peer, *client);
+                        true
+                    }
+                };
+                if applied {
+                    outcome.applied += 1;
+                } else {
+                    outcome.refused += 1;
+                }
+            }
+        }
+    }
+    outcome
+}
+
 /// Which of a peer's standby entries a resync in progress has not repeated yet: what is left at
 /// its end the peer no longer has.
 #[derive(Default)]

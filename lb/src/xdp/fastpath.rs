@@ -40,7 +40,7 @@ use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, M
 use crate::pool::{GatewayId, HashKey};
 use crate::query::{self, SessionFilter, SessionInfo, SessionPage, SessionRequest};
 use crate::session::EvictionReason;
-use crate::sync::{self, Applied, Change, PeerChange, Resyncs, SyncOut, SyncStep};
+use crate::sync::{self, Resyncs, SyncOut};
 
 /// How often routes, counters and idle sessions are looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -811,89 +811,6 @@ impl FastPath {
         }
     }
 
-    /// Applies a step of a peer's sync stream to listener `index`'s pins.
-    fn apply_sync(&mut self, index: usize, peer: &Arc<str>, step: &SyncStep) -> Applied {
-        let mut outcome = Applied::default();
-        match step {
-            SyncStep::Begin => {
-                let listener = &mut self.listeners[index];
-                let held: Vec<SocketAddr> = listener
-                    .pins
-                    .iter()
-                    .filter(|(_, pin)| pin.peer == *peer)
-                    .map(|(client, _)| *client)
-                    .collect();
-                listener.resyncs.begin(peer.clone(), held.into_iter());
-            }
-            SyncStep::End => {
-                let gone = self.listeners[index].resyncs.end(peer);
-                for client in gone {
-                    self.unpin(index, peer, client);
-                }
-            }
-            SyncStep::Changes(changes) => {
-                for PeerChange { client, change } in changes {
-                    let applied = match change {
-                        Change::Upsert {
-                            gateway,
-                            address,
-                            idle_ms,
-                        } => self.pin(index, peer, *client, gateway, *address, *idle_ms),
-                        Change::Evicted => {
-                            self.unpin(index, peer, *client);
-                            true
-                        }
-                    };
-                    if applied {
-                        outcome.applied += 1;
-                    } else {
-                        outcome.refused += 1;
-                    }
-                }
-            }
-        }
-        outcome
-    }
-
-    /// Pins a peer's session; false if no gateway of this name and address keeps sessions here.
-    /// The peer forwarded it last, so the program's own session of the client, if any, goes.
-    fn pin(
-        &mut self,
-        index: usize,
-        peer: &Arc<str>,
-        client: SocketAddr,
-        gateway: &str,
-        address: SocketAddr,
-        idle_ms: u64,
-    ) -> bool {
-        self.listeners[index].resyncs.seen(peer, &client);
-        let Some(slot) = self
-            .gateways
-            .iter()
-            .find(|(_, s)| {
-                s.listener == index && s.keeps && s.name == gateway && s.address == address
-            })
-            .map(|(slot, _)| *slot)
-        else {
-            return false;
-        };
-        let key = flow_key(index, client);
-        if let Some(session) = self.program.session(&key) {
-            let _ = self.program.remove_session(&key, &session);
-        }
-        if let Err(e) = self.program.pin(&key, slot) {
-            tracing::warn!("cannot pin a peer's session in the XDP program: {e:#}");
-            return false;
-        }
-        let pin = Pin {
-            slot,
-            peer: peer.clone(),
-            seen_ns: coarse_now_ns().saturating_sub(idle_ms * 1_000_000),
-        };
-        self.listeners[index].pins.insert(client, pin);
-        true
-    }
-
     /// Drops `peer`'s pin of `client`, if it is `peer`'s.
     fn unpin(&mut self, index: usize, peer: &str, client: SocketAddr) {
         let pins = &mut self.listeners[index].pins;
@@ -1013,7 +930,7 @@ impl FastPath {
             SessionRequest::Sync { peer, step, reply } => {
                 // The userspace datapath keeps them too, for clients the program passes to it
                 // (one whose gateway's next hop is not resolved yet).
-                let applied = self.apply_sync(index, &peer, &step);
+                let applied = sync::apply(&mut ListenerPins { fast: self, index }, &peer, &step);
                 let _ = ask(slow_path, |reply| SessionRequest::Sync {
                     peer,
                     step,
@@ -1049,6 +966,69 @@ impl FastPath {
                     .then_some((client, key, session))
             })
             .collect()
+    }
+}
+
+/// One listener's pins, as the sync layer applies a peer's stream to them.
+struct ListenerPins<'a> {
+    fast: &'a mut FastPath,
+    index: usize,
+}
+
+impl sync::Standbys for ListenerPins<'_> {
+    fn held_for(&self, peer: &str) -> Vec<SocketAddr> {
+        self.fast.listeners[self.index]
+            .pins
+            .iter()
+            .filter(|(_, pin)| &*pin.peer == peer)
+            .map(|(client, _)| *client)
+            .collect()
+    }
+
+    /// Pins a peer's session; false if no gateway of this name and address keeps sessions here.
+    /// The peer forwarded it last, so the program's own session of the client, if any, goes.
+    fn hold(
+        &mut self,
+        peer: &Arc<str>,
+        client: SocketAddr,
+        gateway: &str,
+        address: SocketAddr,
+        idle_ms: u64,
+    ) -> bool {
+        let Some(slot) = self
+            .fast
+            .gateways
+            .iter()
+            .find(|(_, s)| {
+                s.listener == self.index && s.keeps && s.name == gateway && s.address == address
+            })
+            .map(|(slot, _)| *slot)
+        else {
+            return false;
+        };
+        let key = flow_key(self.index, client);
+        if let Some(session) = self.fast.program.session(&key) {
+            let _ = self.fast.program.remove_session(&key, &session);
+        }
+        if let Err(e) = self.fast.program.pin(&key, slot) {
+            tracing::warn!("cannot pin a peer's session in the XDP program: {e:#}");
+            return false;
+        }
+        let pin = Pin {
+            slot,
+            peer: peer.clone(),
+            seen_ns: coarse_now_ns().saturating_sub(idle_ms * 1_000_000),
+        };
+        self.fast.listeners[self.index].pins.insert(client, pin);
+        true
+    }
+
+    fn release(&mut self, peer: &str, client: SocketAddr) {
+        self.fast.unpin(self.index, peer, client);
+    }
+
+    fn resyncs(&mut self) -> &mut Resyncs {
+        &mut self.fast.listeners[self.index].resyncs
     }
 }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs those of the given Debian packages that are not installed yet (and runs apt-get update
+# only then). --no-install-recommends: wireguard-tools would otherwise pull in a kernel image and
+# systemd.
+set -euo pipefail
+missing=()
+for package in "$@"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
