@@ -182,6 +182,9 @@ fn exported_metrics() -> BTreeSet<String> {
     metrics.set_xdp_attached("eth0", "native");
     metrics.set_xdp_ready("l", "g", Some(true));
     let _passed = metrics.xdp_passed("", "not_ip");
+    let _peer = metrics.sync_peer("p");
+    metrics.sync_received("p", 1, 0);
+    let _standby = metrics.sync_standby("l");
     let sidecar = wglb_healthcheck::metrics::Metrics::new();
     sidecar.probe("l", "g", Probe::Handshake, true, Duration::from_millis(1));
     sidecar.verdict("l", "g", Verdict::Up, true);
