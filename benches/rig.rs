@@ -21,7 +21,8 @@
 //! Writes `benches/results/rig.{csv,md,svg}`. Run (as root): `sudo bash scripts/bench.sh`, or
 //! `cargo bench -p wglb --bench rig` with nginx, libnginx-mod-stream and nftables installed.
 //! `WGLB_BENCH_QUICK=1` runs one short round (to try the rig, not for figures);
-//! `WGLB_BENCH_ONLY="wglb XDP generic"` runs one contender and writes nothing (for profiling).
+//! `WGLB_BENCH_ONLY="wglb userspace,nginx stream"` runs those contenders and writes nothing (to
+//! profile one, or try a change against another).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -356,12 +357,15 @@ fn main() -> Result<()> {
     };
     let client = v4(rig.client_addr(0).ip())?;
     let sources = generator::sources(&[client], 20_000, FLOWS);
-    // To profile one contender (`perf record -a` around a run): its name, e.g. "nginx stream";
+    // To profile or compare some contenders: their names, comma-separated (e.g. "nginx stream");
     // nothing is written then.
     let only = std::env::var("WGLB_BENCH_ONLY").ok();
     let contenders: Vec<Contender> = Contender::ALL
         .into_iter()
-        .filter(|c| only.as_deref().is_none_or(|name| c.name() == name))
+        .filter(|c| {
+            only.as_deref()
+                .is_none_or(|names| names.split(',').any(|n| n == c.name()))
+        })
         .collect();
     let mut runs: Vec<(Contender, usize, Vec<Measured>, Vec<Measured>)> = Vec::new();
     for round in 0..rounds {

@@ -50,16 +50,21 @@ const BATCHES_PER_TURN: usize = 16;
 pub struct UdpEndpoint {
     io: UdpSocket,
     state: UdpSocketState,
+    /// A session's socket, connected to its gateway: a single datagram goes out with send(2),
+    /// naming no destination, so the kernel uses the route cached on the socket instead of
+    /// looking one up per datagram (as a sendmsg naming the destination makes it do).
+    connected: bool,
 }
 
 impl UdpEndpoint {
-    fn from_socket2(socket: Socket) -> io::Result<UdpEndpoint> {
+    fn from_socket2(socket: Socket, connected: bool) -> io::Result<UdpEndpoint> {
         socket.set_nonblocking(true)?;
         let std: std::net::UdpSocket = socket.into();
         let state = UdpSocketState::new((&std).into())?;
         Ok(UdpEndpoint {
             io: UdpSocket::from_std(std)?,
             state,
+            connected,
         })
     }
 
@@ -80,7 +85,7 @@ impl UdpEndpoint {
         socket.set_reuse_port(true)?;
         set_buffers(&socket, buffer);
         socket.bind(&address.into())?;
-        UdpEndpoint::from_socket2(socket)
+        UdpEndpoint::from_socket2(socket, false)
     }
 
     /// Opens a session's socket towards its gateway.
@@ -98,7 +103,7 @@ impl UdpEndpoint {
         socket.bind(&local.into())?;
         // Connected: the kernel hands this socket only the gateway's datagrams.
         socket.connect(&gateway.into())?;
-        UdpEndpoint::from_socket2(socket)
+        UdpEndpoint::from_socket2(socket, true)
     }
 
     /// Sends `data`, split into `stride`-sized datagrams, in one GSO send when the kernel allows.
@@ -124,6 +129,12 @@ impl UdpEndpoint {
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
+        // Straight to the non-blocking socket, not through tokio's readiness flags: a new socket
+        // is not known writable until the reactor has polled it, and a relay drops (counted)
+        // rather than waits when the kernel's send buffer is full.
+        if self.connected && segment_size.is_none() && src_ip.is_none() {
+            return socket2::SockRef::from(&self.io).send(contents).map(drop);
+        }
         let transmit = Transmit {
             destination,
             ecn: None,
@@ -131,9 +142,6 @@ impl UdpEndpoint {
             segment_size,
             src_ip,
         };
-        // Straight to the non-blocking socket, not through tokio's readiness flags: a new socket
-        // is not known writable until the reactor has polled it, and a relay drops (counted)
-        // rather than waits when the kernel's send buffer is full.
         self.state.try_send((&self.io).into(), &transmit)
     }
 
