@@ -35,7 +35,7 @@ use wglb_lab::bench::{self, machine, Run};
 use wglb_lab::contender::{Contender, Running, Setup};
 use wglb_lab::cpu::{machine_ticks, process_ticks, TICKS_PER_SECOND};
 use wglb_lab::generator::{self, v4, v4_socket, Flows, Sinks};
-use wglb_lab::{Family, Rig, RigSpec};
+use wglb_lab::Rig;
 
 const RATE: u64 = 50_000;
 const FLOWS: usize = 1024;
@@ -331,16 +331,7 @@ fn main() -> Result<()> {
         Run::Measure { quick: true } => (1, 2),
         Run::Measure { quick: false } => (3, 5),
     };
-    let mut rig = Rig::new(RigSpec {
-        balancers: 1,
-        family: Family::V4,
-        gateways: 2,
-        client_ports: vec![41_000],
-        keepalive: None,
-    })?;
-    for j in 0..2 {
-        rig.stop_gateway(j)?;
-    }
+    let rig = bench::sink_rig()?;
     let gateways = vec![rig.gateway_addr(0), rig.gateway_addr(1)];
     let sinks = Sinks::start(&rig, &gateways)?;
     rig.route_through_balancer()?;

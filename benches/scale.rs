@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use wglb_lab::bench::{self, machine, Run};
 use wglb_lab::contender::{Contender, Running, Setup};
 use wglb_lab::generator::{self, v4_socket, Flows, Sinks};
-use wglb_lab::{metrics, Family, Rig, RigSpec};
+use wglb_lab::{metrics, Rig};
 
 const GENERATOR_CPU: usize = 0;
 const PORTS_PER_GATEWAY_HOST: u16 = 16;
@@ -101,16 +101,7 @@ fn main() -> Result<()> {
     let (_, files) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
     let userspace_top = (files.saturating_sub(2_000) / 1_000 * 1_000).clamp(1_000, 50_000) as usize;
     let seconds = if quick { 2 } else { 5 };
-    let mut rig = Rig::new(RigSpec {
-        balancers: 1,
-        family: Family::V4,
-        gateways: 2,
-        client_ports: vec![41_000],
-        keepalive: None,
-    })?;
-    for j in 0..2 {
-        rig.stop_gateway(j)?;
-    }
+    let rig = bench::sink_rig()?;
     let gateways: Vec<SocketAddr> = (0..2)
         .flat_map(|j| {
             let ip = rig.gateway_addr(j).ip();

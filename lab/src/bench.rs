@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use crate::{Family, Rig, RigSpec};
+
 /// How a benchmark run goes, from its command line and environment.
 pub enum Run {
     /// `cargo test --benches` probes benchmark binaries with `--list`: nothing to run.
@@ -23,6 +25,23 @@ pub fn begin() -> Result<Run> {
     Ok(Run::Measure {
         quick: std::env::var_os("WGLB_BENCH_QUICK").is_some(),
     })
+}
+
+/// The rig of the packet benchmarks: one client (the generator's namespace) and two gateway
+/// hosts whose WireGuard and health servers are stopped, so that their addresses are free for
+/// [`crate::generator::Sinks`].
+pub fn sink_rig() -> Result<Rig> {
+    let mut rig = Rig::new(RigSpec {
+        balancers: 1,
+        family: Family::V4,
+        gateways: 2,
+        client_ports: vec![41_000],
+        keepalive: None,
+    })?;
+    for j in 0..2 {
+        rig.stop_gateway(j)?;
+    }
+    Ok(rig)
 }
 
 /// Writes `benches/results/STEM.csv` and `STEM.md` (`manifest_dir`: the bench's

@@ -5,13 +5,13 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 
 use crate::netns::run_in;
-use crate::{cmd, metrics, Rig};
+use crate::{cmd, metrics, Daemon, Rig};
 
 const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 /// Where a wglb contender serves metrics, inside the balancer namespace.
@@ -87,13 +87,14 @@ pub struct Setup<'a> {
 /// (start clients, stop gateways).
 pub struct Running {
     ns: String,
-    child: Option<Child>,
+    /// wglb or nginx (whose master takes its workers down with it on SIGTERM, Daemon's stop).
+    process: Option<Daemon>,
 }
 
 impl Running {
     /// The contender's process (nginx's master, whose workers count with it), if it has one.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.as_ref().map(Daemon::pid)
     }
 
     /// The wglb contender's metrics.
@@ -105,10 +106,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM: nginx's master takes its workers down with it only then.
-            let _ = cmd::terminate(&mut child, Duration::from_secs(5));
-        }
+        drop(self.process.take());
         for command in [
             &["nft", "delete", "table", "ip", "bench"][..],
             &["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"],
@@ -131,18 +129,10 @@ impl Contender {
         let rig = setup.rig;
         let mut running = Running {
             ns: rig.balancer_ns().name().to_string(),
-            child: None,
+            process: None,
         };
-        let spawn = |program: &Path, args: &[&str], log: &str| -> Result<Child> {
-            let log = std::fs::File::create(setup.dir.join(log))?;
-            rig.balancer_ns()
-                .command(program)
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", program.display()))
+        let spawn = |program: &Path, args: &[&str], log: &str| {
+            Daemon::spawn(rig.balancer_ns(), program, args, &setup.dir.join(log))
         };
         match self {
             Contender::Userspace | Contender::XdpNative | Contender::XdpGeneric => {
@@ -155,7 +145,7 @@ impl Contender {
                     Contender::XdpNative => &["--datapath", "xdp", "--xdp-mode", "native"],
                     _ => &["--datapath", "xdp", "--xdp-mode", "generic"],
                 });
-                running.child = Some(spawn(setup.wglb, &args, "wglb.log")?);
+                running.process = Some(spawn(setup.wglb, &args, "wglb.log")?);
                 cmd::wait_for("wglb to serve metrics", Duration::from_secs(15), || {
                     Ok(running.wglb_metrics().ok())
                 })?;
@@ -184,7 +174,7 @@ impl Contender {
                 let config = setup.dir.join("nginx.conf");
                 std::fs::write(&config, nginx_config(setup))?;
                 let config = config.display().to_string();
-                running.child = Some(spawn(
+                running.process = Some(spawn(
                     Path::new("nginx"),
                     &["-c", &config, "-g", "daemon off;"],
                     "nginx.log",

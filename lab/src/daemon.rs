@@ -37,6 +37,10 @@ impl Daemon {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: the program dies without cleaning up, as in a crash.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill().context("killing")?;

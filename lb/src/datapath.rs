@@ -623,12 +623,15 @@ impl Relay {
                 .placement
                 .keeps(session.gateway, session.gateway_address)
             {
-                let standby = matches!(session.link, Link::Standby(_));
-                if standby && !self.take_over(client, meta.dst_ip, batch) {
+                if let Link::Forwarding(_) = session.link {
+                    to_gateway(session, &self.counters, client, data, stride, batch);
                     return;
                 }
-                if let Some(session) = self.sessions.peek(&client) {
-                    to_gateway(session, &self.counters, client, data, stride, batch);
+                // A peer's session whose traffic comes here now: on to the gateway it had.
+                if self.take_over(client, meta.dst_ip, batch) {
+                    if let Some(session) = self.sessions.peek(&client) {
+                        to_gateway(session, &self.counters, client, data, stride, batch);
+                    }
                 }
                 return;
             }
