@@ -22,7 +22,7 @@ use wglb_healthcheck::metrics::Metrics;
 use wglb_healthcheck::pools::sync_pools;
 use wglb_healthcheck::report::{run_reporter, Latest};
 use wglb_healthcheck::topology::{poll_balancer, Topology, TopologyService};
-use wglb_proto::client::Target;
+use wglb_proto::client::{read_token_file, Target};
 
 #[derive(Parser)]
 #[command(
@@ -104,10 +104,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for balancer in &config.balancers {
         let token = match &balancer.token_file {
             Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
-                    .trim()
-                    .to_string(),
+                read_token_file(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
             ),
             None => None,
         };

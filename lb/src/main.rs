@@ -26,7 +26,7 @@ use wglb::pool::{AllDownPolicy, HashKey};
 use wglb::sync::{self, PeerQueue, SyncOut};
 use wglb::xdp::fastpath::{FastPath, FastPathLinks};
 use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
-use wglb_proto::client::Target;
+use wglb_proto::client::{read_token_file, Target};
 
 /// How long a stopping balancer waits for its peers to take its last session changes.
 const SYNC_FLUSH_WAIT: Duration = Duration::from_secs(5);
@@ -346,14 +346,9 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut sync_tasks = JoinSet::new();
     for (peer, queue, changes) in sync_peers {
         let token = match &peer.token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| {
-                        format!("sync peer `{}`: cannot read {}", peer.name, path.display())
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
+            Some(path) => Some(read_token_file(path).with_context(|| {
+                format!("sync peer `{}`: cannot read {}", peer.name, path.display())
+            })?),
             None => None,
         };
         let target = Target {

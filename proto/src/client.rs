@@ -135,6 +135,11 @@ impl Target {
     }
 }
 
+/// A bearer token kept in a file (as `openssl rand -hex 32 > FILE` writes it: one line).
+pub fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
 /// An error with its causes, which is where transport errors say what actually went wrong.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     with_causes(error.to_string(), error.source())

@@ -16,7 +16,7 @@ use tonic::Code;
 use crate::api::pb;
 use crate::config::DEFAULT_API_SOCKET;
 use crate::pool::AdminState;
-use wglb_proto::client::{with_causes, Connection, Target};
+use wglb_proto::client::{read_token_file, with_causes, Connection, Target};
 
 /// Exit codes a script can rely on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,17 +223,12 @@ impl ApiArgs {
     async fn connect(&self) -> Result<Connection, CliError> {
         let token = match (&self.token, &self.token_file) {
             (Some(token), _) => Some(token.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| {
-                        CliError::new(
-                            ExitCode::Usage,
-                            format!("cannot read the token file {}: {e}", path.display()),
-                        )
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
+            (None, Some(path)) => Some(read_token_file(path).map_err(|e| {
+                CliError::new(
+                    ExitCode::Usage,
+                    format!("cannot read the token file {}: {e}", path.display()),
+                )
+            })?),
             (None, None) => None,
         };
         let target = Target {

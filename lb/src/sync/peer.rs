@@ -4,6 +4,7 @@
 //! apart (a partition, its restart, dropped changes) converges.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -163,13 +164,13 @@ async fn resync(
             let batch: Vec<SessionChange> = page
                 .sessions
                 .iter()
-                .map(|s| SessionChange {
-                    kind: session_change::Kind::Upsert.into(),
-                    listener: listener.clone(),
-                    client: s.client.to_string(),
-                    gateway: s.gateway.clone(),
-                    gateway_address: s.gateway_address.to_string(),
-                    idle_ms: s.idle_ms,
+                .map(|s| {
+                    let change = Change::Upsert {
+                        gateway: s.gateway.clone(),
+                        address: s.gateway_address,
+                        idle_ms: s.idle_ms,
+                    };
+                    to_proto(listener, s.client, change)
                 })
                 .collect();
             after = page.sessions.last().map(|s| s.client);
@@ -202,7 +203,10 @@ impl Sender<'_> {
             .map(|c| c.at)
             .min()
             .unwrap_or_else(Instant::now);
-        let changes = changes.into_iter().map(to_proto).collect();
+        let changes = changes
+            .into_iter()
+            .map(|c| to_proto(&c.listener, c.client, c.change))
+            .collect();
         self.send(false, false, changes, oldest).await
     }
 
@@ -289,8 +293,8 @@ impl Sender<'_> {
     }
 }
 
-fn to_proto(change: LocalChange) -> SessionChange {
-    let (kind, gateway, gateway_address, idle_ms) = match change.change {
+fn to_proto(listener: &str, client: SocketAddr, change: Change) -> SessionChange {
+    let (kind, gateway, gateway_address, idle_ms) = match change {
         Change::Upsert {
             gateway,
             address,
@@ -310,8 +314,8 @@ fn to_proto(change: LocalChange) -> SessionChange {
     };
     SessionChange {
         kind: kind.into(),
-        listener: change.listener.to_string(),
-        client: change.client.to_string(),
+        listener: listener.to_string(),
+        client: client.to_string(),
         gateway,
         gateway_address,
         idle_ms,
