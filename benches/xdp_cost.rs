@@ -1,30 +1,44 @@
 //! The XDP program's own cost per packet, with BPF_PROG_TEST_RUN repeat runs (the kernel's clock,
 //! no system call in it), beside the floor measured in the same run: a program that only parses,
-//! rewrites and sends back (`ebpf/xdp/src/floor.rs`). Cases: a session hit, a miss (placement, a
-//! NAT port and two map inserts), and junk dropped at the shape check. Needs root.
+//! rewrites and sends back (`ebpf/xdp/src/floor.rs`). Cases: a confirmed session's hit, a new
+//! session (placement, admission, a NAT port and two map inserts), a new session refused by its
+//! source's budget, and junk dropped at the shape check. Needs root.
+//!
+//! BPF_PROG_TEST_RUN runs every repeat on the same buffer, which the program rewrites: a hit would
+//! measure the rewritten frame's path from the second run on. So the hit's frame is made a fixed
+//! point of the rewrite: its gateway's address is the listener's, its client address is our
+//! source address towards that gateway and the one NAT port, and the MACs are the gateway
+//! entry's, so the frame the program sends is the frame it received, and every run is a hit.
+//! The refusal and junk cases change nothing. New sessions are timed one run each.
 //!
 //! Run: `sudo cargo bench -p wglb --bench xdp_cost`
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{ensure, Context};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use wglb::config::Config;
 use wglb::control::initial_placement;
-use wglb::xdp::{endpoint_of, Limits, XdpProgram};
-use wglb_common::xdp::{Gateway, GATEWAY_KEEPS, GATEWAY_READY};
+use wglb::xdp::{endpoint_of, Limits, Table, XdpProgram, XDP_DROP, XDP_TX};
+use wglb_common::xdp::{FlowKey, Gateway, GATEWAY_KEEPS, GATEWAY_READY};
 
 const REPEAT: u32 = 1_000_000;
 const MISSES: u16 = 20_000;
+const LISTENER: [u8; 4] = [10, 201, 0, 1];
+/// Our address towards the loop gateway, and with the one NAT port, the hit's client.
+const SOURCE: [u8; 4] = [10, 201, 0, 9];
+const NAT_PORT: u16 = 20_000;
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const OUR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 fn frame(client: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let (IpAddr::V4(source), listener) = (client.ip(), Ipv4Addr::new(10, 201, 0, 1)) else {
+    let (IpAddr::V4(source), listener) = (client.ip(), Ipv4Addr::from(LISTENER)) else {
         unreachable!()
     };
     let mut out = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+    PacketBuilder::ethernet2(CLIENT_MAC, OUR_MAC)
         .ipv4(source.octets(), listener.octets(), 64)
         .udp(client.port(), 51820)
         .write(&mut out, payload)
@@ -39,26 +53,30 @@ fn message(kind: u8, len: usize) -> Vec<u8> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // gw0 is the loop gateway at the listener's own address; new sessions land on it or gw1.
     let config = Config::parse(
         "[[listener]]\nname = \"l\"\nlisten = \"10.201.0.1:51820\"\nhash_key = \"source-ip-port\"\n\
-         [[listener.gateway]]\nname = \"gw0\"\naddress = \"10.202.0.2:51820\"\n\
+         [[listener.gateway]]\nname = \"gw0\"\naddress = \"10.201.0.1:51820\"\n\
          [[listener.gateway]]\nname = \"gw1\"\naddress = \"10.202.1.2:51820\"\n",
         "bench",
     )?;
     let listener = &config.listeners[0];
     let mut program = XdpProgram::load(Limits {
         sessions: 65_536,
+        probation: listener.admission.probation_size.get() as u32,
         maglev_slots: listener.maglev_size,
     })?;
-    program.set_nat_ports(20_000, 40_000)?;
+    program.set_nat_ports(NAT_PORT, 1)?;
     for (index, gateway) in listener.gateways.iter().enumerate() {
+        let source = if index == 0 { SOURCE } else { [10, 202, 1, 1] };
         program.set_gateway(
             index as u32,
             Gateway {
                 endpoint: endpoint_of(gateway.address),
-                source: endpoint_of(SocketAddr::from(([10, 202, index as u8, 1], 0))).addr,
-                next_hop_mac: [2, 0, 0, 0, 2, index as u8],
-                local_mac: [2, 0, 0, 0, 0, 2],
+                source: endpoint_of(SocketAddr::from((source, 0))).addr,
+                // The hit's frame goes out with the MACs it came in with.
+                next_hop_mac: OUR_MAC,
+                local_mac: CLIENT_MAC,
                 ifindex: 1,
                 flags: GATEWAY_KEEPS | GATEWAY_READY,
             },
@@ -66,31 +84,76 @@ fn main() -> anyhow::Result<()> {
     }
     let placement = initial_placement(listener);
     let slots = listener.maglev_size;
-    program.set_placement(0, &[listener.listen], &[], 0, slots, &placement, |g| {
-        listener
-            .gateways
-            .iter()
-            .position(|c| c.name == g.name)
-            .unwrap() as u32
-    })?;
-
-    let data = message(4, 32 + 16 * 80);
-    let hit = frame(SocketAddr::from(([10, 201, 0, 2], 40_000)), &data);
-    program.run(&hit)?;
-    let hit_ns = program.time(&hit, REPEAT)?;
-    let junk_ns = program.time(
-        &frame(
-            SocketAddr::from(([10, 201, 0, 2], 40_000)),
-            &message(9, 148),
-        ),
-        REPEAT,
+    let admission = listener.admission.limits();
+    program.set_placement(
+        0,
+        &[listener.listen],
+        &[],
+        0,
+        slots,
+        &placement,
+        admission,
+        |g| {
+            listener
+                .gateways
+                .iter()
+                .position(|c| c.name == g.name)
+                .unwrap() as u32
+        },
     )?;
+
+    // A peer balancer's session (a pin) skips probation: the hit is a confirmed session's.
+    let client = SocketAddr::from((SOURCE, NAT_PORT));
+    let key = FlowKey {
+        listener: 0,
+        client: endpoint_of(client),
+    };
+    program.pin(&key, 0)?;
+    let hit = frame(client, &message(4, 32 + 16 * 80));
+    let first = program.run(&hit)?;
+    ensure!(
+        first.verdict == XDP_TX && first.packet == hit,
+        "the hit's frame is not a fixed point of the rewrite"
+    );
+    ensure!(matches!(program.session(&key), Some((Table::Confirmed, _))));
+    let hit_ns = program.time(&hit, REPEAT)?;
+    let junk_ns = program.time(&frame(client, &message(9, 148)), REPEAT)?;
+
+    // New sessions, each from an address of its own (each source has a budget of its own), on
+    // NAT ports other than the hit's.
+    program.set_nat_ports(NAT_PORT + 1, 40_000)?;
     let mut miss_total = Duration::ZERO;
-    for port in 0..MISSES {
-        let client = SocketAddr::from(([10, 201, 1 + (port / 250) as u8, 2], 1024 + port));
-        miss_total += program.time(&frame(client, &message(1, 148)), 1)?;
+    let mut misses = 0u32;
+    for i in 0..MISSES {
+        let client = SocketAddr::from(([10, 203, (i / 250) as u8, 1 + (i % 250) as u8], 1024 + i));
+        let new = frame(client, &message(1, 148));
+        let time = program.time(&new, 1)?;
+        let key = FlowKey {
+            listener: 0,
+            client: endpoint_of(client),
+        };
+        if matches!(program.session(&key), Some((Table::Unconfirmed, _))) {
+            miss_total += time;
+            misses += 1;
+        }
     }
-    let miss_ns = miss_total / MISSES as u32;
+    ensure!(
+        misses > u32::from(MISSES) / 3,
+        "only {misses} new sessions were opened"
+    );
+    let miss_ns = miss_total / misses;
+
+    // One address opens its burst of new sessions, then every further new one is refused.
+    let mut refused = None;
+    for port in 1024..2048 {
+        let new = frame(SocketAddr::from(([10, 204, 0, 1], port)), &message(1, 148));
+        if program.run(&new)?.verdict == XDP_DROP {
+            refused = Some(new);
+            break;
+        }
+    }
+    let refused = refused.context("a source was never refused")?;
+    let refused_ns = program.time(&refused, REPEAT)?;
 
     let mut floor = aya::Ebpf::load(aya::include_bytes_aligned!(concat!(
         env!("OUT_DIR"),
@@ -112,17 +175,19 @@ fn main() -> anyhow::Result<()> {
         .duration;
 
     let ratio = |d: Duration| d.as_nanos() as f64 / floor_ns.as_nanos().max(1) as f64;
-    println!("case                          ns/packet   vs floor");
+    println!("case                            ns/packet   vs floor");
     println!(
-        "floor (parse, rewrite, TX)    {:>9}   1.00x",
+        "floor (parse, rewrite, TX)      {:>9}   1.00x",
         floor_ns.as_nanos()
     );
+    println!("(new sessions: the mean of the {misses} runs that opened one)");
     for (case, d) in [
-        ("session hit (1312-byte data)", hit_ns),
-        ("miss: place + NAT + insert", miss_ns),
+        ("confirmed hit (1312-byte data)", hit_ns),
+        ("new session (place, admit, NAT)", miss_ns),
+        ("new session refused (budget)", refused_ns),
         ("junk dropped", junk_ns),
     ] {
-        println!("{case:<29} {:>9}   {:.2}x", d.as_nanos(), ratio(d));
+        println!("{case:<31} {:>9}   {:.2}x", d.as_nanos(), ratio(d));
     }
     Ok(())
 }

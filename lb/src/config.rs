@@ -25,6 +25,15 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Linux), so the default stays well below both limits.
 pub const DEFAULT_TABLE_SIZE: usize = 16_384;
 pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
+/// Unconfirmed sessions at once: a handshake's round trip is milliseconds, so this is room for
+/// thousands of clients arriving together (after a gateway failure) while a flood churns it.
+pub const DEFAULT_PROBATION_SIZE: usize = 4096;
+/// New sessions per second per source address, and how many a quiet source may open at once:
+/// enough for a carrier-grade NAT's clients to come back after a failover within seconds.
+pub const DEFAULT_SOURCE_RATE: u32 = 20;
+pub const DEFAULT_SOURCE_BURST: u32 = 40;
+/// Unconfirmed sessions per source address at once.
+pub const DEFAULT_SOURCE_UNCONFIRMED: u32 = 32;
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -126,7 +135,33 @@ pub struct ListenerConfig {
     pub maglev_size: u32,
     pub all_down: AllDownPolicy,
     pub socket_buffer: usize,
+    pub admission: AdmissionConfig,
     pub gateways: Vec<GatewayConfig>,
+}
+
+/// How new sessions are admitted (`wglb_common::admission`): a session is unconfirmed until its
+/// gateway answers, and unconfirmed sessions have a bounded part of the table of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// Unconfirmed sessions at once, over all sources; beyond it the oldest unconfirmed goes.
+    pub probation_size: NonZeroUsize,
+    /// New sessions per second per source address.
+    pub source_rate: u32,
+    /// New sessions a quiet source address may open at once.
+    pub source_burst: u32,
+    /// Unconfirmed sessions per source address at once.
+    pub source_unconfirmed: u32,
+}
+
+impl AdmissionConfig {
+    pub fn limits(&self) -> wglb_common::admission::AdmissionLimits {
+        wglb_common::admission::AdmissionLimits {
+            rate: self.source_rate,
+            burst: self.source_burst,
+            unconfirmed: self.source_unconfirmed,
+            pad: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -357,6 +392,10 @@ struct RawListener {
     maglev_size: Option<u32>,
     all_down: Option<AllDownPolicy>,
     socket_buffer: Option<usize>,
+    probation_size: Option<usize>,
+    source_rate: Option<u32>,
+    source_burst: Option<u32>,
+    source_unconfirmed: Option<u32>,
     #[serde(default)]
     gateway: Vec<Spanned<RawGateway>>,
 }
@@ -443,8 +482,8 @@ impl Config {
             table_size: flags.table_size,
             maglev_size: None,
             all_down: flags.all_down,
-            socket_buffer: None,
             gateway: gateways,
+            ..RawListener::default()
         };
         let raw = RawConfig {
             health: None,
@@ -661,6 +700,25 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
             return Err(err("idle_timeout", "must be greater than zero".into()));
         }
         let socket_buffer = listener.socket_buffer.unwrap_or(DEFAULT_SOCKET_BUFFER);
+        let probation_size = listener
+            .probation_size
+            .unwrap_or(DEFAULT_PROBATION_SIZE.min(table_size.get()));
+        let probation_size = NonZeroUsize::new(probation_size)
+            .ok_or_else(|| err("probation_size", "must be at least 1".into()))?;
+        let positive = |field: &str, value: Option<u32>, default: u32| match value {
+            Some(0) => Err(err(field, "must be at least 1".into())),
+            value => Ok(value.unwrap_or(default)),
+        };
+        let admission = AdmissionConfig {
+            probation_size,
+            source_rate: positive("source_rate", listener.source_rate, DEFAULT_SOURCE_RATE)?,
+            source_burst: positive("source_burst", listener.source_burst, DEFAULT_SOURCE_BURST)?,
+            source_unconfirmed: positive(
+                "source_unconfirmed",
+                listener.source_unconfirmed,
+                DEFAULT_SOURCE_UNCONFIRMED,
+            )?,
+        };
         if listener.gateway.is_empty() {
             return Err(err("gateway", "no [[listener.gateway]] configured".into()));
         }
@@ -705,6 +763,7 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
             maglev_size,
             all_down: listener.all_down.unwrap_or(AllDownPolicy::FailOpen),
             socket_buffer,
+            admission,
             gateways,
         });
     }

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{check_gateway, Config, GatewayConfig, HealthCheckConfig, ListenerConfig};
+use crate::config::{
+    check_gateway, AdmissionConfig, Config, GatewayConfig, HealthCheckConfig, ListenerConfig,
+};
 use crate::events::{EventBus, EventKind};
 use crate::health::{spawn_http_checker, Observation, BUILTIN_SOURCE};
 use crate::metrics::Metrics;
@@ -29,6 +31,7 @@ pub struct ListenerPlan {
     pub placement: Placement,
     pub idle_timeout: Duration,
     pub table_size: NonZeroUsize,
+    pub admission: AdmissionConfig,
 }
 
 /// Most health sources tracked at once: source names come from API clients, and each costs
@@ -960,6 +963,7 @@ fn build_plan(
         placement,
         idle_timeout: listener.idle_timeout,
         table_size: listener.table_size,
+        admission: listener.admission,
     }
 }
 

@@ -13,6 +13,11 @@
 //!
 //! The table also holds peers' sessions (session sync): standby entries with no socket, which
 //! become forwarding sessions on the gateway they name when their client's traffic comes here.
+//!
+//! New sessions are admitted against their source address's budget and start unconfirmed, in a
+//! bounded probation table of their own, until their gateway answers (`crate::admission`): a
+//! flood of WireGuard-shaped datagrams costs at most the probation bound in sockets, and never
+//! pushes a confirmed session out.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -28,15 +33,17 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
+use wglb_common::admission::Refusal;
 use wglb_common::wireguard::{classify, MessageType};
 
+use crate::admission::Sources;
 use crate::config::ListenerConfig;
 use crate::control::ListenerPlan;
 use crate::events::{EventBus, EventKind};
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::pool::{GatewayId, Placement};
 use crate::query::{self, SessionInfo, SessionPage, SessionRequest};
-use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
+use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable, PROBATION_IDLE};
 use crate::sync::{self, Resyncs, SyncOut};
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
@@ -299,6 +306,14 @@ struct Batch {
     cookies: u64,
 }
 
+impl Batch {
+    /// From a gateway: whether it confirms the session (a handshake response or transport data;
+    /// see [`Activity::answer`]).
+    fn confirms(&self) -> bool {
+        self.responses > 0 || self.valid > self.initiations + self.responses + self.cookies
+    }
+}
+
 /// Counts a forwarded batch (its WireGuard datagrams) and the handshake messages in it.
 fn count_forwarded(batch: Batch, direction: Direction, counters: &GatewayCounters) {
     match direction {
@@ -385,6 +400,9 @@ impl ReplyPath {
                 if batch.valid == 0 {
                     continue;
                 }
+                if batch.confirms() {
+                    self.activity.answer();
+                }
                 match forward(
                     &self.listener,
                     self.client,
@@ -411,14 +429,24 @@ struct Relay {
     socket: Arc<UdpEndpoint>,
     source: Option<IpAddr>,
     plan: Arc<ListenerPlan>,
+    /// Confirmed sessions (and peers' standby entries).
     sessions: SessionTable<Link>,
+    /// Unconfirmed sessions: their gateway has not answered yet.
+    probation: SessionTable<Forwarding>,
+    sources: Sources,
     metrics: Metrics,
     counters: Arc<ListenerCounters>,
     gateway_counters: HashMap<GatewayId, Arc<GatewayCounters>>,
     events: EventBus,
-    /// Sessions pushed out of a full table since the last sweep: counted at once, announced once
-    /// per sweep rather than once per packet of a flood.
+    /// What happened since the last sweep, counted at once but announced as events once per
+    /// sweep rather than once per packet of a flood: sessions pushed out of a full table, and
+    /// unconfirmed sessions that left probation without an answer, new sessions refused.
     pushed_out: u64,
+    unconfirmed_gone: u64,
+    refused: [u64; Refusal::ALL.len()],
+    /// The probation table's size as last added to the listener's gauge (which the XDP fast
+    /// path adds its own to).
+    unconfirmed_counted: i64,
     sync: SyncOut,
     standby: IntGauge,
     resyncs: Resyncs,
@@ -432,6 +460,20 @@ impl Relay {
         self.sessions.set_idle_timeout(self.plan.idle_timeout);
         for (client, session) in self.sessions.set_capacity(self.plan.table_size) {
             self.push_out(client, &session);
+        }
+        self.sources.set_limits(self.plan.admission.limits());
+        for (client, _) in self
+            .probation
+            .set_capacity(self.plan.admission.probation_size)
+        {
+            self.left_probation(client, EvictionReason::Unconfirmed);
+        }
+        let placement = &self.plan.placement;
+        let unconfirmed_gone = self
+            .probation
+            .evict_where(|_, s| !placement.keeps(s.gateway, s.gateway_address));
+        for (client, _) in unconfirmed_gone {
+            self.left_probation(client, EvictionReason::GatewayGone);
         }
         let placement = &self.plan.placement;
         let gone = self
@@ -457,6 +499,40 @@ impl Relay {
             self.counters.eviction(EvictionReason::TableFull).inc();
             self.pushed_out += 1;
             self.sync.evicted(client);
+        }
+    }
+
+    /// An unconfirmed session of `client` left probation without being confirmed: its source may
+    /// open another. Never announced to peers: they were never told of it.
+    fn left_probation(&mut self, client: SocketAddr, reason: EvictionReason) {
+        self.sources.settled(client.ip());
+        self.counters.eviction(reason).inc();
+        self.unconfirmed_gone += 1;
+    }
+
+    /// Moves `client`'s session from probation to the table of confirmed sessions, and tells
+    /// peers about it: only confirmed sessions are synced.
+    fn confirm(&mut self, client: SocketAddr) {
+        let Some(session) = self.probation.remove(&client) else {
+            return;
+        };
+        self.sources.settled(client.ip());
+        self.counters.confirmed.inc();
+        let name = self
+            .plan
+            .placement
+            .gateway(session.gateway)
+            .map_or("", |g| &g.name);
+        self.sync.upsert(client, name, session.gateway_address, 0);
+        let session = Session {
+            gateway: session.gateway,
+            gateway_address: session.gateway_address,
+            activity: session.activity,
+            link: Link::Forwarding(session.link),
+        };
+        if let Some((evicted, session)) = self.sessions.insert(client, session) {
+            self.push_out(evicted, &session);
+            tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
         }
     }
 
@@ -509,24 +585,38 @@ impl Relay {
                 limit,
                 reply,
             } => {
-                let matching = self
-                    .sessions
-                    .iter()
-                    .filter(|(client, s)| {
-                        filter.matches(client, name_of(s.gateway), s.link.synced_from().is_some())
-                    })
-                    .map(|(client, s)| (*client, s));
+                let confirmed = self.sessions.iter().map(|(client, s)| {
+                    (
+                        *client,
+                        (
+                            s.gateway,
+                            s.gateway_address,
+                            &s.activity,
+                            s.link.synced_from(),
+                        ),
+                    )
+                });
+                let unconfirmed = self.probation.iter().map(|(client, s)| {
+                    (*client, (s.gateway, s.gateway_address, &s.activity, None))
+                });
+                let matching = confirmed.chain(unconfirmed).filter(
+                    |(client, (gateway, _, _, synced_from))| {
+                        filter.matches(client, name_of(*gateway), synced_from.is_some())
+                    },
+                );
                 let (chosen, more, total) = query::page(matching, after, limit);
                 let now = now_ms();
                 let sessions = chosen
                     .into_iter()
-                    .map(|(client, session)| SessionInfo {
-                        client,
-                        gateway: name_of(session.gateway).to_string(),
-                        gateway_address: session.gateway_address,
-                        idle_ms: now.saturating_sub(session.activity.last_ms()),
-                        synced_from: session.link.synced_from().map(str::to_string),
-                    })
+                    .map(
+                        |(client, (gateway, gateway_address, activity, synced_from))| SessionInfo {
+                            client,
+                            gateway: name_of(gateway).to_string(),
+                            gateway_address,
+                            idle_ms: now.saturating_sub(activity.last_ms()),
+                            synced_from: synced_from.map(str::to_string),
+                        },
+                    )
                     .collect();
                 let _ = reply.send(SessionPage {
                     sessions,
@@ -538,9 +628,16 @@ impl Relay {
                 let evicted = self.sessions.evict_where(|c, s| {
                     filter.matches(c, name_of(s.gateway), s.link.synced_from().is_some())
                 });
-                tracing::info!(listener = %self.name, evicted = evicted.len(), "sessions evicted through the API");
+                let unconfirmed = self
+                    .probation
+                    .evict_where(|c, s| filter.matches(c, name_of(s.gateway), false));
+                let count = evicted.len() + unconfirmed.len();
+                tracing::info!(listener = %self.name, evicted = count, "sessions evicted through the API");
                 self.evicted(EvictionReason::Operator, &evicted, &self.plan.placement);
-                let _ = reply.send(evicted.len() as u64);
+                for (client, _) in unconfirmed {
+                    self.left_probation(client, EvictionReason::Operator);
+                }
+                let _ = reply.send(count as u64);
             }
             SessionRequest::Sync { peer, step, reply } => {
                 let _ = reply.send(sync::apply(self, &peer, &step));
@@ -597,15 +694,46 @@ impl Relay {
             tracing::debug!(listener = %self.name, expired = expired.len(), "idle sessions expired");
         }
         self.evicted(EvictionReason::Idle, &expired, &self.plan.placement);
-        if self.pushed_out > 0 {
-            self.events.publish(
-                &self.name,
-                "",
-                EventKind::SessionsEvicted {
-                    reason: EvictionReason::TableFull,
-                    count: std::mem::take(&mut self.pushed_out),
-                },
-            );
+        // Answered since their last datagram from the client (a quiet client's session is
+        // confirmed here rather than at its next datagram).
+        let answered: Vec<SocketAddr> = self
+            .probation
+            .iter()
+            .filter(|(_, s)| s.activity.answered())
+            .map(|(client, _)| *client)
+            .collect();
+        for client in answered {
+            self.confirm(client);
+        }
+        for (client, _) in self.probation.expire_idle(now) {
+            self.left_probation(client, EvictionReason::Unconfirmed);
+        }
+        let unconfirmed = self.probation.len() as i64;
+        self.counters
+            .unconfirmed
+            .add(unconfirmed - std::mem::replace(&mut self.unconfirmed_counted, unconfirmed));
+        let summaries = [
+            (
+                EvictionReason::TableFull,
+                std::mem::take(&mut self.pushed_out),
+            ),
+            (
+                EvictionReason::Unconfirmed,
+                std::mem::take(&mut self.unconfirmed_gone),
+            ),
+        ];
+        for (reason, count) in summaries.into_iter().filter(|(_, count)| *count > 0) {
+            self.events
+                .publish(&self.name, "", EventKind::SessionsEvicted { reason, count });
+        }
+        for (reason, count) in Refusal::ALL
+            .into_iter()
+            .zip(std::mem::take(&mut self.refused))
+        {
+            if count > 0 {
+                self.events
+                    .publish(&self.name, "", EventKind::SessionsRefused { reason, count });
+            }
         }
     }
 
@@ -623,14 +751,32 @@ impl Relay {
                 .placement
                 .keeps(session.gateway, session.gateway_address)
             {
-                if let Link::Forwarding(_) = session.link {
-                    to_gateway(session, &self.counters, client, data, stride, batch);
+                if let Link::Forwarding(link) = &session.link {
+                    to_gateway_by(
+                        link,
+                        session.gateway_address,
+                        &self.counters,
+                        client,
+                        data,
+                        stride,
+                        batch,
+                    );
                     return;
                 }
                 // A peer's session whose traffic comes here now: on to the gateway it had.
                 if self.take_over(client, meta.dst_ip, batch) {
                     if let Some(session) = self.sessions.peek(&client) {
-                        to_gateway(session, &self.counters, client, data, stride, batch);
+                        if let Link::Forwarding(link) = &session.link {
+                            to_gateway_by(
+                                link,
+                                session.gateway_address,
+                                &self.counters,
+                                client,
+                                data,
+                                stride,
+                                batch,
+                            );
+                        }
                     }
                 }
                 return;
@@ -643,15 +789,44 @@ impl Relay {
                 );
             }
             tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
+        } else if let Some(session) = self.probation.lookup(&client, now) {
+            if self
+                .plan
+                .placement
+                .keeps(session.gateway, session.gateway_address)
+            {
+                if !session.activity.answered() {
+                    to_gateway(session, &self.counters, client, data, stride, batch);
+                    return;
+                }
+                self.confirm(client);
+                if let Some(session) = self.sessions.peek(&client) {
+                    if let Link::Forwarding(link) = &session.link {
+                        to_gateway_by(
+                            link,
+                            session.gateway_address,
+                            &self.counters,
+                            client,
+                            data,
+                            stride,
+                            batch,
+                        );
+                    }
+                }
+                return;
+            }
+            self.probation.remove(&client);
+            self.left_probation(client, EvictionReason::GatewayGone);
         }
         if self.open_session(client, meta.dst_ip, now, batch) {
-            if let Some(session) = self.sessions.lookup(&client, now) {
+            if let Some(session) = self.probation.peek(&client) {
                 to_gateway(session, &self.counters, client, data, stride, batch);
             }
         }
     }
 
-    /// Places a new session; false when it cannot be, with `batch` counted as dropped.
+    /// Places a new, unconfirmed session if its source's budget admits it; false when it cannot
+    /// be, with `batch` counted as dropped.
     fn open_session(
         &mut self,
         client: SocketAddr,
@@ -665,10 +840,19 @@ impl Relay {
             return false;
         };
         let (id, name, address) = (gateway.id, gateway.name.clone(), gateway.address);
+        if let Err(refusal) = self.sources.admit(client.ip(), now * 1_000_000) {
+            self.counters.refused(refusal).inc_by(batch.valid);
+            if let Some(slot) = Refusal::ALL.iter().position(|r| *r == refusal) {
+                self.refused[slot] += 1;
+            }
+            tracing::debug!(listener = %self.name, %client, reason = refusal.as_str(), "dropped: new session refused");
+            return false;
+        }
         let activity = Arc::new(Activity::default());
         activity.touch(now);
         let Some(link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
         else {
+            self.sources.settled(client.ip());
             return false;
         };
         tracing::debug!(listener = %self.name, %client, gateway = %name, "new session");
@@ -676,13 +860,12 @@ impl Relay {
             gateway: id,
             gateway_address: address,
             activity,
-            link: Link::Forwarding(link),
+            link,
         };
-        if let Some((evicted, session)) = self.sessions.insert(client, session) {
-            self.push_out(evicted, &session);
-            tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
+        if let Some((evicted, _)) = self.probation.insert(client, session) {
+            self.left_probation(evicted, EvictionReason::Unconfirmed);
+            tracing::debug!(listener = %self.name, client = %evicted, "probation full: evicted the least recently used unconfirmed session");
         }
-        self.sync.upsert(client, &name, address, 0);
         true
     }
 
@@ -792,6 +975,9 @@ impl sync::Standbys for Relay {
             link: Link::Standby(Standby::new(peer.clone(), &self.standby)),
         };
         // Replacing the client's own session is not an eviction: its traffic went elsewhere.
+        if self.probation.remove(&client).is_some() {
+            self.sources.settled(client.ip());
+        }
         if let Some(mine) = self.sessions.remove(&client) {
             if let Link::Forwarding(_) = mine.link {
                 tracing::debug!(listener = %self.name, %client, %peer, "a peer forwards this session now");
@@ -819,24 +1005,34 @@ impl sync::Standbys for Relay {
 }
 
 fn to_gateway(
-    session: &Session<Link>,
+    session: &Session<Forwarding>,
     counters: &ListenerCounters,
     client: SocketAddr,
     data: &[u8],
     stride: usize,
     batch: Batch,
 ) {
-    let Link::Forwarding(link) = &session.link else {
-        return;
-    };
-    match forward(
-        &link.upstream,
+    to_gateway_by(
+        &session.link,
         session.gateway_address,
-        None,
+        counters,
+        client,
         data,
         stride,
         batch,
-    ) {
+    );
+}
+
+fn to_gateway_by(
+    link: &Forwarding,
+    gateway_address: SocketAddr,
+    counters: &ListenerCounters,
+    client: SocketAddr,
+    data: &[u8],
+    stride: usize,
+    batch: Batch,
+) {
+    match forward(&link.upstream, gateway_address, None, data, stride, batch) {
         Ok(()) => count_forwarded(batch, Direction::ToGateway, &link.counters),
         Err(e) => {
             counters.send_failed_to_gateway.inc_by(batch.valid);
@@ -875,6 +1071,8 @@ pub async fn run_listener(
         socket: Arc::new(socket),
         source: config.source,
         sessions: SessionTable::new(plan.table_size, plan.idle_timeout),
+        probation: SessionTable::new(plan.admission.probation_size, PROBATION_IDLE),
+        sources: Sources::new(plan.admission.limits()),
         counters: Arc::new(metrics.listener(&config.name)),
         standby: metrics.sync_standby(&config.name),
         metrics,
@@ -882,6 +1080,9 @@ pub async fn run_listener(
         gateway_counters: HashMap::new(),
         events,
         pushed_out: 0,
+        unconfirmed_gone: 0,
+        refused: [0; Refusal::ALL.len()],
+        unconfirmed_counted: 0,
         sync,
         resyncs: Resyncs::default(),
         refreshed_at: now_ms(),

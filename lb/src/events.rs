@@ -8,6 +8,7 @@ use tokio::sync::broadcast;
 
 use crate::pool::{AdminState, Health};
 use crate::session::EvictionReason;
+use wglb_common::admission::Refusal;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventKind {
@@ -24,6 +25,12 @@ pub enum EventKind {
     GatewayRemoved,
     SessionsEvicted {
         reason: EvictionReason,
+        count: u64,
+    },
+    /// New sessions that admission refused since the last such event (at most one a second per
+    /// listener and reason).
+    SessionsRefused {
+        reason: Refusal,
         count: u64,
     },
     ConfigReloaded,

@@ -5,6 +5,7 @@
 //! gateway states); the [`datapath`] executes its decisions against its [`session`] table and
 //! answers [`query`] requests about it. State changes go out as [`events`].
 
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -6,6 +6,7 @@
 use prometheus::{
     Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use wglb_common::admission::Refusal;
 use wglb_common::wireguard::{Junk, MessageType};
 
 use crate::pool::{AdminState, GatewayView, Health};
@@ -40,6 +41,35 @@ pub struct Metrics {
     sync_lag: GaugeVec,
     sync_received: IntCounterVec,
     sync_standby: IntGaugeVec,
+    unconfirmed: IntGaugeVec,
+    confirmed: IntCounterVec,
+    nat_drift: IntCounterVec,
+    client_path_changes: IntCounterVec,
+}
+
+/// What the fast path's sweep (or the program itself) found wrong between the XDP program's
+/// session and NAT maps, and put right; the label values of `wglb_xdp_nat_drift_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatDrift {
+    /// A NAT entry whose session was gone (pushed out of its LRU map): removed by the sweep.
+    Orphaned,
+    /// ... or taken over by the program for a new session.
+    Reclaimed,
+    /// A session without its NAT entry: given back.
+    Missing,
+    /// A session whose NAT port another session holds: evicted (its client is placed again).
+    Conflict,
+}
+
+impl NatDrift {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatDrift::Orphaned => "orphaned",
+            NatDrift::Reclaimed => "reclaimed",
+            NatDrift::Missing => "missing",
+            NatDrift::Conflict => "conflict",
+        }
+    }
 }
 
 /// Why the datapath dropped a packet; the label values of `wglb_dropped_packets_total`.
@@ -58,6 +88,8 @@ pub enum DropReason {
     NatPortsExhausted,
     /// A gateway's datagram to a NAT port whose session is gone (XDP).
     StaleSession,
+    /// A new session its source's admission budget refused.
+    Refused(Refusal),
 }
 
 impl DropReason {
@@ -73,6 +105,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
             DropReason::StaleSession => "stale_session",
+            DropReason::Refused(refusal) => refusal.as_str(),
         }
     }
 }
@@ -156,6 +189,10 @@ impl Metrics {
             },
             sync_received: counter(r, "wglb_sync_changes_received_total", "Session changes received from the peer, by result (applied; refused: unknown listener, or a gateway this balancer does not have or has down).", &["peer", "result"]),
             sync_standby: gauge(r, "wglb_sync_standby_sessions", "Peers' sessions held as standby entries, forwarded if their traffic comes here.", &["listener"]),
+            unconfirmed: gauge(r, "wglb_unconfirmed_sessions", "Sessions whose gateway has not answered yet (in probation), included in wglb_sessions.", &["listener"]),
+            confirmed: counter(r, "wglb_sessions_confirmed_total", "Sessions confirmed: their gateway answered (a handshake response or data), so they left probation.", &["listener"]),
+            nat_drift: counter(r, "wglb_xdp_nat_drift_total", "Inconsistencies between the XDP program's session and NAT maps found and put right, by kind.", &["kind"]),
+            client_path_changes: counter(r, "wglb_xdp_client_path_changes_total", "Sessions whose client came by another MAC, interface or listener address than before; replies follow it.", &["listener"]),
             registry,
         }
     }
@@ -207,8 +244,29 @@ impl Metrics {
             send_failed_to_client: dropped(Direction::ToClient, DropReason::SendFailed),
             evictions: EvictionReason::ALL
                 .map(|r| self.evictions.with_label_values(&[listener, r.as_str()])),
+            refused: Refusal::ALL.map(|r| dropped(Direction::ToGateway, DropReason::Refused(r))),
             failing_open: self.failing_open.with_label_values(&[listener]),
+            unconfirmed: self.unconfirmed.with_label_values(&[listener]),
+            confirmed: self.confirmed.with_label_values(&[listener]),
+            client_path_changes: self.client_path_changes.with_label_values(&[listener]),
         }
+    }
+
+    /// A listener's admission figures as its counters hold them now (both datapaths add to them).
+    pub fn admission(&self, listener: &str) -> AdmissionFigures {
+        let refused = Refusal::ALL.map(|r| {
+            self.dropped
+                .with_label_values(&[listener, Direction::ToGateway.as_str(), r.as_str()])
+                .get()
+        });
+        AdmissionFigures {
+            unconfirmed: self.unconfirmed.with_label_values(&[listener]).get().max(0) as u64,
+            refused,
+        }
+    }
+
+    pub fn nat_drift(&self, drift: NatDrift) -> IntCounter {
+        self.nat_drift.with_label_values(&[drift.as_str()])
     }
 
     pub fn gateway(&self, listener: &str, gateway: &str) -> GatewayCounters {
@@ -343,6 +401,22 @@ pub struct PeerSyncMetrics {
     pub lag: Gauge,
 }
 
+/// What `wglb status` shows of a listener's admission.
+pub struct AdmissionFigures {
+    pub unconfirmed: u64,
+    /// Datagrams of refused new sessions, by [`Refusal::ALL`].
+    refused: [u64; Refusal::ALL.len()],
+}
+
+impl AdmissionFigures {
+    pub fn refused(&self, refusal: Refusal) -> u64 {
+        Refusal::ALL
+            .iter()
+            .position(|r| *r == refusal)
+            .map_or(0, |i| self.refused[i])
+    }
+}
+
 pub struct ListenerCounters {
     junk_from_client: [IntCounter; 4],
     junk_from_gateway: [IntCounter; 4],
@@ -351,7 +425,11 @@ pub struct ListenerCounters {
     pub send_failed_to_gateway: IntCounter,
     pub send_failed_to_client: IntCounter,
     evictions: [IntCounter; EvictionReason::ALL.len()],
+    refused: [IntCounter; Refusal::ALL.len()],
     pub failing_open: IntGauge,
+    pub unconfirmed: IntGauge,
+    pub confirmed: IntCounter,
+    pub client_path_changes: IntCounter,
 }
 
 impl ListenerCounters {
@@ -361,6 +439,13 @@ impl ListenerCounters {
             Direction::ToGateway => &self.junk_from_client[index],
             Direction::ToClient => &self.junk_from_gateway[index],
         }
+    }
+
+    pub fn refused(&self, refusal: Refusal) -> &IntCounter {
+        &self.refused[Refusal::ALL
+            .iter()
+            .position(|r| *r == refusal)
+            .expect("listed")]
     }
 
     pub fn eviction(&self, reason: EvictionReason) -> &IntCounter {

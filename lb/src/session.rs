@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -20,23 +20,44 @@ use lru::LruCache;
 
 use crate::pool::GatewayId;
 
+/// How long an unconfirmed session (its gateway has not answered yet) may go without a packet
+/// before it leaves probation: longer than the 25 s persistent keepalive clients commonly send,
+/// so a quiet client whose session was lost (a restarted balancer) keeps its upstream path; short
+/// enough that a source's stale unconfirmed sessions free its budget soon.
+pub const PROBATION_IDLE: Duration = Duration::from_secs(30);
+
 /// Milliseconds on a process-wide monotonic clock: cheap to store in an atomic.
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// Last time a packet of a session went either way; shared with whatever forwards its replies.
+/// Last time a packet of a session went either way, and whether its gateway has answered on it;
+/// shared with whatever forwards its replies.
 #[derive(Debug, Default)]
-pub struct Activity(AtomicU64);
+pub struct Activity {
+    last_ms: AtomicU64,
+    answered: AtomicBool,
+}
 
 impl Activity {
     pub fn touch(&self, now_ms: u64) {
-        self.0.store(now_ms, Ordering::Relaxed);
+        self.last_ms.store(now_ms, Ordering::Relaxed);
     }
 
     pub fn last_ms(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.last_ms.load(Ordering::Relaxed)
+    }
+
+    /// The gateway sent a handshake response or data on the session: it holds keys for the
+    /// client, so the session is confirmed. (A cookie reply does not count: a gateway under load
+    /// sends one to any initiation whose mac1 is right, and anyone can compute that.)
+    pub fn answer(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+    }
+
+    pub fn answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
     }
 }
 
@@ -67,14 +88,18 @@ pub enum EvictionReason {
     TableFull,
     /// Evicted through the API.
     Operator,
+    /// Its gateway never answered: it expired in probation, or a newer unconfirmed session
+    /// pushed it out.
+    Unconfirmed,
 }
 
 impl EvictionReason {
-    pub const ALL: [EvictionReason; 4] = [
+    pub const ALL: [EvictionReason; 5] = [
         EvictionReason::Idle,
         EvictionReason::GatewayGone,
         EvictionReason::TableFull,
         EvictionReason::Operator,
+        EvictionReason::Unconfirmed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +108,7 @@ impl EvictionReason {
             EvictionReason::GatewayGone => "gateway_gone",
             EvictionReason::TableFull => "table_full",
             EvictionReason::Operator => "operator",
+            EvictionReason::Unconfirmed => "unconfirmed",
         }
     }
 }

@@ -15,7 +15,8 @@ use etherparse::{
 use wglb::config::Config;
 use wglb::control::initial_placement;
 use wglb::pool::Placement;
-use wglb::xdp::{Limits, XdpProgram, XDP_DROP, XDP_PASS, XDP_TX};
+use wglb::xdp::{Limits, Table, XdpProgram, XDP_DROP, XDP_PASS, XDP_TX};
+use wglb_common::admission::AdmissionLimits;
 use wglb_common::wireguard::classify;
 use wglb_common::xdp::{FlowKey, Gateway, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY};
 use wglb_lab::require_root;
@@ -28,6 +29,13 @@ const NAT_FIRST: u16 = 40_000;
 const NAT_PORTS: u16 = 1000;
 /// BPF_PROG_TEST_RUN runs XDP programs as if on the loopback interface.
 const LOOPBACK: u32 = 1;
+/// Admission that admits everything: most fixtures open many sessions from one address.
+const OPEN: AdmissionLimits = AdmissionLimits {
+    rate: 1_000_000,
+    burst: 1_000_000,
+    unconfirmed: 1_000_000,
+    pad: 0,
+};
 
 fn listener_v4() -> SocketAddr {
     SocketAddr::from(([10, 201, 0, 1], PORT))
@@ -93,13 +101,20 @@ fn index_of(name: &str) -> u32 {
 struct Lab {
     program: XdpProgram,
     v4: Placement,
+    admission: AdmissionLimits,
 }
 
 impl Lab {
     fn new() -> Result<Lab> {
+        Lab::with(4096, OPEN)
+    }
+
+    /// A lab whose probation holds `probation` sessions, with these admission limits.
+    fn with(probation: u32, admission: AdmissionLimits) -> Result<Lab> {
         require_root()?;
         let mut program = XdpProgram::load(Limits {
             sessions: 4096,
+            probation,
             maglev_slots: 2 * MAGLEV,
         })?;
         program.set_nat_ports(NAT_FIRST, NAT_PORTS)?;
@@ -108,13 +123,24 @@ impl Lab {
         }
         let v4 = listener_config(listener_v4(), &[0, 1, 2], &["active"; 3]);
         let v6 = listener_config(listener_v6(), &[3, 4], &["active"; 2]);
-        program.set_placement(0, &[listener_v4()], &[], 0, MAGLEV, &v4, |g| {
+        program.set_placement(0, &[listener_v4()], &[], 0, MAGLEV, &v4, admission, |g| {
             index_of(&g.name)
         })?;
-        program.set_placement(1, &[listener_v6()], &[], MAGLEV, MAGLEV, &v6, |g| {
-            index_of(&g.name)
-        })?;
-        Ok(Lab { program, v4 })
+        program.set_placement(
+            1,
+            &[listener_v6()],
+            &[],
+            MAGLEV,
+            MAGLEV,
+            &v6,
+            admission,
+            |g| index_of(&g.name),
+        )?;
+        Ok(Lab {
+            program,
+            v4,
+            admission,
+        })
     }
 
     fn set_gateway(program: &mut XdpProgram, j: u32, keeps: bool) -> Result<()> {
@@ -142,10 +168,39 @@ impl Lab {
         for (j, state) in states.iter().enumerate() {
             Lab::set_gateway(&mut self.program, j as u32, *state != "down")?;
         }
-        self.program
-            .set_placement(0, &[listener_v4()], &[], 0, MAGLEV, &self.v4, |g| {
-                index_of(&g.name)
-            })
+        self.load_v4()
+    }
+
+    fn load_v4(&mut self) -> Result<()> {
+        let admission = self.admission;
+        self.program.set_placement(
+            0,
+            &[listener_v4()],
+            &[],
+            0,
+            MAGLEV,
+            &self.v4,
+            admission,
+            |g| index_of(&g.name),
+        )
+    }
+
+    /// The table `client`'s session (of the IPv4 listener) is in, and the session.
+    fn session(&self, client: SocketAddr) -> Option<(Table, wglb_common::xdp::Session)> {
+        self.program.session(&FlowKey {
+            listener: 0,
+            client: wglb::xdp::endpoint_of(client),
+        })
+    }
+
+    /// A datagram from gateway j to our NAT port `nat`.
+    fn reply(j: u32, nat: u16, payload: &[u8]) -> Vec<u8> {
+        frame(
+            gateway_addr(j),
+            SocketAddr::new(source_of(j), nat),
+            (gateway_mac(j), BALANCER_MAC),
+            payload,
+        )
     }
 
     fn counter(&self, which: XdpCounter) -> Result<u64> {
@@ -325,7 +380,11 @@ fn new_clients_are_placed_as_userspace_places_them_and_stay() -> Result<()> {
         );
         ensure!(lab.counter(XdpCounter::SessionCreated)? == created + 1);
     }
-    ensure!(lab.program.sessions()?.len() == 40);
+    ensure!(lab.program.sessions(Table::Unconfirmed)?.len() == 40);
+    ensure!(
+        lab.program.sessions(Table::Confirmed)?.is_empty(),
+        "confirmed without an answer"
+    );
     Ok(())
 }
 
@@ -337,32 +396,17 @@ fn replies_go_back_to_the_client_from_the_address_it_sent_to() -> Result<()> {
         (client_v6(41_000), listener_v6()),
     ] {
         let (j, nat) = to_gateway(&lab, client, listener, &message(1, 148))?;
-        let reply = frame(
-            gateway_addr(j),
-            SocketAddr::new(source_of(j), nat),
-            (gateway_mac(j), BALANCER_MAC),
-            &message(2, 92),
-        );
+        let reply = Lab::reply(j, nat, &message(2, 92));
         let out = lab.expect(&reply, XDP_TX, XdpCounter::ToClient)?;
         let parsed = parse(&out)?;
         ensure!(parsed.from == listener && parsed.to == client, "{parsed:?}");
         ensure!(parsed.destination_mac == CLIENT_MAC && parsed.source_mac == BALANCER_MAC);
         ensure!(parsed.payload == message(2, 92));
         // Junk from the gateway is dropped, counted like the userspace path counts it.
-        let junk = frame(
-            gateway_addr(j),
-            SocketAddr::new(source_of(j), nat),
-            (gateway_mac(j), BALANCER_MAC),
-            &message(7, 92),
-        );
+        let junk = Lab::reply(j, nat, &message(7, 92));
         lab.expect(&junk, XDP_DROP, XdpCounter::JunkUnknownType)?;
         // A reply to a port no session holds is none of the program's business.
-        let stray = frame(
-            gateway_addr(j),
-            SocketAddr::new(source_of(j), nat + 1),
-            (gateway_mac(j), BALANCER_MAC),
-            &message(2, 92),
-        );
+        let stray = Lab::reply(j, nat + 1, &message(2, 92));
         lab.expect(&stray, XDP_PASS, XdpCounter::ReplyNoSession)?;
     }
     Ok(())
@@ -392,12 +436,7 @@ fn a_down_gateway_loses_its_sessions_and_a_draining_one_keeps_them() -> Result<(
                 );
                 ensure!(lab.counter(XdpCounter::GatewayGone)? == gone + 1);
                 // The old gateway's NAT entry went with the session.
-                let late = frame(
-                    gateway_addr(0),
-                    SocketAddr::new(source_of(0), nat),
-                    (gateway_mac(0), BALANCER_MAC),
-                    &message(4, 32),
-                );
+                let late = Lab::reply(0, nat, &message(4, 32));
                 lab.expect(&late, XDP_PASS, XdpCounter::ReplyNoSession)?;
             }
             _ => ensure!(
@@ -434,14 +473,12 @@ fn a_peer_balancers_session_pins_its_client_until_the_session_exists() -> Result
     lab.program.pin(&key, 1)?;
     let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(4, 48))?;
     ensure!(j == 1, "the pinned client went to gw{j}");
-    let session = lab.program.session(&key).context("a session")?;
-    ensure!(session.announced == 0, "a new session is not announced yet");
-    lab.program.mark_announced(&key, &session)?;
-    let session = lab.program.session(&key).context("a session")?;
-    ensure!(session.announced == 1 && session.nat_port == nat.to_be_bytes());
+    // The peer's session was confirmed there: it skips probation.
+    let (table, session) = lab.program.session(&key).context("a session")?;
+    ensure!(table == Table::Confirmed && session.nat_port == nat.to_be_bytes());
     ensure!(to_gateway(&lab, client, listener_v4(), &message(4, 48))? == (1, nat));
     // The pin went with its first use: once the session is gone, Maglev places the client.
-    lab.program.remove_session(&key, &session)?;
+    lab.program.remove_session(table, &key, &session)?;
     let (j, _) = to_gateway(&lab, client, listener_v4(), &message(4, 48))?;
     ensure!(j != 1, "the pin outlived its use");
 
@@ -465,10 +502,7 @@ fn a_peer_balancers_session_pins_its_client_until_the_session_exists() -> Result
 fn clients_behind_one_address_share_its_gateway_on_ports_of_their_own() -> Result<()> {
     let mut lab = Lab::new()?;
     lab.v4 = placement_with(listener_v4(), "source-ip", &[0, 1, 2], &["active"; 3]);
-    lab.program
-        .set_placement(0, &[listener_v4()], &[], 0, MAGLEV, &lab.v4, |g| {
-            index_of(&g.name)
-        })?;
+    lab.load_v4()?;
     let mut seen = std::collections::HashSet::new();
     let mut gateways = std::collections::HashSet::new();
     for port in 46_000..46_200 {
@@ -628,7 +662,12 @@ fn junk_is_dropped_and_what_the_program_does_not_handle_goes_to_the_kernel_uncha
             }
         }
     }
-    ensure!(lab.program.sessions()?.is_empty(), "junk opened a session");
+    for table in [Table::Confirmed, Table::Unconfirmed] {
+        ensure!(
+            lab.program.sessions(table)?.is_empty(),
+            "junk opened a session"
+        );
+    }
     Ok(())
 }
 
@@ -638,6 +677,7 @@ fn the_verifier_takes_the_largest_tables() -> Result<()> {
     // A million sessions and 64 listeners of 65537 Maglev slots.
     XdpProgram::load(Limits {
         sessions: 1 << 20,
+        probation: 1 << 16,
         maglev_slots: 64 * MAGLEV,
     })?;
     Ok(())
@@ -662,7 +702,7 @@ fn a_gateway_without_a_known_next_hop_is_left_to_userspace_and_traffic_is_counte
     lab.program.set_gateway(j, gateway)?;
     let out = lab.expect(&initiation, XDP_PASS, XdpCounter::NextHopUnknown)?;
     ensure!(out == initiation, "a passed frame was changed");
-    ensure!(lab.program.sessions()?.is_empty(), "a session was opened");
+    ensure!(lab.session(client).is_none(), "a session was opened");
 
     gateway.next_hop_mac = gateway_mac(j);
     gateway.flags |= GATEWAY_READY;
@@ -671,12 +711,7 @@ fn a_gateway_without_a_known_next_hop_is_left_to_userspace_and_traffic_is_counte
     let (to, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
     ensure!(to == j);
     to_gateway(&lab, client, listener_v4(), &message(4, 32 + 16 * 4))?;
-    let response = frame(
-        gateway_addr(j),
-        SocketAddr::new(source_of(j), nat),
-        (gateway_mac(j), BALANCER_MAC),
-        &message(2, 92),
-    );
+    let response = Lab::reply(j, nat, &message(2, 92));
     lab.expect(&response, XDP_TX, XdpCounter::ToClient)?;
     let after = lab.program.traffic(j)?;
     ensure!(after.packets_to_gateway == before.packets_to_gateway + 2);
@@ -692,5 +727,302 @@ fn a_gateway_without_a_known_next_hop_is_left_to_userspace_and_traffic_is_counte
     ensure!(counters.get(Some(0), false, XdpCounter::ToGateway) == 2);
     ensure!(counters.get(Some(0), true, XdpCounter::ToClient) == 1);
     ensure!(counters.get(Some(1), false, XdpCounter::ToGateway) == 0);
+    Ok(())
+}
+
+#[test]
+fn a_session_is_confirmed_by_its_gateways_answer_and_not_by_a_cookie() -> Result<()> {
+    let lab = Lab::new()?;
+    let client = client_v4(47_000);
+    let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
+    ensure!(matches!(lab.session(client), Some((Table::Unconfirmed, _))));
+    // A gateway under load answers any initiation with a valid mac1 with a cookie: no proof.
+    lab.expect(
+        &Lab::reply(j, nat, &message(3, 64)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(matches!(lab.session(client), Some((Table::Unconfirmed, _))));
+    let confirmed = lab.counter(XdpCounter::SessionConfirmed)?;
+    lab.expect(
+        &Lab::reply(j, nat, &message(2, 92)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    let (table, session) = lab.session(client).context("the session")?;
+    ensure!(table == Table::Confirmed && session.nat_port == nat.to_be_bytes());
+    ensure!(lab.counter(XdpCounter::SessionConfirmed)? == confirmed + 1);
+    // Data from the gateway confirms too.
+    let other = client_v4(47_001);
+    let (j, nat) = to_gateway(&lab, other, listener_v4(), &message(4, 48))?;
+    lab.expect(
+        &Lab::reply(j, nat, &message(4, 48)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(matches!(lab.session(other), Some((Table::Confirmed, _))));
+    ensure!(to_gateway(&lab, other, listener_v4(), &message(4, 48))? == (j, nat));
+    Ok(())
+}
+
+#[test]
+fn a_flood_of_new_sessions_churns_probation_and_never_pushes_out_a_confirmed_one() -> Result<()> {
+    const PROBATION: u32 = 64;
+    let lab = Lab::with(PROBATION, OPEN)?;
+    let mut confirmed = Vec::new();
+    for port in 48_000..48_010 {
+        let client = client_v4(port);
+        let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
+        lab.expect(
+            &Lab::reply(j, nat, &message(2, 92)),
+            XDP_TX,
+            XdpCounter::ToClient,
+        )?;
+        confirmed.push((client, j, nat));
+    }
+    // Shaped transport messages from 2,000 spoofed sources: each opens an unconfirmed session.
+    for i in 0..2000u32 {
+        let spoofed = SocketAddr::from((
+            [10, 210, (i / 200) as u8, (i % 200) as u8 + 1],
+            1024 + i as u16,
+        ));
+        lab.expect(
+            &from_client(spoofed, listener_v4(), &message(4, 32)),
+            XDP_TX,
+            XdpCounter::ToGateway,
+        )?;
+    }
+    let unconfirmed = lab.program.sessions(Table::Unconfirmed)?.len();
+    ensure!(
+        unconfirmed <= PROBATION as usize,
+        "{unconfirmed} unconfirmed sessions, beyond the probation bound"
+    );
+    ensure!(lab.program.sessions(Table::Confirmed)?.len() == confirmed.len());
+    for (client, j, nat) in confirmed {
+        ensure!(
+            to_gateway(&lab, client, listener_v4(), &message(4, 48))? == (j, nat),
+            "{client} lost its session"
+        );
+        let out = lab.expect(
+            &Lab::reply(j, nat, &message(4, 48)),
+            XDP_TX,
+            XdpCounter::ToClient,
+        )?;
+        ensure!(parse(&out)?.to == client, "{client}'s reply went elsewhere");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_source_gets_its_rate_and_its_cap_of_unconfirmed_sessions() -> Result<()> {
+    let lab = Lab::with(
+        4096,
+        AdmissionLimits {
+            rate: 1,
+            burst: 5,
+            unconfirmed: 3,
+            pad: 0,
+        },
+    )?;
+    let mut opened = Vec::new();
+    for port in 49_000..49_003 {
+        opened.push(to_gateway(
+            &lab,
+            client_v4(port),
+            listener_v4(),
+            &message(1, 148),
+        )?);
+    }
+    let refused = from_client(client_v4(49_003), listener_v4(), &message(1, 148));
+    lab.expect(&refused, XDP_DROP, XdpCounter::SourceUnconfirmed)?;
+    ensure!(lab.session(client_v4(49_003)).is_none());
+    // Another address has a budget of its own.
+    to_gateway(&lab, client_v6(49_003), listener_v6(), &message(1, 148))?;
+    // One is confirmed: room for one more unconfirmed session, and the fourth token.
+    let (j, nat) = opened[0];
+    lab.expect(
+        &Lab::reply(j, nat, &message(2, 92)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    to_gateway(&lab, client_v4(49_003), listener_v4(), &message(1, 148))?;
+    lab.expect(
+        &from_client(client_v4(49_004), listener_v4(), &message(1, 148)),
+        XDP_DROP,
+        XdpCounter::SourceUnconfirmed,
+    )?;
+    // Confirm two more: the cap has room, but the burst of five is spent.
+    for &(j, nat) in &opened[1..] {
+        lab.expect(
+            &Lab::reply(j, nat, &message(4, 32)),
+            XDP_TX,
+            XdpCounter::ToClient,
+        )?;
+    }
+    to_gateway(&lab, client_v4(49_004), listener_v4(), &message(1, 148))?;
+    lab.expect(
+        &from_client(client_v4(49_005), listener_v4(), &message(1, 148)),
+        XDP_DROP,
+        XdpCounter::SourceRate,
+    )?;
+    // Sessions that exist are never refused.
+    ensure!(to_gateway(&lab, client_v4(49_000), listener_v4(), &message(4, 48))? == opened[0]);
+    Ok(())
+}
+
+#[test]
+fn a_nat_port_belongs_to_one_session_and_only_its_owner_frees_it() -> Result<()> {
+    // gw0 alone, with 8 NAT ports.
+    let mut lab = Lab::new()?;
+    lab.program.set_nat_ports(NAT_FIRST, 8)?;
+    lab.set_v4_states(["active", "down", "down"])?;
+    let mut live = Vec::new();
+    for port in 50_000..50_008 {
+        let client = client_v4(port);
+        let (_, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
+        live.push((client, nat));
+    }
+    let mut ports: Vec<u16> = live.iter().map(|(_, nat)| *nat).collect();
+    ports.sort();
+    ports.dedup();
+    ensure!(ports.len() == 8, "ports given twice: {ports:?}");
+    // Every port is held by a live session: a ninth client is refused one, not given one.
+    lab.expect(
+        &from_client(client_v4(50_008), listener_v4(), &message(1, 148)),
+        XDP_DROP,
+        XdpCounter::NatPortsExhausted,
+    )?;
+    // Removing a session with a stale idea of its port frees only the session's own port.
+    let (victim, victim_port) = live[0];
+    let (table, mut stale) = lab.session(victim).context("a session")?;
+    stale.nat_port = live[1].1.to_be_bytes();
+    let key = FlowKey {
+        listener: 0,
+        client: wglb::xdp::endpoint_of(victim),
+    };
+    lab.program.remove_session(table, &key, &stale)?;
+    let out = lab.expect(
+        &Lab::reply(0, live[1].1, &message(4, 32)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(
+        parse(&out)?.to == live[1].0,
+        "another session's port was freed"
+    );
+    let entry = wglb_common::xdp::NatKey {
+        gateway: 0,
+        nat_port: victim_port.to_be_bytes(),
+        pad: [0; 2],
+    };
+    ensure!(
+        lab.program.nat_owner(&entry) == Some(key),
+        "a removal that was not the owner's touched the port"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_port_left_behind_by_a_session_pushed_out_of_probation_is_taken_over() -> Result<()> {
+    // Probation holds 4 sessions; gw0 has 8 NAT ports.
+    let mut lab = Lab::with(4, OPEN)?;
+    lab.program.set_nat_ports(NAT_FIRST, 8)?;
+    lab.set_v4_states(["active", "down", "down"])?;
+    let mut confirmed = Vec::new();
+    for port in 50_100..50_102 {
+        let client = client_v4(port);
+        let (_, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
+        lab.expect(
+            &Lab::reply(0, nat, &message(2, 92)),
+            XDP_TX,
+            XdpCounter::ToClient,
+        )?;
+        confirmed.push((client, nat));
+    }
+    // Six unconfirmed sessions in a probation of four: some are pushed out (which, the kernel's
+    // LRU decides), and their ports stay behind until someone takes them over. Every port has
+    // an entry now.
+    let mut unconfirmed = Vec::new();
+    for port in 50_200..50_206 {
+        let client = client_v4(port);
+        unconfirmed.push((
+            client,
+            to_gateway(&lab, client, listener_v4(), &message(1, 148))?.1,
+        ));
+    }
+    let pushed_out: Vec<u16> = unconfirmed
+        .iter()
+        .filter(|(client, _)| lab.session(*client).is_none())
+        .map(|(_, port)| *port)
+        .collect();
+    ensure!(!pushed_out.is_empty(), "probation outgrew its bound");
+    // A new client takes over a port of a session pushed out: never a live session's.
+    let reclaimed = lab.counter(XdpCounter::NatReclaimed)?;
+    let newcomer = client_v4(50_300);
+    let (_, nat) = to_gateway(&lab, newcomer, listener_v4(), &message(1, 148))?;
+    ensure!(lab.counter(XdpCounter::NatReclaimed)? == reclaimed + 1);
+    ensure!(
+        pushed_out.contains(&nat),
+        "port {nat} was not one left behind ({pushed_out:?})"
+    );
+    // Its replies reach the new client, not the one pushed out; the others keep theirs.
+    let out = lab.expect(
+        &Lab::reply(0, nat, &message(4, 32)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(parse(&out)?.to == newcomer);
+    let live = confirmed
+        .iter()
+        .chain(&unconfirmed)
+        .filter(|(client, _)| lab.session(*client).is_some());
+    for (client, port) in live {
+        let out = lab.expect(
+            &Lab::reply(0, *port, &message(4, 32)),
+            XDP_TX,
+            XdpCounter::ToClient,
+        )?;
+        ensure!(parse(&out)?.to == *client, "{client}'s port changed hands");
+    }
+    Ok(())
+}
+
+#[test]
+fn replies_follow_the_clients_latest_path_and_only_our_address_is_rewritten() -> Result<()> {
+    let lab = Lab::new()?;
+    let client = client_v4(51_000);
+    let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
+    // The client's router failed over: its packets come from another MAC now.
+    let new_mac = [0x02, 0, 0, 0, 0, 0x77];
+    let moved = frame(
+        client,
+        listener_v4(),
+        (new_mac, BALANCER_MAC),
+        &message(4, 48),
+    );
+    let changed = lab.counter(XdpCounter::ClientPathChanged)?;
+    lab.expect(&moved, XDP_TX, XdpCounter::ToGateway)?;
+    ensure!(lab.counter(XdpCounter::ClientPathChanged)? == changed + 1);
+    let out = lab.expect(
+        &Lab::reply(j, nat, &message(2, 92)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(
+        parse(&out)?.destination_mac == new_mac,
+        "the reply went to the old router"
+    );
+    // Unchanged paths are not written again.
+    lab.expect(&moved, XDP_TX, XdpCounter::ToGateway)?;
+    ensure!(lab.counter(XdpCounter::ClientPathChanged)? == changed + 1);
+    // The gateway's datagram to the same port of another address is not ours to rewrite.
+    let elsewhere = frame(
+        gateway_addr(j),
+        SocketAddr::from(([10, 202, j as u8, 99], nat)),
+        (gateway_mac(j), BALANCER_MAC),
+        &message(4, 48),
+    );
+    let out = lab.expect(&elsewhere, XDP_PASS, XdpCounter::ReplyOtherDestination)?;
+    ensure!(out == elsewhere, "a passed reply was changed");
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! Maglev slot, and the layout of the program's maps. It is `no_std`, allocation-free and loop-bounded so the eBPF verifier accepts it.
 #![no_std]
 
+pub mod admission;
+pub mod checksum;
 pub mod hash;
 pub mod wireguard;
 pub mod xdp;

@@ -1,6 +1,7 @@
 //! The XDP program's maps, as both sides see them: keys and values are `#[repr(C)]` with explicit
 //! padding so the kernel, the program and userspace agree on every byte.
 
+use crate::admission::{AdmissionLimits, Refusal};
 use crate::wireguard::Junk;
 
 /// An address and port as the program matches them: IPv4 as an IPv4-mapped IPv6 address, the
@@ -35,9 +36,12 @@ pub struct ListenerInfo {
     /// 1 when the source port counts for placement (`hash_key = "source-ip-port"`).
     pub hash_port: u8,
     pub pad: [u8; 3],
+    /// New sessions per source address: see [`crate::admission`].
+    pub admission: AdmissionLimits,
 }
 
-/// A client's session key: the listener and the client's address and port.
+/// A client's session key: the listener and the client's address and port. With the port
+/// zeroed, it keys the client address's admission budget in SOURCES.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -45,25 +49,45 @@ pub struct FlowKey {
     pub client: Endpoint,
 }
 
-/// A session: where a client's datagrams go and how its replies find the way back.
+impl FlowKey {
+    /// The key of this client address's admission budget.
+    #[inline(always)]
+    pub fn source(&self) -> FlowKey {
+        FlowKey {
+            listener: self.listener,
+            client: Endpoint {
+                addr: self.client.addr,
+                port: [0; 2],
+                pad: [0; 2],
+            },
+        }
+    }
+}
+
+/// Source addresses whose admission budgets the program keeps (least recently used first out: a
+/// forgotten source starts again with a full bucket, which only a flood from more addresses than
+/// this can arrange, and which the probation bound still holds).
+pub const MAX_SOURCES: u32 = 65_536;
+
+/// A session: where a client's datagrams go and how its replies find the way back. Unconfirmed
+/// sessions (their gateway has not answered yet) live in PROBATION, confirmed ones in SESSIONS;
+/// a session is in one of them, never both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     /// Index in GATEWAYS.
     pub gateway: u32,
     /// The source port datagrams to the gateway leave from (network order); the NAT map leads
-    /// replies to it back to this session.
+    /// replies to it back to this session. The session owns its NAT entry: only its own removal
+    /// frees it.
     pub nat_port: [u8; 2],
-    /// The client's (or its router's) MAC and ours, and the interface the client came in on:
-    /// replies go back the same way.
+    /// The client's (or its router's) MAC and ours, and the interface the client came in on, as
+    /// of its latest packet: replies go back the same way.
     pub client_mac: [u8; 6],
     pub local_mac: [u8; 6],
-    /// Set by userspace once it has told peer balancers about the session (session sync); the
-    /// program creates sessions with 0.
-    pub announced: u8,
-    pub pad: u8,
+    pub pad: [u8; 2],
     pub ifindex: u32,
-    /// The address the client sent to: replies come from it.
+    /// The address the client sent to, as of its latest packet: replies come from it.
     pub listener: Endpoint,
     pub pad2: [u8; 4],
     /// Last packet either way, to the second (bpf_ktime_get_coarse_ns, CLOCK_MONOTONIC_COARSE),
@@ -182,10 +206,22 @@ pub enum XdpCounter {
     /// WireGuard for a gateway whose next hop's MAC userspace does not know yet: passed to the
     /// userspace datapath.
     NextHopUnknown,
+    /// A new session refused: its source opened new sessions faster than its rate. Dropped.
+    SourceRate,
+    /// A new session refused: its source has its cap of unconfirmed sessions. Dropped.
+    SourceUnconfirmed,
+    /// An unconfirmed session's gateway answered: the session moved to SESSIONS.
+    SessionConfirmed,
+    /// A NAT port whose session had gone (pushed out of its LRU map) was taken by a new session.
+    NatReclaimed,
+    /// A client's MAC, interface or listener address changed: its replies follow the new one.
+    ClientPathChanged,
+    /// From a gateway to a NAT port, but not to our address towards that gateway: passed.
+    ReplyOtherDestination,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 27;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::NotIp,
         XdpCounter::NotUdp,
@@ -208,6 +244,12 @@ impl XdpCounter {
         XdpCounter::StaleNat,
         XdpCounter::RedirectFailed,
         XdpCounter::NextHopUnknown,
+        XdpCounter::SourceRate,
+        XdpCounter::SourceUnconfirmed,
+        XdpCounter::SessionConfirmed,
+        XdpCounter::NatReclaimed,
+        XdpCounter::ClientPathChanged,
+        XdpCounter::ReplyOtherDestination,
     ];
 
     /// The counter of a kind of junk: the same kinds the userspace filter counts.
@@ -221,6 +263,17 @@ impl XdpCounter {
         }
     }
 
+    /// The counter of a refused new session.
+    #[inline(always)]
+    pub const fn refusal(refusal: Refusal) -> XdpCounter {
+        match refusal {
+            Refusal::SourceRate => XdpCounter::SourceRate,
+            Refusal::SourceUnconfirmed => XdpCounter::SourceUnconfirmed,
+        }
+    }
+
+    /// The label of the metric the counter is read into: the same label the userspace datapath
+    /// counts the same event under.
     pub const fn as_str(self) -> &'static str {
         match self {
             XdpCounter::NotIp => "not_ip",
@@ -241,9 +294,15 @@ impl XdpCounter {
             XdpCounter::NoGateway => "no_gateway",
             XdpCounter::NatPortsExhausted => "nat_ports_exhausted",
             XdpCounter::ReplyNoSession => "reply_no_session",
-            XdpCounter::StaleNat => "stale_nat",
-            XdpCounter::RedirectFailed => "redirect_failed",
+            XdpCounter::StaleNat => "stale_session",
+            XdpCounter::RedirectFailed => "send_failed",
             XdpCounter::NextHopUnknown => "next_hop_unknown",
+            XdpCounter::SourceRate => Refusal::SourceRate.as_str(),
+            XdpCounter::SourceUnconfirmed => Refusal::SourceUnconfirmed.as_str(),
+            XdpCounter::SessionConfirmed => "session_confirmed",
+            XdpCounter::NatReclaimed => "nat_reclaimed",
+            XdpCounter::ClientPathChanged => "client_path_changed",
+            XdpCounter::ReplyOtherDestination => "reply_other_destination",
         }
     }
 }
@@ -258,6 +317,7 @@ mod user {
     unsafe impl aya::Pod for super::Gateway {}
     unsafe impl aya::Pod for super::NatKey {}
     unsafe impl aya::Pod for super::GatewayTraffic {}
+    unsafe impl aya::Pod for crate::admission::SourceBudget {}
 }
 
 #[cfg(test)]
@@ -271,14 +331,15 @@ mod tests {
         }
         // No implicit padding: every byte is a field.
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
-        assert_eq!(core::mem::size_of::<ListenerInfo>(), 16);
+        assert_eq!(core::mem::size_of::<ListenerInfo>(), 32);
         assert_eq!(core::mem::size_of::<FlowKey>(), 24);
         assert_eq!(core::mem::size_of::<Session>(), 56);
         assert_eq!(core::mem::size_of::<Gateway>(), 56);
         assert_eq!(core::mem::size_of::<NatKey>(), 8);
         assert_eq!(core::mem::size_of::<GatewayTraffic>(), 64);
+        assert_eq!(core::mem::size_of::<crate::admission::SourceBudget>(), 24);
         assert_eq!(
-            counter_slot(Some(MAX_LISTENERS - 1), true, XdpCounter::NextHopUnknown),
+            counter_slot(Some(MAX_LISTENERS - 1), true, XdpCounter::ReplyOtherDestination),
             COUNTER_ROWS * XdpCounter::COUNT - 1
         );
     }

@@ -2,10 +2,16 @@
 //! WireGuard with the same shape check the userspace datapath applies
 //! (`wglb_common::wireguard::classify_header`); then either
 //! - a client's datagram to a listener: find its session (or place it by the listener's Maglev
-//!   table, which userspace computes, and take a NAT port), rewrite it to go from our address
-//!   and the session's NAT port to its gateway, and send it on; or
-//! - a gateway's reply to a NAT port: find the session, rewrite it to come from the address the
-//!   client sent to, and send it back the way the client came.
+//!   table, which userspace computes, admit it against its source's budget and take a NAT
+//!   port), rewrite it to go from our address and the session's NAT port to its gateway, and send
+//!   it on; or
+//! - a gateway's reply to one of our NAT ports: find the session (confirming it if it was still
+//!   unconfirmed), rewrite it to come from the address the client sent to, and send it back the
+//!   way the client's latest packet came.
+//!
+//! New sessions start unconfirmed in PROBATION, a bounded LRU map of their own, and move to
+//! SESSIONS when their gateway answers (`wglb_common::admission`): a flood of shaped datagrams
+//! from spoofed sources churns PROBATION and never pushes a confirmed session out.
 //!
 //! Everything else (not IP, not UDP, IPv4 options, IPv6 extension headers, fragments, other
 //! ports, clients and gateways of different families) goes on to the kernel, counted. Policy
@@ -14,17 +20,19 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::bindings::{xdp_action, BPF_F_NO_PREALLOC, BPF_NOEXIST};
+use aya_ebpf::bindings::{xdp_action, BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST};
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_redirect};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
+use wglb_common::admission::SourceBudget;
+use wglb_common::checksum::{ipv4_header, udp_after_rewrite};
 use wglb_common::hash::flow_hash;
 use wglb_common::wireguard::{classify_header, MessageType};
 use wglb_common::xdp::{
     counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
     XdpCounter, CONFIG_LEN, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS, COUNTER_ROWS, GATEWAY_KEEPS,
-    GATEWAY_READY, MAX_GATEWAYS, MAX_LISTENER_ADDRS, NAT_PROBES,
+    GATEWAY_READY, MAX_GATEWAYS, MAX_LISTENER_ADDRS, MAX_SOURCES, NAT_PROBES,
 };
 
 #[map]
@@ -44,9 +52,19 @@ static GATEWAY_INDEX: HashMap<Endpoint, u32> = HashMap::with_max_entries(MAX_GAT
 #[map]
 static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Sessions by client; sized by userspace from the table size.
+/// Confirmed sessions by client; sized by userspace from the table size. When full, a newly
+/// confirmed session pushes out the least recently used confirmed one.
 #[map]
 static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 0);
+
+/// Unconfirmed sessions by client; sized by userspace from the probation size. Only other
+/// unconfirmed sessions compete for it.
+#[map]
+static PROBATION: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 0);
+
+/// Admission budgets by listener and client address (`FlowKey::source`).
+#[map]
+static SOURCES: LruHashMap<FlowKey, SourceBudget> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
 
 /// Gateway index by client, for clients whose session a peer balancer forwarded (session sync):
 /// a client without a session here is placed on its pinned gateway instead of by Maglev, and the
@@ -55,9 +73,12 @@ static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 
 #[map]
 static PINS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
-/// Which session a NAT port of a gateway belongs to.
+/// Which session a NAT port of a gateway belongs to. Not an LRU map: nothing may evict a live
+/// session's entry. Its owner removes it; an entry whose owner is gone (pushed out of its LRU
+/// map) is taken over by the next session that probes that port, or removed by userspace's
+/// sweep. Userspace sizes it with room for those.
 #[map]
-static NAT: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries(1, 0);
+static NAT: HashMap<NatKey, FlowKey> = HashMap::with_max_entries(1, 0);
 
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
@@ -74,7 +95,7 @@ static TRAFFIC: PerCpuArray<GatewayTraffic> = PerCpuArray::with_max_entries(MAX_
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPV4_HLEN: usize = 20;
+const IPV4_HLEN: usize = wglb_common::checksum::IPV4_HLEN;
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 const IPPROTO_UDP: u8 = 17;
@@ -230,9 +251,15 @@ fn decide(ctx: &XdpContext) -> (u32, XdpCounter, Row) {
         };
         return (verdict, counter, row);
     }
-    if let Some(&gateway) = unsafe { GATEWAY_INDEX.get(&headers.source) } {
+    if let Some(&index) = unsafe { GATEWAY_INDEX.get(&headers.source) } {
+        // Only what a gateway sends to our own address towards it is a reply of ours: the same
+        // port on another local address (or routed through us) belongs to someone else.
+        let ours = gateway(index).is_some_and(|g| g.source == headers.destination.addr);
+        if !ours {
+            return (PASS, XdpCounter::ReplyOtherDestination, NO_LISTENER);
+        }
         let nat = NatKey {
-            gateway,
+            gateway: index,
             nat_port: headers.destination.port,
             pad: [0; 2],
         };
@@ -245,7 +272,7 @@ fn decide(ctx: &XdpContext) -> (u32, XdpCounter, Row) {
             from_gateway: true,
         };
         let (verdict, counter) = match check_wireguard(ctx, &headers) {
-            Ok(kind) => from_gateway(ctx, &headers, &nat, &flow, kind),
+            Ok(kind) => from_gateway(ctx, &headers, &nat, &flow, kind, row),
             Err(junk) => (DROP, junk),
         };
         return (verdict, counter, row);
@@ -264,6 +291,66 @@ fn config(index: u32) -> u32 {
 }
 
 #[inline(always)]
+fn nat_key(session: &Session) -> NatKey {
+    NatKey {
+        gateway: session.gateway,
+        nat_port: session.nat_port,
+        pad: [0; 2],
+    }
+}
+
+/// Removes a session's NAT entry if it is still the session's own.
+#[inline(always)]
+fn release_nat(key: &FlowKey, session: &Session) {
+    let nat = nat_key(session);
+    if unsafe { NAT.get(&nat) }.is_some_and(|owner| owner == key) {
+        let _ = NAT.remove(&nat);
+    }
+}
+
+/// Whether a NAT entry's session still holds it: the NAT key of `owner`'s session, in either map.
+#[inline(always)]
+fn holds(owner: &FlowKey, nat: &NatKey) -> bool {
+    let session = match unsafe { SESSIONS.get(owner) } {
+        Some(session) => Some(session),
+        None => unsafe { PROBATION.get(owner) },
+    };
+    session.is_some_and(|s| s.gateway == nat.gateway && s.nat_port == nat.nat_port)
+}
+
+/// An unconfirmed session leaves probation: its source may open another.
+#[inline(always)]
+fn settle(key: &FlowKey) {
+    if let Some(budget) = SOURCES.get_ptr_mut(&key.source()) {
+        unsafe { (*budget).settled() };
+    }
+}
+
+/// Follows the client's latest packet: the MACs and interface it came by, and the address it was
+/// sent to, so replies go back the way it comes now (another router after a failover upstream,
+/// another interface, another address of a wildcard listener).
+#[inline(always)]
+fn follow(ctx: &XdpContext, headers: &Headers, session: &mut Session, row: Row) {
+    let Some(eth) = bytes::<12>(ctx, 0) else {
+        return;
+    };
+    let eth = unsafe { &*eth };
+    let ifindex = ctx.ingress_ifindex() as u32;
+    if eth[6..12] == session.client_mac
+        && eth[0..6] == session.local_mac
+        && ifindex == session.ifindex
+        && headers.destination == session.listener
+    {
+        return;
+    }
+    session.client_mac.copy_from_slice(&eth[6..12]);
+    session.local_mac.copy_from_slice(&eth[0..6]);
+    session.ifindex = ifindex;
+    session.listener = headers.destination;
+    count(row, XdpCounter::ClientPathChanged);
+}
+
+#[inline(always)]
 fn from_client(
     ctx: &XdpContext,
     headers: &Headers,
@@ -277,7 +364,11 @@ fn from_client(
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut evicted = false;
-    if let Some(session) = SESSIONS.get_ptr_mut(&key) {
+    let (found, confirmed) = match SESSIONS.get_ptr_mut(&key) {
+        Some(session) => (Some(session), true),
+        None => (PROBATION.get_ptr_mut(&key), false),
+    };
+    if let Some(session) = found {
         let session = unsafe { &mut *session };
         if let Some(gateway) = gateway(session.gateway) {
             if gateway.flags & GATEWAY_KEEPS != 0 {
@@ -285,6 +376,7 @@ fn from_client(
                     return (PASS, XdpCounter::NextHopUnknown);
                 }
                 touch(session, now);
+                follow(ctx, headers, session, row);
                 return to_gateway(
                     ctx,
                     headers,
@@ -297,13 +389,13 @@ fn from_client(
         }
         // Its gateway went down, moved or was removed: place the client again, as Katran's UDP
         // flow migration does. Its next handshake lands on the new gateway.
-        let nat = NatKey {
-            gateway: session.gateway,
-            nat_port: session.nat_port,
-            pad: [0; 2],
-        };
-        let _ = NAT.remove(&nat);
-        let _ = SESSIONS.remove(&key);
+        release_nat(&key, session);
+        if confirmed {
+            let _ = SESSIONS.remove(&key);
+        } else {
+            let _ = PROBATION.remove(&key);
+            settle(&key);
+        }
         evicted = true;
     }
     let hash_port = if listener.hash_port != 0 {
@@ -342,30 +434,17 @@ fn from_client(
     if gateway.flags & GATEWAY_READY == 0 {
         return (PASS, XdpCounter::NextHopUnknown);
     }
-    let first = config(CONFIG_NAT_FIRST_PORT);
-    let ports = config(CONFIG_NAT_PORTS);
-    if ports == 0 {
-        return (DROP, XdpCounter::NatPortsExhausted);
-    }
-    // Probe from a point that depends on the client's port too: with `hash_key = "source-ip"`
-    // every client behind one address has the same placement hash, and would otherwise contend
-    // for the same few ports.
-    let start = hash ^ (u16::from_be_bytes(headers.source.port) as u32).wrapping_mul(0x9e37_79b1);
-    let mut nat_port = None;
-    for probe in 0..NAT_PROBES {
-        let port = (first + start.wrapping_add(probe) % ports) as u16;
-        let nat = NatKey {
-            gateway: index,
-            nat_port: port.to_be_bytes(),
-            pad: [0; 2],
-        };
-        // NOEXIST: a port another session holds is not taken from it.
-        if NAT.insert(&nat, &key, BPF_NOEXIST as u64).is_ok() {
-            nat_port = Some(nat.nat_port);
-            break;
+    // A peer balancer's session was confirmed there: it skips probation. Anything else is a new
+    // session that must be admitted against its source's budget first.
+    if pinned.is_none() {
+        if let Err(refused) = admit(&key, listener, now) {
+            return (DROP, refused);
         }
     }
-    let Some(nat_port) = nat_port else {
+    let Some(nat_port) = take_nat_port(&key, index, hash, row) else {
+        if pinned.is_none() {
+            settle(&key);
+        }
         return (DROP, XdpCounter::NatPortsExhausted);
     };
     let Some(eth) = bytes::<12>(ctx, 0) else {
@@ -381,19 +460,22 @@ fn from_client(
         nat_port,
         client_mac,
         local_mac,
-        announced: 0,
-        pad: 0,
+        pad: [0; 2],
         ifindex: ctx.ingress_ifindex() as u32,
         listener: headers.destination,
         pad2: [0; 4],
         last_seen_ns: now,
     };
-    if SESSIONS.insert(&key, &session, 0).is_err() {
-        let _ = NAT.remove(&NatKey {
-            gateway: index,
-            nat_port,
-            pad: [0; 2],
-        });
+    let stored = if pinned.is_some() {
+        SESSIONS.insert(&key, &session, 0)
+    } else {
+        PROBATION.insert(&key, &session, 0)
+    };
+    if stored.is_err() {
+        release_nat(&key, &session);
+        if pinned.is_none() {
+            settle(&key);
+        }
         return (DROP, XdpCounter::NatPortsExhausted);
     }
     if pinned.is_some() {
@@ -413,6 +495,54 @@ fn from_client(
     (verdict, counter)
 }
 
+/// Takes a token of the client address's budget for a new unconfirmed session.
+#[inline(always)]
+fn admit(key: &FlowKey, listener: &ListenerInfo, now: u64) -> Result<(), XdpCounter> {
+    let source = key.source();
+    let limits = &listener.admission;
+    if let Some(budget) = SOURCES.get_ptr_mut(&source) {
+        return unsafe { (*budget).admit(now, limits) }.map_err(XdpCounter::refusal);
+    }
+    let mut budget = SourceBudget::new(now, limits);
+    budget.admit(now, limits).map_err(XdpCounter::refusal)?;
+    // Another CPU may have added it meanwhile: either copy will do.
+    let _ = SOURCES.insert(&source, &budget, 0);
+    Ok(())
+}
+
+/// A NAT port of gateway `index` for the session of `key`: the first of a few ports, probed from
+/// a point that depends on the client, that is free or whose owner is gone.
+#[inline(always)]
+fn take_nat_port(key: &FlowKey, index: u32, hash: u32, row: Row) -> Option<[u8; 2]> {
+    let first = config(CONFIG_NAT_FIRST_PORT);
+    let ports = config(CONFIG_NAT_PORTS);
+    if ports == 0 {
+        return None;
+    }
+    // From a point that depends on the client's port too: with `hash_key = "source-ip"` every
+    // client behind one address has the same placement hash, and would otherwise contend for
+    // the same few ports.
+    let start = hash ^ (u16::from_be_bytes(key.client.port) as u32).wrapping_mul(0x9e37_79b1);
+    for probe in 0..NAT_PROBES {
+        let port = (first + start.wrapping_add(probe) % ports) as u16;
+        let nat = NatKey {
+            gateway: index,
+            nat_port: port.to_be_bytes(),
+            pad: [0; 2],
+        };
+        // NOEXIST: a port another session holds is not taken from it.
+        if NAT.insert(&nat, key, BPF_NOEXIST as u64).is_ok() {
+            return Some(nat.nat_port);
+        }
+        let orphaned = unsafe { NAT.get(&nat) }.is_some_and(|owner| !holds(owner, &nat));
+        if orphaned && NAT.insert(&nat, key, BPF_EXIST as u64).is_ok() {
+            count(row, XdpCounter::NatReclaimed);
+            return Some(nat.nat_port);
+        }
+    }
+    None
+}
+
 #[inline(always)]
 fn from_gateway(
     ctx: &XdpContext,
@@ -420,14 +550,19 @@ fn from_gateway(
     nat: &NatKey,
     flow: &FlowKey,
     kind: MessageType,
+    row: Row,
 ) -> (u32, XdpCounter) {
-    let Some(session) = SESSIONS.get_ptr_mut(flow) else {
-        let _ = NAT.remove(nat);
+    let (found, confirmed) = match SESSIONS.get_ptr_mut(flow) {
+        Some(session) => (Some(session), true),
+        None => (PROBATION.get_ptr_mut(flow), false),
+    };
+    // A port whose session is gone, or that its session no longer uses: the entry waits for
+    // the next session to take it over, or for userspace's sweep.
+    let Some(session) = found else {
         return (DROP, XdpCounter::StaleNat);
     };
     let session = unsafe { &mut *session };
     if session.gateway != nat.gateway || session.nat_port != nat.nat_port {
-        let _ = NAT.remove(nat);
         return (DROP, XdpCounter::StaleNat);
     }
     touch(session, unsafe { bpf_ktime_get_coarse_ns() });
@@ -438,6 +573,22 @@ fn from_gateway(
         destination_mac: session.client_mac,
     };
     let ifindex = session.ifindex;
+    // A handshake response or data from the gateway confirms the session: the gateway holds
+    // keys for this client. A cookie reply does not: gateways under load send one to any
+    // initiation with a valid mac1, which anyone who knows the public key can compute.
+    if !confirmed
+        && matches!(
+            kind,
+            MessageType::HandshakeResponse | MessageType::TransportData
+        )
+    {
+        let copy = *session;
+        if SESSIONS.insert(flow, &copy, BPF_NOEXIST as u64).is_ok() {
+            let _ = PROBATION.remove(flow);
+            settle(flow);
+            count(row, XdpCounter::SessionConfirmed);
+        }
+    }
     let sent = send(ctx, headers, &to, ifindex, XdpCounter::ToClient);
     if sent.1 == XdpCounter::ToClient {
         if let Some(traffic) = TRAFFIC.get_ptr_mut(nat.gateway) {
@@ -532,41 +683,44 @@ fn send(
     };
     let udp = unsafe { &mut *udp };
     let old_checksum = u16::from_be_bytes([udp[6], udp[7]]);
-    let mut sum = !old_checksum as u32;
-    if headers.ipv4 {
+    let ports = (&udp[0..4], &to.source.port[..], &to.destination.port[..]);
+    let checksum = if headers.ipv4 {
         let Some(ip) = bytes::<IPV4_HLEN>(ctx, ETH_HLEN) else {
             return (PASS, XdpCounter::NotIp);
         };
         let ip = unsafe { &mut *ip };
-        sum = replace(
-            sum,
-            &ip[12..20],
-            &to.source.addr[12..16],
-            &to.destination.addr[12..16],
+        let checksum = udp_after_rewrite(
+            old_checksum,
+            true,
+            (
+                &ip[12..20],
+                &to.source.addr[12..16],
+                &to.destination.addr[12..16],
+            ),
+            ports,
         );
         ip[12..16].copy_from_slice(&to.source.addr[12..16]);
         ip[16..20].copy_from_slice(&to.destination.addr[12..16]);
-        ipv4_checksum(ip);
+        ipv4_header(ip);
+        checksum
     } else {
         let Some(ip) = bytes::<IPV6_HLEN>(ctx, ETH_HLEN) else {
             return (PASS, XdpCounter::NotIp);
         };
         let ip = unsafe { &mut *ip };
-        sum = replace(sum, &ip[8..40], &to.source.addr, &to.destination.addr);
+        let checksum = udp_after_rewrite(
+            old_checksum,
+            false,
+            (&ip[8..40], &to.source.addr, &to.destination.addr),
+            ports,
+        );
         ip[8..24].copy_from_slice(&to.source.addr);
         ip[24..40].copy_from_slice(&to.destination.addr);
-    }
-    sum = replace(sum, &udp[0..4], &to.source.port, &to.destination.port);
+        checksum
+    };
     udp[0..2].copy_from_slice(&to.source.port);
     udp[2..4].copy_from_slice(&to.destination.port);
-    // An IPv4 datagram without a checksum (0) stays without one.
-    if !(headers.ipv4 && old_checksum == 0) {
-        let mut checksum = !fold(sum) as u16;
-        if checksum == 0 {
-            checksum = 0xffff;
-        }
-        udp[6..8].copy_from_slice(&checksum.to_be_bytes());
-    }
+    udp[6..8].copy_from_slice(&checksum.to_be_bytes());
     if ifindex == ctx.ingress_ifindex() as u32 {
         return (TX, counter);
     }
@@ -576,48 +730,6 @@ fn send(
     } else {
         (DROP, XdpCounter::RedirectFailed)
     }
-}
-
-/// Updates a one's-complement sum (RFC 1624) for the 16-bit words of `old` (the current
-/// source then destination) becoming `source` then `destination`.
-#[inline(always)]
-fn replace(mut sum: u32, old: &[u8], source: &[u8], destination: &[u8]) -> u32 {
-    let half = old.len() / 2;
-    let mut i = 0;
-    while i + 1 < old.len() {
-        let before = u16::from_be_bytes([old[i], old[i + 1]]);
-        let after = if i < half {
-            u16::from_be_bytes([source[i], source[i + 1]])
-        } else {
-            u16::from_be_bytes([destination[i - half], destination[i - half + 1]])
-        };
-        sum += !before as u32;
-        sum += after as u32;
-        i += 2;
-    }
-    fold(sum) as u32
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-/// Recomputes an IPv4 header checksum (20 bytes, no options: those were passed on).
-#[inline(always)]
-fn ipv4_checksum(ip: &mut [u8; IPV4_HLEN]) {
-    ip[10] = 0;
-    ip[11] = 0;
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < IPV4_HLEN {
-        sum += u16::from_be_bytes([ip[i], ip[i + 1]]) as u32;
-        i += 2;
-    }
-    let checksum = !fold(sum);
-    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
 }
 
 #[panic_handler]

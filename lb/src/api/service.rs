@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::pool::{AdminState, Health};
 use crate::query::{ClientMatch, SessionFilter, SessionPage, SessionRequest, SessionRequests};
 use crate::sync;
+use wglb_common::admission::Refusal;
 
 /// Sessions per page when the client does not say, and the most it may ask for.
 const DEFAULT_PAGE: usize = 1000;
@@ -250,6 +251,11 @@ fn event_message(event: Event) -> pb::Event {
             message.count = count;
             Kind::SessionsEvicted
         }
+        EventKind::SessionsRefused { reason, count } => {
+            message.reason = reason.as_str().into();
+            message.count = count;
+            Kind::SessionsRefused
+        }
         EventKind::ConfigReloaded => Kind::ConfigReloaded,
         EventKind::ConfigRefused { why } => {
             message.detail = why;
@@ -314,7 +320,12 @@ impl pb::control_server::Control for Api {
         for listener in snapshot.listeners {
             let sessions = self.session_counts(&listener.config.name).await?;
             let config = listener.config;
+            let admission = self.metrics.admission(&config.name);
             listeners.push(pb::Listener {
+                unconfirmed: admission.unconfirmed,
+                probation_size: config.admission.probation_size.get() as u64,
+                refused_source_rate: admission.refused(Refusal::SourceRate),
+                refused_source_unconfirmed: admission.refused(Refusal::SourceUnconfirmed),
                 listen: config.listen.to_string(),
                 hash_key: config.hash_key.as_str().into(),
                 idle_timeout_seconds: config.idle_timeout.as_secs(),

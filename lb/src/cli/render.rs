@@ -63,6 +63,12 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
                 "gateways": l.gateways,
                 "failing_open": l.failing_open,
                 "all_down": l.all_down,
+                "unconfirmed": l.unconfirmed,
+                "probation_size": l.probation_size,
+                "refused": {
+                    "source_rate": l.refused_source_rate,
+                    "source_unconfirmed": l.refused_source_unconfirmed,
+                },
             })).collect::<Vec<_>>(),
         }));
         return;
@@ -87,7 +93,16 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
         status.health_quorum
     );
     let mut listeners = table(&[
-        "LISTENER", "LISTEN", "GATEWAYS", "SESSIONS", "TABLE", "HASH", "IDLE", "ALL DOWN",
+        "LISTENER",
+        "LISTEN",
+        "GATEWAYS",
+        "SESSIONS",
+        "UNCONFIRMED",
+        "TABLE",
+        "REFUSED RATE/UNCONF",
+        "HASH",
+        "IDLE",
+        "ALL DOWN",
     ]);
     for l in &status.listeners {
         listeners.add_row(vec![
@@ -95,7 +110,9 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
             l.listen.clone(),
             l.gateways.to_string(),
             l.sessions.to_string(),
+            format!("{}/{}", l.unconfirmed, l.probation_size),
             l.table_size.to_string(),
+            format!("{}/{}", l.refused_source_rate, l.refused_source_unconfirmed),
             l.hash_key.clone(),
             format!("{}s", l.idle_timeout_seconds),
             if l.failing_open {
@@ -105,7 +122,7 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
             },
         ]);
     }
-    right_align(&mut listeners, &[2, 3, 4]);
+    right_align(&mut listeners, &[2, 3, 4, 5, 6]);
     println!("{listeners}");
 }
 
@@ -249,6 +266,7 @@ fn kind_name(kind: pb::event::Kind) -> &'static str {
         Kind::GatewayAdded => "gateway_added",
         Kind::GatewayRemoved => "gateway_removed",
         Kind::SessionsEvicted => "sessions_evicted",
+        Kind::SessionsRefused => "sessions_refused",
         Kind::ConfigReloaded => "config_reloaded",
         Kind::ConfigRefused => "config_refused",
         Kind::FailStatic => "fail_static",
@@ -290,6 +308,7 @@ pub fn event(event: &pb::Event, json: bool) {
         ),
         Kind::GatewayState => format!("{} weight {}", state_name(event.state()), event.weight),
         Kind::SessionsEvicted => format!("{} session(s), {}", event.count, event.reason),
+        Kind::SessionsRefused => format!("{} new session(s), {}", event.count, event.reason),
         Kind::ConfigRefused => event.detail.clone(),
         Kind::FailStatic | Kind::FailingOpen => {
             (if event.active { "on" } else { "off" }).to_string()

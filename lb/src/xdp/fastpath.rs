@@ -26,20 +26,21 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use aya::programs::XdpMode as AttachMode;
 use tokio::sync::{mpsc, oneshot, watch};
+use wglb_common::admission::Refusal;
 use wglb_common::xdp::{
-    Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, Session, XdpCounter, GATEWAY_KEEPS,
-    GATEWAY_READY, MAX_GATEWAYS,
+    Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session, XdpCounter,
+    GATEWAY_KEEPS, GATEWAY_READY, MAX_GATEWAYS,
 };
 
-use super::program::{endpoint_of, maglev_entries, Limits, XdpProgram};
+use super::program::{endpoint_of, maglev_entries, nat_key, Limits, Table, XdpProgram};
 use super::route::{Netlink, Path};
 use crate::config::{Config, DatapathConfig, XdpMode};
 use crate::control::ListenerPlan;
 use crate::events::{EventBus, EventKind};
-use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, Metrics};
+use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, Metrics, NatDrift};
 use crate::pool::{GatewayId, HashKey};
 use crate::query::{self, SessionFilter, SessionInfo, SessionPage, SessionRequest};
-use crate::session::EvictionReason;
+use crate::session::{EvictionReason, PROBATION_IDLE};
 use crate::sync::{self, Resyncs, SyncOut};
 
 /// How often routes, counters and idle sessions are looked at.
@@ -74,6 +75,9 @@ pub struct FastPath {
     /// How long the last sweep took: sweeps are spaced to cost at most a tenth of a core.
     last_sweep: Duration,
     swept_at: Instant,
+    /// Confirmed sessions told to peer balancers, and the gateway they were told of: kept here,
+    /// not in the program's map, so that marking one never writes a stale copy back.
+    announced: HashMap<FlowKey, u32>,
 }
 
 struct Listener {
@@ -156,9 +160,16 @@ impl FastPath {
         let datapath = &config.datapath;
         check_nat_ports(datapath)?;
         let sessions: usize = config.listeners.iter().map(|l| l.table_size.get()).sum();
+        let probation: usize = config
+            .listeners
+            .iter()
+            .map(|l| l.admission.probation_size.get())
+            .sum();
         let maglev_slots: u32 = config.listeners.iter().map(|l| l.maglev_size).sum();
         let mut program = XdpProgram::load(Limits {
             sessions: u32::try_from(sessions).context("table sizes too large for the kernel")?,
+            probation: u32::try_from(probation)
+                .context("probation sizes too large for the kernel")?,
             maglev_slots,
         })?;
         let ports = datapath.nat_ports.clone();
@@ -196,6 +207,7 @@ impl FastPath {
             events: events.clone(),
             last_sweep: Duration::ZERO,
             swept_at: Instant::now(),
+            announced: HashMap::new(),
         };
         for index in 0..fast.listeners.len() {
             let plan = fast.listeners[index].plan.clone();
@@ -645,6 +657,16 @@ impl FastPath {
                 l.counters.junk(direction, junk).inc_by(delta);
             }
             (Malformed, Some(_)) => drop(DropReason::Malformed),
+            (SourceRate | SourceUnconfirmed, Some(l)) => {
+                let refusal = Refusal::ALL
+                    .into_iter()
+                    .find(|r| XdpCounter::refusal(*r) == counter)
+                    .expect("a refusal counter");
+                l.counters.refused(refusal).inc_by(delta);
+            }
+            (SessionConfirmed, Some(l)) => l.counters.confirmed.inc_by(delta),
+            (ClientPathChanged, Some(l)) => l.counters.client_path_changes.inc_by(delta),
+            (NatReclaimed, _) => self.metrics.nat_drift(NatDrift::Reclaimed).inc_by(delta),
             (NoGateway, Some(l)) => l.counters.no_gateway.inc_by(delta),
             (NatPortsExhausted, Some(_)) => drop(DropReason::NatPortsExhausted),
             (StaleNat, Some(_)) => drop(DropReason::StaleSession),
@@ -660,14 +682,24 @@ impl FastPath {
         }
     }
 
-    /// Removes idle sessions and those of gateways that no longer keep theirs, counts the rest
-    /// per gateway, and frees the indices of retired gateways.
+    /// Removes idle sessions and those of gateways that no longer keep theirs (unconfirmed ones
+    /// sooner: [`PROBATION_IDLE`]), counts the rest per gateway, announces confirmed sessions to
+    /// peers (and those that went), puts right any drift between the session and NAT maps,
+    /// recounts each source's unconfirmed sessions, and frees the indices of retired gateways.
     fn sweep(&mut self) {
         let started = Instant::now();
-        let sessions = match self.program.sessions() {
-            Ok(sessions) => sessions,
+        // NAT first: an entry read here whose session the later reads do not find had lost it.
+        let read = self.program.nat_entries().and_then(|nat| {
+            Ok((
+                nat,
+                self.program.sessions(Table::Confirmed)?,
+                self.program.sessions(Table::Unconfirmed)?,
+            ))
+        });
+        let (nat, confirmed, unconfirmed) = match read {
+            Ok(read) => read,
             Err(e) => {
-                tracing::warn!("cannot read the XDP session table: {e:#}");
+                tracing::warn!("cannot read the XDP session tables: {e:#}");
                 return;
             }
         };
@@ -682,8 +714,19 @@ impl FastPath {
                 l.sync.enabled() && now.saturating_sub(l.refreshed_at_ns) >= every
             })
             .collect();
-        let mut announced = Vec::new();
-        for (key, session) in &sessions {
+        // Sessions that stay, with the NAT entry each owns.
+        let mut live: HashMap<FlowKey, (Table, Session)> = HashMap::new();
+        let mut unconfirmed_per_listener = vec![0i64; self.listeners.len()];
+        let mut unconfirmed_per_source: HashMap<FlowKey, u32> = HashMap::new();
+        let sessions = confirmed
+            .iter()
+            .map(|(key, session)| (Table::Confirmed, key, session))
+            .chain(
+                unconfirmed
+                    .iter()
+                    .map(|(key, session)| (Table::Unconfirmed, key, session)),
+            );
+        for (table, key, session) in sessions {
             let index = key.listener as usize;
             let Some(listener) = self.listeners.get(index) else {
                 continue;
@@ -693,15 +736,30 @@ impl FastPath {
                 .get(&session.gateway)
                 .filter(|s| s.keeps && s.listener == index);
             let idle = now.saturating_sub(session.last_seen_ns);
+            let idle_timeout = match table {
+                Table::Confirmed => listener.plan.idle_timeout,
+                Table::Unconfirmed => PROBATION_IDLE,
+            };
             let client = address_of(key.client);
-            let reason = match slot {
-                None => EvictionReason::GatewayGone,
-                Some(_) if idle > listener.plan.idle_timeout.as_nanos() as u64 => {
+            let reason = match (slot, table) {
+                (None, _) => EvictionReason::GatewayGone,
+                (Some(_), Table::Confirmed) if idle > idle_timeout.as_nanos() as u64 => {
                     EvictionReason::Idle
                 }
-                Some(slot) => {
+                (Some(_), Table::Unconfirmed) if idle > idle_timeout.as_nanos() as u64 => {
+                    EvictionReason::Unconfirmed
+                }
+                (Some(slot), _) => {
                     *counts.entry(session.gateway).or_default() += 1;
-                    let fresh = session.announced == 0;
+                    live.insert(*key, (table, *session));
+                    if table == Table::Unconfirmed {
+                        unconfirmed_per_listener[index] += 1;
+                        *unconfirmed_per_source.entry(key.source()).or_default() += 1;
+                        continue;
+                    }
+                    // Announced when new (or moved to another gateway), then again with traffic
+                    // once per refresh interval.
+                    let fresh = self.announced.get(key) != Some(&session.gateway);
                     if listener.sync.enabled()
                         && (fresh
                             || refresh_due[index]
@@ -711,33 +769,43 @@ impl FastPath {
                         listener
                             .sync
                             .upsert(client, &slot.name, slot.address, idle_ms);
-                        if fresh {
-                            announced.push((*key, *session));
-                        }
+                        self.announced.insert(*key, session.gateway);
                     }
                     continue;
                 }
             };
-            if let Err(e) = self.program.remove_session(key, session) {
+            if let Err(e) = self.program.remove_session(table, key, session) {
                 tracing::warn!("cannot remove an XDP session: {e:#}");
                 continue;
             }
-            if session.announced != 0 {
+            if self.announced.remove(key).is_some() {
                 listener.sync.evicted(client);
             }
             *evicted.entry((index, session.gateway, reason)).or_default() += 1;
         }
-        for (key, session) in announced {
-            if let Err(e) = self.program.mark_announced(&key, &session) {
-                tracing::warn!("cannot mark an XDP session as synced: {e:#}");
+        // Announced sessions gone without this sweep: pushed out of the LRU map, or evicted by
+        // the program itself (their gateway stopped keeping them).
+        let listeners = &self.listeners;
+        self.announced.retain(|key, _| {
+            let kept = live.get(key).is_some_and(|(t, _)| *t == Table::Confirmed);
+            if !kept {
+                if let Some(listener) = listeners.get(key.listener as usize) {
+                    listener.sync.evicted(address_of(key.client));
+                }
             }
-        }
+            kept
+        });
         for (listener, due) in self.listeners.iter_mut().zip(refresh_due) {
             if due {
                 listener.refreshed_at_ns = now;
             }
         }
-        self.expire_pins(&sessions, now);
+        for (listener, count) in self.listeners.iter().zip(unconfirmed_per_listener) {
+            listener.counters.unconfirmed.set(count);
+        }
+        self.put_nat_right(&nat, &live);
+        self.recount_sources(&unconfirmed_per_source);
+        self.expire_pins(&live, now);
         for ((index, slot_index, reason), count) in evicted {
             let listener = &self.listeners[index];
             listener.counters.eviction(reason).inc_by(count);
@@ -783,22 +851,101 @@ impl FastPath {
         self.swept_at = Instant::now();
     }
 
+    /// Holds the NAT map to the sessions: every NAT entry belongs to a live session that uses
+    /// it, and every live session has its entry. `nat` was read before `live`; whatever looks
+    /// wrong is read again before it is changed, since the program keeps working meanwhile.
+    fn put_nat_right(
+        &mut self,
+        nat: &[(NatKey, FlowKey)],
+        live: &HashMap<FlowKey, (Table, Session)>,
+    ) {
+        let uses = |owner: &FlowKey, entry: &NatKey, program: &XdpProgram| {
+            let session = match live.get(owner) {
+                Some((_, session)) => Some(*session),
+                None => program.session(owner).map(|(_, session)| session),
+            };
+            session.is_some_and(|s| nat_key(&s) == *entry)
+        };
+        let mut owners: HashMap<NatKey, FlowKey> = HashMap::with_capacity(nat.len());
+        for (entry, owner) in nat {
+            if live.get(owner).is_some_and(|(_, s)| nat_key(s) == *entry) {
+                owners.insert(*entry, *owner);
+                continue;
+            }
+            if !uses(owner, entry, &self.program)
+                && self.program.remove_nat_of(entry, owner).unwrap_or(false)
+            {
+                self.metrics.nat_drift(NatDrift::Orphaned).inc();
+            }
+        }
+        for (key, (table, session)) in live {
+            let entry = nat_key(session);
+            if owners.get(&entry) == Some(key) {
+                continue;
+            }
+            match self.program.nat_owner(&entry) {
+                Some(owner) if owner == *key => {}
+                None => {
+                    if self.program.restore_nat(&entry, key).unwrap_or(false) {
+                        self.metrics.nat_drift(NatDrift::Missing).inc();
+                    }
+                }
+                Some(other) if uses(&other, &entry, &self.program) => {
+                    // Two sessions on one port: the other's replies come to it. This one goes;
+                    // its client's next packet places it again, on a port of its own.
+                    if self.program.remove_session(*table, key, session).is_ok() {
+                        self.metrics.nat_drift(NatDrift::Conflict).inc();
+                        if self.announced.remove(key).is_some() {
+                            if let Some(listener) = self.listeners.get(key.listener as usize) {
+                                listener.sync.evicted(address_of(key.client));
+                            }
+                        }
+                    }
+                }
+                Some(other) => {
+                    // Held by a session that no longer uses it: ours again.
+                    if self.program.remove_nat_of(&entry, &other).unwrap_or(false)
+                        && self.program.restore_nat(&entry, key).unwrap_or(false)
+                    {
+                        self.metrics.nat_drift(NatDrift::Missing).inc();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets every source's count of unconfirmed sessions to what PROBATION holds: the program
+    /// cannot see the LRU push its sessions out, nor this sweep expire them.
+    fn recount_sources(&mut self, unconfirmed: &HashMap<FlowKey, u32>) {
+        let sources = match self.program.sources() {
+            Ok(sources) => sources,
+            Err(e) => {
+                tracing::warn!("cannot read the XDP admission budgets: {e:#}");
+                return;
+            }
+        };
+        for (source, budget) in sources {
+            let count = unconfirmed.get(&source).copied().unwrap_or(0);
+            if budget.unconfirmed != count {
+                if let Err(e) = self.program.set_unconfirmed(&source, count) {
+                    tracing::warn!("cannot correct an XDP admission budget: {e:#}");
+                }
+            }
+        }
+    }
+
     /// Drops pins whose session exists now (the program used them), whose gateway no longer
     /// keeps sessions, or that have been idle for the listener's idle timeout.
-    fn expire_pins(&mut self, sessions: &[(FlowKey, Session)], now: u64) {
+    fn expire_pins(&mut self, live: &HashMap<FlowKey, (Table, Session)>, now: u64) {
         if self.listeners.iter().all(|l| l.pins.is_empty()) {
             return;
         }
-        let live: HashSet<(u32, SocketAddr)> = sessions
-            .iter()
-            .map(|(key, _)| (key.listener, address_of(key.client)))
-            .collect();
         for (index, listener) in self.listeners.iter_mut().enumerate() {
             let idle_timeout = listener.plan.idle_timeout.as_nanos() as u64;
             let gateways = &self.gateways;
             let program = &mut self.program;
             listener.pins.retain(|client, pin| {
-                let keep = !live.contains(&(index as u32, *client))
+                let keep = !live.contains_key(&flow_key(index, *client))
                     && gateways
                         .get(&pin.slot)
                         .is_some_and(|s| s.keeps && s.listener == index)
@@ -855,14 +1002,14 @@ impl FastPath {
                 let (chosen, more, total) = query::page(
                     sessions
                         .iter()
-                        .map(|(client, key, session)| (*client, (key, session))),
+                        .map(|(client, _, _, session)| (*client, session)),
                     after,
                     limit,
                 );
                 let fast = SessionPage {
                     sessions: chosen
                         .into_iter()
-                        .map(|(client, (_, session))| {
+                        .map(|(client, session)| {
                             let slot = &self.gateways[&session.gateway];
                             SessionInfo {
                                 client,
@@ -886,10 +1033,10 @@ impl FastPath {
                 .await
                 .unwrap_or(0);
                 let mut per_gateway: HashMap<u32, u64> = HashMap::new();
-                for (client, key, session) in self.matching(index, &filter) {
-                    if self.program.remove_session(&key, &session).is_ok() {
+                for (client, key, table, session) in self.matching(index, &filter) {
+                    if self.program.remove_session(table, &key, &session).is_ok() {
                         *per_gateway.entry(session.gateway).or_default() += 1;
-                        if session.announced != 0 {
+                        if self.announced.remove(&key).is_some() {
                             self.listeners[index].sync.evicted(client);
                         }
                     }
@@ -942,30 +1089,35 @@ impl FastPath {
         }
     }
 
-    /// The program's sessions of listener `index` that `filter` matches.
+    /// The program's sessions (of both tables) of listener `index` that `filter` matches.
     fn matching(
         &self,
         index: usize,
         filter: &SessionFilter,
-    ) -> Vec<(SocketAddr, FlowKey, Session)> {
-        let sessions = match self.program.sessions() {
-            Ok(sessions) => sessions,
-            Err(e) => {
-                tracing::warn!("cannot read the XDP session table: {e:#}");
-                return Vec::new();
-            }
-        };
-        sessions
-            .into_iter()
-            .filter(|(key, _)| key.listener as usize == index)
-            .filter_map(|(key, session)| {
-                let slot = self.gateways.get(&session.gateway)?;
-                let client = address_of(key.client);
-                filter
-                    .matches(&client, &slot.name, false)
-                    .then_some((client, key, session))
-            })
-            .collect()
+    ) -> Vec<(SocketAddr, FlowKey, Table, Session)> {
+        let mut matching = Vec::new();
+        for table in [Table::Confirmed, Table::Unconfirmed] {
+            let sessions = match self.program.sessions(table) {
+                Ok(sessions) => sessions,
+                Err(e) => {
+                    tracing::warn!("cannot read the XDP session table: {e:#}");
+                    continue;
+                }
+            };
+            matching.extend(
+                sessions
+                    .into_iter()
+                    .filter(|(key, _)| key.listener as usize == index)
+                    .filter_map(|(key, session)| {
+                        let slot = self.gateways.get(&session.gateway)?;
+                        let client = address_of(key.client);
+                        filter
+                            .matches(&client, &slot.name, false)
+                            .then_some((client, key, table, session))
+                    }),
+            );
+        }
+        matching
     }
 }
 
@@ -1007,8 +1159,9 @@ impl sync::Standbys for ListenerPins<'_> {
             return false;
         };
         let key = flow_key(self.index, client);
-        if let Some(session) = self.fast.program.session(&key) {
-            let _ = self.fast.program.remove_session(&key, &session);
+        if let Some((table, session)) = self.fast.program.session(&key) {
+            let _ = self.fast.program.remove_session(table, &key, &session);
+            self.fast.announced.remove(&key);
         }
         if let Err(e) = self.fast.program.pin(&key, slot) {
             tracing::warn!("cannot pin a peer's session in the XDP program: {e:#}");
@@ -1049,6 +1202,7 @@ fn listener_info(index: usize, listener: &Listener) -> ListenerInfo {
         maglev_size: listener.maglev.len() as u32,
         hash_port: (listener.plan.placement.hash_key() == HashKey::SourceIpPort) as u8,
         pad: [0; 3],
+        admission: listener.plan.admission.limits(),
     }
 }
 

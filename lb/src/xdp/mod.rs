@@ -9,5 +9,5 @@ pub mod fastpath;
 pub mod program;
 pub mod route;
 
-pub use program::{endpoint_of, Counters, Limits, Outcome, XdpProgram};
+pub use program::{endpoint_of, Counters, Limits, Outcome, Table, XdpProgram};
 pub use program::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};

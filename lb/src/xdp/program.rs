@@ -9,6 +9,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues
 use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
+use wglb_common::admission::{AdmissionLimits, SourceBudget};
 use wglb_common::xdp::{
     counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
     XdpCounter, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS,
@@ -39,10 +40,40 @@ pub struct Outcome {
 /// Map sizes fixed at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Sessions (and NAT entries) the kernel keeps, least recently used first out.
+    /// Confirmed sessions the kernel keeps, least recently used first out.
     pub sessions: u32,
+    /// Unconfirmed sessions the kernel keeps, least recently used first out.
+    pub probation: u32,
     /// Maglev slots of all listeners together.
     pub maglev_slots: u32,
+}
+
+impl Limits {
+    /// NAT entries: one per session of either kind, and as many again for entries whose session
+    /// an LRU map pushed out, until a new session takes them over or the sweep removes them.
+    fn nat_entries(&self) -> u32 {
+        self.sessions
+            .saturating_add(self.probation)
+            .saturating_mul(2)
+    }
+}
+
+/// Which of the program's session maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// SESSIONS: confirmed sessions.
+    Confirmed,
+    /// PROBATION: sessions whose gateway has not answered yet.
+    Unconfirmed,
+}
+
+impl Table {
+    fn map(self) -> &'static str {
+        match self {
+            Table::Confirmed => "SESSIONS",
+            Table::Unconfirmed => "PROBATION",
+        }
+    }
 }
 
 /// The loaded program and its maps.
@@ -55,7 +86,8 @@ impl XdpProgram {
     pub fn load(limits: Limits) -> anyhow::Result<XdpProgram> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("SESSIONS", limits.sessions)
-            .map_max_entries("NAT", limits.sessions)
+            .map_max_entries("PROBATION", limits.probation)
+            .map_max_entries("NAT", limits.nat_entries())
             .map_max_entries("PINS", limits.sessions)
             .map_max_entries("MAGLEV", limits.maglev_slots)
             .load(OBJECT)
@@ -127,6 +159,7 @@ impl XdpProgram {
         offset: u32,
         room: u32,
         placement: &Placement,
+        admission: AdmissionLimits,
         gateway_index: impl Fn(&GatewayView) -> u32,
     ) -> anyhow::Result<()> {
         let entries = maglev_entries(placement, gateway_index);
@@ -142,6 +175,7 @@ impl XdpProgram {
             maglev_size: entries.len() as u32,
             hash_port: (placement.hash_key() == HashKey::SourceIpPort) as u8,
             pad: [0; 3],
+            admission,
         };
         self.set_listener(addresses, gone, info)
     }
@@ -179,47 +213,91 @@ impl XdpProgram {
         Ok(())
     }
 
-    /// The sessions the kernel holds.
-    pub fn sessions(&self) -> anyhow::Result<Vec<(FlowKey, Session)>> {
-        let map = self.ebpf.map("SESSIONS").context("no SESSIONS map")?;
+    /// The sessions the kernel holds in one of its tables.
+    pub fn sessions(&self, table: Table) -> anyhow::Result<Vec<(FlowKey, Session)>> {
+        let map = self.ebpf.map(table.map()).context("no session map")?;
         let sessions: BpfHashMap<&MapData, FlowKey, Session> = BpfHashMap::try_from(map)?;
         Ok(sessions.iter().collect::<Result<_, _>>()?)
     }
 
-    /// The session of `key`, if the kernel holds one.
-    pub fn session(&self, key: &FlowKey) -> Option<Session> {
-        let map = self.ebpf.map("SESSIONS")?;
-        let sessions: BpfHashMap<&MapData, FlowKey, Session> = BpfHashMap::try_from(map).ok()?;
-        sessions.get(key, 0).ok()
+    /// The session of `key`, if the kernel holds one, and in which table.
+    pub fn session(&self, key: &FlowKey) -> Option<(Table, Session)> {
+        [Table::Confirmed, Table::Unconfirmed]
+            .into_iter()
+            .find_map(|table| {
+                let map = self.ebpf.map(table.map())?;
+                let sessions: BpfHashMap<&MapData, FlowKey, Session> =
+                    BpfHashMap::try_from(map).ok()?;
+                sessions.get(key, 0).ok().map(|session| (table, session))
+            })
     }
 
-    /// Forgets a session and its NAT port.
-    pub fn remove_session(&mut self, key: &FlowKey, session: &Session) -> anyhow::Result<()> {
+    /// Forgets a session, and its NAT port if the port is still the session's own.
+    pub fn remove_session(
+        &mut self,
+        table: Table,
+        key: &FlowKey,
+        session: &Session,
+    ) -> anyhow::Result<()> {
+        // The NAT entry first: while the session exists, the program takes its port from nobody.
+        self.remove_nat_of(&nat_key(session), key)?;
         let mut sessions: BpfHashMap<&mut MapData, FlowKey, Session> =
-            BpfHashMap::try_from(self.map_mut("SESSIONS")?)?;
+            BpfHashMap::try_from(self.map_mut(table.map())?)?;
         // Gone already (the LRU or the program evicted it): nothing to do.
         let _ = sessions.remove(key);
-        let mut nat: BpfHashMap<&mut MapData, NatKey, FlowKey> =
-            BpfHashMap::try_from(self.map_mut("NAT")?)?;
-        let _ = nat.remove(&NatKey {
-            gateway: session.gateway,
-            nat_port: session.nat_port,
-            pad: [0; 2],
-        });
         Ok(())
     }
 
-    /// Marks a session as told to peer balancers. Only if it still exists: the program may have
-    /// replaced it since it was read (with a fresher activity time, kept as read here).
-    pub fn mark_announced(&mut self, key: &FlowKey, session: &Session) -> anyhow::Result<()> {
-        let mut sessions: BpfHashMap<&mut MapData, FlowKey, Session> =
-            BpfHashMap::try_from(self.map_mut("SESSIONS")?)?;
-        let announced = Session {
-            announced: 1,
-            ..*session
+    /// Every NAT entry: a gateway's port and the session it belongs to.
+    pub fn nat_entries(&self) -> anyhow::Result<Vec<(NatKey, FlowKey)>> {
+        let map = self.ebpf.map("NAT").context("no NAT map")?;
+        let nat: BpfHashMap<&MapData, NatKey, FlowKey> = BpfHashMap::try_from(map)?;
+        Ok(nat.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The session a NAT port belongs to now.
+    pub fn nat_owner(&self, nat: &NatKey) -> Option<FlowKey> {
+        let map = self.ebpf.map("NAT")?;
+        let entries: BpfHashMap<&MapData, NatKey, FlowKey> = BpfHashMap::try_from(map).ok()?;
+        entries.get(nat, 0).ok()
+    }
+
+    /// Removes a NAT entry if it (still) belongs to `owner`; true if it did.
+    pub fn remove_nat_of(&mut self, nat: &NatKey, owner: &FlowKey) -> anyhow::Result<bool> {
+        if self.nat_owner(nat) != Some(*owner) {
+            return Ok(false);
+        }
+        let mut entries: BpfHashMap<&mut MapData, NatKey, FlowKey> =
+            BpfHashMap::try_from(self.map_mut("NAT")?)?;
+        Ok(entries.remove(nat).is_ok())
+    }
+
+    /// Gives `owner` its NAT entry back if nobody holds the port; true if it did.
+    pub fn restore_nat(&mut self, nat: &NatKey, owner: &FlowKey) -> anyhow::Result<bool> {
+        let mut entries: BpfHashMap<&mut MapData, NatKey, FlowKey> =
+            BpfHashMap::try_from(self.map_mut("NAT")?)?;
+        // BPF_NOEXIST: a port someone else took is not taken back.
+        Ok(entries.insert(nat, owner, 1).is_ok())
+    }
+
+    /// The admission budgets of the client addresses the program has seen lately.
+    pub fn sources(&self) -> anyhow::Result<Vec<(FlowKey, SourceBudget)>> {
+        let map = self.ebpf.map("SOURCES").context("no SOURCES map")?;
+        let sources: BpfHashMap<&MapData, FlowKey, SourceBudget> = BpfHashMap::try_from(map)?;
+        Ok(sources.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Sets how many unconfirmed sessions a source has, keeping its tokens as the program left
+    /// them. Only if the budget still exists.
+    pub fn set_unconfirmed(&mut self, source: &FlowKey, unconfirmed: u32) -> anyhow::Result<()> {
+        let mut sources: BpfHashMap<&mut MapData, FlowKey, SourceBudget> =
+            BpfHashMap::try_from(self.map_mut("SOURCES")?)?;
+        let Ok(mut budget) = sources.get(source, 0) else {
+            return Ok(());
         };
-        // BPF_EXIST: a session evicted meanwhile stays evicted.
-        let _ = sessions.insert(key, announced, 2);
+        budget.unconfirmed = unconfirmed;
+        // BPF_EXIST: a budget the LRU dropped meanwhile stays dropped.
+        let _ = sources.insert(source, budget, 2);
         Ok(())
     }
 
@@ -365,6 +443,15 @@ impl Counters {
             .skip(counter as usize)
             .step_by(XdpCounter::COUNT as usize)
             .sum()
+    }
+}
+
+/// The NAT entry a session owns.
+pub fn nat_key(session: &Session) -> NatKey {
+    NatKey {
+        gateway: session.gateway,
+        nat_port: session.nat_port,
+        pad: [0; 2],
     }
 }
 
