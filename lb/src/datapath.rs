@@ -43,7 +43,7 @@ use crate::events::{EventBus, EventKind};
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::pool::{GatewayId, Placement};
 use crate::query::{self, SessionInfo, SessionPage, SessionRequest};
-use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable, PROBATION_IDLE};
+use crate::session::{now_ms, probation_idle, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
@@ -458,6 +458,8 @@ impl Relay {
     fn apply(&mut self, plan: Arc<ListenerPlan>) {
         let before = std::mem::replace(&mut self.plan, plan);
         self.sessions.set_idle_timeout(self.plan.idle_timeout);
+        self.probation
+            .set_idle_timeout(probation_idle(self.plan.idle_timeout));
         for (client, session) in self.sessions.set_capacity(self.plan.table_size) {
             self.push_out(client, &session);
         }
@@ -1071,7 +1073,10 @@ pub async fn run_listener(
         socket: Arc::new(socket),
         source: config.source,
         sessions: SessionTable::new(plan.table_size, plan.idle_timeout),
-        probation: SessionTable::new(plan.admission.probation_size, PROBATION_IDLE),
+        probation: SessionTable::new(
+            plan.admission.probation_size,
+            probation_idle(plan.idle_timeout),
+        ),
         sources: Sources::new(plan.admission.limits()),
         counters: Arc::new(metrics.listener(&config.name)),
         standby: metrics.sync_standby(&config.name),

@@ -23,8 +23,11 @@ use crate::pool::GatewayId;
 /// How long an unconfirmed session (its gateway has not answered yet) may go without a packet
 /// before it leaves probation: longer than the 25 s persistent keepalive clients commonly send,
 /// so a quiet client whose session was lost (a restarted balancer) keeps its upstream path; short
-/// enough that a source's stale unconfirmed sessions free its budget soon.
-pub const PROBATION_IDLE: Duration = Duration::from_secs(30);
+/// enough that a source's stale unconfirmed sessions free its budget soon. Never longer than the
+/// listener's idle timeout.
+pub fn probation_idle(idle_timeout: Duration) -> Duration {
+    idle_timeout.min(Duration::from_secs(30))
+}
 
 /// Milliseconds on a process-wide monotonic clock: cheap to store in an atomic.
 pub fn now_ms() -> u64 {

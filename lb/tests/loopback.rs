@@ -7,7 +7,7 @@ mod local;
 use std::net::{Ipv4Addr, UdpSocket};
 
 use anyhow::{ensure, Result};
-use local::{at, initiation, round_trip, Gateway, Wglb};
+use local::{at, initiation, response, round_trip, Client, Gateway, Wglb};
 
 #[test]
 fn each_listener_keeps_its_own_pool_and_answers_from_its_address() -> Result<()> {
@@ -32,7 +32,7 @@ fn each_listener_keeps_its_own_pool_and_answers_from_its_address() -> Result<()>
     let _wglb = Wglb::start_with_file(&config, at(ip, 9638))?;
     for port in 40_000..40_020 {
         let (from, echo) = round_trip(at(Ipv4Addr::new(127, 31, 1, 1), port), at(ip, 51820))?;
-        ensure!(from == at(ip, 51820) && echo == initiation());
+        ensure!(from == at(ip, 51820) && echo == response());
     }
     let (from, _) = round_trip(at(Ipv4Addr::new(127, 31, 1, 1), 41_000), at(ip, 51821))?;
     ensure!(
@@ -75,9 +75,14 @@ fn the_table_stays_bounded_and_idle_sessions_expire() -> Result<()> {
         ],
         at(ip, 9638),
     )?;
+    // Each answered, and confirmed by its client's next datagram: only confirmed sessions
+    // compete for the table.
     for port in 40_000..40_003 {
-        round_trip(at(Ipv4Addr::new(127, 31, 2, 1), port), at(ip, 51820))?;
+        let client = Client::new(at(Ipv4Addr::new(127, 31, 2, 1), port), at(ip, 51820))?;
+        client.round_trip()?;
+        client.round_trip()?;
     }
+    ensure!(wglb.metric(r#"wglb_sessions_confirmed_total{listener="default"}"#) == 3.0);
     ensure!(wglb.metric("wglb_sessions{") == 2.0);
     ensure!(
         wglb.metric(r#"wglb_session_evictions_total{listener="default",reason="table_full"}"#)

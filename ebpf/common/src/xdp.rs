@@ -339,7 +339,11 @@ mod tests {
         assert_eq!(core::mem::size_of::<GatewayTraffic>(), 64);
         assert_eq!(core::mem::size_of::<crate::admission::SourceBudget>(), 24);
         assert_eq!(
-            counter_slot(Some(MAX_LISTENERS - 1), true, XdpCounter::ReplyOtherDestination),
+            counter_slot(
+                Some(MAX_LISTENERS - 1),
+                true,
+                XdpCounter::ReplyOtherDestination
+            ),
             COUNTER_ROWS * XdpCounter::COUNT - 1
         );
     }

@@ -40,7 +40,7 @@ use crate::events::{EventBus, EventKind};
 use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, Metrics, NatDrift};
 use crate::pool::{GatewayId, HashKey};
 use crate::query::{self, SessionFilter, SessionInfo, SessionPage, SessionRequest};
-use crate::session::{EvictionReason, PROBATION_IDLE};
+use crate::session::{probation_idle, EvictionReason};
 use crate::sync::{self, Resyncs, SyncOut};
 
 /// How often routes, counters and idle sessions are looked at.
@@ -683,7 +683,7 @@ impl FastPath {
     }
 
     /// Removes idle sessions and those of gateways that no longer keep theirs (unconfirmed ones
-    /// sooner: [`PROBATION_IDLE`]), counts the rest per gateway, announces confirmed sessions to
+    /// sooner: [`probation_idle`]), counts the rest per gateway, announces confirmed sessions to
     /// peers (and those that went), puts right any drift between the session and NAT maps,
     /// recounts each source's unconfirmed sessions, and frees the indices of retired gateways.
     fn sweep(&mut self) {
@@ -738,7 +738,7 @@ impl FastPath {
             let idle = now.saturating_sub(session.last_seen_ns);
             let idle_timeout = match table {
                 Table::Confirmed => listener.plan.idle_timeout,
-                Table::Unconfirmed => PROBATION_IDLE,
+                Table::Unconfirmed => probation_idle(listener.plan.idle_timeout),
             };
             let client = address_of(key.client);
             let reason = match (slot, table) {

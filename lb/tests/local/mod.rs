@@ -28,7 +28,15 @@ pub fn initiation() -> Vec<u8> {
     message
 }
 
-/// A gateway stand-in: echoes every datagram back and remembers who sent it.
+/// What a gateway answers an initiation with: a handshake response, which confirms the session.
+pub fn response() -> Vec<u8> {
+    let mut message = vec![0u8; 92];
+    message[0] = 2;
+    message
+}
+
+/// A gateway stand-in: answers an initiation with a response, echoes anything else, and
+/// remembers who sent it.
 pub struct Gateway {
     pub address: SocketAddr,
     pub senders: Arc<Mutex<Vec<SocketAddr>>>,
@@ -43,7 +51,12 @@ impl Gateway {
             let mut buf = [0u8; 2048];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
                 log.lock().unwrap().push(from);
-                let _ = socket.send_to(&buf[..n], from);
+                let answer = if buf[..n] == initiation()[..] {
+                    response()
+                } else {
+                    buf[..n].to_vec()
+                };
+                let _ = socket.send_to(&answer, from);
             }
         });
         Ok(Gateway { address, senders })
@@ -71,7 +84,7 @@ impl Client {
         self.socket.local_addr().expect("bound")
     }
 
-    /// Sends an initiation; returns the echo and where it came from.
+    /// Sends an initiation; returns the answer and where it came from.
     pub fn exchange(&self) -> Result<(SocketAddr, Vec<u8>)> {
         self.socket.send_to(&initiation(), self.listener)?;
         let mut buf = [0u8; 2048];
@@ -82,15 +95,15 @@ impl Client {
         Ok((from, buf[..n].to_vec()))
     }
 
-    /// Sends an initiation and checks that it comes back, from the listener.
+    /// Sends an initiation and checks that its response comes back, from the listener.
     pub fn round_trip(&self) -> Result<()> {
         let (from, echo) = self.exchange()?;
-        anyhow::ensure!(from == self.listener && echo == initiation());
+        anyhow::ensure!(from == self.listener && echo == response());
         Ok(())
     }
 }
 
-/// Sends an initiation from a fresh client socket and returns the echo and where it came from.
+/// Sends an initiation from a fresh client socket and returns the answer and where it came from.
 pub fn round_trip(client: SocketAddr, listener: SocketAddr) -> Result<(SocketAddr, Vec<u8>)> {
     Client::new(client, listener)?.exchange()
 }
