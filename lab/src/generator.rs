@@ -220,7 +220,8 @@ fn write_packet(packet: &mut [u8], from: SocketAddrV4, to: SocketAddrV4, message
 }
 
 /// UDP sinks in the gateways' namespaces, counting what arrives: what a benchmark's gateways
-/// become once their WireGuard is stopped.
+/// become once their WireGuard is stopped. Answering sinks also answer each handshake initiation
+/// with a response, as a gateway does, so a balancer confirms their sessions.
 pub struct Sinks {
     packets: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
@@ -231,6 +232,15 @@ pub struct Sinks {
 impl Sinks {
     /// A sink on each address, in the namespace of the rig's gateway with that IP.
     pub fn start(rig: &Rig, addresses: &[SocketAddr]) -> Result<Sinks> {
+        Sinks::with(rig, addresses, false)
+    }
+
+    /// Sinks that answer every initiation with a handshake response.
+    pub fn answering(rig: &Rig, addresses: &[SocketAddr]) -> Result<Sinks> {
+        Sinks::with(rig, addresses, true)
+    }
+
+    fn with(rig: &Rig, addresses: &[SocketAddr], answer: bool) -> Result<Sinks> {
         let packets = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -250,10 +260,15 @@ impl Sinks {
             let (packets, bytes, stop) = (packets.clone(), bytes.clone(), stop.clone());
             threads.push(std::thread::spawn(move || {
                 let mut buffer = [0u8; 2048];
+                let mut response = [0u8; 92];
+                response[0] = 2;
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, _)) = socket.recv_from(&mut buffer) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buffer) {
                         packets.fetch_add(1, Ordering::Relaxed);
                         bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if answer && n == 148 && buffer[0] == 1 {
+                            let _ = socket.send_to(&response, from);
+                        }
                     }
                 }
             }));

@@ -62,8 +62,11 @@ pub struct SyncPeerConfig {
     pub name: String,
     /// `http://` or `https://` URL of the peer's `[api] tcp`.
     pub url: String,
-    /// The peer API's bearer token.
+    /// The bearer token this balancer presents to the peer's API.
     pub token_file: Option<PathBuf>,
+    /// The token the peer presents when it pushes its sessions here: its identity. Without one,
+    /// the peer is whoever holds this balancer's API credentials and says it is this peer.
+    pub accept_token_file: Option<PathBuf>,
     /// CA to verify the peer's certificate with.
     pub ca: Option<PathBuf>,
     /// Client certificate and key, when the peer asks for mutual TLS.
@@ -326,6 +329,7 @@ struct RawSyncPeer {
     name: String,
     url: String,
     token_file: Option<PathBuf>,
+    accept_token_file: Option<PathBuf>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -880,6 +884,7 @@ fn build_sync(
             name: peer.name,
             url: peer.url,
             token_file: peer.token_file,
+            accept_token_file: peer.accept_token_file,
             ca: peer.ca,
             identity,
         });

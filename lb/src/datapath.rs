@@ -601,11 +601,12 @@ impl Relay {
                 let unconfirmed = self.probation.iter().map(|(client, s)| {
                     (*client, (s.gateway, s.gateway_address, &s.activity, None))
                 });
-                let matching = confirmed.chain(unconfirmed).filter(
-                    |(client, (gateway, _, _, synced_from))| {
-                        filter.matches(client, name_of(*gateway), synced_from.is_some())
-                    },
-                );
+                let matching =
+                    confirmed
+                        .chain(unconfirmed)
+                        .filter(|(client, (gateway, _, _, _))| {
+                            filter.matches(client, name_of(*gateway))
+                        });
                 let (chosen, more, total) = query::page(matching, after, limit);
                 let now = now_ms();
                 let sessions = chosen
@@ -627,12 +628,12 @@ impl Relay {
                 });
             }
             SessionRequest::Evict { filter, reply } => {
-                let evicted = self.sessions.evict_where(|c, s| {
-                    filter.matches(c, name_of(s.gateway), s.link.synced_from().is_some())
-                });
+                let evicted = self
+                    .sessions
+                    .evict_where(|c, s| filter.matches(c, name_of(s.gateway)));
                 let unconfirmed = self
                     .probation
-                    .evict_where(|c, s| filter.matches(c, name_of(s.gateway), false));
+                    .evict_where(|c, s| filter.matches(c, name_of(s.gateway)));
                 let count = evicted.len() + unconfirmed.len();
                 tracing::info!(listener = %self.name, evicted = count, "sessions evicted through the API");
                 self.evicted(EvictionReason::Operator, &evicted, &self.plan.placement);
@@ -640,6 +641,22 @@ impl Relay {
                     self.left_probation(client, EvictionReason::Operator);
                 }
                 let _ = reply.send(count as u64);
+            }
+            SessionRequest::Snapshot { reply } => {
+                let now = now_ms();
+                let own = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| matches!(s.link, Link::Forwarding(_)))
+                    .map(|(client, s)| SessionInfo {
+                        client: *client,
+                        gateway: name_of(s.gateway).to_string(),
+                        gateway_address: s.gateway_address,
+                        idle_ms: now.saturating_sub(s.activity.last_ms()),
+                        synced_from: None,
+                    })
+                    .collect();
+                let _ = reply.send(own);
             }
             SessionRequest::Sync { peer, step, reply } => {
                 let _ = reply.send(sync::apply(self, &peer, &step));

@@ -242,7 +242,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let api_server = ApiServer::bind(&config.api).await?;
+    let api_server = ApiServer::bind(&config.api, &config.sync.peers).await?;
     let events = EventBus::new();
     let (observations_tx, observations) = mpsc::channel(1024);
     let (requests_tx, requests) = mpsc::channel(64);
@@ -376,6 +376,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         events.clone(),
         metrics.clone(),
         path.clone(),
+        config.sync.peers.iter().map(|p| p.name.clone()).collect(),
     );
     // Nor the API: the balancer goes on with what it was last told.
     let api_task = tokio::spawn(async move {

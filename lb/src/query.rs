@@ -20,8 +20,6 @@ pub struct SessionFilter {
     /// Pinned to the gateway of this name.
     pub gateway: Option<String>,
     pub client: Option<ClientMatch>,
-    /// Only this balancer's own sessions, not the standby entries synced from peers.
-    pub own_only: bool,
 }
 
 /// A client address, or every port of a client IP.
@@ -45,11 +43,8 @@ impl std::str::FromStr for ClientMatch {
 }
 
 impl SessionFilter {
-    /// Whether a session of `client` on `gateway` matches; `synced` for a peer's standby entry.
-    pub fn matches(&self, client: &SocketAddr, gateway: &str, synced: bool) -> bool {
-        if synced && self.own_only {
-            return false;
-        }
+    /// Whether a session of `client` on `gateway` matches.
+    pub fn matches(&self, client: &SocketAddr, gateway: &str) -> bool {
         let client_ok = match self.client {
             None => true,
             Some(ClientMatch::Ip(ip)) => client.ip() == ip,
@@ -90,6 +85,11 @@ pub enum SessionRequest {
         after: Option<SocketAddr>,
         limit: usize,
         reply: oneshot::Sender<SessionPage>,
+    },
+    /// Every session this balancer forwards and has confirmed (what peers are told of), read in
+    /// one pass: a resync at a million sessions must not read the table once per page.
+    Snapshot {
+        reply: oneshot::Sender<Vec<SessionInfo>>,
     },
     /// Evicts the matching sessions; answers how many.
     Evict {
@@ -206,7 +206,7 @@ mod tests {
         filter: &'a SessionFilter,
     ) -> impl Iterator<Item = (SocketAddr, &'a SessionInfo)> {
         all.iter()
-            .filter(|s| filter.matches(&s.client, &s.gateway, false))
+            .filter(|s| filter.matches(&s.client, &s.gateway))
             .map(|s| (s.client, s))
     }
 
@@ -253,13 +253,6 @@ mod tests {
             ..SessionFilter::default()
         };
         assert_eq!(page(matching(&all, &one), None, 100).2, 1);
-        let own = SessionFilter {
-            own_only: true,
-            ..SessionFilter::default()
-        };
-        let client: SocketAddr = "192.0.2.3:1003".parse().unwrap();
-        assert!(own.matches(&client, "gw1", false));
-        assert!(!own.matches(&client, "gw1", true));
         assert!("nonsense".parse::<ClientMatch>().is_err());
     }
 
@@ -276,7 +269,7 @@ mod tests {
         let page_of = |held: &[&SessionInfo], after, limit| {
             let (chosen, more, total) = page(
                 held.iter()
-                    .filter(|s| filter.matches(&s.client, &s.gateway, false))
+                    .filter(|s| filter.matches(&s.client, &s.gateway))
                     .map(|s| (s.client, (*s).clone())),
                 after,
                 limit,

@@ -30,16 +30,24 @@ const VRRP_SWITCH: Duration = Duration::from_secs(10);
 /// Balancer b's configuration: the test listener and gateways, its API on the back segment for
 /// the peer, and the peer to sync with.
 fn ha_config(rig: &Rig, b: usize, listener_config: &str) -> Result<String> {
-    let token = rig.temp_dir().join("sync.token");
+    let token = rig.temp_dir().join("api.token");
     fs::write(&token, TOKEN)?;
+    // Each balancer pushes its sessions with a token of its own, which names it to its peer.
+    let sync_token = |b: usize| -> Result<String> {
+        let path = rig.temp_dir().join(format!("sync-lb{b}.token"));
+        fs::write(&path, format!("{TOKEN}-lb{b}"))?;
+        Ok(path.display().to_string())
+    };
     let peer = 1 - b;
     let (_, _, back) = rig.balancer_front(b);
     let (_, _, peer_back) = rig.balancer_front(peer);
     let token = token.display();
+    let (mine, theirs) = (sync_token(b)?, sync_token(peer)?);
     Ok(format!(
         "[api]\ntcp = \"{back}:{API_PORT}\"\ntoken_file = \"{token}\"\n\n\
          [sync]\nnode = \"lb{b}\"\n[[sync.peer]]\nname = \"lb{peer}\"\n\
-         url = \"http://{peer_back}:{API_PORT}\"\ntoken_file = \"{token}\"\n\n{listener_config}"
+         url = \"http://{peer_back}:{API_PORT}\"\ntoken_file = \"{mine}\"\n\
+         accept_token_file = \"{theirs}\"\n\n{listener_config}"
     ))
 }
 
@@ -325,6 +333,9 @@ fn sessions_placed_before_a_gateway_joined_survive_a_failover(datapath: Datapath
 /// Sends one WireGuard handshake initiation (shaped right; the gateways drop it) from each of
 /// `ports` in client 0's namespace to the floating address: a session per port on the balancer
 /// holding it.
+/// Where the churn test's answering gateway stand-ins listen, beside the real gateways.
+const ANSWERING_PORT: u16 = 51999;
+
 fn offer(rig: &Rig, ports: std::ops::Range<u16>) -> Result<()> {
     let to = std::net::SocketAddr::new(wglb_lab::FLOATING_ADDR.into(), 51820);
     rig.client_ns(0).run(move || -> Result<()> {
@@ -385,7 +396,18 @@ fn route(rig: &Rig, b: usize, verb: &str) -> Result<()> {
 /// holds) converge once they can again.
 fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Result<()> {
     require_root()?;
-    let listener = config_text(Family::V4, &["active", "active", "active"]);
+    // Only confirmed sessions are synced: the gateways are stand-ins beside the real ones that
+    // answer every initiation, and one address may open thousands of sessions.
+    let listener = config_text(Family::V4, &["active", "active", "active"])
+        .replace(
+            ":51820\"\nhealth_port",
+            &format!(":{ANSWERING_PORT}\"\nhealth_port"),
+        )
+        .replace(
+            "hash_key = \"source-ip-port\"\n",
+            "hash_key = \"source-ip-port\"\nprobation_size = 16384\nsource_rate = 100000\n\
+             source_burst = 100000\nsource_unconfirmed = 100000\n",
+        );
     let rig = Rig::new(RigSpec {
         balancers: 2,
         family: Family::V4,
@@ -393,6 +415,10 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
         client_ports: vec![41_000],
         keepalive: None,
     })?;
+    let answering: Vec<_> = (0..3)
+        .map(|j| std::net::SocketAddr::new(rig.gateway_addr(j).ip(), ANSWERING_PORT))
+        .collect();
+    let _gateways = wglb_lab::generator::Sinks::answering(&rig, &answering)?;
     let mut balancers = Vec::new();
     for b in 0..2 {
         let config = ha_config(&rig, b, &listener)?.replace("[sync]\n", "[sync]\nqueue = 512\n");
@@ -444,10 +470,10 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
     );
 
     // A clean stop hands the last sessions over before the process ends.
-    let created = "wglb_sessions_created_total";
-    let before = balancers[0].metric(&rig, created)?;
+    let confirmed = "wglb_sessions_confirmed_total";
+    let before = balancers[0].metric(&rig, confirmed)?;
     offer(&rig, 40_000..40_500)?;
-    balancers[0].wait_metric(&rig, created, Duration::from_secs(10), |v| {
+    balancers[0].wait_metric(&rig, confirmed, Duration::from_secs(10), |v| {
         v >= before + 500.0
     })?;
     balancers[0].stop()?;

@@ -584,6 +584,179 @@ fn xdp_that_cannot_attach_falls_back_to_userspace_under_auto_and_refuses_to_star
     Ok(())
 }
 
+/// Sends `count` WireGuard-shaped transport messages from client 0's namespace to the balancer,
+/// one per spoofed source tuple on client 0's link (so the balancer's kernel takes them as
+/// on-link): from `addresses` addresses in turn, a new port each round.
+fn flood(rig: &Rig, addresses: u8, count: usize) -> Result<()> {
+    let Some(std::net::IpAddr::V4(client)) = Some(rig.client_addr(0).ip()) else {
+        unreachable!("an IPv4 rig")
+    };
+    let [a, b, c, _] = client.octets();
+    let sources: Vec<std::net::SocketAddrV4> = (0..count)
+        .map(|k| {
+            let ip = std::net::Ipv4Addr::new(a, b, c, 100 + (k % addresses as usize) as u8);
+            std::net::SocketAddrV4::new(ip, 1024 + (k / addresses as usize) as u16)
+        })
+        .collect();
+    let std::net::SocketAddr::V4(listener) = rig.listen_addr(0) else {
+        unreachable!("an IPv4 rig")
+    };
+    let flows = std::sync::Arc::new(wglb_lab::generator::Flows::new(&sources, |_| listener, 32));
+    // Each source once: the whole set at 5,000 datagrams a second.
+    let duration = Duration::from_secs_f64(count as f64 / 5000.0);
+    let sent = wglb_lab::generator::send(rig.client_ns(0), &flows, 5000, duration, 1)?;
+    ensure!(
+        sent.packets as usize >= count * 9 / 10,
+        "the flood sent only {} datagrams",
+        sent.packets
+    );
+    Ok(())
+}
+
+/// The most open files and resident memory a balancer reaches while `during` runs.
+fn peak_footprint(
+    balancer: &Balancer,
+    during: impl FnOnce() -> Result<()>,
+) -> Result<(usize, u64)> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = (0, 0);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((files, rss)) = balancer.footprint() {
+                    peak = (peak.0.max(files), peak.1.max(rss));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        let result = during();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = sampler.join().expect("the sampler");
+        result.map(|()| peak)
+    })
+}
+
+/// A flood of WireGuard-shaped datagrams from thousands of spoofed source tuples, first from one
+/// address and then from 64: it may cost the flooder its admission budget and churn the
+/// probation part of the table, never a client whose gateway has answered, even an idle one
+/// that only the table keeps where it is (on a draining gateway, or moved by a failover whose
+/// gateway came back), and a new client still connects meanwhile.
+fn a_flood_of_new_sessions_pushes_out_no_idle_client(datapath: Datapath) -> Result<()> {
+    const TABLE: usize = 256;
+    const PROBATION: usize = 128;
+    let states = ["active", "active", "active"];
+    let config = config_text(Family::V4, &states).replace(
+        "hash_key = \"source-ip-port\"\n",
+        &format!(
+            "hash_key = \"source-ip-port\"\ntable_size = {TABLE}\nprobation_size = {PROBATION}\n"
+        ),
+    );
+    // Clients 0 and 3 on gw0, 1 and 4 on gw1, 2 on gw2; client 5 arrives during the flood.
+    let wanted = [0, 1, 2, 0, 1, 2];
+    require_root()?;
+    let mut rig = Rig::new(RigSpec {
+        balancers: 1,
+        family: Family::V4,
+        gateways: 3,
+        client_ports: ports_for(Family::V4, &config, &wanted),
+        keepalive: Some(10),
+    })?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..5)?;
+    // gw1 drains: clients 1 and 4 stay on it only because the table says so.
+    balancer.cli(&["drain", "gw1"])?;
+    // gw0 is taken out and put back: clients 0 and 3 move (after WireGuard's re-handshake) and
+    // stay where they moved, though Maglev would put them back on gw0.
+    balancer.cli(&["gateway", "set", "gw0", "--state", "down"])?;
+    let moved_at = SystemTime::now();
+    for i in [0, 3] {
+        first_reply(
+            &pingers[i],
+            moved_at + Duration::from_secs(1),
+            Duration::from_secs(40),
+        )?;
+        ensure!(
+            rig.gateway_serving(i)? == Some(2),
+            "client {i} did not move to gw2"
+        );
+    }
+    balancer.cli(&["gateway", "set", "gw0", "--state", "active"])?;
+    let placed: Vec<_> = (0..5)
+        .map(|i| rig.gateway_serving(i))
+        .collect::<Result<_>>()?;
+    ensure!(
+        placed == [Some(2), Some(1), Some(2), Some(2), Some(1)],
+        "placed {placed:?}"
+    );
+    let handshakes = settled_handshakes(&rig, &[0, 1, 2, 3, 4])?;
+    // Idle from here on: keepalives only.
+    drop(pingers);
+    // Client 5's WireGuard is up, silent until it has something to send: during the flood.
+    rig.start_client(5)?;
+    let (files_before, rss_before) = balancer.footprint()?;
+
+    let peak = peak_footprint(&balancer, || {
+        // One address, 20,000 source ports; a new client connects meanwhile.
+        std::thread::scope(|scope| {
+            let flooding = scope.spawn(|| flood(&rig, 1, 20_000));
+            let newcomer = rig.pinger(5)?;
+            first_reply(&newcomer, SystemTime::now(), HANDSHAKE)?;
+            flooding.join().expect("the flood")
+        })?;
+        // 64 addresses, 20,000 tuples: more than probation and table hold together.
+        flood(&rig, 64, 20_000)
+    })?;
+    ensure!(
+        rig.gateway_serving(5)?
+            == Some(predicted_gateway(
+                &config_text(Family::V4, &["active", "draining", "active"]),
+                rig.client_addr(5)
+            )),
+        "the newcomer is not where Maglev puts it"
+    );
+    // The flood reached the balancer and was held to its budget.
+    balancer.wait_metric(
+        &rig,
+        r#"wglb_dropped_packets_total{direction="to_gateway",listener="test",reason="source_"#,
+        Duration::from_secs(5),
+        |v| v > 10_000.0,
+    )?;
+    let (files, rss) = peak;
+    eprintln!(
+        "flood on {datapath:?}: open files {files_before} -> at most {files}, RSS {} -> at most {} MiB",
+        rss_before >> 20,
+        rss >> 20
+    );
+    // A socket per session at most, and little else.
+    ensure!(
+        files <= files_before + TABLE + PROBATION,
+        "{files} open files during the flood, from {files_before}"
+    );
+    ensure!(
+        rss <= rss_before + (64 << 20),
+        "RSS grew from {} to {} MiB during the flood",
+        rss_before >> 20,
+        rss >> 20
+    );
+
+    // Every idle client speaks again: answered at once, on its gateway, with no new handshake.
+    for i in 0..5 {
+        let pinger = rig.pinger(i)?;
+        let answered = first_reply(&pinger, SystemTime::now(), Duration::from_secs(10))?;
+        ensure!(
+            answered < Duration::from_secs(2),
+            "client {i} took {answered:?} to be answered after the flood"
+        );
+        ensure!(rig.gateway_serving(i)? == placed[i], "client {i} moved");
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[i],
+            "client {i} handshook again"
+        );
+    }
+    Ok(())
+}
+
 fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let path = rig.temp_dir().join(name);
     std::fs::write(&path, text)?;
@@ -591,6 +764,7 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
 }
 
 on_every_datapath!(
+    a_flood_of_new_sessions_pushes_out_no_idle_client,
     handshakes_and_pings_spread_over_gateways,
     a_dead_gateways_clients_move_and_the_others_do_not_notice,
     a_core_outage_turning_every_health_check_503_fails_open,

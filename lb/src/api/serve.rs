@@ -19,28 +19,63 @@ use super::pb::events_server::EventsServer;
 use super::pb::health_ingest_server::HealthIngestServer;
 use super::pb::session_sync_server::SessionSyncServer;
 use super::service::Api;
-use crate::config::ApiConfig;
+use crate::config::{ApiConfig, SyncPeerConfig};
 
 /// Checks the `authorization: Bearer ...` header when a token is set.
 #[derive(Clone)]
 pub struct RequireToken(Option<Arc<str>>);
+
+fn bearer(request: &Request<()>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
 
 impl Interceptor for RequireToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(token) = &self.0 else {
             return Ok(request);
         };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
+        match bearer(&request) {
             Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(request),
             Some(_) => Err(Status::unauthenticated("wrong API token")),
             None => Err(Status::unauthenticated(
                 "this API needs a bearer token (authorization: Bearer ...)",
             )),
+        }
+    }
+}
+
+/// The peer balancer a sync stream comes from, as its credential says: set on the request by
+/// [`SyncAuth`], read by the SessionSync service.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity(pub Arc<str>);
+
+/// The SessionSync service's check: a token of a configured peer (`accept_token_file`) names that
+/// peer; anything else must pass the API's own check, and then names no one.
+#[derive(Clone)]
+struct SyncAuth {
+    api: RequireToken,
+    /// (token, peer name).
+    peers: Arc<[(Arc<str>, Arc<str>)]>,
+}
+
+impl Interceptor for SyncAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let peer = bearer(&request).and_then(|given| {
+            self.peers
+                .iter()
+                .find(|(token, _)| constant_time_eq(given.as_bytes(), token.as_bytes()))
+                .map(|(_, name)| name.clone())
+        });
+        match peer {
+            Some(name) => {
+                request.extensions_mut().insert(PeerIdentity(name));
+                Ok(request)
+            }
+            None => self.api.call(request),
         }
     }
 }
@@ -56,6 +91,8 @@ pub struct ApiServer {
     unix: UnixListener,
     socket: SocketFile,
     tcp: Option<(TcpListener, Option<ServerTlsConfig>, RequireToken)>,
+    /// (token, name) of the peers that push with a token of their own.
+    sync_peers: Arc<[(Arc<str>, Arc<str>)]>,
 }
 
 /// The socket file; removed on drop if it is still ours (a newer balancer may have replaced it).
@@ -73,7 +110,7 @@ impl Drop for SocketFile {
 }
 
 impl ApiServer {
-    pub async fn bind(config: &ApiConfig) -> anyhow::Result<ApiServer> {
+    pub async fn bind(config: &ApiConfig, peers: &[SyncPeerConfig]) -> anyhow::Result<ApiServer> {
         let group = match &config.socket_group {
             Some(name) => Some(
                 nix::unistd::Group::from_name(name)
@@ -114,7 +151,19 @@ impl ApiServer {
             }
             None => None,
         };
-        Ok(ApiServer { unix, socket, tcp })
+        let sync_peers = peers
+            .iter()
+            .filter_map(|peer| {
+                let file = peer.accept_token_file.as_ref()?;
+                Some(read_token(file).map(|token| (token, peer.name.as_str().into())))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(ApiServer {
+            unix,
+            socket,
+            tcp,
+            sync_peers,
+        })
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -127,7 +176,12 @@ impl ApiServer {
 
     /// Serves until the returned future is dropped or a server fails.
     pub async fn run(self, api: Api) -> anyhow::Result<()> {
-        let ApiServer { unix, socket, tcp } = self;
+        let ApiServer {
+            unix,
+            socket,
+            tcp,
+            sync_peers,
+        } = self;
         let local = Server::builder()
             .add_service(ControlServer::new(api.clone()))
             .add_service(HealthIngestServer::new(api.clone()))
@@ -153,7 +207,13 @@ impl ApiServer {
                     token.clone(),
                 ))
                 .add_service(EventsServer::with_interceptor(api.clone(), token.clone()))
-                .add_service(SessionSyncServer::with_interceptor(api, token))
+                .add_service(SessionSyncServer::with_interceptor(
+                    api,
+                    SyncAuth {
+                        api: token,
+                        peers: sync_peers,
+                    },
+                ))
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await
                 .context("TCP API server")

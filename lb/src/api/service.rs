@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -14,6 +15,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pb;
+use crate::api::serve::PeerIdentity;
 use crate::config::{Config, GatewayConfig};
 use crate::control::{
     announce_refused_reload, ControlError, ControlRequest, GatewayStatus, Snapshot,
@@ -44,6 +46,8 @@ pub struct Api {
     metrics: Metrics,
     started: Instant,
     config_path: Option<PathBuf>,
+    /// The `[[sync.peer]]` names: the only balancers whose sessions are taken.
+    sync_peers: Arc<[String]>,
 }
 
 impl Api {
@@ -53,6 +57,7 @@ impl Api {
         events: EventBus,
         metrics: Metrics,
         config_path: Option<PathBuf>,
+        sync_peers: Arc<[String]>,
     ) -> Api {
         Api {
             control,
@@ -61,6 +66,7 @@ impl Api {
             metrics,
             started: Instant::now(),
             config_path,
+            sync_peers,
         }
     }
 
@@ -286,7 +292,6 @@ fn session_filter(gateway: &str, client: &str) -> Result<SessionFilter, Status> 
                     .map_err(Status::invalid_argument)?,
             )
         },
-        own_only: false,
     })
 }
 
@@ -695,15 +700,28 @@ impl pb::session_sync_server::SessionSync for Api {
         &self,
         request: Request<Streaming<pb::SyncBatch>>,
     ) -> Result<Response<Self::PushStream>, Status> {
+        let credential = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .map(|identity| identity.0.clone());
         let mut batches = request.into_inner();
         let (acks, stream) = mpsc::channel(16);
         let api = self.clone();
         tokio::spawn(async move {
             while let Some(batch) = batches.next().await {
                 let ack = match batch {
-                    Ok(batch) => sync::receive::apply(batch, &api.sessions, &api.metrics)
-                        .await
-                        .map_err(|bad| Status::invalid_argument(bad.0)),
+                    Ok(batch) => {
+                        let peer =
+                            sync::receive::peer_of(&batch, credential.as_ref(), &api.sync_peers);
+                        match peer {
+                            Ok(peer) => {
+                                sync::receive::apply(&peer, batch, &api.sessions, &api.metrics)
+                                    .await
+                            }
+                            Err(bad) => Err(bad),
+                        }
+                        .map_err(|bad| Status::permission_denied(bad.0))
+                    }
                     Err(status) => {
                         tracing::debug!("session sync stream ended: {status}");
                         return;

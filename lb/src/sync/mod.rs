@@ -61,8 +61,13 @@ pub struct PeerChange {
 /// One step of a peer's stream, as a listener's datapath applies it.
 #[derive(Clone, Debug)]
 pub enum SyncStep {
-    /// A full resync starts: what the peer sent before and does not repeat before the end goes.
-    Begin,
+    /// A full resync starts: what the peer sent before and does not repeat before the end goes,
+    /// unless the peer restarted since (its `boot` changed): a restarted peer has lost its table,
+    /// so what this balancer holds for it may be the only copy, and stays until it idles out or
+    /// the peer announces it again.
+    Begin {
+        boot: u64,
+    },
     Changes(Vec<PeerChange>),
     End,
 }
@@ -205,9 +210,11 @@ pub trait Standbys {
 pub fn apply(standbys: &mut impl Standbys, peer: &Arc<str>, step: &SyncStep) -> Applied {
     let mut outcome = Applied::default();
     match step {
-        SyncStep::Begin => {
+        SyncStep::Begin { boot } => {
             let held = standbys.held_for(peer);
-            standbys.resyncs().begin(peer.clone(), held.into_iter());
+            standbys
+                .resyncs()
+                .begin(peer.clone(), *boot, held.into_iter());
         }
         SyncStep::End => {
             for client in standbys.resyncs().end(peer) {
@@ -242,27 +249,57 @@ pub fn apply(standbys: &mut impl Standbys, peer: &Arc<str>, step: &SyncStep) -> 
 }
 
 /// Which of a peer's standby entries a resync in progress has not repeated yet: what is left at
-/// its end the peer no longer has.
+/// its end the peer no longer has. And each peer's boot, to tell its restart from a reconnect.
 #[derive(Default)]
-pub struct Resyncs(HashMap<Arc<str>, HashSet<SocketAddr>>);
+pub struct Resyncs {
+    unseen: HashMap<Arc<str>, HashSet<SocketAddr>>,
+    boots: HashMap<Arc<str>, u64>,
+}
 
 impl Resyncs {
-    /// A resync by `peer` starts while these of its entries are held.
-    pub fn begin(&mut self, peer: Arc<str>, held: impl Iterator<Item = SocketAddr>) {
-        self.0.insert(peer, held.collect());
+    /// A resync by `peer` (in its boot `boot`) starts while these of its entries are held. After
+    /// a restart of the peer none of them is taken for gone.
+    pub fn begin(&mut self, peer: Arc<str>, boot: u64, held: impl Iterator<Item = SocketAddr>) {
+        let restarted = self
+            .boots
+            .insert(peer.clone(), boot)
+            .is_some_and(|before| before != boot);
+        if restarted {
+            tracing::info!(%peer, "session sync: the peer restarted; its sessions held here stay until they idle out or it announces them");
+            self.unseen.remove(&peer);
+            return;
+        }
+        self.unseen.insert(peer, held.collect());
     }
 
     /// The resync in progress repeated `client`.
     pub fn seen(&mut self, peer: &str, client: &SocketAddr) {
-        if let Some(unseen) = self.0.get_mut(peer) {
+        if let Some(unseen) = self.unseen.get_mut(peer) {
             unseen.remove(client);
         }
     }
 
-    /// The resync ended: the entries it did not repeat (none if it never began here).
+    /// The resync ended: the entries it did not repeat (none if it never began here, or began
+    /// after the peer restarted).
     pub fn end(&mut self, peer: &str) -> HashSet<SocketAddr> {
-        self.0.remove(peer).unwrap_or_default()
+        self.unseen.remove(peer).unwrap_or_default()
     }
+}
+
+/// This process's boot id ([`SyncStep::Begin`]): random, chosen once.
+pub fn boot_id() -> u64 {
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the operating system's randomness once per process.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish()
+    })
 }
 
 #[cfg(test)]
@@ -306,14 +343,32 @@ mod tests {
     #[test]
     fn a_resync_leaves_what_it_did_not_repeat() {
         let mut resyncs = Resyncs::default();
-        resyncs.begin("a".into(), [client(1), client(2), client(3)].into_iter());
-        resyncs.begin("b".into(), [client(1)].into_iter());
+        resyncs.begin("a".into(), 7, [client(1), client(2), client(3)].into_iter());
+        resyncs.begin("b".into(), 8, [client(1)].into_iter());
         resyncs.seen("a", &client(2));
         resyncs.seen("a", &client(9));
         assert_eq!(resyncs.end("a"), HashSet::from([client(1), client(3)]));
         assert_eq!(resyncs.end("a"), HashSet::new(), "ended once");
         assert_eq!(resyncs.end("b"), HashSet::from([client(1)]));
         assert_eq!(resyncs.end("never"), HashSet::new());
+        // Reconnected, same boot: what it does not repeat goes, as before.
+        resyncs.begin("a".into(), 7, [client(4)].into_iter());
+        assert_eq!(resyncs.end("a"), HashSet::from([client(4)]));
+    }
+
+    #[test]
+    fn a_restarted_peers_resync_erases_nothing() {
+        let mut resyncs = Resyncs::default();
+        resyncs.begin("a".into(), 7, [client(1)].into_iter());
+        assert_eq!(resyncs.end("a"), HashSet::from([client(1)]));
+        // Restarted with an empty table: its earlier sessions held here may be the only copy.
+        resyncs.begin("a".into(), 9, [client(2), client(3)].into_iter());
+        assert_eq!(resyncs.end("a"), HashSet::new());
+        // From then on, its resyncs converge again.
+        resyncs.begin("a".into(), 9, [client(2)].into_iter());
+        assert_eq!(resyncs.end("a"), HashSet::from([client(2)]));
+        assert_ne!(boot_id(), 0);
+        assert_eq!(boot_id(), boot_id(), "one per process");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use wglb_proto::client::{error_chain, Target};
 use wglb_proto::v1::{session_change, SessionChange, SyncAck, SyncBatch};
 
 use super::{Change, LocalChange, PeerQueue};
-use crate::query::{SessionFilter, SessionRequest, SessionRequests};
+use crate::query::{SessionRequest, SessionRequests};
 
 /// Changes per batch: large enough to amortise a round trip, small enough to ack quickly.
 const MAX_BATCH: usize = 1024;
@@ -140,29 +140,20 @@ async fn resync(
     sender.queue.metrics.queued.sub(discarded);
     sender.queue.metrics.resyncs.inc();
     sender.send(true, false, Vec::new(), Instant::now()).await?;
-    let filter = SessionFilter {
-        own_only: true,
-        ..SessionFilter::default()
-    };
     for (listener, requests) in datapaths {
-        let mut after = None;
-        loop {
-            let (reply, page) = oneshot::channel();
-            let request = SessionRequest::List {
-                filter: filter.clone(),
-                after,
-                limit: MAX_BATCH,
-                reply,
-            };
-            if requests.send(request).await.is_err() {
-                bail!("listener `{listener}` is gone");
-            }
-            let page = page
-                .await
-                .with_context(|| format!("listener `{listener}` did not answer"))?;
-            let now = Instant::now();
-            let batch: Vec<SessionChange> = page
-                .sessions
+        let (reply, snapshot) = oneshot::channel();
+        if requests
+            .send(SessionRequest::Snapshot { reply })
+            .await
+            .is_err()
+        {
+            bail!("listener `{listener}` is gone");
+        }
+        let sessions = snapshot
+            .await
+            .with_context(|| format!("listener `{listener}` did not answer"))?;
+        for chunk in sessions.chunks(MAX_BATCH) {
+            let batch = chunk
                 .iter()
                 .map(|s| {
                     let change = Change::Upsert {
@@ -173,13 +164,7 @@ async fn resync(
                     to_proto(listener, s.client, change)
                 })
                 .collect();
-            after = page.sessions.last().map(|s| s.client);
-            if !batch.is_empty() {
-                sender.send(false, false, batch, now).await?;
-            }
-            if !page.more {
-                break;
-            }
+            sender.send(false, false, batch, Instant::now()).await?;
         }
     }
     sender.send(false, true, Vec::new(), Instant::now()).await
@@ -229,6 +214,7 @@ impl Sender<'_> {
             resync_begin,
             resync_end,
             changes,
+            boot_id: super::boot_id(),
         };
         if self.batches.send(batch).await.is_err() {
             bail!("the stream to the peer closed");

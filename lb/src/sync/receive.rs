@@ -17,24 +17,50 @@ use crate::query::{SessionRequest, SessionRequests};
 #[error("{0}")]
 pub struct BadBatch(pub String);
 
-/// Applies one batch and says what came of it. Waits for each datapath, so the ack (and so the
-/// sender's lag) covers applying, and a slow receiver slows its peer's stream rather than
-/// queueing without bound.
+/// Whose sessions a batch carries: the peer its credential names (`credential`, from a peer's own
+/// token), which the batch must not contradict; without one, the node the batch names, which
+/// must be one of the configured `peers`. A name is never taken from a batch alone: it keys the
+/// standby entries and labels metrics.
+pub fn peer_of(
+    batch: &SyncBatch,
+    credential: Option<&Arc<str>>,
+    peers: &[String],
+) -> Result<Arc<str>, BadBatch> {
+    match credential {
+        Some(peer) if batch.node == **peer => Ok(peer.clone()),
+        Some(peer) => Err(BadBatch(format!(
+            "the batch says it comes from `{}`, but its credential is peer `{peer}`'s",
+            batch.node
+        ))),
+        None if peers.contains(&batch.node) => Ok(batch.node.as_str().into()),
+        None => Err(BadBatch(format!(
+            "`{}` is not a [[sync.peer]] of this balancer",
+            batch.node.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
+/// Applies one batch of `peer`'s and says what came of it. Waits for each datapath, so the ack
+/// (and so the sender's lag) covers applying, and a slow receiver slows its peer's stream rather
+/// than queueing without bound.
 pub async fn apply(
+    peer: &Arc<str>,
     batch: SyncBatch,
     datapaths: &BTreeMap<String, SessionRequests>,
     metrics: &Metrics,
 ) -> Result<SyncAck, BadBatch> {
-    if batch.node.is_empty() || batch.node.len() > 64 {
-        return Err(BadBatch(
-            "a sync batch needs its sender's node name (1 to 64 characters)".into(),
-        ));
-    }
-    let peer: Arc<str> = batch.node.as_str().into();
+    let peer = peer.clone();
     let mut outcome = Applied::default();
     if batch.resync_begin {
         for requests in datapaths.values() {
-            step(requests, &peer, SyncStep::Begin).await;
+            step(
+                requests,
+                &peer,
+                SyncStep::Begin {
+                    boot: batch.boot_id,
+                },
+            )
+            .await;
         }
     }
     let mut per_listener: HashMap<String, Vec<PeerChange>> = HashMap::new();
@@ -116,6 +142,7 @@ mod tests {
             node: "lb-a".into(),
             resync_begin: true,
             resync_end: false,
+            boot_id: 42,
             changes: vec![
                 change("office", "192.0.2.1:1000", session_change::Kind::Upsert),
                 change("office", "192.0.2.2:1000", session_change::Kind::Evicted),
@@ -145,11 +172,12 @@ mod tests {
             steps
         });
         let metrics = Metrics::new();
-        let ack = apply(batch, &datapaths, &metrics).await.unwrap();
+        let peer = peer_of(&batch, None, &["lb-a".to_string()]).unwrap();
+        let ack = apply(&peer, batch, &datapaths, &metrics).await.unwrap();
         assert_eq!((ack.sequence, ack.applied, ack.refused), (7, 2, 3));
         drop(datapaths);
         let steps = datapath.await.unwrap();
-        assert!(matches!(steps[0], SyncStep::Begin));
+        assert!(matches!(steps[0], SyncStep::Begin { boot: 42 }));
         let SyncStep::Changes(changes) = &steps[1] else {
             panic!("{steps:?}")
         };
@@ -160,8 +188,26 @@ mod tests {
             text.contains("wglb_sync_changes_received_total{peer=\"lb-a\",result=\"refused\"} 3"),
             "{text}"
         );
+    }
 
-        let nameless = SyncBatch::default();
-        assert!(apply(nameless, &BTreeMap::new(), &metrics).await.is_err());
+    #[test]
+    fn the_sender_is_who_its_credential_says_or_a_configured_peer() {
+        let batch = |node: &str| SyncBatch {
+            node: node.into(),
+            ..SyncBatch::default()
+        };
+        let peers = ["lb-a".to_string(), "lb-b".to_string()];
+        let lb_a: Arc<str> = "lb-a".into();
+        assert_eq!(
+            &*peer_of(&batch("lb-a"), Some(&lb_a), &peers).unwrap(),
+            "lb-a"
+        );
+        // A peer's token does not let it speak for another.
+        let err = peer_of(&batch("lb-b"), Some(&lb_a), &peers).unwrap_err();
+        assert!(err.0.contains("credential is peer `lb-a`'s"), "{err}");
+        // With the API's own credential: only configured names, never made up ones.
+        assert_eq!(&*peer_of(&batch("lb-b"), None, &peers).unwrap(), "lb-b");
+        assert!(peer_of(&batch("intruder"), None, &peers).is_err());
+        assert!(peer_of(&batch(""), None, &peers).is_err());
     }
 }

@@ -1046,7 +1046,7 @@ impl FastPath {
                     .iter()
                     .filter(|(client, pin)| {
                         let name = self.gateways.get(&pin.slot).map_or("", |s| s.name.as_str());
-                        filter.matches(client, name, true)
+                        filter.matches(client, name)
                     })
                     .map(|(client, pin)| (*client, pin.peer.clone()))
                     .collect();
@@ -1073,6 +1073,34 @@ impl FastPath {
                 }
                 tracing::info!(listener = %listener.name, evicted = total, "XDP and userspace sessions evicted through the API");
                 let _ = reply.send(total);
+            }
+            SessionRequest::Snapshot { reply } => {
+                let mut own = ask(slow_path, |reply| SessionRequest::Snapshot { reply })
+                    .await
+                    .unwrap_or_default();
+                match self.program.sessions(Table::Confirmed) {
+                    Ok(sessions) => {
+                        let now = coarse_now_ns();
+                        own.extend(
+                            sessions
+                                .into_iter()
+                                .filter(|(key, _)| key.listener as usize == index)
+                                .filter_map(|(key, session)| {
+                                    let slot = self.gateways.get(&session.gateway)?;
+                                    Some(SessionInfo {
+                                        client: address_of(key.client),
+                                        gateway: slot.name.clone(),
+                                        gateway_address: slot.address,
+                                        idle_ms: now.saturating_sub(session.last_seen_ns)
+                                            / 1_000_000,
+                                        synced_from: None,
+                                    })
+                                }),
+                        );
+                    }
+                    Err(e) => tracing::warn!("cannot read the XDP session table: {e:#}"),
+                }
+                let _ = reply.send(own);
             }
             SessionRequest::Sync { peer, step, reply } => {
                 // The userspace datapath keeps them too, for clients the program passes to it
@@ -1112,7 +1140,7 @@ impl FastPath {
                         let slot = self.gateways.get(&session.gateway)?;
                         let client = address_of(key.client);
                         filter
-                            .matches(&client, &slot.name, false)
+                            .matches(&client, &slot.name)
                             .then_some((client, key, table, session))
                     }),
             );

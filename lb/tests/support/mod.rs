@@ -290,6 +290,19 @@ impl Balancer {
         Ok(String::from_utf8(output.stdout)?)
     }
 
+    /// The balancer's open files and resident memory (bytes) now.
+    pub fn footprint(&self) -> Result<(usize, u64)> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        let files = fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS")?;
+        Ok((files, rss_kb * 1024))
+    }
+
     /// SIGKILL: the balancer dies without a word to anyone.
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
