@@ -18,7 +18,7 @@ use support::{
     client_ip, config_text, first_reply, ports_for, predicted_gateway, settled_handshakes,
     Balancer, Datapath,
 };
-use wglb_lab::{require_root, wait_for, Daemon, Family, Rig, RigSpec};
+use wglb_lab::{require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
 const HANDSHAKE: Duration = Duration::from_secs(20);
 const API_PORT: u16 = 7443;
@@ -177,12 +177,137 @@ fn ports_moving_to_gw2(before: &str, after: &str, clients: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Two balancers with keepalived, the floating address on lb0, and `ports.len()` clients
+/// pinging through it, each on its `wanted` gateway and held by lb1 as lb0's.
+struct Pair {
+    rig: Rig,
+    configs: Vec<String>,
+    balancers: Vec<Balancer>,
+    _keepalived: Vec<Daemon>,
+    pingers: Vec<Pinger>,
+}
+
+impl Pair {
+    fn start(
+        datapath: Datapath,
+        listener: &str,
+        wanted: &[usize],
+        ports: Vec<u16>,
+    ) -> Result<Pair> {
+        require_root()?;
+        let mut rig = Rig::new(RigSpec {
+            balancers: 2,
+            family: Family::V4,
+            gateways: 3,
+            client_ports: ports,
+            keepalive: None,
+        })?;
+        let configs: Vec<String> = (0..2)
+            .map(|b| ha_config(&rig, b, listener))
+            .collect::<Result<_>>()?;
+        let balancers: Vec<Balancer> = (0..2)
+            .map(|b| Balancer::start_at(&rig, Some(b), &configs[b], datapath))
+            .collect::<Result<_>>()?;
+        let keepalived: Vec<Daemon> = (0..2)
+            .map(|b| start_keepalived(&rig, b, &balancers[b].api_socket()))
+            .collect::<Result<_>>()?;
+        wait_for("lb0 to take the floating address", VRRP_SWITCH * 2, || {
+            Ok(holds_floating_address(&rig, 0)?.then_some(()))
+        })?;
+        let start = SystemTime::now();
+        let mut pingers = Vec::new();
+        for i in 0..wanted.len() {
+            rig.start_client(i)?;
+            pingers.push(rig.pinger(i)?);
+        }
+        for pinger in &pingers {
+            first_reply(pinger, start, HANDSHAKE)?;
+        }
+        for (i, &j) in wanted.iter().enumerate() {
+            ensure!(
+                rig.gateway_serving(i)? == Some(j),
+                "client {i} is not on gw{j}"
+            );
+        }
+        wait_for(
+            "lb1 to hold lb0's sessions",
+            Duration::from_secs(10),
+            || {
+                let held = sessions(&balancers[1])?;
+                let synced = held
+                    .iter()
+                    .filter(|s| s.2.as_deref() == Some("lb0"))
+                    .count();
+                Ok((synced == wanted.len()).then_some(held))
+            },
+        )?;
+        Ok(Pair {
+            rig,
+            configs,
+            balancers,
+            _keepalived: keepalived,
+            pingers,
+        })
+    }
+
+    /// SIGKILL for lb0, and the floating address on lb1.
+    fn kill_master(&mut self) -> Result<SystemTime> {
+        let killed = SystemTime::now();
+        self.balancers[0].kill()?;
+        wait_for("lb1 to take the floating address", VRRP_SWITCH, || {
+            Ok(holds_floating_address(&self.rig, 1)?.then_some(()))
+        })?;
+        Ok(killed)
+    }
+
+    /// Every client on its gateway through lb1's own datapath, lb1 forwarding it, and no new
+    /// handshake since `handshakes`.
+    fn on_lb1(
+        &self,
+        datapath: Datapath,
+        wanted: &[usize],
+        handshakes: &[Option<u64>],
+    ) -> Result<()> {
+        let rig = &self.rig;
+        let (_, _, lb1_back) = rig.balancer_front(1);
+        for (i, &j) in wanted.iter().enumerate() {
+            ensure!(
+                rig.client_latest_handshake(i)? == handshakes[i],
+                "client {i} handshook again: its session did not survive the failover"
+            );
+            // The XDP program serves the floating address from its next look at the local
+            // addresses (once a second); the userspace datapath relays until then.
+            wait_for(
+                format!("gw{j} to hear client {i} through lb1's {datapath:?} datapath"),
+                Duration::from_secs(5),
+                || {
+                    let endpoint = rig.gateway_endpoint_of(j, i)?;
+                    Ok(endpoint.filter(|e| e.ip() == lb1_back && datapath.relayed_from(*e)))
+                },
+            )?;
+        }
+        let held = sessions(&self.balancers[1])?;
+        for (i, &j) in wanted.iter().enumerate() {
+            let client = rig.client_addr(i).to_string();
+            let session = held
+                .iter()
+                .find(|s| s.0 == client && s.2.is_none())
+                .with_context(|| format!("lb1 forwards no session of client {i}: {held:?}"))?;
+            ensure!(
+                session.1 == format!("gw{j}"),
+                "client {i} is on {} at lb1",
+                session.1
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Kills the master balancer mid-session: keepalived moves the floating address to the other,
 /// and every tunnel goes on through the same gateway with no new handshake, whatever changed in
 /// the gateway set `between` placement and failover: only the synced sessions keep clients
 /// where their WireGuard state is when the standby's own placement says otherwise.
 fn failover(datapath: Datapath, between: Between) -> Result<()> {
-    require_root()?;
     let all = config_text(Family::V4, &["active", "active", "active"]);
     let (listener, wanted, ports) = match between {
         Between::Join => {
@@ -196,63 +321,19 @@ fn failover(datapath: Datapath, between: Between) -> Result<()> {
             (all, wanted, ports)
         }
     };
-    let mut rig = Rig::new(RigSpec {
-        balancers: 2,
-        family: Family::V4,
-        gateways: 3,
-        client_ports: ports,
-        keepalive: None,
-    })?;
-    let mut balancers = Vec::new();
-    for b in 0..2 {
-        let config = ha_config(&rig, b, &listener)?;
-        balancers.push(Balancer::start_at(&rig, Some(b), &config, datapath)?);
-    }
-    let _keepalived: Vec<Daemon> = (0..2)
-        .map(|b| start_keepalived(&rig, b, &balancers[b].api_socket()))
-        .collect::<Result<_>>()?;
-    wait_for("lb0 to take the floating address", VRRP_SWITCH * 2, || {
-        Ok(holds_floating_address(&rig, 0)?.then_some(()))
-    })?;
-
-    let start = SystemTime::now();
-    let mut pingers = Vec::new();
-    for i in 0..wanted.len() {
-        rig.start_client(i)?;
-        pingers.push(rig.pinger(i)?);
-    }
-    for pinger in &pingers {
-        first_reply(pinger, start, HANDSHAKE)?;
-    }
-    for (i, &j) in wanted.iter().enumerate() {
-        ensure!(
-            rig.gateway_serving(i)? == Some(j),
-            "client {i} is not on gw{j}"
-        );
-    }
-    wait_for(
-        "lb1 to hold lb0's sessions",
-        Duration::from_secs(10),
-        || {
-            let held = sessions(&balancers[1])?;
-            let synced = held
-                .iter()
-                .filter(|s| s.2.as_deref() == Some("lb0"))
-                .count();
-            Ok((synced == wanted.len()).then_some(held))
-        },
-    )?;
+    let mut pair = Pair::start(datapath, &listener, &wanted, ports)?;
+    let rig = &pair.rig;
     match between {
         Between::Nothing => {}
         Between::Drain => {
-            for balancer in &balancers {
+            for balancer in &pair.balancers {
                 balancer.cli(&["drain", "gw1"])?;
             }
         }
         Between::Join => {
             let address = rig.gateway_addr(2).to_string();
             let port = rig.gateway_health_port().to_string();
-            for balancer in &balancers {
+            for balancer in &pair.balancers {
                 balancer.cli(&[
                     "gateway",
                     "add",
@@ -263,59 +344,79 @@ fn failover(datapath: Datapath, between: Between) -> Result<()> {
                     "--health-port",
                     &port,
                 ])?;
-                balancer.wait_health(&rig, 2, "up")?;
+                balancer.wait_health(rig, 2, "up")?;
             }
         }
     }
     let clients: Vec<usize> = (0..wanted.len()).collect();
-    let handshakes = settled_handshakes(&rig, &clients)?;
+    let handshakes = settled_handshakes(rig, &clients)?;
 
-    let killed = SystemTime::now();
-    balancers[0].kill()?;
-    wait_for("lb1 to take the floating address", VRRP_SWITCH, || {
-        Ok(holds_floating_address(&rig, 1)?.then_some(()))
-    })?;
-    for (i, pinger) in pingers.iter().enumerate() {
+    let killed = pair.kill_master()?;
+    for (i, pinger) in pair.pingers.iter().enumerate() {
         let back = first_reply(pinger, killed, VRRP_SWITCH + Duration::from_secs(5))?;
         eprintln!("client {i} answered again {back:?} after lb0 was killed");
     }
-    let (_, _, lb1_back) = rig.balancer_front(1);
-    for (i, &j) in wanted.iter().enumerate() {
-        ensure!(
-            rig.client_latest_handshake(i)? == handshakes[i],
-            "client {i} handshook again: its session did not survive the failover"
-        );
-        // The XDP program serves the floating address from its next look at the local
-        // addresses (once a second); the userspace datapath relays until then.
-        wait_for(
-            format!("gw{j} to hear client {i} through lb1's {datapath:?} datapath"),
-            Duration::from_secs(5),
-            || {
-                let endpoint = rig.gateway_endpoint_of(j, i)?;
-                Ok(endpoint.filter(|e| e.ip() == lb1_back && datapath.relayed_from(*e)))
-            },
-        )?;
-    }
-    let held = sessions(&balancers[1])?;
-    for (i, &j) in wanted.iter().enumerate() {
-        let client = rig.client_addr(i).to_string();
-        let session = held
-            .iter()
-            .find(|s| s.0 == client && s.2.is_none())
-            .with_context(|| format!("lb1 forwards no session of client {i}: {held:?}"))?;
-        ensure!(
-            session.1 == format!("gw{j}"),
-            "client {i} is on {} at lb1",
-            session.1
-        );
-    }
-    let state = fs::read_to_string(rig.temp_dir().join("vrrp1/vrrp-wglb.prom"))
+    pair.on_lb1(datapath, &wanted, &handshakes)?;
+    let state = fs::read_to_string(pair.rig.temp_dir().join("vrrp1/vrrp-wglb.prom"))
         .context("the notify hook's state file")?;
     ensure!(
         state.contains("wglb_vrrp_state{instance=\"wglb\",state=\"MASTER\"} 1"),
         "{state}"
     );
     Ok(())
+}
+
+/// The master dies and comes straight back with an empty table while some clients are silent:
+/// its first resync must not make the standby forget the sessions only the standby still
+/// holds. When the silent clients speak again (through the standby, which keeps the floating
+/// address), they are on their gateways (one of them drained since) with no new handshake.
+fn a_restarted_master_makes_the_standby_forget_nothing(datapath: Datapath) -> Result<()> {
+    let all = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut pair = Pair::start(
+        datapath,
+        &all,
+        &wanted,
+        ports_for(Family::V4, &all, &wanted),
+    )?;
+    for balancer in &pair.balancers {
+        balancer.cli(&["drain", "gw1"])?;
+    }
+    let clients: Vec<usize> = (0..wanted.len()).collect();
+    let handshakes = settled_handshakes(&pair.rig, &clients)?;
+    // Clients 1 and 4 (on gw1, drained) fall silent; the others keep talking.
+    let silent = [1, 4];
+    let mut pingers: Vec<Option<Pinger>> = std::mem::take(&mut pair.pingers)
+        .into_iter()
+        .map(Some)
+        .collect();
+    for i in silent {
+        pingers[i] = None;
+    }
+    let killed = pair.kill_master()?;
+    for pinger in pingers.iter().flatten() {
+        first_reply(pinger, killed, VRRP_SWITCH + Duration::from_secs(5))?;
+    }
+    // lb0 comes back, empty, and resyncs its (no) sessions to lb1: acknowledged, so applied.
+    pair.balancers[0] = Balancer::start_at(&pair.rig, Some(0), &pair.configs[0], datapath)?;
+    pair.balancers[0].wait_metric(
+        &pair.rig,
+        r#"wglb_sync_lag_seconds{peer="lb1"}"#,
+        Duration::from_secs(20),
+        |_| true,
+    )?;
+    ensure!(
+        holds_floating_address(&pair.rig, 1)?,
+        "the floating address went back to lb0 (nopreempt)"
+    );
+    let spoke = SystemTime::now();
+    for i in silent {
+        let pinger = pair.rig.pinger(i)?;
+        let back = first_reply(&pinger, spoke, Duration::from_secs(5))?;
+        eprintln!("silent client {i} answered {back:?} after it spoke again");
+        pingers[i] = Some(pinger);
+    }
+    pair.on_lb1(datapath, &wanted, &handshakes)
 }
 
 fn the_standby_takes_over_every_session_when_the_master_dies(datapath: Datapath) -> Result<()> {
@@ -491,6 +592,7 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
 }
 
 on_every_datapath!(
+    a_restarted_master_makes_the_standby_forget_nothing,
     the_standby_takes_over_every_session_when_the_master_dies,
     sessions_of_a_drained_gateway_survive_a_failover,
     sessions_placed_before_a_gateway_joined_survive_a_failover,
