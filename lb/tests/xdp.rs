@@ -1026,3 +1026,55 @@ fn replies_follow_the_clients_latest_path_and_only_our_address_is_rewritten() ->
     ensure!(out == elsewhere, "a passed reply was changed");
     Ok(())
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Random datagrams to the listener, WireGuard-shaped or nearly: the program's verdict is the
+    /// userspace datapath's decision for the same bytes. Junk is dropped under the kind the
+    /// shape check gives it; WireGuard goes to the gateway `Placement::place` picks, intact.
+    #[test]
+    fn the_program_decides_as_userspace_does(
+        port in 1024u16..65535,
+        kind in 0u8..6,
+        reserved in proptest::prop_oneof![3 => proptest::strategy::Just([0u8; 3]), 1 => proptest::array::uniform3(proptest::num::u8::ANY)],
+        len in proptest::prop_oneof![
+            proptest::strategy::Just(148usize),
+            proptest::strategy::Just(92),
+            proptest::strategy::Just(64),
+            32usize..200,
+            0usize..8,
+        ],
+    ) {
+        let fail = |e: anyhow::Error| proptest::test_runner::TestCaseError::fail(format!("{e:#}"));
+        let lab = LAB.with(|lab| lab.clone());
+        let lab = match &*lab {
+            Ok(lab) => lab,
+            Err(e) => return Err(fail(anyhow::anyhow!("{e:#}"))),
+        };
+        let mut payload = message(kind, len);
+        for (byte, value) in payload.iter_mut().skip(1).take(3).zip(reserved) {
+            *byte = value;
+        }
+        let client = client_v4(port);
+        let frame = from_client(client, listener_v4(), &payload);
+        let outcome = lab.program.run(&frame).map_err(fail)?;
+        match classify(&payload) {
+            Err(junk) => {
+                proptest::prop_assert_eq!(outcome.verdict, XDP_DROP, "{:?} was not dropped", junk);
+                proptest::prop_assert_eq!(&outcome.packet, &frame);
+            }
+            Ok(_) => {
+                proptest::prop_assert_eq!(outcome.verdict, XDP_TX);
+                let parsed = parse(&outcome.packet).map_err(fail)?;
+                proptest::prop_assert_eq!(parsed.to, lab.v4.place(client).unwrap().address);
+                proptest::prop_assert_eq!(parsed.payload, payload);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// One program for every case of the property test: loading one costs far more than a run.
+    static LAB: std::rc::Rc<Result<Lab>> = std::rc::Rc::new(Lab::new());
+}
