@@ -15,7 +15,6 @@ use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use wglb::maglev::Maglev;
@@ -105,10 +104,7 @@ fn session(i: u32) -> Session<()> {
 
 /// A full table of `size` sessions, and the same clients in a plain HashMap.
 fn full_table(size: u32) -> (SessionTable<()>, HashMap<SocketAddr, GatewayId>) {
-    let mut table = SessionTable::new(
-        NonZeroUsize::new(size as usize).unwrap(),
-        Duration::from_secs(180),
-    );
+    let mut table = SessionTable::new(NonZeroUsize::new(size as usize).unwrap());
     let mut plain = HashMap::new();
     for i in 0..size {
         table.insert(client(i), session(i));

@@ -207,9 +207,12 @@ impl Contender {
 }
 
 fn wglb_config(setup: &Setup) -> String {
+    // The generator opens thousands of sessions from a few spoofed addresses: admission would
+    // refuse most of them, and admission is not what the benchmarks measure.
     let mut text = format!(
         "[api]\nsocket = \"{}\"\n[metrics]\nlisten = \"{WGLB_METRICS}\"\n[datapath]\n{}\n\
-         [[listener]]\nname = \"bench\"\nlisten = \"0.0.0.0:{}\"\nhash_key = \"source-ip-port\"\n{}\n",
+         [[listener]]\nname = \"bench\"\nlisten = \"0.0.0.0:{}\"\nhash_key = \"source-ip-port\"\n\
+         source_rate = 100000000\nsource_burst = 100000000\nsource_unconfirmed = 100000000\n{}\n",
         setup.dir.join("api.sock").display(),
         setup.wglb_datapath_extra,
         setup.listen.port(),

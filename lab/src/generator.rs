@@ -220,8 +220,10 @@ fn write_packet(packet: &mut [u8], from: SocketAddrV4, to: SocketAddrV4, message
 }
 
 /// UDP sinks in the gateways' namespaces, counting what arrives: what a benchmark's gateways
-/// become once their WireGuard is stopped. Answering sinks also answer each handshake initiation
-/// with a response, as a gateway does, so a balancer confirms their sessions.
+/// become once their WireGuard is stopped. Each answers the first datagram from every source
+/// once, as a gateway answers a handshake (an initiation with a response, anything else with a
+/// keepalive-sized data message), so that a balancer confirms the session; after that it only
+/// counts.
 pub struct Sinks {
     packets: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
@@ -232,15 +234,6 @@ pub struct Sinks {
 impl Sinks {
     /// A sink on each address, in the namespace of the rig's gateway with that IP.
     pub fn start(rig: &Rig, addresses: &[SocketAddr]) -> Result<Sinks> {
-        Sinks::with(rig, addresses, false)
-    }
-
-    /// Sinks that answer every initiation with a handshake response.
-    pub fn answering(rig: &Rig, addresses: &[SocketAddr]) -> Result<Sinks> {
-        Sinks::with(rig, addresses, true)
-    }
-
-    fn with(rig: &Rig, addresses: &[SocketAddr], answer: bool) -> Result<Sinks> {
         let packets = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -262,12 +255,20 @@ impl Sinks {
                 let mut buffer = [0u8; 2048];
                 let mut response = [0u8; 92];
                 response[0] = 2;
+                let mut keepalive = [0u8; 32];
+                keepalive[0] = 4;
+                let mut answered = std::collections::HashSet::new();
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = socket.recv_from(&mut buffer) {
                         packets.fetch_add(1, Ordering::Relaxed);
                         bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        if answer && n == 148 && buffer[0] == 1 {
-                            let _ = socket.send_to(&response, from);
+                        if answered.insert(from) {
+                            let answer = if n == 148 && buffer[0] == 1 {
+                                &response[..]
+                            } else {
+                                &keepalive[..]
+                            };
+                            let _ = socket.send_to(answer, from);
                         }
                     }
                 }

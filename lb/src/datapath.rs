@@ -40,10 +40,11 @@ use crate::admission::Sources;
 use crate::config::ListenerConfig;
 use crate::control::ListenerPlan;
 use crate::events::{EventBus, EventKind};
+use crate::lifecycle::{self, announce_due, fate, Evictions, Fate, Held, SessionStore, Standing};
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::pool::{GatewayId, Placement};
-use crate::query::{self, SessionInfo, SessionPage, SessionRequest};
-use crate::session::{now_ms, probation_idle, Activity, EvictionReason, Session, SessionTable};
+use crate::query::SessionRequest;
+use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
@@ -212,6 +213,13 @@ enum Link {
 }
 
 impl Link {
+    fn standing(&self) -> Standing {
+        match self {
+            Link::Forwarding(_) => Standing::Confirmed,
+            Link::Standby(_) => Standing::Standby,
+        }
+    }
+
     fn synced_from(&self) -> Option<&str> {
         match self {
             Link::Forwarding(_) => None,
@@ -438,11 +446,10 @@ struct Relay {
     counters: Arc<ListenerCounters>,
     gateway_counters: HashMap<GatewayId, Arc<GatewayCounters>>,
     events: EventBus,
-    /// What happened since the last sweep, counted at once but announced as events once per
-    /// sweep rather than once per packet of a flood: sessions pushed out of a full table, and
-    /// unconfirmed sessions that left probation without an answer, new sessions refused.
-    pushed_out: u64,
-    unconfirmed_gone: u64,
+    /// What happened since the last sweep, counted and announced as events once per sweep
+    /// rather than once per packet of a flood: sessions that ended on a datagram's arrival
+    /// (pushed out of a full table or of probation, their gateway gone), new sessions refused.
+    ended: Evictions,
     refused: [u64; Refusal::ALL.len()],
     /// The probation table's size as last added to the listener's gauge (which the XDP fast
     /// path adds its own to).
@@ -457,35 +464,19 @@ struct Relay {
 impl Relay {
     fn apply(&mut self, plan: Arc<ListenerPlan>) {
         let before = std::mem::replace(&mut self.plan, plan);
-        self.sessions.set_idle_timeout(self.plan.idle_timeout);
-        self.probation
-            .set_idle_timeout(probation_idle(self.plan.idle_timeout));
         for (client, session) in self.sessions.set_capacity(self.plan.table_size) {
             self.push_out(client, &session);
         }
         self.sources.set_limits(self.plan.admission.limits());
-        for (client, _) in self
+        for (client, session) in self
             .probation
             .set_capacity(self.plan.admission.probation_size)
         {
-            self.left_probation(client, EvictionReason::Unconfirmed);
+            self.left_probation(client, session.gateway, EvictionReason::Unconfirmed);
         }
-        let placement = &self.plan.placement;
-        let unconfirmed_gone = self
-            .probation
-            .evict_where(|_, s| !placement.keeps(s.gateway, s.gateway_address));
-        for (client, _) in unconfirmed_gone {
-            self.left_probation(client, EvictionReason::GatewayGone);
-        }
-        let placement = &self.plan.placement;
-        let gone = self
-            .sessions
-            .evict_where(|_, s| !placement.keeps(s.gateway, s.gateway_address));
-        if !gone.is_empty() {
-            tracing::info!(listener = %self.name, evicted = gone.len(), "evicted sessions of gateways that are down, moved or removed");
-        }
-        // Names from the plan they were placed under: a removed gateway is not in the new one.
-        self.evicted(EvictionReason::GatewayGone, &gone, &before.placement);
+        // Sessions of gateways that no longer keep theirs go at once, named as the plan they were
+        // placed under had them (a removed gateway is not in the new one).
+        self.end_sessions(&before.placement);
         let placement = &self.plan.placement;
         self.gateway_counters
             .retain(|id, _| placement.gateway(*id).is_some());
@@ -494,22 +485,104 @@ impl Relay {
             .set(placement.failing_open() as i64);
     }
 
-    /// Counts a session pushed out of a full table at once; the event waits for the sweep. A
-    /// standby entry goes silently: it was a peer's.
+    fn gateway_name(&self, id: GatewayId) -> &str {
+        self.plan.placement.gateway(id).map_or("", |g| &g.name)
+    }
+
+    /// A session pushed out of a full table.
     fn push_out(&mut self, client: SocketAddr, session: &Session<Link>) {
-        if let Link::Forwarding(_) = session.link {
-            self.counters.eviction(EvictionReason::TableFull).inc();
-            self.pushed_out += 1;
-            self.sync.evicted(client);
+        self.ended_between_sweeps(client, session, EvictionReason::TableFull);
+    }
+
+    /// A session that ended on a datagram's arrival: counted and announced at the next sweep. A
+    /// standby entry goes silently: it was a peer's.
+    fn ended_between_sweeps(
+        &mut self,
+        client: SocketAddr,
+        session: &Session<Link>,
+        reason: EvictionReason,
+    ) {
+        let standing = session.link.standing();
+        if standing != Standing::Standby {
+            let name = self.gateway_name(session.gateway).to_string();
+            self.ended
+                .record(&self.sync, client, &name, reason, standing.synced());
         }
     }
 
-    /// An unconfirmed session of `client` left probation without being confirmed: its source may
-    /// open another. Never announced to peers: they were never told of it.
-    fn left_probation(&mut self, client: SocketAddr, reason: EvictionReason) {
+    /// An unconfirmed session of `client` on `gateway` left probation without being confirmed
+    /// (pushed out, or evicted through the API): its source may open another.
+    fn left_probation(&mut self, client: SocketAddr, gateway: GatewayId, reason: EvictionReason) {
         self.sources.settled(client.ip());
-        self.counters.eviction(reason).inc();
-        self.unconfirmed_gone += 1;
+        let name = self.gateway_name(gateway).to_string();
+        self.ended.record(&self.sync, client, &name, reason, false);
+    }
+
+    /// Ends the sessions of both tables whose [`fate`] says so, and counts and announces them at
+    /// once. Gateways are named by the current plan, or `previous` for one it no longer has.
+    fn end_sessions(&mut self, previous: &Placement) {
+        let now = now_ms();
+        let placement = &self.plan.placement;
+        let idle_timeout = self.plan.idle_timeout;
+        let fate_of =
+            |standing: Standing, gateway: GatewayId, address: SocketAddr, last_ms: u64| {
+                let idle = Duration::from_millis(now.saturating_sub(last_ms));
+                fate(
+                    standing,
+                    placement.keeps(gateway, address),
+                    idle,
+                    idle_timeout,
+                )
+            };
+        let name_of = |id: GatewayId| {
+            placement
+                .gateway(id)
+                .or_else(|| previous.gateway(id))
+                .map_or("", |g| g.name.as_str())
+        };
+        let mut ended = Evictions::default();
+        let gone = self.sessions.evict_where(|_, s| {
+            fate_of(
+                s.link.standing(),
+                s.gateway,
+                s.gateway_address,
+                s.activity.last_ms(),
+            ) != Fate::Keep
+        });
+        for (client, session) in gone {
+            let standing = session.link.standing();
+            let last = session.activity.last_ms();
+            // Standby entries go silently: their peers announce their own.
+            if let (Fate::Evict(reason), false) = (
+                fate_of(standing, session.gateway, session.gateway_address, last),
+                standing == Standing::Standby,
+            ) {
+                let name = name_of(session.gateway);
+                ended.record(&self.sync, client, name, reason, standing.synced());
+            }
+        }
+        let unconfirmed = Standing::Unconfirmed;
+        let gone = self.probation.evict_where(|_, s| {
+            fate_of(
+                unconfirmed,
+                s.gateway,
+                s.gateway_address,
+                s.activity.last_ms(),
+            ) != Fate::Keep
+        });
+        for (client, session) in gone {
+            self.sources.settled(client.ip());
+            let last = session.activity.last_ms();
+            if let Fate::Evict(reason) =
+                fate_of(unconfirmed, session.gateway, session.gateway_address, last)
+            {
+                ended.record(&self.sync, client, name_of(session.gateway), reason, false);
+            }
+        }
+        if ended.total() > 0 {
+            tracing::debug!(listener = %self.name, ended = ended.total(), "sessions ended: gateways gone, or idle");
+        }
+        ended.publish(&self.name, &self.counters, &self.events);
     }
 
     /// Moves `client`'s session from probation to the table of confirmed sessions, and tells
@@ -538,36 +611,6 @@ impl Relay {
         }
     }
 
-    /// Counts evicted forwarding sessions and announces them, per gateway and to peers. Standby
-    /// entries go silently: they were peers' sessions, and peers announce their own.
-    fn evicted(
-        &self,
-        reason: EvictionReason,
-        sessions: &[(SocketAddr, Session<Link>)],
-        placement: &Placement,
-    ) {
-        let mut per_gateway: HashMap<GatewayId, u64> = HashMap::new();
-        for (client, session) in sessions {
-            if let Link::Forwarding(_) = session.link {
-                *per_gateway.entry(session.gateway).or_default() += 1;
-                self.sync.evicted(*client);
-            }
-        }
-        let count: u64 = per_gateway.values().sum();
-        if count == 0 {
-            return;
-        }
-        self.counters.eviction(reason).inc_by(count);
-        for (id, count) in per_gateway {
-            let gateway = placement.gateway(id).map_or("", |g| g.name.as_str());
-            self.events.publish(
-                &self.name,
-                gateway,
-                EventKind::SessionsEvicted { reason, count },
-            );
-        }
-    }
-
     fn answer(&mut self, request: SessionRequest) {
         let placement = &self.plan.placement;
         let name_of = |id: GatewayId| placement.gateway(id).map_or("", |g| g.name.as_str());
@@ -587,76 +630,36 @@ impl Relay {
                 limit,
                 reply,
             } => {
-                let confirmed = self.sessions.iter().map(|(client, s)| {
-                    (
-                        *client,
-                        (
-                            s.gateway,
-                            s.gateway_address,
-                            &s.activity,
-                            s.link.synced_from(),
-                        ),
-                    )
-                });
-                let unconfirmed = self.probation.iter().map(|(client, s)| {
-                    (*client, (s.gateway, s.gateway_address, &s.activity, None))
-                });
-                let matching =
-                    confirmed
-                        .chain(unconfirmed)
-                        .filter(|(client, (gateway, _, _, _))| {
-                            filter.matches(client, name_of(*gateway))
-                        });
-                let (chosen, more, total) = query::page(matching, after, limit);
-                let now = now_ms();
-                let sessions = chosen
-                    .into_iter()
-                    .map(
-                        |(client, (gateway, gateway_address, activity, synced_from))| SessionInfo {
-                            client,
-                            gateway: name_of(gateway).to_string(),
-                            gateway_address,
-                            idle_ms: now.saturating_sub(activity.last_ms()),
-                            synced_from: synced_from.map(str::to_string),
-                        },
-                    )
-                    .collect();
-                let _ = reply.send(SessionPage {
-                    sessions,
-                    more,
-                    total,
-                });
+                let _ = reply.send(lifecycle::list(self, &filter, after, limit));
             }
             SessionRequest::Evict { filter, reply } => {
-                let evicted = self
+                let mut ended = Evictions::default();
+                let own = self
                     .sessions
                     .evict_where(|c, s| filter.matches(c, name_of(s.gateway)));
                 let unconfirmed = self
                     .probation
                     .evict_where(|c, s| filter.matches(c, name_of(s.gateway)));
-                let count = evicted.len() + unconfirmed.len();
-                tracing::info!(listener = %self.name, evicted = count, "sessions evicted through the API");
-                self.evicted(EvictionReason::Operator, &evicted, &self.plan.placement);
-                for (client, _) in unconfirmed {
-                    self.left_probation(client, EvictionReason::Operator);
+                let count = own.len() + unconfirmed.len();
+                for (client, session) in own {
+                    let standing = session.link.standing();
+                    if standing != Standing::Standby {
+                        let name = name_of(session.gateway);
+                        let reason = EvictionReason::Operator;
+                        ended.record(&self.sync, client, name, reason, standing.synced());
+                    }
                 }
+                for (client, session) in unconfirmed {
+                    self.sources.settled(client.ip());
+                    let name = name_of(session.gateway);
+                    ended.record(&self.sync, client, name, EvictionReason::Operator, false);
+                }
+                tracing::info!(listener = %self.name, evicted = count, "sessions evicted through the API");
+                ended.publish(&self.name, &self.counters, &self.events);
                 let _ = reply.send(count as u64);
             }
             SessionRequest::Snapshot { reply } => {
-                let now = now_ms();
-                let own = self
-                    .sessions
-                    .iter()
-                    .filter(|(_, s)| matches!(s.link, Link::Forwarding(_)))
-                    .map(|(client, s)| SessionInfo {
-                        client: *client,
-                        gateway: name_of(s.gateway).to_string(),
-                        gateway_address: s.gateway_address,
-                        idle_ms: now.saturating_sub(s.activity.last_ms()),
-                        synced_from: None,
-                    })
-                    .collect();
-                let _ = reply.send(own);
+                let _ = reply.send(lifecycle::snapshot(self));
             }
             SessionRequest::Sync { peer, step, reply } => {
                 let _ = reply.send(sync::apply(self, &peer, &step));
@@ -690,16 +693,20 @@ impl Relay {
         }
     }
 
-    /// The once-a-second sweep: idle sessions go, table-full evictions are announced, and
-    /// forwarding sessions with traffic since the last refresh are announced to peers again.
+    /// The once-a-second sweep: answered sessions are confirmed, sessions whose fate says so go,
+    /// what was pushed out and refused since the last sweep is announced, and confirmed sessions
+    /// with traffic since the last refresh are announced to peers again.
     fn sweep(&mut self) {
         let now = now_ms();
         let refresh = sync::refresh_interval(self.plan.idle_timeout).as_millis() as u64;
-        if self.sync.enabled() && now.saturating_sub(self.refreshed_at) >= refresh {
+        let refresh_due = now.saturating_sub(self.refreshed_at) >= refresh;
+        if self.sync.enabled() && refresh_due {
             let placement = &self.plan.placement;
             for (client, session) in self.sessions.iter() {
                 let last = session.activity.last_ms();
-                if let (Link::Forwarding(_), true) = (&session.link, last >= self.refreshed_at) {
+                let standing = session.link.standing();
+                // Confirmed sessions were announced when they were confirmed.
+                if announce_due(standing, true, refresh_due, last >= self.refreshed_at) {
                     let name = placement.gateway(session.gateway).map_or("", |g| &g.name);
                     let idle = now.saturating_sub(last);
                     self.sync
@@ -708,11 +715,6 @@ impl Relay {
             }
             self.refreshed_at = now;
         }
-        let expired = self.sessions.expire_idle(now);
-        if !expired.is_empty() {
-            tracing::debug!(listener = %self.name, expired = expired.len(), "idle sessions expired");
-        }
-        self.evicted(EvictionReason::Idle, &expired, &self.plan.placement);
         // Answered since their last datagram from the client (a quiet client's session is
         // confirmed here rather than at its next datagram).
         let answered: Vec<SocketAddr> = self
@@ -724,27 +726,13 @@ impl Relay {
         for client in answered {
             self.confirm(client);
         }
-        for (client, _) in self.probation.expire_idle(now) {
-            self.left_probation(client, EvictionReason::Unconfirmed);
-        }
+        let plan = self.plan.clone();
+        self.end_sessions(&plan.placement);
         let unconfirmed = self.probation.len() as i64;
         self.counters
             .unconfirmed
             .add(unconfirmed - std::mem::replace(&mut self.unconfirmed_counted, unconfirmed));
-        let summaries = [
-            (
-                EvictionReason::TableFull,
-                std::mem::take(&mut self.pushed_out),
-            ),
-            (
-                EvictionReason::Unconfirmed,
-                std::mem::take(&mut self.unconfirmed_gone),
-            ),
-        ];
-        for (reason, count) in summaries.into_iter().filter(|(_, count)| *count > 0) {
-            self.events
-                .publish(&self.name, "", EventKind::SessionsEvicted { reason, count });
-        }
+        std::mem::take(&mut self.ended).publish(&self.name, &self.counters, &self.events);
         for (reason, count) in Refusal::ALL
             .into_iter()
             .zip(std::mem::take(&mut self.refused))
@@ -801,11 +789,7 @@ impl Relay {
                 return;
             }
             if let Some(session) = self.sessions.remove(&client) {
-                self.evicted(
-                    EvictionReason::GatewayGone,
-                    &[(client, session)],
-                    &self.plan.placement,
-                );
+                self.ended_between_sweeps(client, &session, EvictionReason::GatewayGone);
             }
             tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
         } else if let Some(session) = self.probation.lookup(&client, now) {
@@ -834,8 +818,9 @@ impl Relay {
                 }
                 return;
             }
-            self.probation.remove(&client);
-            self.left_probation(client, EvictionReason::GatewayGone);
+            if let Some(gone) = self.probation.remove(&client) {
+                self.left_probation(client, gone.gateway, EvictionReason::GatewayGone);
+            }
         }
         if self.open_session(client, meta.dst_ip, now, batch) {
             if let Some(session) = self.probation.peek(&client) {
@@ -881,8 +866,8 @@ impl Relay {
             activity,
             link,
         };
-        if let Some((evicted, _)) = self.probation.insert(client, session) {
-            self.left_probation(evicted, EvictionReason::Unconfirmed);
+        if let Some((evicted, pushed)) = self.probation.insert(client, session) {
+            self.left_probation(evicted, pushed.gateway, EvictionReason::Unconfirmed);
             tracing::debug!(listener = %self.name, client = %evicted, "probation full: evicted the least recently used unconfirmed session");
         }
         true
@@ -959,6 +944,35 @@ impl Relay {
             replies,
             counters,
         })
+    }
+}
+
+impl SessionStore for Relay {
+    fn held(&self) -> Box<dyn Iterator<Item = Held<'_>> + '_> {
+        let now = now_ms();
+        let name_of = |id: GatewayId| {
+            self.plan
+                .placement
+                .gateway(id)
+                .map_or("", |g| g.name.as_str())
+        };
+        let confirmed = self.sessions.iter().map(move |(client, s)| Held {
+            client: *client,
+            gateway: name_of(s.gateway),
+            gateway_address: s.gateway_address,
+            idle_ms: now.saturating_sub(s.activity.last_ms()),
+            standing: s.link.standing(),
+            synced_from: s.link.synced_from(),
+        });
+        let unconfirmed = self.probation.iter().map(move |(client, s)| Held {
+            client: *client,
+            gateway: name_of(s.gateway),
+            gateway_address: s.gateway_address,
+            idle_ms: now.saturating_sub(s.activity.last_ms()),
+            standing: Standing::Unconfirmed,
+            synced_from: None,
+        });
+        Box::new(confirmed.chain(unconfirmed))
     }
 }
 
@@ -1089,11 +1103,8 @@ pub async fn run_listener(
         name: config.name.clone(),
         socket: Arc::new(socket),
         source: config.source,
-        sessions: SessionTable::new(plan.table_size, plan.idle_timeout),
-        probation: SessionTable::new(
-            plan.admission.probation_size,
-            probation_idle(plan.idle_timeout),
-        ),
+        sessions: SessionTable::new(plan.table_size),
+        probation: SessionTable::new(plan.admission.probation_size),
         sources: Sources::new(plan.admission.limits()),
         counters: Arc::new(metrics.listener(&config.name)),
         standby: metrics.sync_standby(&config.name),
@@ -1101,8 +1112,7 @@ pub async fn run_listener(
         plan: plan.clone(),
         gateway_counters: HashMap::new(),
         events,
-        pushed_out: 0,
-        unconfirmed_gone: 0,
+        ended: Evictions::default(),
         refused: [0; Refusal::ALL.len()],
         unconfirmed_counted: 0,
         sync,

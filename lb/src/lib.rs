@@ -13,6 +13,7 @@ pub mod control;
 pub mod datapath;
 pub mod events;
 pub mod health;
+pub mod lifecycle;
 pub mod maglev;
 pub mod metrics;
 pub mod pool;

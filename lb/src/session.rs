@@ -118,14 +118,12 @@ impl EvictionReason {
 
 pub struct SessionTable<L> {
     sessions: LruCache<SocketAddr, Session<L>>,
-    idle_timeout_ms: u64,
 }
 
 impl<L> SessionTable<L> {
-    pub fn new(capacity: NonZeroUsize, idle_timeout: Duration) -> SessionTable<L> {
+    pub fn new(capacity: NonZeroUsize) -> SessionTable<L> {
         SessionTable {
             sessions: LruCache::new(capacity),
-            idle_timeout_ms: idle_timeout.as_millis() as u64,
         }
     }
 
@@ -135,10 +133,6 @@ impl<L> SessionTable<L> {
 
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
-    }
-
-    pub fn set_idle_timeout(&mut self, idle_timeout: Duration) {
-        self.idle_timeout_ms = idle_timeout.as_millis() as u64;
     }
 
     /// Changes the bound; returns the least recently used sessions that no longer fit.
@@ -201,13 +195,6 @@ impl<L> SessionTable<L> {
             .collect()
     }
 
-    /// Removes sessions with no packet either way for the idle timeout. A full scan, once a second
-    /// or so: reply traffic does not reorder the LRU list, so its tail is not always the idlest.
-    pub fn expire_idle(&mut self, now_ms: u64) -> Vec<(SocketAddr, Session<L>)> {
-        let limit = self.idle_timeout_ms;
-        self.evict_where(|_, s| now_ms.saturating_sub(s.activity.last_ms()) >= limit)
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &Session<L>)> {
         self.sessions.iter()
     }
@@ -234,8 +221,7 @@ mod tests {
 
     #[test]
     fn stays_bounded_under_a_flood_and_evicts_the_least_recent() {
-        let mut table =
-            SessionTable::new(NonZeroUsize::new(100).unwrap(), Duration::from_secs(180));
+        let mut table = SessionTable::new(NonZeroUsize::new(100).unwrap());
         table.insert(client(1), session(1, 0));
         for port in 2..=1000 {
             // client 1 keeps talking, so the flood pushes out only the flood.
@@ -252,15 +238,15 @@ mod tests {
 
     #[test]
     fn reinserting_a_client_is_not_an_eviction() {
-        let mut table = SessionTable::new(NonZeroUsize::new(2).unwrap(), Duration::from_secs(1));
+        let mut table = SessionTable::new(NonZeroUsize::new(2).unwrap());
         assert!(table.insert(client(1), session(1, 0)).is_none());
         assert!(table.insert(client(1), session(2, 0)).is_none());
         assert_eq!(table.len(), 1);
     }
 
     #[test]
-    fn idle_sessions_expire_and_replies_count_as_activity() {
-        let mut table = SessionTable::new(NonZeroUsize::new(10).unwrap(), Duration::from_secs(180));
+    fn lookups_and_replies_count_as_activity() {
+        let mut table = SessionTable::new(NonZeroUsize::new(10).unwrap());
         table.insert(client(1), session(1, 0));
         table.insert(client(2), session(1, 0));
         table.insert(client(3), session(1, 0));
@@ -273,18 +259,15 @@ mod tests {
             .1
             .activity
             .touch(150_000);
-        let expired: Vec<SocketAddr> = table
-            .expire_idle(180_000)
-            .into_iter()
-            .map(|(c, _)| c)
-            .collect();
-        assert_eq!(expired, vec![client(3)]);
-        let expired: Vec<SocketAddr> = table
-            .expire_idle(280_000)
-            .into_iter()
-            .map(|(c, _)| c)
-            .collect();
-        assert_eq!(expired, vec![client(1)]);
+        let idle_since = |table: &mut SessionTable<()>, since: u64| -> Vec<SocketAddr> {
+            table
+                .evict_where(|_, s| s.activity.last_ms() <= since)
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect()
+        };
+        assert_eq!(idle_since(&mut table, 0), vec![client(3)]);
+        assert_eq!(idle_since(&mut table, 100_000), vec![client(1)]);
         assert_eq!(table.len(), 1);
     }
 
@@ -296,7 +279,7 @@ mod tests {
             capacity in 1usize..32,
             ops in proptest::collection::vec((0u16..64, proptest::bool::ANY), 1..400),
         ) {
-            let mut table = SessionTable::new(NonZeroUsize::new(capacity).unwrap(), Duration::from_secs(180));
+            let mut table = SessionTable::new(NonZeroUsize::new(capacity).unwrap());
             let mut expected = std::collections::HashMap::new();
             for (port, insert) in ops {
                 if insert {
@@ -317,7 +300,7 @@ mod tests {
 
     #[test]
     fn evicts_by_gateway() {
-        let mut table = SessionTable::new(NonZeroUsize::new(10).unwrap(), Duration::from_secs(180));
+        let mut table = SessionTable::new(NonZeroUsize::new(10).unwrap());
         for port in 0..6 {
             table.insert(client(port), session(port as u32 % 2, 0));
         }

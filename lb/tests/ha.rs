@@ -519,7 +519,7 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
     let answering: Vec<_> = (0..3)
         .map(|j| std::net::SocketAddr::new(rig.gateway_addr(j).ip(), ANSWERING_PORT))
         .collect();
-    let _gateways = wglb_lab::generator::Sinks::answering(&rig, &answering)?;
+    let _gateways = wglb_lab::generator::Sinks::start(&rig, &answering)?;
     let mut balancers = Vec::new();
     for b in 0..2 {
         let config = ha_config(&rig, b, &listener)?.replace("[sync]\n", "[sync]\nqueue = 512\n");

@@ -15,6 +15,7 @@ use wglb_common::xdp::{
     XdpCounter, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS,
 };
 
+use crate::lifecycle::Standing;
 use crate::pool::{GatewayView, HashKey, Placement};
 
 /// The compiled program, built from `ebpf/xdp` by `lb/build.rs`.
@@ -68,6 +69,13 @@ pub enum Table {
 }
 
 impl Table {
+    pub fn standing(self) -> Standing {
+        match self {
+            Table::Confirmed => Standing::Confirmed,
+            Table::Unconfirmed => Standing::Unconfirmed,
+        }
+    }
+
     fn map(self) -> &'static str {
         match self {
             Table::Confirmed => "SESSIONS",
