@@ -444,39 +444,16 @@ impl ControlPlane {
     }
 
     /// Replaces the file's configuration. Pools, states, weights, timeouts and health checks
-    /// change in place; sessions stay pinned. Changes that need new sockets (listeners, their
-    /// addresses and socket options, the API and metrics endpoints) are refused as a whole so a
-    /// reload never half-applies.
+    /// change in place; sessions stay pinned. A change to anything else (see
+    /// [`Config::needs_restart`]) refuses the reload as a whole, so a reload never half-applies
+    /// and never answers "ok" while ignoring part of the file.
     pub fn reload(&mut self, new: Config) -> Result<(), String> {
-        let old = &self.config;
-        let names = |c: &Config| {
-            let mut v: Vec<String> = c.listeners.iter().map(|l| l.name.clone()).collect();
-            v.sort();
-            v
-        };
-        if names(old) != names(&new) {
-            return Err(format!(
-                "the set of listeners changed ({:?} -> {:?}); that needs a restart",
-                names(old),
-                names(&new)
-            ));
-        }
-        for listener in &new.listeners {
-            let before = old.listener(&listener.name).expect("same names");
-            if (before.listen, before.source, before.socket_buffer)
-                != (listener.listen, listener.source, listener.socket_buffer)
-            {
-                return Err(format!(
-                    "listener `{}`: listen, source or socket_buffer changed; that needs a restart",
-                    listener.name
-                ));
-            }
-        }
-        if old.metrics_listen != new.metrics_listen {
-            return Err("[metrics] listen changed; that needs a restart".into());
-        }
-        if old.api != new.api {
-            return Err("[api] changed; that needs a restart".into());
+        let mut refused = self.config.needs_restart(&new).into_iter();
+        if let Some(first) = refused.next() {
+            return Err(match refused.count() {
+                0 => first.to_string(),
+                more => format!("{first} (and {more} more change(s) that need a restart)"),
+            });
         }
         let merged = merge(&self.file, &new, &self.config)?;
         let before = std::mem::replace(&mut self.config, merged);
@@ -968,12 +945,21 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Config {
-        let text = format!(
-            "[[listener]]\nname = \"l\"\nlisten = \"0.0.0.0:51820\"\n{extra}\n\
+        config_with("", extra)
+    }
+
+    /// Listener `l` with gateways `a` and `b`; `top` goes first (top-level sections), `extra`
+    /// into the listener's table, at line 4 after `top`.
+    fn config_with(top: &str, extra: &str) -> Config {
+        Config::parse(&text_with(top, extra), "test").unwrap()
+    }
+
+    fn text_with(top: &str, extra: &str) -> String {
+        format!(
+            "{top}[[listener]]\nname = \"l\"\nlisten = \"0.0.0.0:51820\"\n{extra}\n\
              [[listener.gateway]]\nname = \"a\"\naddress = \"10.0.0.1:51820\"\n\n\
              [[listener.gateway]]\nname = \"b\"\naddress = \"10.0.0.2:51820\"\n"
-        );
-        Config::parse(&text, "test").unwrap()
+        )
     }
 
     fn observation(gateway: &str, address: &str, healthy: bool) -> Observation {
@@ -1156,15 +1142,129 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reloads_that_need_new_sockets_are_refused_whole() {
-        let (mut control, _plan) = control(config(""));
-        let mut moved = config("");
-        moved.listeners[0].listen = "0.0.0.0:51821".parse().unwrap();
-        moved.listeners[0].gateways[0].state = AdminState::Down;
-        assert!(control.reload(moved).unwrap_err().contains("restart"));
-        assert_eq!(
-            control.config().listeners[0].gateways[0].state,
-            AdminState::Active
+    async fn reloads_that_need_a_restart_are_refused_whole_naming_the_line() {
+        let api = "[api]\nsocket = \"/run/a.sock\"\n";
+        let mut elsewhere = config("");
+        elsewhere.listeners[0].listen = "0.0.0.0:51821".parse().unwrap();
+        let cases = [
+            // (running, reloaded, the refusal)
+            (
+                config("maglev_size = 65537"),
+                config("maglev_size = 251"),
+                "test line 4 (listener `l`): field `maglev_size`: changed from 65537 to 251; that needs a restart",
+            ),
+            // A setting dropped from the file is named by its section's line.
+            (
+                config("maglev_size = 251"),
+                config(""),
+                "test line 1 (listener `l`): field `maglev_size`: changed from 251 to 65537",
+            ),
+            (
+                elsewhere,
+                config(""),
+                "test line 3 (listener `l`): field `listen`: changed from 0.0.0.0:51821 to 0.0.0.0:51820",
+            ),
+            (
+                config(""),
+                config("source = \"10.0.0.9\""),
+                "test line 4 (listener `l`): field `source`: changed from unset to 10.0.0.9",
+            ),
+            (
+                config(""),
+                config("socket_buffer = 1048576"),
+                "test line 4 (listener `l`): field `socket_buffer`: changed from 4194304 to 1048576",
+            ),
+            (
+                config(""),
+                config_with("[metrics]\nlisten = \"127.0.0.1:9638\"\n", ""),
+                "test line 2 ([metrics]): field `listen`: changed from unset to 127.0.0.1:9638",
+            ),
+            (
+                config_with(api, ""),
+                config_with(
+                    "[api]\nsocket_mode = \"0600\"\nsocket = \"/run/b.sock\"\n",
+                    "",
+                ),
+                "test line 3 ([api]): field `socket`: changed from /run/a.sock to /run/b.sock",
+            ),
+            (
+                config(""),
+                config_with("[datapath]\nkind = \"xdp\"\n", ""),
+                "test line 2 ([datapath]): field `kind`: changed from userspace to xdp",
+            ),
+            (
+                config_with("[datapath]\nnat_ports = \"20000-21000\"\n", ""),
+                config(""),
+                "test ([datapath]): field `nat_ports`: changed from 20000-21000 to 16384-32767",
+            ),
+            (
+                config_with("[sync]\nnode = \"lb-a\"\n", ""),
+                config_with("[sync]\nnode = \"lb-b\"\n", ""),
+                "test line 2 ([sync]): field `node`: changed from lb-a to lb-b",
+            ),
+            (
+                config(""),
+                config_with("[sync]\nqueue = 128\n", ""),
+                "test line 2 ([sync]): field `queue`: changed from 65536 to 128",
+            ),
+        ];
+        for (running, mut reloaded, refusal) in cases {
+            let (mut control, _plan) = control(running.clone());
+            // Beside the refused change, one the reload could apply: it must not apply either.
+            reloaded.listeners[0].gateways[0].state = AdminState::Down;
+            let why = control.reload(reloaded).unwrap_err();
+            assert!(
+                why.contains(refusal) && why.contains("that needs a restart"),
+                "{why}"
+            );
+            assert_eq!(control.config(), &running, "{refusal}");
+            assert_eq!(control.file, running, "{refusal}");
+        }
+    }
+
+    #[tokio::test]
+    async fn adding_or_removing_a_listener_is_refused_naming_it() {
+        let second = "\n[[listener]]\nname = \"m\"\nlisten = \"0.0.0.0:51821\"\n\
+                      [[listener.gateway]]\nname = \"c\"\naddress = \"10.0.0.3:51820\"\n";
+        let parse = |text: String| Config::parse(&text, "test").unwrap();
+        let one = parse(text_with("", ""));
+        let two = parse(text_with("", "") + second);
+        let (mut control, _plan) = control(one.clone());
+        let why = control.reload(two.clone()).unwrap_err();
+        assert!(
+            why.starts_with("test line 14 (listener `m`): field `name`: changed from no such listener to m; that needs a restart"),
+            "{why}"
+        );
+        assert_eq!(control.config(), &one);
+
+        let (tx, _rx) = mpsc::channel(1);
+        let (mut control, _plans) = ControlPlane::new(two, Metrics::new(), EventBus::new(), tx);
+        let why = control.reload(one).unwrap_err();
+        assert!(
+            why.starts_with("test (listener `m`): field `name`: changed from m to no such listener; that needs a restart"),
+            "{why}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_through_the_control_loop_announces_its_refusal() {
+        let (tx, _rx) = mpsc::channel(1);
+        let events = EventBus::new();
+        let metrics = Metrics::new();
+        let (mut control, _plans) =
+            ControlPlane::new(config(""), metrics.clone(), events.clone(), tx);
+        let mut watched = events.subscribe();
+        let (reply, answer) = oneshot::channel();
+        control.handle(ControlRequest::Reload {
+            config: Box::new(config("maglev_size = 251")),
+            reply,
+        });
+        let why = answer.await.unwrap().unwrap_err();
+        assert!(why.contains("needs a restart"), "{why}");
+        let event = watched.try_recv().unwrap();
+        assert!(
+            matches!(&event.kind, EventKind::ConfigRefused { why: w } if *w == why),
+            "{event:?}"
         );
     }
 

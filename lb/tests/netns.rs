@@ -324,6 +324,29 @@ fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere(
         &rig,
         &config.replace("state = \"active\"", "state = \"resting\""),
     )?;
+    // A reload that changes what only a restart can apply is refused whole through the CLI,
+    // naming the line ([api] comes first in the file the balancer reads), and the running
+    // configuration stays: not even the state change beside it applies.
+    let resized = config
+        .replace(
+            "hash_key = \"source-ip-port\"\n",
+            "hash_key = \"source-ip-port\"\nmaglev_size = 251\n",
+        )
+        .replacen("state = \"active\"", "state = \"draining\"", 1);
+    let refusal = balancer.reload_refused_through_cli(&resized)?;
+    ensure!(
+        refusal.contains(
+            "line 10 (listener `test`): field `maglev_size`: changed from 65537 to 251; that needs a restart"
+        ),
+        "wglb reload said: {refusal}"
+    );
+    let gateways: serde_json::Value =
+        serde_json::from_str(&balancer.cli(&["--json", "gateways"])?)?;
+    ensure!(gateways["gateways"][0]["state"] == "active", "{gateways}");
+    ensure!(
+        balancer.metric(&rig, r#"wglb_config_reloads_total{result="error"}"#)? == 2.0,
+        "the SIGHUP and the CLI refusals are not both counted"
+    );
     let out = balancer.cli(&["drain", "gw1"])?;
     ensure!(out.contains("draining"), "wglb drain printed {out}");
     let drained = config_text(Family::V4, &["active", "draining", "active"]);

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +13,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pb;
-use crate::config::{Config, GatewayConfig};
+use crate::config::{ConfigFile, GatewayConfig};
 use crate::control::{
     announce_refused_reload, ControlError, ControlRequest, GatewayStatus, Snapshot,
 };
@@ -42,7 +41,7 @@ pub struct Api {
     events: EventBus,
     metrics: Metrics,
     started: Instant,
-    config_path: Option<PathBuf>,
+    config_file: Option<ConfigFile>,
 }
 
 impl Api {
@@ -51,7 +50,7 @@ impl Api {
         sessions: BTreeMap<String, SessionRequests>,
         events: EventBus,
         metrics: Metrics,
-        config_path: Option<PathBuf>,
+        config_file: Option<ConfigFile>,
     ) -> Api {
         Api {
             control,
@@ -59,7 +58,7 @@ impl Api {
             events,
             metrics,
             started: Instant::now(),
-            config_path,
+            config_file,
         }
     }
 
@@ -330,9 +329,9 @@ impl pb::control_server::Control for Api {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs(),
             config_path: self
-                .config_path
+                .config_file
                 .as_ref()
-                .map(|p| p.display().to_string())
+                .map(|f| f.path.display().to_string())
                 .unwrap_or_default(),
             listeners,
             health_sources: snapshot.sources,
@@ -538,12 +537,12 @@ impl pb::control_server::Control for Api {
         &self,
         _: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
-        let Some(path) = &self.config_path else {
+        let Some(file) = &self.config_file else {
             return Err(Status::failed_precondition(
                 "the balancer was started from flags: there is no file to reload",
             ));
         };
-        let config = match Config::load(path) {
+        let config = match file.load() {
             Ok(config) => config,
             Err(e) => {
                 let why = format!("{e:#}");
@@ -558,7 +557,7 @@ impl pb::control_server::Control for Api {
         .await?
         .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::ReloadResponse {
-            path: path.display().to_string(),
+            path: file.path.display().to_string(),
         }))
     }
 }

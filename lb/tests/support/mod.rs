@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use wglb::config::{Config, DEFAULT_NAT_PORTS};
 use wglb::control::initial_placement;
 use wglb::pool::Placement;
@@ -271,15 +271,24 @@ impl Balancer {
         Ok(())
     }
 
+    /// Writes a new configuration and asks for a reload through the CLI (`wglb reload`), which
+    /// the balancer must refuse (exit code 1); returns what the CLI said about it.
+    pub fn reload_refused_through_cli(&self, config_text: &str) -> Result<String> {
+        fs::write(&self.config, with_api(config_text, &self.api_socket))?;
+        let output = self.run_cli(&["reload"])?;
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        ensure!(
+            output.status.code() == Some(1),
+            "wglb reload: {}, expected a refusal: {said}",
+            output.status
+        );
+        Ok(said)
+    }
+
     /// Runs the `wglb` CLI against this balancer's API socket (a file, so reachable from any
     /// namespace); returns its stdout, or fails with its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
-            .arg("--api")
-            .arg(&self.api_socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()?;
+        let output = self.run_cli(args)?;
         if !output.status.success() {
             bail!(
                 "wglb {args:?}: {}: {}",
@@ -288,6 +297,15 @@ impl Balancer {
             );
         }
         Ok(String::from_utf8(output.stdout)?)
+    }
+
+    fn run_cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
+            .arg("--api")
+            .arg(&self.api_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
     }
 
     /// SIGKILL: the balancer dies without a word to anyone.
