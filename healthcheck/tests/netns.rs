@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use wglb_lab::{metrics, require_root, wait_for, Daemon, Family, Keypair, Rig, RigSpec};
+use wglb_lab::{
+    metrics, require_root, wait_for, Daemon, Family, HealthEndpoint, Keypair, Rig, RigSpec,
+};
 
 const METRICS: &str = "127.0.0.1:9640";
 const SIDECAR_METRICS: &str = "127.0.0.1:9641";
@@ -317,7 +319,9 @@ fn a_closed_port_is_caught_by_the_icmp_check_alone() -> Result<()> {
 #[test]
 fn core_detached_with_a_working_data_plane_stays_in_service_as_degraded() -> Result<()> {
     let setup = Setup::start("")?;
-    setup.rig.set_gateway_health(0, false);
+    setup
+        .rig
+        .set_gateway_health(0, HealthEndpoint::CoreDetached);
     wait_for(
         "the sidecar to call gw0 degraded",
         Duration::from_secs(8),

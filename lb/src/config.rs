@@ -227,9 +227,8 @@ pub struct HealthCheckConfig {
     pub rise: u32,
     pub fall: u32,
     /// How long a gateway reported down keeps its sessions (taking no new ones) before they are
-    /// evicted. Gateways that fail together within it, as every Defguard gateway's /health does
-    /// when Core is unreachable, are seen as all down and fail open instead of losing their
-    /// sessions one by one. A moved client cannot re-handshake before ~15 s anyway, so a delay
+    /// evicted. Gateways reported failing together within it (a health source cut off from all
+    /// of them) are seen as all down and fail open instead of losing their sessions one by one. A moved client cannot re-handshake before ~15 s anyway, so a delay
     /// well below that adds nothing to failover time.
     pub eviction_delay: Duration,
     /// How many fresh sources must report a gateway down before it is taken down. A source that

@@ -1044,7 +1044,7 @@ mod tests {
     async fn gateways_failing_together_fail_open_instead_of_evicting() {
         let (mut control, plan) = control(config(""));
         let t0 = Instant::now();
-        // Core goes away: both gateways' /health turn 503, a second apart.
+        // Both gateways are reported down a second apart (say, a sidecar's probes fail on both).
         control
             .observe(observation("a", "10.0.0.1:51820", false), t0)
             .unwrap();

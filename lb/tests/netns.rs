@@ -20,7 +20,7 @@ use anyhow::{ensure, Context, Result};
 use support::{
     config_text, first_reply, ports_for, predicted_gateway, settled_handshakes, Balancer, Datapath,
 };
-use wglb_lab::{require_root, Family, Pinger, Rig, RigSpec};
+use wglb_lab::{require_root, wait_for, Family, HealthEndpoint, Pinger, Rig, RigSpec};
 
 /// Longest wait for a first handshake through the balancer.
 const HANDSHAKE: Duration = Duration::from_secs(20);
@@ -226,32 +226,55 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice(datapath: Datapath)
     Ok(())
 }
 
-fn a_core_outage_turning_every_health_check_503_fails_open(datapath: Datapath) -> Result<()> {
+fn a_core_outage_turning_every_health_check_503_keeps_every_gateway_in_service(
+    datapath: Datapath,
+) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
-    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
+    // Client 3 connects during the outage, onto gw1 as Maglev places it with every gateway up.
+    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2, 1])?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..3)?;
-    let handshakes: Vec<_> = (0..3)
-        .map(|i| rig.client_latest_handshake(i))
-        .collect::<Result<_>>()?;
+    let handshakes = settled_handshakes(&rig, &[0, 1, 2])?;
     let seqs: Vec<_> = pingers.iter().map(|p| p.last_seq()).collect();
 
     // Core goes away: every gateway's /health answers 503 while WireGuard keeps working. The
-    // checks notice at different moments within a second or so.
+    // checks notice at different moments.
     for j in 0..3 {
-        rig.set_gateway_health(j, false);
-        std::thread::sleep(Duration::from_millis(100));
+        rig.set_gateway_health(j, HealthEndpoint::CoreDetached);
+        std::thread::sleep(Duration::from_millis(300));
     }
-    balancer.wait_metric(&rig, "wglb_failing_open{", Duration::from_secs(10), |v| {
-        v == 1.0
+    wait_for_reports(&balancer, "every gateway reported degraded", |detail| {
+        detail.starts_with("degraded: Core detached (GET ") && detail.ends_with("answered 503)")
     })?;
-    // Past the eviction delay: nothing may have been evicted.
+    let table = balancer.cli(&["gateways"])?;
+    ensure!(
+        table.matches("builtin-http=degraded").count() == 3,
+        "wglb gateways:\n{table}"
+    );
+    // Past the eviction delay: every gateway is still up, nothing was evicted, and the balancer
+    // is not failing open (health still counts: no gateway is down).
     std::thread::sleep(Duration::from_secs(4));
+    for j in 0..3 {
+        ensure!(
+            balancer.metric(
+                &rig,
+                &format!(r#"wglb_gateway_health{{gateway="gw{j}",listener="test",state="up"}}"#)
+            )? == 1.0,
+            "gw{j} is not up during the Core outage"
+        );
+    }
+    ensure!(balancer.metric(&rig, "wglb_failing_open{")? == 0.0);
     ensure!(
         balancer.metric(
             &rig,
             r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#
         )? == 0.0
+    );
+    let newcomer = connect(&mut rig, 3..4)?;
+    let expected = predicted_gateway(&config, rig.client_addr(3));
+    ensure!(
+        rig.gateway_serving(3)? == Some(expected),
+        "the client connecting during the outage is not on gw{expected}"
     );
     for i in 0..3 {
         let lost = lost_since(&pingers[i], seqs[i]);
@@ -263,26 +286,49 @@ fn a_core_outage_turning_every_health_check_503_fails_open(datapath: Datapath) -
             rig.client_latest_handshake(i)? == handshakes[i],
             "client {i} handshook again"
         );
+        ensure!(rig.gateway_serving(i)? == Some(i), "client {i} moved");
     }
 
     for j in 0..3 {
-        rig.set_gateway_health(j, true);
+        rig.set_gateway_health(j, HealthEndpoint::Alive);
     }
-    balancer.wait_metric(&rig, "wglb_failing_open{", Duration::from_secs(10), |v| {
-        v == 0.0
+    wait_for_reports(&balancer, "every gateway reported up again", |detail| {
+        detail.ends_with("answered 200")
     })?;
-    balancer.wait_health(&rig, 2, "up")?;
+    drop(newcomer);
     Ok(())
 }
 
-fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers(
+/// Waits until the built-in checker's fresh report on every gateway has a detail that `done`
+/// accepts, as `wglb --json gateways` shows them.
+fn wait_for_reports(balancer: &Balancer, what: &str, done: impl Fn(&str) -> bool) -> Result<()> {
+    wait_for(what, Duration::from_secs(10), || {
+        let gateways: serde_json::Value =
+            serde_json::from_str(&balancer.cli(&["--json", "gateways"])?)?;
+        let gateways = gateways["gateways"].as_array().context("no gateways")?;
+        Ok(gateways
+            .iter()
+            .all(|g| {
+                g["reports"].as_array().is_some_and(|reports| {
+                    reports.iter().any(|r| {
+                        r["source"] == "builtin-http"
+                            && r["healthy"] == true
+                            && r["detail"].as_str().is_some_and(&done)
+                    })
+                })
+            })
+            .then_some(()))
+    })
+}
+
+fn a_gateway_whose_health_endpoint_is_dead_takes_no_new_clients_until_it_answers(
     datapath: Datapath,
 ) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     // Clients 0 and 1 would both land on gw1.
     let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
-    rig.set_gateway_health(1, false);
+    rig.set_gateway_health(1, HealthEndpoint::Unreachable);
     balancer.wait_health(&rig, 1, "down")?;
     let _first = connect(&mut rig, 0..1)?;
     let expected = predicted_gateway(
@@ -294,7 +340,7 @@ fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers(
         "client 0 is not on gw{expected}"
     );
 
-    rig.set_gateway_health(1, true);
+    rig.set_gateway_health(1, HealthEndpoint::Alive);
     balancer.wait_health(&rig, 1, "up")?;
     let _second = connect(&mut rig, 1..2)?;
     ensure!(
@@ -616,8 +662,8 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
 on_every_datapath!(
     handshakes_and_pings_spread_over_gateways,
     a_dead_gateways_clients_move_and_the_others_do_not_notice,
-    a_core_outage_turning_every_health_check_503_fails_open,
-    a_gateway_answering_503_takes_no_new_clients_until_it_recovers,
+    a_core_outage_turning_every_health_check_503_keeps_every_gateway_in_service,
+    a_gateway_whose_health_endpoint_is_dead_takes_no_new_clients_until_it_answers,
     draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere,
     a_restarted_balancer_puts_clients_back_on_their_gateways,
     junk_is_dropped_counted_and_harmless,
