@@ -137,8 +137,14 @@ impl Setup {
         })
     }
 
+    /// The balancer's series `prefix`; an error when it has none.
     fn metric(&self, prefix: &str) -> Result<f64> {
-        Ok(metrics::sum(&self.scrape(METRICS)?, prefix))
+        metrics::value(&self.scrape(METRICS)?, prefix)
+    }
+
+    /// [`Setup::metric`] of a counter that nothing may have created yet: absent is zero.
+    fn metric_or_zero(&self, prefix: &str) -> Result<f64> {
+        Ok(metrics::value_or_zero(&self.scrape(METRICS)?, prefix))
     }
 
     fn scrape(&self, address: &str) -> Result<String> {
@@ -154,11 +160,7 @@ impl Setup {
         timeout: Duration,
         done: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        wait_for(prefix, timeout, || {
-            let value = self.metric(prefix).ok();
-            Ok(value.filter(|v| done(*v)))
-        })
-        .with_context(|| {
+        metrics::wait_for_value(prefix, timeout, || self.scrape(METRICS), done).with_context(|| {
             format!(
                 "balancer log:\n{}\nsidecar log:\n{}",
                 tail(&self.balancer.log_text()),
@@ -234,19 +236,19 @@ fn a_dead_data_plane_is_ejected_though_its_health_endpoint_says_200() -> Result<
     );
     // The sidecar's own metrics say the same, and promtool accepts them.
     let text = setup.scrape(SIDECAR_METRICS)?;
-    let series = |name: &str, labels: &str| metrics::sum(&text, &format!("{name}{{{labels}"));
+    let series = |name: &str, labels: &str| metrics::value(&text, &format!("{name}{{{labels}"));
     let gateway = format!(r#"gateway="gw{j}",location="office""#);
     ensure!(
         series(
             "wglb_healthcheck_verdict",
             &format!(r#"{gateway},verdict="down""#)
-        ) == 1.0
+        )? == 1.0
     );
-    ensure!(series("wglb_healthcheck_verdict_changes_total", &gateway) >= 1.0);
+    ensure!(series("wglb_healthcheck_verdict_changes_total", &gateway)? >= 1.0);
     let failed = format!(r#"{gateway},probe="handshake",result="fail""#);
-    ensure!(series("wglb_healthcheck_probes_total", &failed) >= 2.0);
-    ensure!(series("wglb_healthcheck_balancer_connected", "") == 1.0);
-    ensure!(metrics::sum(&text, "wglb_healthcheck_probe_duration_seconds_count") > 0.0);
+    ensure!(series("wglb_healthcheck_probes_total", &failed)? >= 2.0);
+    ensure!(series("wglb_healthcheck_balancer_connected", "")? == 1.0);
+    ensure!(metrics::value(&text, "wglb_healthcheck_probe_duration_seconds_count")? > 0.0);
     metrics::check_exposition(&text)?;
     Ok(())
 }
@@ -278,7 +280,7 @@ fn a_dead_sidecar_leaves_every_session_untouched() -> Result<()> {
         "the client handshook again"
     );
     ensure!(
-        setup.metric("wglb_session_evictions_total{")? == 0.0,
+        setup.metric_or_zero("wglb_session_evictions_total{")? == 0.0,
         "sessions were evicted"
     );
     Ok(())

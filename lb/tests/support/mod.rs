@@ -220,12 +220,18 @@ impl Balancer {
         ns.run(move || metrics::scrape(address))?
     }
 
-    /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels).
+    /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels); an
+    /// error when there is none.
     pub fn metric(&self, rig: &Rig, prefix: &str) -> Result<f64> {
-        Ok(metrics::sum(&self.metrics(rig)?, prefix))
+        metrics::value(&self.metrics(rig)?, prefix)
     }
 
-    /// Polls a metric until `done` holds for it.
+    /// [`Balancer::metric`] of a counter that nothing may have created yet: absent is zero.
+    pub fn metric_or_zero(&self, rig: &Rig, prefix: &str) -> Result<f64> {
+        Ok(metrics::value_or_zero(&self.metrics(rig)?, prefix))
+    }
+
+    /// Polls a metric until it exists and `done` holds for it.
     pub fn wait_metric(
         &self,
         rig: &Rig,
@@ -233,11 +239,8 @@ impl Balancer {
         timeout: Duration,
         done: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        wait_for(prefix, timeout, || {
-            let value = self.metric(rig, prefix)?;
-            Ok(done(value).then_some(value))
-        })
-        .with_context(|| format!("log:\n{}", self.log_text()))
+        metrics::wait_for_value(prefix, timeout, || self.metrics(rig), done)
+            .with_context(|| format!("log:\n{}", self.log_text()))
     }
 
     /// Waits until the balancer has settled gateway `gw{j}`'s health to `state`.
@@ -260,7 +263,7 @@ impl Balancer {
 
     fn sighup(&self, rig: &Rig, config_text: &str, result: &str) -> Result<()> {
         let counter = format!(r#"wglb_config_reloads_total{{result="{result}"}}"#);
-        let before = self.metric(rig, &counter)?;
+        let before = self.metric_or_zero(rig, &counter)?;
         fs::write(&self.config, with_api(config_text, &self.api_socket))?;
         let pid = self.child.as_ref().context("running")?.id();
         nix::sys::signal::kill(
