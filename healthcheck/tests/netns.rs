@@ -129,12 +129,18 @@ impl Setup {
             ],
             &dir.join("healthcheck.log"),
         )?;
-        Ok(Setup {
+        let setup = Setup {
             rig,
             balancer,
             sidecar,
             probe,
-        })
+        };
+        // Until the balancer serves its metrics, a refused scrape only means "not yet"; after,
+        // it is an error.
+        wait_for("wglb to serve metrics", Duration::from_secs(15), || {
+            Ok(setup.scrape(METRICS).ok())
+        })?;
+        Ok(setup)
     }
 
     /// The balancer's series `prefix`; an error when it has none.
