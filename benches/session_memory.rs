@@ -39,11 +39,9 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-fn sessions(metrics: SocketAddr) -> Option<f64> {
-    Some(metrics::sum(
-        &metrics::scrape(metrics).ok()?,
-        "wglb_sessions{",
-    ))
+/// The sessions wglb holds; `None` before it reports any.
+fn sessions(metrics: SocketAddr) -> anyhow::Result<Option<f64>> {
+    Ok(metrics::sum(&metrics::scrape(metrics)?, "wglb_sessions{"))
 }
 
 fn client(i: usize) -> SocketAddr {
@@ -89,8 +87,9 @@ fn main() {
             .expect("starting wglb (cargo builds it for benches)"),
     );
     let pid = balancer.0.id();
+    // Until it serves them, a refused scrape only means "not yet".
     wait_for("wglb to serve metrics", Duration::from_secs(10), || {
-        Ok(sessions(metrics_address()))
+        Ok(metrics::scrape(metrics_address()).ok())
     })
     .expect("wglb serves metrics");
     std::thread::sleep(Duration::from_millis(300));
@@ -103,7 +102,7 @@ fn main() {
         socket.send_to(&initiation, LISTEN).expect("send");
     }
     wait_for("every session to open", Duration::from_secs(30), || {
-        Ok((sessions(metrics_address()) == Some(SESSIONS as f64)).then_some(()))
+        Ok((sessions(metrics_address())? == Some(SESSIONS as f64)).then_some(()))
     })
     .expect("every session opens");
     std::thread::sleep(Duration::from_millis(300));

@@ -7,6 +7,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// What `/health` answers while the gateway lives but Core's stream to it is down.
+pub const CORE_DETACHED: u16 = 503;
+
 /// One `GET path` against `target`: the status code, or what went wrong before there was one.
 pub async fn probe_http(target: SocketAddr, path: &str, timeout: Duration) -> Result<u16, String> {
     let exchange = async {

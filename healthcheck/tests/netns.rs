@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use wglb_lab::{metrics, require_root, wait_for, Daemon, Family, Keypair, Rig, RigSpec};
+use wglb_lab::{
+    metrics, require_root, wait_for, Daemon, Family, HealthEndpoint, Keypair, Rig, RigSpec,
+};
 
 const METRICS: &str = "127.0.0.1:9640";
 const SIDECAR_METRICS: &str = "127.0.0.1:9641";
@@ -127,16 +129,28 @@ impl Setup {
             ],
             &dir.join("healthcheck.log"),
         )?;
-        Ok(Setup {
+        let setup = Setup {
             rig,
             balancer,
             sidecar,
             probe,
-        })
+        };
+        // Until the balancer serves its metrics, a refused scrape only means "not yet"; after,
+        // it is an error.
+        wait_for("wglb to serve metrics", Duration::from_secs(15), || {
+            Ok(setup.scrape(METRICS).ok())
+        })?;
+        Ok(setup)
     }
 
+    /// The balancer's series `prefix`; an error when it has none.
     fn metric(&self, prefix: &str) -> Result<f64> {
-        Ok(metrics::sum(&self.scrape(METRICS)?, prefix))
+        metrics::value(&self.scrape(METRICS)?, prefix)
+    }
+
+    /// [`Setup::metric`] of a counter that nothing may have created yet: absent is zero.
+    fn metric_or_zero(&self, prefix: &str) -> Result<f64> {
+        Ok(metrics::value_or_zero(&self.scrape(METRICS)?, prefix))
     }
 
     fn scrape(&self, address: &str) -> Result<String> {
@@ -152,11 +166,7 @@ impl Setup {
         timeout: Duration,
         done: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        wait_for(prefix, timeout, || {
-            let value = self.metric(prefix).ok();
-            Ok(value.filter(|v| done(*v)))
-        })
-        .with_context(|| {
+        metrics::wait_for_value(prefix, timeout, || self.scrape(METRICS), done).with_context(|| {
             format!(
                 "balancer log:\n{}\nsidecar log:\n{}",
                 tail(&self.balancer.log_text()),
@@ -232,19 +242,19 @@ fn a_dead_data_plane_is_ejected_though_its_health_endpoint_says_200() -> Result<
     );
     // The sidecar's own metrics say the same, and promtool accepts them.
     let text = setup.scrape(SIDECAR_METRICS)?;
-    let series = |name: &str, labels: &str| metrics::sum(&text, &format!("{name}{{{labels}"));
+    let series = |name: &str, labels: &str| metrics::value(&text, &format!("{name}{{{labels}"));
     let gateway = format!(r#"gateway="gw{j}",location="office""#);
     ensure!(
         series(
             "wglb_healthcheck_verdict",
             &format!(r#"{gateway},verdict="down""#)
-        ) == 1.0
+        )? == 1.0
     );
-    ensure!(series("wglb_healthcheck_verdict_changes_total", &gateway) >= 1.0);
+    ensure!(series("wglb_healthcheck_verdict_changes_total", &gateway)? >= 1.0);
     let failed = format!(r#"{gateway},probe="handshake",result="fail""#);
-    ensure!(series("wglb_healthcheck_probes_total", &failed) >= 2.0);
-    ensure!(series("wglb_healthcheck_balancer_connected", "") == 1.0);
-    ensure!(metrics::sum(&text, "wglb_healthcheck_probe_duration_seconds_count") > 0.0);
+    ensure!(series("wglb_healthcheck_probes_total", &failed)? >= 2.0);
+    ensure!(series("wglb_healthcheck_balancer_connected", "")? == 1.0);
+    ensure!(metrics::value(&text, "wglb_healthcheck_probe_duration_seconds_count")? > 0.0);
     metrics::check_exposition(&text)?;
     Ok(())
 }
@@ -276,7 +286,7 @@ fn a_dead_sidecar_leaves_every_session_untouched() -> Result<()> {
         "the client handshook again"
     );
     ensure!(
-        setup.metric("wglb_session_evictions_total{")? == 0.0,
+        setup.metric_or_zero("wglb_session_evictions_total{")? == 0.0,
         "sessions were evicted"
     );
     Ok(())
@@ -317,7 +327,9 @@ fn a_closed_port_is_caught_by_the_icmp_check_alone() -> Result<()> {
 #[test]
 fn core_detached_with_a_working_data_plane_stays_in_service_as_degraded() -> Result<()> {
     let setup = Setup::start("")?;
-    setup.rig.set_gateway_health(0, false);
+    setup
+        .rig
+        .set_gateway_health(0, HealthEndpoint::CoreDetached);
     wait_for(
         "the sidecar to call gw0 degraded",
         Duration::from_secs(8),

@@ -156,12 +156,13 @@ impl Contender {
                         "XDP to forward to every gateway",
                         Duration::from_secs(20),
                         || {
+                            // Absent until the program knows a gateway: not ready either.
                             let ready =
                                 metrics::sum(&running.wglb_metrics()?, "wglb_xdp_gateway_ready{");
-                            if ready < gateways {
+                            if ready.is_none_or(|ready| ready < gateways) {
                                 warm_up()?;
                             }
-                            Ok((ready == gateways).then_some(()))
+                            Ok((ready == Some(gateways)).then_some(()))
                         },
                     )?;
                 }

@@ -2,7 +2,7 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -14,6 +14,42 @@ use crate::netns::Netns;
 /// How often the accept loop looks at its stop flag; bounds how long stopping takes.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
+/// What a gateway's health endpoint does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthEndpoint {
+    /// `200 alive`: Core's stream to the gateway is up.
+    Alive,
+    /// `503 Not connected to core`: the gateway lives on without Core, as every Defguard gateway
+    /// does during a Core outage.
+    CoreDetached,
+    /// Every connection is reset before an answer: the gateway process is gone, its host is not.
+    Unreachable,
+}
+
+/// A [`HealthEndpoint`] the test changes while the server reads it.
+#[derive(Debug)]
+pub(crate) struct SharedHealth(AtomicU8);
+
+impl SharedHealth {
+    const ALL: [HealthEndpoint; 3] = [
+        HealthEndpoint::Alive,
+        HealthEndpoint::CoreDetached,
+        HealthEndpoint::Unreachable,
+    ];
+
+    pub(crate) fn new(state: HealthEndpoint) -> SharedHealth {
+        SharedHealth(AtomicU8::new(state as u8))
+    }
+
+    pub(crate) fn set(&self, state: HealthEndpoint) {
+        self.0.store(state as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> HealthEndpoint {
+        Self::ALL[self.0.load(Ordering::Relaxed) as usize]
+    }
+}
+
 /// Serving stops, and the listening socket closes, when this is dropped.
 pub(crate) struct HealthServer {
     stop: Arc<AtomicBool>,
@@ -21,7 +57,7 @@ pub(crate) struct HealthServer {
 }
 
 impl HealthServer {
-    pub(crate) fn start(ns: &Netns, addr: SocketAddr, healthy: Arc<AtomicBool>) -> Result<Self> {
+    pub(crate) fn start(ns: &Netns, addr: SocketAddr, health: Arc<SharedHealth>) -> Result<Self> {
         let listener = ns
             .run(move || -> io::Result<TcpListener> {
                 let listener = TcpListener::bind(addr)?;
@@ -35,7 +71,7 @@ impl HealthServer {
             .name(format!("health {addr}"))
             .spawn({
                 let stop = stop.clone();
-                move || serve(listener, &stop, &healthy)
+                move || serve(listener, &stop, &health)
             })
             .context("spawning the health server thread")?;
         Ok(HealthServer {
@@ -54,11 +90,11 @@ impl Drop for HealthServer {
     }
 }
 
-fn serve(listener: TcpListener, stop: &AtomicBool, healthy: &AtomicBool) {
+fn serve(listener: TcpListener, stop: &AtomicBool, health: &SharedHealth) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, peer)) => {
-                if let Err(error) = answer(stream, healthy.load(Ordering::Relaxed)) {
+                if let Err(error) = answer(stream, health.get()) {
                     tracing::debug!("health request from {peer} failed: {error}");
                 }
             }
@@ -71,7 +107,16 @@ fn serve(listener: TcpListener, stop: &AtomicBool, healthy: &AtomicBool) {
     }
 }
 
-fn answer(mut stream: TcpStream, healthy: bool) -> io::Result<()> {
+fn answer(mut stream: TcpStream, health: HealthEndpoint) -> io::Result<()> {
+    if health == HealthEndpoint::Unreachable {
+        // A zero linger turns the close into a reset, what a port nobody serves any more answers.
+        let reset = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &reset)?;
+        return Ok(());
+    }
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let request = read_head(&mut stream)?;
@@ -81,9 +126,9 @@ fn answer(mut stream: TcpStream, healthy: bool) -> io::Result<()> {
         .and_then(|line| line.split_whitespace().nth(1))
         .unwrap_or("");
     let path = path.split('?').next().unwrap_or(path);
-    let (status, body) = match (path, healthy) {
-        ("/health", true) => ("200 OK", "alive"),
-        ("/health", false) => ("503 Service Unavailable", "Not connected to core"),
+    let (status, body) = match path {
+        "/health" if health == HealthEndpoint::Alive => ("200 OK", "alive"),
+        "/health" => ("503 Service Unavailable", "Not connected to core"),
         _ => ("404 Not Found", "Not found"),
     };
     write!(

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 
 pub use cmd::{run, terminate, wait_for};
 pub use daemon::Daemon;
+pub use health::HealthEndpoint;
 pub use netns::Netns;
 pub use ping::Pinger;
 pub use rig::{Family, Rig, RigSpec, FLOATING_ADDR};

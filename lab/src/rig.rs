@@ -4,14 +4,14 @@ use std::fs;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::cmd;
-use crate::health::HealthServer;
+use crate::health::{HealthEndpoint, HealthServer, SharedHealth};
 use crate::netns::Netns;
 use crate::ping::Pinger;
 use crate::wg::{self, Keypair, WgProcess};
@@ -107,12 +107,12 @@ struct Client {
 }
 
 struct Gateway {
-    health: Option<HealthServer>,
+    health_server: Option<HealthServer>,
     wg: Option<WgProcess>,
     ns: Netns,
     ifname: String,
     outer: IpAddr,
-    healthy: Arc<AtomicBool>,
+    health: Arc<SharedHealth>,
 }
 
 impl Rig {
@@ -233,16 +233,16 @@ impl Rig {
             &ifname,
         ])?;
         ns.ip(&["link", "set", &ifname, "up"])?;
-        let healthy = Arc::new(AtomicBool::new(true));
-        let health =
-            HealthServer::start(&ns, SocketAddr::new(outer, HEALTH_PORT), healthy.clone())?;
+        let endpoint = Arc::new(SharedHealth::new(HealthEndpoint::Alive));
+        let server =
+            HealthServer::start(&ns, SocketAddr::new(outer, HEALTH_PORT), endpoint.clone())?;
         Ok(Gateway {
-            health: Some(health),
+            health_server: Some(server),
             wg: Some(wg),
             ns,
             ifname,
             outer,
-            healthy,
+            health: endpoint,
         })
     }
 
@@ -475,7 +475,7 @@ impl Rig {
             wg.stop()
                 .with_context(|| format!("stopping gateway {j}'s wireguard-go"))?;
         }
-        drop(gateway.health.take());
+        drop(gateway.health_server.take());
         Ok(())
     }
 
@@ -523,10 +523,10 @@ impl Rig {
         Ok(())
     }
 
-    /// Switches what gateway j's health endpoint reports, as a Defguard gateway does when it
-    /// loses its connection to the core.
-    pub fn set_gateway_health(&self, j: usize, healthy: bool) {
-        self.gateways[j].healthy.store(healthy, Ordering::Relaxed);
+    /// Switches what gateway j's health endpoint does: as a Defguard gateway's when it loses its
+    /// connection to Core, or when the gateway process is gone.
+    pub fn set_gateway_health(&self, j: usize, health: HealthEndpoint) {
+        self.gateways[j].health.set(health);
     }
 
     /// Unix time of client i's latest handshake with the gateway key, `None` before the first.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime};
 
-use wglb_lab::{require_root, Family, Rig, RigSpec};
+use wglb_lab::{require_root, Family, HealthEndpoint, Rig, RigSpec};
 
 /// Relays a client's datagrams to one gateway from a second socket, and the gateway's replies
 /// back to the last client seen: a one-client, one-gateway full-NAT balancer.
@@ -193,7 +193,7 @@ fn health_endpoint_follows_the_gateway_state() {
     assert_eq!(get_health(&rig, 0, "/health").unwrap(), ok);
     assert_eq!(get_health(&rig, 1, "/health").unwrap(), ok);
 
-    rig.set_gateway_health(1, false);
+    rig.set_gateway_health(1, HealthEndpoint::CoreDetached);
     assert_eq!(
         get_health(&rig, 1, "/health").unwrap(),
         (
@@ -203,7 +203,17 @@ fn health_endpoint_follows_the_gateway_state() {
     );
     let (status, _) = get_health(&rig, 1, "/metrics").unwrap();
     assert_eq!(status, "HTTP/1.1 404 Not Found");
-    rig.set_gateway_health(1, true);
+    rig.set_gateway_health(1, HealthEndpoint::Unreachable);
+    // Reset while the request is sent, or while the answer is awaited.
+    let reset = get_health(&rig, 1, "/health").unwrap_err();
+    assert!(
+        matches!(
+            reset.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+        ),
+        "{reset}"
+    );
+    rig.set_gateway_health(1, HealthEndpoint::Alive);
     assert_eq!(get_health(&rig, 1, "/health").unwrap(), ok);
 
     rig.stop_gateway(0).unwrap();

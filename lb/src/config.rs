@@ -2,7 +2,7 @@
 //! code so a mistake is refused the same way wherever it was made. Errors name the place (the
 //! file line or the flag), the field and the reason.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::pool::{AdminState, AllDownPolicy, HashKey};
@@ -44,6 +45,83 @@ pub struct Config {
     pub api: ApiConfig,
     pub datapath: DatapathConfig,
     pub sync: SyncConfig,
+    pub places: Places,
+}
+
+/// Where each section and setting of a configuration was written, so that a setting valid on
+/// its own but refused later (a reload that changes what only a restart can apply) is named by
+/// its line. Not part of equality: two configurations that say the same thing are the same,
+/// wherever the file says it (the reload's merge compares gateways by value, and a gateway that
+/// merely moved down the file did not change).
+#[derive(Clone, Debug, Default)]
+pub struct Places {
+    /// The file's name, or "command line": names the settings written nowhere (defaults).
+    source: String,
+    /// By section ("[api]", "listener `office`") and field ("" for the section itself).
+    written: HashMap<(String, String), String>,
+}
+
+impl PartialEq for Places {
+    fn eq(&self, _: &Places) -> bool {
+        true
+    }
+}
+
+impl Places {
+    /// Where `field` of `section` was written: its own line, else its section's, else the file.
+    pub fn of(&self, section: &str, field: &str) -> String {
+        let written = |field: &str| {
+            self.written
+                .get(&(section.to_string(), field.to_string()))
+                .cloned()
+        };
+        written(field)
+            .or_else(|| written(""))
+            .unwrap_or_else(|| unplaced(&self.source, section))
+    }
+}
+
+/// A setting that may be absent, for messages.
+fn shown(value: Option<impl fmt::Display>) -> String {
+    value.map_or_else(|| "unset".into(), |v| v.to_string())
+}
+
+fn unplaced(source: &str, what: &str) -> String {
+    format!("{source} ({what})")
+}
+
+/// The file a balancer was started from, with the command-line settings that override it: a
+/// reload reads the file as the start did, so an override is not a change.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub overrides: DatapathOverrides,
+}
+
+impl ConfigFile {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(&self.path)?;
+        self.overrides.apply(&mut config);
+        Ok(config)
+    }
+}
+
+/// `wglb run --datapath` and `--xdp-mode`, which win over [datapath].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DatapathOverrides {
+    pub kind: Option<DatapathKind>,
+    pub xdp_mode: Option<XdpMode>,
+}
+
+impl DatapathOverrides {
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(kind) = self.kind {
+            config.datapath.kind = kind;
+        }
+        if let Some(mode) = self.xdp_mode {
+            config.datapath.xdp_mode = mode;
+        }
+    }
 }
 
 /// Session sync with peer balancers. Fixed for the process's life: a reload does not change it.
@@ -187,9 +265,8 @@ pub struct HealthCheckConfig {
     pub rise: u32,
     pub fall: u32,
     /// How long a gateway reported down keeps its sessions (taking no new ones) before they are
-    /// evicted. Gateways that fail together within it, as every Defguard gateway's /health does
-    /// when Core is unreachable, are seen as all down and fail open instead of losing their
-    /// sessions one by one. A moved client cannot re-handshake before ~15 s anyway, so a delay
+    /// evicted. Gateways reported failing together within it (a health source cut off from all
+    /// of them) are seen as all down and fail open instead of losing their sessions one by one. A moved client cannot re-handshake before ~15 s anyway, so a delay
     /// well below that adds nothing to failover time.
     pub eviction_delay: Duration,
     /// How many fresh sources must report a gateway down before it is taken down. A source that
@@ -446,9 +523,53 @@ impl Origin<'_> {
                     format!("{path} line {line} ({what})")
                 }
             }
-            (Origin::File { path, .. }, None) => format!("{path} ({what})"),
-            (Origin::Flags, _) => format!("command line ({what})"),
+            (Origin::File { path, .. }, None) => unplaced(path, what),
+            (Origin::Flags, _) => unplaced("command line", what),
         }
+    }
+
+    fn source(&self) -> &str {
+        match self {
+            Origin::File { path, .. } => path,
+            Origin::Flags => "command line",
+        }
+    }
+}
+
+/// A section's span and the spans of the keys written in it.
+type Written = (Range<usize>, Vec<(String, Range<usize>)>);
+
+/// What the document writes where: each top-level table by name, and each `[[listener]]`.
+#[derive(Default)]
+struct Layout {
+    tables: HashMap<String, Written>,
+    listeners: Vec<Written>,
+}
+
+impl Layout {
+    fn of(document: &DeTable) -> Layout {
+        let written = |value: &Spanned<DeValue>| {
+            let keys = match value.get_ref() {
+                DeValue::Table(table) => table
+                    .iter()
+                    .map(|(key, _)| (key.get_ref().to_string(), key.span()))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            (value.span(), keys)
+        };
+        let mut layout = Layout::default();
+        for (key, value) in document.iter() {
+            match (key.get_ref().as_ref(), value.get_ref()) {
+                ("listener", DeValue::Array(listeners)) => {
+                    layout.listeners = listeners.iter().map(written).collect()
+                }
+                (name, _) => {
+                    layout.tables.insert(name.to_string(), written(value));
+                }
+            }
+        }
+        layout
     }
 }
 
@@ -463,12 +584,16 @@ impl Config {
     /// Parses and validates TOML text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         let origin = Origin::File { path, text };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        let refused = |e: toml::de::Error| ConfigError {
             place: origin.place(e.span(), ""),
             field: String::new(),
             reason: e.message().trim().to_string(),
-        })?;
-        build(raw, origin)
+        };
+        let document = DeTable::parse(text).map_err(refused)?;
+        let layout = Layout::of(document.get_ref());
+        let raw =
+            RawConfig::deserialize(toml::de::Deserializer::from(document)).map_err(refused)?;
+        build(raw, origin, layout)
     }
 
     /// Builds a configuration with one listener from command-line values.
@@ -505,11 +630,200 @@ impl Config {
             sync: None,
             listener: vec![Spanned::new(0..0, listener)],
         };
-        build(raw, Origin::Flags)
+        build(raw, Origin::Flags, Layout::default())
     }
 
     pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
         self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// What `new` changes that only a restart can apply: the set of listeners and their sockets
+    /// (`listen`, `source`, `socket_buffer`), their Maglev table sizes, [metrics], [api],
+    /// [datapath] and [sync]. Each is named where `new` writes it (or would).
+    pub fn needs_restart(&self, new: &Config) -> Vec<ConfigError> {
+        let mut changes = Vec::new();
+        let mut compare = |section: &str, field: &str, old: String, now: String| {
+            if old != now {
+                changes.push(ConfigError {
+                    place: new.places.of(section, field),
+                    field: field.into(),
+                    reason: format!("changed from {old} to {now}; that needs a restart"),
+                });
+            }
+        };
+        for listener in &new.listeners {
+            let section = format!("listener `{}`", listener.name);
+            let Some(old) = self.listener(&listener.name) else {
+                compare(
+                    &section,
+                    "name",
+                    "no such listener".into(),
+                    listener.name.clone(),
+                );
+                continue;
+            };
+            compare(
+                &section,
+                "listen",
+                old.listen.to_string(),
+                listener.listen.to_string(),
+            );
+            compare(
+                &section,
+                "source",
+                shown(old.source),
+                shown(listener.source),
+            );
+            compare(
+                &section,
+                "socket_buffer",
+                old.socket_buffer.to_string(),
+                listener.socket_buffer.to_string(),
+            );
+            compare(
+                &section,
+                "maglev_size",
+                old.maglev_size.to_string(),
+                listener.maglev_size.to_string(),
+            );
+            // The XDP program's session maps are sized at load; the userspace tables resize.
+            if self.datapath.kind != DatapathKind::Userspace {
+                compare(
+                    &section,
+                    "table_size",
+                    old.table_size.to_string(),
+                    listener.table_size.to_string(),
+                );
+                compare(
+                    &section,
+                    "probation_size",
+                    old.admission.probation_size.to_string(),
+                    listener.admission.probation_size.to_string(),
+                );
+            }
+        }
+        for old in &self.listeners {
+            if new.listener(&old.name).is_none() {
+                let section = format!("listener `{}`", old.name);
+                compare(
+                    &section,
+                    "name",
+                    old.name.clone(),
+                    "no such listener".into(),
+                );
+            }
+        }
+        compare(
+            "[metrics]",
+            "listen",
+            shown(self.metrics_listen),
+            shown(new.metrics_listen),
+        );
+        let (old, now) = (&self.api, &new.api);
+        let path = |p: Option<&Path>| shown(p.map(Path::display));
+        compare(
+            "[api]",
+            "socket",
+            path(Some(&old.socket)),
+            path(Some(&now.socket)),
+        );
+        compare(
+            "[api]",
+            "socket_mode",
+            format!("{:04o}", old.socket_mode),
+            format!("{:04o}", now.socket_mode),
+        );
+        compare(
+            "[api]",
+            "socket_group",
+            shown(old.socket_group.as_ref()),
+            shown(now.socket_group.as_ref()),
+        );
+        compare("[api]", "tcp", shown(old.tcp), shown(now.tcp));
+        compare(
+            "[api]",
+            "token_file",
+            path(old.token_file.as_deref()),
+            path(now.token_file.as_deref()),
+        );
+        compare(
+            "[api]",
+            "tls_cert",
+            path(old.tls.as_ref().map(|t| t.cert.as_path())),
+            path(now.tls.as_ref().map(|t| t.cert.as_path())),
+        );
+        compare(
+            "[api]",
+            "tls_key",
+            path(old.tls.as_ref().map(|t| t.key.as_path())),
+            path(now.tls.as_ref().map(|t| t.key.as_path())),
+        );
+        compare(
+            "[api]",
+            "client_ca",
+            path(old.client_ca.as_deref()),
+            path(now.client_ca.as_deref()),
+        );
+        compare(
+            "[api]",
+            "allow_unauthenticated",
+            old.allow_unauthenticated.to_string(),
+            now.allow_unauthenticated.to_string(),
+        );
+        let (old, now) = (&self.datapath, &new.datapath);
+        let named = |value: &dyn fmt::Debug| format!("{value:?}").to_lowercase();
+        compare("[datapath]", "kind", named(&old.kind), named(&now.kind));
+        compare(
+            "[datapath]",
+            "xdp_mode",
+            named(&old.xdp_mode),
+            named(&now.xdp_mode),
+        );
+        compare(
+            "[datapath]",
+            "interfaces",
+            format!("[{}]", old.interfaces.join(", ")),
+            format!("[{}]", now.interfaces.join(", ")),
+        );
+        let ports = |p: &RangeInclusive<u16>| format!("{}-{}", p.start(), p.end());
+        compare(
+            "[datapath]",
+            "nat_ports",
+            ports(&old.nat_ports),
+            ports(&now.nat_ports),
+        );
+        let (old, now) = (&self.sync, &new.sync);
+        compare("[sync]", "node", old.node.clone(), now.node.clone());
+        compare(
+            "[sync]",
+            "queue",
+            old.queue.to_string(),
+            now.queue.to_string(),
+        );
+        let peers = |sync: &SyncConfig| {
+            let shown: Vec<String> = sync
+                .peers
+                .iter()
+                .map(|p| {
+                    let files = [
+                        ("token_file", p.token_file.as_deref()),
+                        ("ca", p.ca.as_deref()),
+                        ("cert", p.identity.as_ref().map(|i| i.cert.as_path())),
+                        ("key", p.identity.as_ref().map(|i| i.key.as_path())),
+                    ];
+                    let files: String = files
+                        .iter()
+                        .filter_map(|(field, file)| {
+                            file.map(|f| format!(" {field} {}", f.display()))
+                        })
+                        .collect();
+                    format!("{} at {}{files}", p.name, p.url)
+                })
+                .collect();
+            format!("[{}]", shown.join(", "))
+        };
+        compare("[sync]", "peer", peers(old), peers(now));
+        changes
     }
 }
 
@@ -595,7 +909,26 @@ fn parse_gateway_flag(spec: &str) -> Result<RawGateway, ConfigError> {
     Ok(gateway)
 }
 
-fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
+fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, ConfigError> {
+    let mut places = Places {
+        source: origin.source().to_string(),
+        written: HashMap::new(),
+    };
+    let mut record = |what: &str, (span, keys): &Written| {
+        let mut written = |field: &str, span: &Range<usize>| {
+            let place = origin.place(Some(span.clone()), what);
+            places
+                .written
+                .insert((what.to_string(), field.to_string()), place);
+        };
+        written("", span);
+        for (field, span) in keys {
+            written(field, span);
+        }
+    };
+    for (name, table) in &layout.tables {
+        record(&format!("[{name}]"), table);
+    }
     let defaults = HealthCheckConfig::default();
     let health_span = raw.health.as_ref().map(|h| h.span());
     let raw_health = raw.health.map(Spanned::into_inner).unwrap_or_default();
@@ -662,6 +995,9 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
                 .as_deref()
                 .map_or(format!("#{}", index + 1), |n| format!("`{n}`"))
         );
+        if let Some(written) = layout.listeners.get(index) {
+            record(&what, written);
+        }
         let place = origin.place(Some(span.clone()), &what);
         let err = |field: &str, reason: String| ConfigError {
             place: place.clone(),
@@ -803,6 +1139,7 @@ fn build(raw: RawConfig, origin: Origin<'_>) -> Result<Config, ConfigError> {
         api,
         datapath,
         sync,
+        places,
     })
 }
 

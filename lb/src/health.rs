@@ -2,14 +2,14 @@
 //! API) sends [`Observation`]s to the control plane, which combines them by quorum
 //! ([`crate::quorum`]), so sources can be added without the datapath knowing. The built-in checker
 //! implements Defguard's gateway contract: `GET /health` on the gateway's health port answers 200
-//! while the gateway works.
+//! while the gateway works, and 503 while it works without Core.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use wglb_healthcheck::http::probe_http;
+use wglb_healthcheck::http::{probe_http, CORE_DETACHED};
 use wglb_healthcheck::thresholds::Thresholds;
 
 use crate::config::HealthCheckConfig;
@@ -54,13 +54,13 @@ pub fn spawn_http_checker(
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let result = match probe_http(target, &params.path, params.timeout).await {
-                Ok(200) => Ok(()),
-                Ok(code) => Err(format!("status {code}")),
-                Err(why) => Err(why),
-            };
+            let result = judge(
+                probe_http(target, &params.path, params.timeout).await,
+                target,
+                &params.path,
+            );
             if let Err(why) = &result {
-                tracing::debug!(%listener, %gateway, %target, "health check failed: {why}");
+                tracing::debug!(%listener, %gateway, "health check failed: {why}");
             }
             verdict.record(result.is_ok());
             // The detail is the latest result that agrees with the verdict: a lone failure
@@ -73,8 +73,7 @@ pub fn spawn_http_checker(
                 }
             } else {
                 detail = match result {
-                    Ok(()) => format!("GET {}{} answered 200", target, params.path),
-                    Err(why) => format!("GET {}{}: {why}", target, params.path),
+                    Ok(why) | Err(why) => why,
                 };
             }
             let observation = Observation {
@@ -91,6 +90,22 @@ pub fn spawn_http_checker(
             }
         }
     })
+}
+
+/// One probe's result: healthy or not, and why. Only a gateway that answers is alive, and a
+/// `503 Not connected to core` is such an answer: the gateway lost Core, not WireGuard (a Core
+/// outage turns every gateway's /health 503 at once), so it stays in placement as degraded, as the
+/// sidecar's verdict policy has it. Anything else (no connection, a reset, a timeout, not HTTP,
+/// another status) is a dead gateway.
+fn judge(probe: Result<u16, String>, target: SocketAddr, path: &str) -> Result<String, String> {
+    match probe {
+        Ok(200) => Ok(format!("GET {target}{path} answered 200")),
+        Ok(CORE_DETACHED) => Ok(format!(
+            "degraded: Core detached (GET {target}{path} answered {CORE_DETACHED})"
+        )),
+        Ok(code) => Err(format!("GET {target}{path}: status {code}")),
+        Err(why) => Err(format!("GET {target}{path}: {why}")),
+    }
 }
 
 #[cfg(test)]
@@ -144,6 +159,68 @@ mod tests {
             .unwrap();
         assert!(!second.healthy && second.ttl == first.ttl, "{second:?}");
         task.abort();
+    }
+
+    #[test]
+    fn only_a_503_from_a_live_gateway_is_degraded_the_rest_is_dead() {
+        let target: SocketAddr = "10.0.0.1:55003".parse().unwrap();
+        let judged = |probe| judge(probe, target, "/health");
+        assert_eq!(
+            judged(Ok(200)),
+            Ok("GET 10.0.0.1:55003/health answered 200".into())
+        );
+        assert_eq!(
+            judged(Ok(503)),
+            Ok("degraded: Core detached (GET 10.0.0.1:55003/health answered 503)".into())
+        );
+        for dead in [
+            Ok(500),
+            Ok(404),
+            Err("connect: Connection refused (os error 111)".to_string()),
+            Err("receive: Connection reset by peer (os error 104)".to_string()),
+            Err("no answer within 1s".to_string()),
+            Err("not an HTTP response: \"SSH-2.0\"".to_string()),
+        ] {
+            let why = judged(dead.clone()).unwrap_err();
+            assert!(
+                why.starts_with("GET 10.0.0.1:55003/health: "),
+                "{dead:?}: {why}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_answering_503_is_reported_healthy_and_degraded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0; 512];
+                let _ = stream.read(&mut request).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\n\r\nNot connected to core")
+                    .await;
+            }
+        });
+        let (tx, mut rx) = mpsc::channel(4);
+        let params = HealthCheckConfig {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+        let gateway: SocketAddr = "127.0.0.1:51820".parse().unwrap();
+        let task = spawn_http_checker("l".into(), "g".into(), gateway, port, params, tx);
+        let first = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            first.healthy && first.detail.starts_with("degraded: Core detached (GET "),
+            "{first:?}"
+        );
+        task.abort();
+        server.abort();
     }
 
     /// A port nothing listens on: every probe fails to connect.

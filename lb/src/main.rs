@@ -17,7 +17,9 @@ use tokio::task::JoinSet;
 use wglb::api::serve::ApiServer;
 use wglb::api::service::Api;
 use wglb::cli::{self, ApiArgs, ClientCommand};
-use wglb::config::{Config, ConfigError, DatapathKind, ListenerFlags, XdpMode};
+use wglb::config::{
+    Config, ConfigError, ConfigFile, DatapathKind, DatapathOverrides, ListenerFlags, XdpMode,
+};
 use wglb::control::{announce_refused_reload, initial_placement, ControlPlane, ControlRequest};
 use wglb::datapath::{run_listener, ListenerLinks, UdpEndpoint};
 use wglb::events::EventBus;
@@ -118,10 +120,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Run(args) => load(&args).and_then(|(config, path)| {
+        Command::Run(args) => load(&args).and_then(|(config, file)| {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            runtime.block_on(run(config, path))
+            runtime.block_on(run(config, file))
         }),
         Command::CheckConfig { config } => {
             Config::load(&config).map(|c| print!("{}", describe(&c)))
@@ -163,20 +165,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
-    let (mut config, path) = load_config(args)?;
-    if let Some(kind) = args.datapath {
-        config.datapath.kind = kind;
-    }
-    if let Some(mode) = args.xdp_mode {
-        config.datapath.xdp_mode = mode;
-    }
-    Ok((config, path))
-}
-
-fn load_config(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
+fn load(args: &RunArgs) -> anyhow::Result<(Config, Option<ConfigFile>)> {
+    let overrides = DatapathOverrides {
+        kind: args.datapath,
+        xdp_mode: args.xdp_mode,
+    };
     if let Some(path) = &args.config {
-        return Ok((Config::load(path)?, Some(path.clone())));
+        let file = ConfigFile {
+            path: path.clone(),
+            overrides,
+        };
+        return Ok((file.load()?, Some(file)));
     }
     let Some(listen) = args.listen else {
         return Err(ConfigError {
@@ -199,10 +198,12 @@ fn load_config(args: &RunArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
         metrics_listen: args.metrics_listen,
         api_socket: args.api_socket.clone(),
     };
-    Ok((Config::from_flags(&flags)?, None))
+    let mut config = Config::from_flags(&flags)?;
+    overrides.apply(&mut config);
+    Ok((config, None))
 }
 
-async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(config: Config, file: Option<ConfigFile>) -> anyhow::Result<()> {
     // Every session holds a socket towards its gateway.
     let wanted: u64 = config
         .listeners
@@ -375,7 +376,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         datapaths,
         events.clone(),
         metrics.clone(),
-        path.clone(),
+        file.clone(),
         config.sync.peers.iter().map(|p| p.name.clone()).collect(),
     );
     // Nor the API: the balancer goes on with what it was last told.
@@ -391,10 +392,10 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => match &path {
-                Some(path) => match Config::load(path) {
+            _ = hangup.recv() => match &file {
+                Some(file) => match file.load() {
                     Ok(config) => {
-                        tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
+                        tracing::info!(path = %file.path.display(), "SIGHUP: reloading the configuration");
                         // The control plane logs and counts the outcome. Never wait here: this
                         // loop also watches signals and listeners.
                         let (reply, _) = oneshot::channel();

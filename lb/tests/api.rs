@@ -143,7 +143,9 @@ fn drain_wait_returns_once_sessions_idle_out_and_gives_up_at_its_timeout() -> Re
     ensure!(String::from_utf8_lossy(&output.stdout).contains("a is drained"));
     // It waited for the session to idle out (2 s), not less.
     ensure!(started.elapsed() >= Duration::from_millis(1500));
-    ensure!(wglb.metric(r#"wglb_session_evictions_total{listener="office",reason="idle"}"#) == 1.0);
+    ensure!(
+        wglb.metric(r#"wglb_session_evictions_total{listener="office",reason="idle"}"#)? == 1.0
+    );
 
     // A session that keeps talking outlasts a short --timeout: exit code 3, still draining.
     wglb.cli_ok(&["undrain", "a"])?;
@@ -224,7 +226,7 @@ fn sessions_are_paged_in_order_and_evicted_by_client_or_gateway() -> Result<()> 
     let gateways = wglb.cli_json(&["gateways"])?;
     ensure!(gateway_json(&gateways, "a")?["sessions"] == 0);
     ensure!(
-        wglb.metric(r#"wglb_session_evictions_total{listener="office",reason="operator"}"#)
+        wglb.metric(r#"wglb_session_evictions_total{listener="office",reason="operator"}"#)?
             == (1 + on_a) as f64
     );
     // An evicted client is placed again on its next packet.
@@ -380,9 +382,10 @@ fn health_reports_combine_by_quorum_and_silence_keeps_the_last_state() -> Result
     for source in ["sidecar-1", "sidecar-2"] {
         ensure!(send(source, ("a", false), Duration::from_secs(1))?.accepted);
     }
-    wglb.wait("fail static", |w| {
-        w.metric(r#"wglb_health_fail_static{gateway="a",listener="office"}"#) == 1.0
-    })?;
+    wglb.wait_metric(
+        r#"wglb_health_fail_static{gateway="a",listener="office"}"#,
+        |v| v == 1.0,
+    )?;
     ensure!(health_of(&wglb)? == ("down".into(), true));
     let exposition = metrics::scrape(wglb.metrics)?;
     ensure!(
@@ -393,8 +396,8 @@ fn health_reports_combine_by_quorum_and_silence_keeps_the_last_state() -> Result
     // One comes back saying up: fewer than two say down, so a is up again.
     ensure!(send("sidecar-2", ("a", true), long)?.accepted);
     ensure!(health_of(&wglb)? == ("up".into(), false));
-    ensure!(wglb.metric(r#"wglb_health_reports_total{result="accepted"}"#) == 5.0);
-    ensure!(wglb.metric(r#"wglb_health_reports_total{result="refused"}"#) == 1.0);
+    ensure!(wglb.metric(r#"wglb_health_reports_total{result="accepted"}"#)? == 5.0);
+    ensure!(wglb.metric(r#"wglb_health_reports_total{result="refused"}"#)? == 1.0);
     Ok(())
 }
 

@@ -545,7 +545,7 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
 
     let dropped = r#"wglb_sync_changes_dropped_total{peer="lb1"}"#;
     let resyncs = r#"wglb_sync_resyncs_total{peer="lb1"}"#;
-    let resyncs_before = balancers[0].metric(&rig, resyncs)?;
+    let resyncs_before = balancers[0].metric_or_zero(&rig, resyncs)?;
     for b in 0..2 {
         route(&rig, b, "add")?;
     }

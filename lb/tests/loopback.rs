@@ -82,16 +82,19 @@ fn the_table_stays_bounded_and_idle_sessions_expire() -> Result<()> {
         client.round_trip()?;
         client.round_trip()?;
     }
-    ensure!(wglb.metric(r#"wglb_sessions_confirmed_total{listener="default"}"#) == 3.0);
-    ensure!(wglb.metric("wglb_sessions{") == 2.0);
+    ensure!(wglb.metric(r#"wglb_sessions_confirmed_total{listener="default"}"#)? == 3.0);
+    ensure!(wglb.metric("wglb_sessions{")? == 2.0);
     // Push-outs are counted at the next sweep.
-    wglb.wait("the push-out to be counted", |w| {
-        w.metric(r#"wglb_session_evictions_total{listener="default",reason="table_full"}"#) == 1.0
-    })?;
-    wglb.wait("idle sessions to expire", |w| {
-        w.metric(r#"wglb_session_evictions_total{listener="default",reason="idle"}"#) == 2.0
-    })?;
-    ensure!(wglb.metric("wglb_sessions{") == 0.0);
+    wglb.wait_metric(
+        r#"wglb_session_evictions_total{listener="default",reason="table_full"}"#,
+        |v| v == 1.0,
+    )?;
+    // Idle sessions expire.
+    wglb.wait_metric(
+        r#"wglb_session_evictions_total{listener="default",reason="idle"}"#,
+        |v| v == 2.0,
+    )?;
+    ensure!(wglb.metric("wglb_sessions{")? == 0.0);
     Ok(())
 }
 
@@ -113,14 +116,16 @@ fn with_the_drop_policy_nothing_reaches_a_pool_that_is_all_down() -> Result<()> 
         ],
         at(ip, 9638),
     )?;
-    wglb.wait("the gateway to be down", |w| {
-        w.metric(r#"wglb_gateway_health{gateway="g",listener="default",state="down"}"#) == 1.0
-    })?;
+    wglb.wait_metric(
+        r#"wglb_gateway_health{gateway="g",listener="default",state="down"}"#,
+        |v| v == 1.0,
+    )?;
     let socket = UdpSocket::bind(at(Ipv4Addr::new(127, 31, 3, 1), 40_000))?;
     socket.send_to(&initiation(), at(ip, 51820))?;
-    wglb.wait("the drop to be counted", |w| {
-        w.metric(r#"wglb_dropped_packets_total{direction="to_gateway",listener="default",reason="no_gateway"}"#) == 1.0
-    })?;
+    wglb.wait_metric(
+        r#"wglb_dropped_packets_total{direction="to_gateway",listener="default",reason="no_gateway"}"#,
+        |v| v == 1.0,
+    )?;
     ensure!(gateway.count() == 0);
     Ok(())
 }

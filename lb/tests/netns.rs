@@ -20,7 +20,7 @@ use anyhow::{ensure, Context, Result};
 use support::{
     config_text, first_reply, ports_for, predicted_gateway, settled_handshakes, Balancer, Datapath,
 };
-use wglb_lab::{require_root, Family, Pinger, Rig, RigSpec};
+use wglb_lab::{require_root, wait_for, Family, HealthEndpoint, Pinger, Rig, RigSpec};
 
 /// Longest wait for a first handshake through the balancer.
 const HANDSHAKE: Duration = Duration::from_secs(20);
@@ -85,7 +85,7 @@ fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
     balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 6.0)?;
     ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw0",listener="test",message="handshake_initiation"}"#)? >= 2.0);
     ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw2",listener="test",message="handshake_response"}"#)? >= 2.0);
-    ensure!(balancer.metric(&rig, "wglb_dropped_packets_total")? == 0.0);
+    ensure!(balancer.metric_or_zero(&rig, "wglb_dropped_packets_total")? == 0.0);
 
     // The forwarding counters move with the traffic: every answered ping is at least one
     // WireGuard data packet each way (keepalives only add).
@@ -226,32 +226,55 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice(datapath: Datapath)
     Ok(())
 }
 
-fn a_core_outage_turning_every_health_check_503_fails_open(datapath: Datapath) -> Result<()> {
+fn a_core_outage_turning_every_health_check_503_keeps_every_gateway_in_service(
+    datapath: Datapath,
+) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
-    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2])?;
+    // Client 3 connects during the outage, onto gw1 as Maglev places it with every gateway up.
+    let mut rig = rig(Family::V4, 3, &config, &[0, 1, 2, 1])?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..3)?;
-    let handshakes: Vec<_> = (0..3)
-        .map(|i| rig.client_latest_handshake(i))
-        .collect::<Result<_>>()?;
+    let handshakes = settled_handshakes(&rig, &[0, 1, 2])?;
     let seqs: Vec<_> = pingers.iter().map(|p| p.last_seq()).collect();
 
     // Core goes away: every gateway's /health answers 503 while WireGuard keeps working. The
-    // checks notice at different moments within a second or so.
+    // checks notice at different moments.
     for j in 0..3 {
-        rig.set_gateway_health(j, false);
-        std::thread::sleep(Duration::from_millis(100));
+        rig.set_gateway_health(j, HealthEndpoint::CoreDetached);
+        std::thread::sleep(Duration::from_millis(300));
     }
-    balancer.wait_metric(&rig, "wglb_failing_open{", Duration::from_secs(10), |v| {
-        v == 1.0
+    wait_for_reports(&balancer, "every gateway reported degraded", |detail| {
+        detail.starts_with("degraded: Core detached (GET ") && detail.ends_with("answered 503)")
     })?;
-    // Past the eviction delay: nothing may have been evicted.
-    std::thread::sleep(Duration::from_secs(4));
+    let table = balancer.cli(&["gateways"])?;
     ensure!(
-        balancer.metric(
+        table.matches("builtin-http=degraded").count() == 3,
+        "wglb gateways:\n{table}"
+    );
+    // Past the eviction delay: every gateway is still up, nothing was evicted, and the balancer
+    // is not failing open (health still counts: no gateway is down).
+    std::thread::sleep(Duration::from_secs(4));
+    for j in 0..3 {
+        ensure!(
+            balancer.metric(
+                &rig,
+                &format!(r#"wglb_gateway_health{{gateway="gw{j}",listener="test",state="up"}}"#)
+            )? == 1.0,
+            "gw{j} is not up during the Core outage"
+        );
+    }
+    ensure!(balancer.metric(&rig, "wglb_failing_open{")? == 0.0);
+    ensure!(
+        balancer.metric_or_zero(
             &rig,
             r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#
         )? == 0.0
+    );
+    let newcomer = connect(&mut rig, 3..4)?;
+    let expected = predicted_gateway(&config, rig.client_addr(3));
+    ensure!(
+        rig.gateway_serving(3)? == Some(expected),
+        "the client connecting during the outage is not on gw{expected}"
     );
     for i in 0..3 {
         let lost = lost_since(&pingers[i], seqs[i]);
@@ -263,26 +286,49 @@ fn a_core_outage_turning_every_health_check_503_fails_open(datapath: Datapath) -
             rig.client_latest_handshake(i)? == handshakes[i],
             "client {i} handshook again"
         );
+        ensure!(rig.gateway_serving(i)? == Some(i), "client {i} moved");
     }
 
     for j in 0..3 {
-        rig.set_gateway_health(j, true);
+        rig.set_gateway_health(j, HealthEndpoint::Alive);
     }
-    balancer.wait_metric(&rig, "wglb_failing_open{", Duration::from_secs(10), |v| {
-        v == 0.0
+    wait_for_reports(&balancer, "every gateway reported up again", |detail| {
+        detail.ends_with("answered 200")
     })?;
-    balancer.wait_health(&rig, 2, "up")?;
+    drop(newcomer);
     Ok(())
 }
 
-fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers(
+/// Waits until the built-in checker's fresh report on every gateway has a detail that `done`
+/// accepts, as `wglb --json gateways` shows them.
+fn wait_for_reports(balancer: &Balancer, what: &str, done: impl Fn(&str) -> bool) -> Result<()> {
+    wait_for(what, Duration::from_secs(10), || {
+        let gateways: serde_json::Value =
+            serde_json::from_str(&balancer.cli(&["--json", "gateways"])?)?;
+        let gateways = gateways["gateways"].as_array().context("no gateways")?;
+        Ok(gateways
+            .iter()
+            .all(|g| {
+                g["reports"].as_array().is_some_and(|reports| {
+                    reports.iter().any(|r| {
+                        r["source"] == "builtin-http"
+                            && r["healthy"] == true
+                            && r["detail"].as_str().is_some_and(&done)
+                    })
+                })
+            })
+            .then_some(()))
+    })
+}
+
+fn a_gateway_whose_health_endpoint_is_dead_takes_no_new_clients_until_it_answers(
     datapath: Datapath,
 ) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     // Clients 0 and 1 would both land on gw1.
     let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
-    rig.set_gateway_health(1, false);
+    rig.set_gateway_health(1, HealthEndpoint::Unreachable);
     balancer.wait_health(&rig, 1, "down")?;
     let _first = connect(&mut rig, 0..1)?;
     let expected = predicted_gateway(
@@ -294,7 +340,7 @@ fn a_gateway_answering_503_takes_no_new_clients_until_it_recovers(
         "client 0 is not on gw{expected}"
     );
 
-    rig.set_gateway_health(1, true);
+    rig.set_gateway_health(1, HealthEndpoint::Alive);
     balancer.wait_health(&rig, 1, "up")?;
     let _second = connect(&mut rig, 1..2)?;
     ensure!(
@@ -324,6 +370,29 @@ fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere(
         &rig,
         &config.replace("state = \"active\"", "state = \"resting\""),
     )?;
+    // A reload that changes what only a restart can apply is refused whole through the CLI,
+    // naming the line ([api] comes first in the file the balancer reads), and the running
+    // configuration stays: not even the state change beside it applies.
+    let resized = config
+        .replace(
+            "hash_key = \"source-ip-port\"\n",
+            "hash_key = \"source-ip-port\"\nmaglev_size = 251\n",
+        )
+        .replacen("state = \"active\"", "state = \"draining\"", 1);
+    let refusal = balancer.reload_refused_through_cli(&resized)?;
+    ensure!(
+        refusal.contains(
+            "line 10 (listener `test`): field `maglev_size`: changed from 65537 to 251; that needs a restart"
+        ),
+        "wglb reload said: {refusal}"
+    );
+    let gateways: serde_json::Value =
+        serde_json::from_str(&balancer.cli(&["--json", "gateways"])?)?;
+    ensure!(gateways["gateways"][0]["state"] == "active", "{gateways}");
+    ensure!(
+        balancer.metric(&rig, r#"wglb_config_reloads_total{result="error"}"#)? == 2.0,
+        "the SIGHUP and the CLI refusals are not both counted"
+    );
     let out = balancer.cli(&["drain", "gw1"])?;
     ensure!(out.contains("draining"), "wglb drain printed {out}");
     let drained = config_text(Family::V4, &["active", "draining", "active"]);
@@ -541,7 +610,10 @@ fn idle_sessions_expire(datapath: Datapath) -> Result<()> {
     let pingers = connect(&mut rig, 0..1)?;
     balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 1.0)?;
     let idle = r#"wglb_session_evictions_total{listener="test",reason="idle"}"#;
-    ensure!(balancer.metric(&rig, idle)? == 0.0, "expired while in use");
+    ensure!(
+        balancer.metric_or_zero(&rig, idle)? == 0.0,
+        "expired while in use"
+    );
     // Silence: no pings, and no keepalive before WireGuard's 10 s.
     drop(pingers);
     balancer.wait_metric(&rig, idle, Duration::from_secs(9), |v| v == 1.0)?;
@@ -767,8 +839,8 @@ on_every_datapath!(
     a_flood_of_new_sessions_pushes_out_no_idle_client,
     handshakes_and_pings_spread_over_gateways,
     a_dead_gateways_clients_move_and_the_others_do_not_notice,
-    a_core_outage_turning_every_health_check_503_fails_open,
-    a_gateway_answering_503_takes_no_new_clients_until_it_recovers,
+    a_core_outage_turning_every_health_check_503_keeps_every_gateway_in_service,
+    a_gateway_whose_health_endpoint_is_dead_takes_no_new_clients_until_it_answers,
     draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere,
     a_restarted_balancer_puts_clients_back_on_their_gateways,
     junk_is_dropped_counted_and_harmless,

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::pb;
 use crate::api::serve::PeerIdentity;
-use crate::config::{Config, GatewayConfig};
+use crate::config::{ConfigFile, GatewayConfig};
 use crate::control::{
     announce_refused_reload, ControlError, ControlRequest, GatewayStatus, Snapshot,
 };
@@ -45,7 +44,7 @@ pub struct Api {
     events: EventBus,
     metrics: Metrics,
     started: Instant,
-    config_path: Option<PathBuf>,
+    config_file: Option<ConfigFile>,
     /// The `[[sync.peer]]` names: the only balancers whose sessions are taken.
     sync_peers: Arc<[String]>,
 }
@@ -56,7 +55,7 @@ impl Api {
         sessions: BTreeMap<String, SessionRequests>,
         events: EventBus,
         metrics: Metrics,
-        config_path: Option<PathBuf>,
+        config_file: Option<ConfigFile>,
         sync_peers: Arc<[String]>,
     ) -> Api {
         Api {
@@ -65,7 +64,7 @@ impl Api {
             events,
             metrics,
             started: Instant::now(),
-            config_path,
+            config_file,
             sync_peers,
         }
     }
@@ -346,9 +345,9 @@ impl pb::control_server::Control for Api {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs(),
             config_path: self
-                .config_path
+                .config_file
                 .as_ref()
-                .map(|p| p.display().to_string())
+                .map(|f| f.path.display().to_string())
                 .unwrap_or_default(),
             listeners,
             health_sources: snapshot.sources,
@@ -554,12 +553,12 @@ impl pb::control_server::Control for Api {
         &self,
         _: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
-        let Some(path) = &self.config_path else {
+        let Some(file) = &self.config_file else {
             return Err(Status::failed_precondition(
                 "the balancer was started from flags: there is no file to reload",
             ));
         };
-        let config = match Config::load(path) {
+        let config = match file.load() {
             Ok(config) => config,
             Err(e) => {
                 let why = format!("{e:#}");
@@ -574,7 +573,7 @@ impl pb::control_server::Control for Api {
         .await?
         .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::ReloadResponse {
-            path: path.display().to_string(),
+            path: file.path.display().to_string(),
         }))
     }
 }

@@ -126,6 +126,16 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
     println!("{listeners}");
 }
 
+/// A source's word on a gateway. Healthy sources that say "degraded" first (the built-in
+/// checker and the sidecar, when /health answers 503 but the gateway works) are shown so.
+fn report_name(healthy: bool, detail: &str) -> &'static str {
+    match (healthy, detail.starts_with("degraded")) {
+        (true, true) => "degraded",
+        (true, false) => "up",
+        (false, _) => "down",
+    }
+}
+
 pub fn gateways(gateways: &[pb::Gateway], json: bool) {
     if json {
         print_json(&json!({
@@ -170,7 +180,7 @@ pub fn gateways(gateways: &[pb::Gateway], json: bool) {
         let reports = g
             .votes
             .iter()
-            .map(|v| format!("{}={}", v.source, if v.healthy { "up" } else { "down" }))
+            .map(|v| format!("{}={}", v.source, report_name(v.healthy, &v.detail)))
             .collect::<Vec<_>>()
             .join(" ");
         out.add_row(vec![

@@ -198,8 +198,20 @@ impl Wglb {
         Ok(wglb)
     }
 
-    pub fn metric(&self, prefix: &str) -> f64 {
-        metrics::scrape(self.metrics).map_or(0.0, |text| metrics::sum(&text, prefix))
+    /// Sum of every sample whose series starts with `prefix`; an error when there is none, or
+    /// when the scrape fails.
+    pub fn metric(&self, prefix: &str) -> Result<f64> {
+        metrics::value(&metrics::scrape(self.metrics)?, prefix)
+    }
+
+    /// Polls a metric until it exists and `done` holds for it.
+    pub fn wait_metric(&self, prefix: &str, done: impl Fn(f64) -> bool) -> Result<f64> {
+        metrics::wait_for_value(
+            prefix,
+            Duration::from_secs(10),
+            || metrics::scrape(self.metrics),
+            done,
+        )
     }
 
     pub fn wait(&self, what: &str, done: impl Fn(&Wglb) -> bool) -> Result<()> {

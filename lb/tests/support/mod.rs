@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use wglb::config::{Config, DEFAULT_NAT_PORTS};
 use wglb::control::initial_placement;
 use wglb::pool::Placement;
@@ -220,12 +220,18 @@ impl Balancer {
         ns.run(move || metrics::scrape(address))?
     }
 
-    /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels).
+    /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels); an
+    /// error when there is none.
     pub fn metric(&self, rig: &Rig, prefix: &str) -> Result<f64> {
-        Ok(metrics::sum(&self.metrics(rig)?, prefix))
+        metrics::value(&self.metrics(rig)?, prefix)
     }
 
-    /// Polls a metric until `done` holds for it.
+    /// [`Balancer::metric`] of a counter that nothing may have created yet: absent is zero.
+    pub fn metric_or_zero(&self, rig: &Rig, prefix: &str) -> Result<f64> {
+        Ok(metrics::value_or_zero(&self.metrics(rig)?, prefix))
+    }
+
+    /// Polls a metric until it exists and `done` holds for it.
     pub fn wait_metric(
         &self,
         rig: &Rig,
@@ -233,11 +239,8 @@ impl Balancer {
         timeout: Duration,
         done: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        wait_for(prefix, timeout, || {
-            let value = self.metric(rig, prefix)?;
-            Ok(done(value).then_some(value))
-        })
-        .with_context(|| format!("log:\n{}", self.log_text()))
+        metrics::wait_for_value(prefix, timeout, || self.metrics(rig), done)
+            .with_context(|| format!("log:\n{}", self.log_text()))
     }
 
     /// Waits until the balancer has settled gateway `gw{j}`'s health to `state`.
@@ -260,7 +263,7 @@ impl Balancer {
 
     fn sighup(&self, rig: &Rig, config_text: &str, result: &str) -> Result<()> {
         let counter = format!(r#"wglb_config_reloads_total{{result="{result}"}}"#);
-        let before = self.metric(rig, &counter)?;
+        let before = self.metric_or_zero(rig, &counter)?;
         fs::write(&self.config, with_api(config_text, &self.api_socket))?;
         let pid = self.child.as_ref().context("running")?.id();
         nix::sys::signal::kill(
@@ -271,15 +274,24 @@ impl Balancer {
         Ok(())
     }
 
+    /// Writes a new configuration and asks for a reload through the CLI (`wglb reload`), which
+    /// the balancer must refuse (exit code 1); returns what the CLI said about it.
+    pub fn reload_refused_through_cli(&self, config_text: &str) -> Result<String> {
+        fs::write(&self.config, with_api(config_text, &self.api_socket))?;
+        let output = self.run_cli(&["reload"])?;
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        ensure!(
+            output.status.code() == Some(1),
+            "wglb reload: {}, expected a refusal: {said}",
+            output.status
+        );
+        Ok(said)
+    }
+
     /// Runs the `wglb` CLI against this balancer's API socket (a file, so reachable from any
     /// namespace); returns its stdout, or fails with its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
-            .arg("--api")
-            .arg(&self.api_socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()?;
+        let output = self.run_cli(args)?;
         if !output.status.success() {
             bail!(
                 "wglb {args:?}: {}: {}",
@@ -301,6 +313,15 @@ impl Balancer {
             .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
             .context("no VmRSS")?;
         Ok((files, rss_kb * 1024))
+    }
+
+    fn run_cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
+            .arg("--api")
+            .arg(&self.api_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
     }
 
     /// SIGKILL: the balancer dies without a word to anyone.
