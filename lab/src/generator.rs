@@ -220,10 +220,9 @@ fn write_packet(packet: &mut [u8], from: SocketAddrV4, to: SocketAddrV4, message
 }
 
 /// UDP sinks in the gateways' namespaces, counting what arrives: what a benchmark's gateways
-/// become once their WireGuard is stopped. Each answers the first datagram from every source
-/// once, as a gateway answers a handshake (an initiation with a response, anything else with a
-/// keepalive-sized data message), so that a balancer confirms the session; after that it only
-/// counts.
+/// become once their WireGuard is stopped. Each answers every handshake initiation with a
+/// response and the first other datagram from each source with a keepalive-sized data message,
+/// as a gateway answers a new session, so that a balancer confirms it; after that it only counts.
 pub struct Sinks {
     packets: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
@@ -262,8 +261,11 @@ impl Sinks {
                     if let Ok((n, from)) = socket.recv_from(&mut buffer) {
                         packets.fetch_add(1, Ordering::Relaxed);
                         bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        if answered.insert(from) {
-                            let answer = if n == 148 && buffer[0] == 1 {
+                        // Every initiation, as a gateway answers each; other datagrams once
+                        // per source, enough to confirm a session a benchmark then streams on.
+                        let initiation = n == 148 && buffer[0] == 1;
+                        if initiation || answered.insert(from) {
+                            let answer = if initiation {
                                 &response[..]
                             } else {
                                 &keepalive[..]

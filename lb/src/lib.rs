@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod control;

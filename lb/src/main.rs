@@ -4,34 +4,16 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
-
-use std::collections::BTreeMap;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
-use wglb::api::serve::ApiServer;
-use wglb::api::service::Api;
 use wglb::cli::{self, ApiArgs, ClientCommand};
 use wglb::config::{
     Config, ConfigError, ConfigFile, DatapathKind, DatapathOverrides, ListenerFlags, XdpMode,
 };
-use wglb::control::{announce_refused_reload, initial_placement, ControlPlane, ControlRequest};
-use wglb::datapath::{run_listener, ListenerLinks, UdpEndpoint};
-use wglb::events::EventBus;
-use wglb::metrics::{self, Metrics};
+use wglb::control::initial_placement;
 use wglb::pool::{AllDownPolicy, HashKey};
-use wglb::sync::{self, PeerQueue, SyncOut};
-use wglb::xdp::fastpath::{FastPath, FastPathLinks};
-use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
-use wglb_proto::client::{read_token_file, Target};
-
-/// How long a stopping balancer waits for its peers to take its last session changes.
-const SYNC_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(name = "wglb", version, about = "A WireGuard-aware UDP load balancer")]
@@ -123,7 +105,7 @@ fn main() -> ExitCode {
         Command::Run(args) => load(&args).and_then(|(config, file)| {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            runtime.block_on(run(config, file))
+            runtime.block_on(wglb::balancer::run(config, file))
         }),
         Command::CheckConfig { config } => {
             Config::load(&config).map(|c| print!("{}", describe(&c)))
@@ -201,277 +183,6 @@ fn load(args: &RunArgs) -> anyhow::Result<(Config, Option<ConfigFile>)> {
     let mut config = Config::from_flags(&flags)?;
     overrides.apply(&mut config);
     Ok((config, None))
-}
-
-async fn run(config: Config, file: Option<ConfigFile>) -> anyhow::Result<()> {
-    // Every session holds a socket towards its gateway.
-    let wanted: u64 = config
-        .listeners
-        .iter()
-        .map(|l| l.table_size.get() as u64 + 64)
-        .sum();
-    match rlimit::increase_nofile_limit(wanted) {
-        Ok(limit) if limit < wanted => tracing::warn!(
-            limit,
-            wanted,
-            "the open-file limit is below the session table sizes; sessions beyond it are dropped"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
-    }
-    // Each session's socket takes a local port of its source address.
-    if let Some(ports) = local_port_range() {
-        for listener in config
-            .listeners
-            .iter()
-            .filter(|l| l.table_size.get() > ports)
-        {
-            tracing::warn!(
-                listener = %listener.name,
-                table_size = listener.table_size.get(),
-                ports,
-                "table_size exceeds net.ipv4.ip_local_port_range: sessions beyond the free ports are dropped (widen the range or set a smaller table_size)"
-            );
-        }
-    }
-    let metrics = Metrics::new();
-    let metrics_socket = match config.metrics_listen {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot serve metrics on {address}"))?,
-        ),
-        None => None,
-    };
-    let api_server = ApiServer::bind(&config.api, &config.sync.peers).await?;
-    let events = EventBus::new();
-    let (observations_tx, observations) = mpsc::channel(1024);
-    let (requests_tx, requests) = mpsc::channel(64);
-    let (control, mut plans) = ControlPlane::new(
-        config.clone(),
-        metrics.clone(),
-        events.clone(),
-        observations_tx,
-    );
-    let listener_plans: Vec<_> = config
-        .listeners
-        .iter()
-        .map(|l| plans.remove(&l.name).expect("a plan per listener"))
-        .collect();
-    // The program before the sockets: a restarted balancer's clients then go on through the
-    // program at once rather than through userspace until it attaches.
-    let fast_path = start_fast_path(&config, &listener_plans, &metrics, &events)?;
-    let mut sockets = Vec::new();
-    for listener in &config.listeners {
-        let socket =
-            UdpEndpoint::listen(listener.listen, listener.socket_buffer).with_context(|| {
-                format!(
-                    "listener `{}`: cannot listen on {}",
-                    listener.name, listener.listen
-                )
-            })?;
-        sockets.push((listener.clone(), socket));
-    }
-    let mut fast_links = FastPathLinks {
-        plans: listener_plans.clone(),
-        requests: Vec::new(),
-        slow_paths: Vec::new(),
-        syncs: Vec::new(),
-    };
-    let mut sync_peers = Vec::new();
-    let mut sync_queues = Vec::new();
-    for peer in &config.sync.peers {
-        let (queue, changes) =
-            PeerQueue::new(&peer.name, config.sync.queue, metrics.sync_peer(&peer.name));
-        sync_queues.push(queue.clone());
-        sync_peers.push((peer, queue, changes));
-    }
-    let sync_queues: Arc<[Arc<PeerQueue>]> = sync_queues.into();
-    let mut tasks = JoinSet::new();
-    let mut datapaths = BTreeMap::new();
-    for ((listener, socket), plans) in sockets.into_iter().zip(listener_plans) {
-        let (session_requests, requests) = mpsc::channel(16);
-        if fast_path.is_some() {
-            // The API asks the fast path, which asks the userspace datapath in turn.
-            let (api_requests, fast_requests) = mpsc::channel(16);
-            datapaths.insert(listener.name.clone(), api_requests);
-            fast_links.requests.push(fast_requests);
-            fast_links.slow_paths.push(session_requests);
-        } else {
-            datapaths.insert(listener.name.clone(), session_requests);
-        }
-        let links = ListenerLinks {
-            plans,
-            requests,
-            metrics: metrics.clone(),
-            events: events.clone(),
-            sync: SyncOut::new(&listener.name, sync_queues.clone()),
-        };
-        if fast_path.is_some() {
-            fast_links
-                .syncs
-                .push(SyncOut::new(&listener.name, sync_queues.clone()));
-        }
-        tracing::info!(listener = %listener.name, listen = %listener.listen, gateways = listener.gateways.len(), "listening");
-        tasks.spawn(async move {
-            run_listener(&listener, socket, links)
-                .await
-                .with_context(|| format!("listener `{}` failed", listener.name))
-        });
-    }
-    let control = tokio::spawn(control.run(observations, requests));
-    let (stop_fast_path, fast_path_stopped) = oneshot::channel();
-    let fast_path = fast_path.map(|fast_path| {
-        std::thread::Builder::new()
-            .name("wglb-xdp".into())
-            .spawn(move || fast_path.run(fast_links, fast_path_stopped))
-    });
-    let fast_path = fast_path
-        .transpose()
-        .context("cannot start the XDP fast path's thread")?;
-    // Ready (for systemd and /ready) once everything above is up; not once shutting down.
-    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(socket) = metrics_socket {
-        tracing::info!(listen = %socket.local_addr()?, "serving Prometheus metrics on /metrics and readiness on /ready");
-        let metrics = metrics.clone();
-        let ready = ready.clone();
-        // Losing the metrics endpoint must not stop the traffic: log it and go on.
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(socket, metrics, ready).await {
-                tracing::error!("metrics server failed, metrics are no longer served: {e}");
-            }
-        });
-    }
-    tracing::info!(socket = %api_server.socket_path().display(), tcp = ?api_server.tcp_address(), "serving the API");
-    let (stop_sync, sync_stopping) = watch::channel(false);
-    let mut sync_tasks = JoinSet::new();
-    for (peer, queue, changes) in sync_peers {
-        let token = match &peer.token_file {
-            Some(path) => Some(read_token_file(path).with_context(|| {
-                format!("sync peer `{}`: cannot read {}", peer.name, path.display())
-            })?),
-            None => None,
-        };
-        let target = Target {
-            address: peer.url.clone(),
-            token,
-            ca: peer.ca.clone(),
-            identity: peer
-                .identity
-                .as_ref()
-                .map(|t| (t.cert.clone(), t.key.clone())),
-        };
-        tracing::info!(peer = %peer.name, url = %peer.url, node = %config.sync.node, "syncing sessions with a peer");
-        sync_tasks.spawn(sync::peer::run(
-            queue,
-            changes,
-            target,
-            config.sync.node.clone(),
-            datapaths.clone(),
-            sync_stopping.clone(),
-        ));
-    }
-    let api = Api::new(
-        requests_tx.clone(),
-        datapaths,
-        events.clone(),
-        metrics.clone(),
-        file.clone(),
-        config.sync.peers.iter().map(|p| p.name.clone()).collect(),
-    );
-    // Nor the API: the balancer goes on with what it was last told.
-    let api_task = tokio::spawn(async move {
-        if let Err(e) = api_server.run(api).await {
-            tracing::error!("the API server failed, the API is no longer served: {e:#}");
-        }
-    });
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    notify_systemd(&[NotifyState::Ready]);
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => match &file {
-                Some(file) => match file.load() {
-                    Ok(config) => {
-                        tracing::info!(path = %file.path.display(), "SIGHUP: reloading the configuration");
-                        // The control plane logs and counts the outcome. Never wait here: this
-                        // loop also watches signals and listeners.
-                        let (reply, _) = oneshot::channel();
-                        if requests_tx.try_send(ControlRequest::Reload { config: Box::new(config), reply }).is_err() {
-                            announce_refused_reload(&metrics, &events, "SIGHUP: the control plane is busy or gone; try again");
-                        }
-                    }
-                    Err(e) => announce_refused_reload(&metrics, &events, &format!("SIGHUP: {e:#}")),
-                },
-                None => tracing::warn!("SIGHUP: started from flags, there is no file to reload"),
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            Some(ended) = tasks.join_next() => {
-                api_task.abort();
-                return Err(match ended {
-                    Ok(Err(e)) => e,
-                    Ok(Ok(())) => anyhow::anyhow!("a listener stopped"),
-                    Err(e) => anyhow::anyhow!("a task died: {e}"),
-                });
-            }
-        }
-    }
-    tracing::info!("shutting down");
-    ready.store(false, std::sync::atomic::Ordering::Relaxed);
-    notify_systemd(&[NotifyState::Stopping]);
-    // The fast path first: it announces the sessions its last sweep has not, and its end detaches
-    // the program (its links go with it); the userspace datapath takes what still comes.
-    let _ = stop_fast_path.send(());
-    if let Some(thread) = fast_path {
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    }
-    // Peers get this balancer's last changes while its datapaths still answer; its sessions stay
-    // on them as standby entries (a stop is not an eviction).
-    let _ = stop_sync.send(true);
-    let flushed = async { while sync_tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(SYNC_FLUSH_WAIT, flushed)
-        .await
-        .is_err()
-    {
-        tracing::warn!("session sync: a peer did not take the last changes in time");
-    }
-    // The API (its socket file goes with it), then listeners, so none mistakes the control plane's
-    // end for a failure.
-    api_task.abort();
-    let _ = api_task.await;
-    tasks.shutdown().await;
-    control.abort();
-    Ok(())
-}
-
-/// The XDP fast path if the configuration asks for it and it can run; with `auto`, the reason it
-/// cannot is logged and the userspace datapath carries on alone.
-fn start_fast_path(
-    config: &Config,
-    plans: &[tokio::sync::watch::Receiver<std::sync::Arc<wglb::control::ListenerPlan>>],
-    metrics: &Metrics,
-    events: &EventBus,
-) -> anyhow::Result<Option<FastPath>> {
-    let started = match config.datapath.kind {
-        DatapathKind::Userspace => None,
-        DatapathKind::Xdp => Some(FastPath::start(config, plans, metrics, events).context(
-            "the XDP datapath cannot run (--datapath auto would fall back to userspace)",
-        )?),
-        DatapathKind::Auto => match FastPath::start(config, plans, metrics, events) {
-            Ok(fast_path) => Some(fast_path),
-            Err(e) => {
-                tracing::warn!("the XDP datapath cannot run, forwarding in userspace only: {e:#}");
-                None
-            }
-        },
-    };
-    if started.is_none() {
-        metrics.set_datapath("userspace");
-    }
-    Ok(started)
 }
 
 fn describe(config: &Config) -> String {
@@ -585,12 +296,4 @@ fn place(path: &std::path::Path, listener: Option<&str>, client: SocketAddr) -> 
         ),
     }
     Ok(())
-}
-
-/// How many ephemeral ports a source address has (Linux's ip_local_port_range).
-fn local_port_range() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut bounds = text.split_whitespace().map(|v| v.parse::<usize>());
-    let (low, high) = (bounds.next()?.ok()?, bounds.next()?.ok()?);
-    Some(high.saturating_sub(low) + 1)
 }

@@ -185,6 +185,7 @@ fn exported_metrics() -> BTreeSet<String> {
     let _peer = metrics.sync_peer("p");
     metrics.sync_received("p", 1, 0);
     let _standby = metrics.sync_standby("l");
+    let _drift = metrics.nat_drift(wglb::metrics::NatDrift::Orphaned);
     let sidecar = wglb_healthcheck::metrics::Metrics::new();
     sidecar.probe("l", "g", Probe::Handshake, true, Duration::from_millis(1));
     sidecar.verdict("l", "g", Verdict::Up, true);
