@@ -10,6 +10,7 @@
 # Results: benches/results/{rig,tunnel,failover,scale}.{csv,md} and rig.svg. About 25 minutes.
 # `bash scripts/bench.sh rig` runs one of them; WGLB_BENCH_QUICK=1 makes short runs.
 set -euo pipefail
+source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # policy-rc.d: the benchmarks start nginx themselves, in a namespace; Debian's package would

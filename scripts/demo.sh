@@ -2,6 +2,7 @@
 # Sets up, builds and runs the self-contained demo: real wireguard-go clients and gateways in
 # network namespaces behind wglb, with a gateway failure and the failover.
 set -euo pipefail
+source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -2,6 +2,7 @@
 # Sets up, then runs every check: formatting, lints, unit tests, and the network-namespace tests
 # with real WireGuard peers (these need root and fail without it).
 set -euo pipefail
+source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
