@@ -34,6 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use wglb_common::admission::Refusal;
+use wglb_common::session::{confirms, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify, MessageType};
 
 use crate::admission::Sources;
@@ -286,6 +287,7 @@ fn wireguard_datagrams(
             Ok(kind) => {
                 batch.valid += 1;
                 batch.valid_bytes += datagram.len() as u64;
+                batch.confirming += confirms(kind) as u64;
                 match kind {
                     MessageType::HandshakeInitiation => batch.initiations += 1,
                     MessageType::HandshakeResponse => batch.responses += 1,
@@ -312,14 +314,8 @@ struct Batch {
     initiations: u64,
     responses: u64,
     cookies: u64,
-}
-
-impl Batch {
-    /// From a gateway: whether it confirms the session (a handshake response or transport data;
-    /// see [`Activity::answer`]).
-    fn confirms(&self) -> bool {
-        self.responses > 0 || self.valid > self.initiations + self.responses + self.cookies
-    }
+    /// Messages that confirm a session when a gateway sends them.
+    confirming: u64,
 }
 
 /// Counts a forwarded batch (its WireGuard datagrams) and the handshake messages in it.
@@ -408,7 +404,7 @@ impl ReplyPath {
                 if batch.valid == 0 {
                     continue;
                 }
-                if batch.confirms() {
+                if batch.confirming > 0 {
                     self.activity.answer();
                 }
                 match forward(
@@ -752,79 +748,91 @@ impl Relay {
             return;
         }
         let now = now_ms();
-        if let Some(session) = self.sessions.lookup(&client, now) {
-            if self
-                .plan
-                .placement
-                .keeps(session.gateway, session.gateway_address)
-            {
-                if let Link::Forwarding(link) = &session.link {
-                    to_gateway_by(
-                        link,
-                        session.gateway_address,
-                        &self.counters,
-                        client,
-                        data,
-                        stride,
-                        batch,
-                    );
-                    return;
-                }
-                // A peer's session whose traffic comes here now: on to the gateway it had.
-                if self.take_over(client, meta.dst_ip, batch) {
-                    if let Some(session) = self.sessions.peek(&client) {
-                        if let Link::Forwarding(link) = &session.link {
-                            to_gateway_by(
-                                link,
-                                session.gateway_address,
-                                &self.counters,
-                                client,
-                                data,
-                                stride,
-                                batch,
-                            );
-                        }
-                    }
-                }
+        let placement = &self.plan.placement;
+        let found = if let Some(session) = self.sessions.lookup(&client, now) {
+            let found = Found {
+                keeps: placement.keeps(session.gateway, session.gateway_address),
+                standby: session.link.standing() == Standing::Standby,
+                confirmed: true,
+                answered: false,
+            };
+            // The common case, forwarded on its first lookup: no second one per datagram.
+            let action = on_client_datagram(found);
+            if let (ClientAction::Forward, Link::Forwarding(link)) = (action, &session.link) {
+                let address = session.gateway_address;
+                to_gateway(link, address, &self.counters, client, data, stride, batch);
                 return;
             }
-            if let Some(session) = self.sessions.remove(&client) {
-                self.ended_between_sweeps(client, &session, EvictionReason::GatewayGone);
-            }
-            tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
+            Some(found)
         } else if let Some(session) = self.probation.lookup(&client, now) {
-            if self
-                .plan
-                .placement
-                .keeps(session.gateway, session.gateway_address)
-            {
-                if !session.activity.answered() {
-                    to_gateway(session, &self.counters, client, data, stride, batch);
-                    return;
-                }
+            let found = Found {
+                keeps: placement.keeps(session.gateway, session.gateway_address),
+                standby: false,
+                confirmed: false,
+                answered: session.activity.answered(),
+            };
+            if on_client_datagram(found) == ClientAction::Forward {
+                let address = session.gateway_address;
+                to_gateway(
+                    &session.link,
+                    address,
+                    &self.counters,
+                    client,
+                    data,
+                    stride,
+                    batch,
+                );
+                return;
+            }
+            Some(found)
+        } else {
+            None
+        };
+        match found.map(on_client_datagram) {
+            Some(ClientAction::Confirm) => {
                 self.confirm(client);
-                if let Some(session) = self.sessions.peek(&client) {
-                    if let Link::Forwarding(link) = &session.link {
-                        to_gateway_by(
-                            link,
-                            session.gateway_address,
-                            &self.counters,
-                            client,
-                            data,
-                            stride,
-                            batch,
-                        );
-                    }
+                self.forward_confirmed(client, data, stride, batch);
+                return;
+            }
+            // A peer's session whose traffic comes here now: on to the gateway it had.
+            Some(ClientAction::TakeOver) => {
+                if self.take_over(client, meta.dst_ip, batch) {
+                    self.forward_confirmed(client, data, stride, batch);
                 }
                 return;
             }
-            if let Some(gone) = self.probation.remove(&client) {
-                self.left_probation(client, gone.gateway, EvictionReason::GatewayGone);
+            Some(ClientAction::Replace) => {
+                if let Some(session) = self.sessions.remove(&client) {
+                    self.ended_between_sweeps(client, &session, EvictionReason::GatewayGone);
+                } else if let Some(gone) = self.probation.remove(&client) {
+                    self.left_probation(client, gone.gateway, EvictionReason::GatewayGone);
+                }
+                tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
             }
+            Some(ClientAction::Forward) | None => {}
         }
         if self.open_session(client, meta.dst_ip, now, batch) {
             if let Some(session) = self.probation.peek(&client) {
-                to_gateway(session, &self.counters, client, data, stride, batch);
+                let address = session.gateway_address;
+                to_gateway(
+                    &session.link,
+                    address,
+                    &self.counters,
+                    client,
+                    data,
+                    stride,
+                    batch,
+                );
+            }
+        }
+    }
+
+    /// Forwards to the gateway of `client`'s confirmed session.
+    fn forward_confirmed(&self, client: SocketAddr, data: &[u8], stride: usize, batch: Batch) {
+        if let Some(session) = self.sessions.peek(&client) {
+            if let Link::Forwarding(link) = &session.link {
+                let address = session.gateway_address;
+                to_gateway(link, address, &self.counters, client, data, stride, batch);
             }
         }
     }
@@ -1038,25 +1046,6 @@ impl sync::Standbys for Relay {
 }
 
 fn to_gateway(
-    session: &Session<Forwarding>,
-    counters: &ListenerCounters,
-    client: SocketAddr,
-    data: &[u8],
-    stride: usize,
-    batch: Batch,
-) {
-    to_gateway_by(
-        &session.link,
-        session.gateway_address,
-        counters,
-        client,
-        data,
-        stride,
-        batch,
-    );
-}
-
-fn to_gateway_by(
     link: &Forwarding,
     gateway_address: SocketAddr,
     counters: &ListenerCounters,

@@ -52,9 +52,7 @@ impl Activity {
         self.last_ms.load(Ordering::Relaxed)
     }
 
-    /// The gateway sent a handshake response or data on the session: it holds keys for the
-    /// client, so the session is confirmed. (A cookie reply does not count: a gateway under load
-    /// sends one to any initiation whose mac1 is right, and anyone can compute that.)
+    /// The gateway sent a message that confirms the session (`wglb_common::session::confirms`).
     pub fn answer(&self) {
         self.answered.store(true, Ordering::Relaxed);
     }

@@ -6,5 +6,6 @@
 pub mod admission;
 pub mod checksum;
 pub mod hash;
+pub mod session;
 pub mod wireguard;
 pub mod xdp;

@@ -28,6 +28,7 @@ use aya_ebpf::programs::XdpContext;
 use wglb_common::admission::SourceBudget;
 use wglb_common::checksum::{ipv4_header, udp_after_rewrite};
 use wglb_common::hash::flow_hash;
+use wglb_common::session::{confirms, needs_admission, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify_header, MessageType};
 use wglb_common::xdp::{
     counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
@@ -370,8 +371,27 @@ fn from_client(
     };
     if let Some(session) = found {
         let session = unsafe { &mut *session };
-        if let Some(gateway) = gateway(session.gateway) {
-            if gateway.flags & GATEWAY_KEEPS != 0 {
+        let gateway = gateway(session.gateway);
+        let keeps = gateway.is_some_and(|g| g.flags & GATEWAY_KEEPS != 0);
+        // The program holds no peers' sessions (those are pins) and confirms on replies.
+        let found = Found {
+            keeps,
+            standby: false,
+            confirmed,
+            answered: false,
+        };
+        match (on_client_datagram(found), gateway) {
+            (ClientAction::Replace, _) | (_, None) => {
+                release_nat(&key, session);
+                if confirmed {
+                    let _ = SESSIONS.remove(&key);
+                } else {
+                    let _ = PROBATION.remove(&key);
+                    settle(&key);
+                }
+                evicted = true;
+            }
+            (_, Some(gateway)) => {
                 if gateway.flags & GATEWAY_READY == 0 {
                     return (PASS, XdpCounter::NextHopUnknown);
                 }
@@ -387,16 +407,6 @@ fn from_client(
                 );
             }
         }
-        // Its gateway went down, moved or was removed: place the client again, as Katran's UDP
-        // flow migration does. Its next handshake lands on the new gateway.
-        release_nat(&key, session);
-        if confirmed {
-            let _ = SESSIONS.remove(&key);
-        } else {
-            let _ = PROBATION.remove(&key);
-            settle(&key);
-        }
-        evicted = true;
     }
     let hash_port = if listener.hash_port != 0 {
         u16::from_be_bytes(headers.source.port)
@@ -436,13 +446,14 @@ fn from_client(
     }
     // A peer balancer's session was confirmed there: it skips probation. Anything else is a new
     // session that must be admitted against its source's budget first.
-    if pinned.is_none() {
+    let admitted = needs_admission(pinned.is_some());
+    if admitted {
         if let Err(refused) = admit(&key, listener, now) {
             return (DROP, refused);
         }
     }
     let Some(nat_port) = take_nat_port(&key, index, hash, row) else {
-        if pinned.is_none() {
+        if admitted {
             settle(&key);
         }
         return (DROP, XdpCounter::NatPortsExhausted);
@@ -466,14 +477,14 @@ fn from_client(
         pad2: [0; 4],
         last_seen_ns: now,
     };
-    let stored = if pinned.is_some() {
-        SESSIONS.insert(&key, &session, 0)
-    } else {
+    let stored = if admitted {
         PROBATION.insert(&key, &session, 0)
+    } else {
+        SESSIONS.insert(&key, &session, 0)
     };
     if stored.is_err() {
         release_nat(&key, &session);
-        if pinned.is_none() {
+        if admitted {
             settle(&key);
         }
         return (DROP, XdpCounter::NatPortsExhausted);
