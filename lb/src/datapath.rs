@@ -764,40 +764,28 @@ impl Relay {
                 return;
             }
             Some(found)
-        } else if let Some(session) = self.probation.lookup(&client, now) {
-            let found = Found {
+        } else {
+            self.probation.lookup(&client, now).map(|session| Found {
                 keeps: placement.keeps(session.gateway, session.gateway_address),
                 standby: false,
                 confirmed: false,
                 answered: session.activity.answered(),
-            };
-            if on_client_datagram(found) == ClientAction::Forward {
-                let address = session.gateway_address;
-                to_gateway(
-                    &session.link,
-                    address,
-                    &self.counters,
-                    client,
-                    data,
-                    stride,
-                    batch,
-                );
-                return;
-            }
-            Some(found)
-        } else {
-            None
+            })
         };
         match found.map(on_client_datagram) {
+            Some(ClientAction::Forward) => {
+                self.forward_held(client, data, stride, batch);
+                return;
+            }
             Some(ClientAction::Confirm) => {
                 self.confirm(client);
-                self.forward_confirmed(client, data, stride, batch);
+                self.forward_held(client, data, stride, batch);
                 return;
             }
             // A peer's session whose traffic comes here now: on to the gateway it had.
             Some(ClientAction::TakeOver) => {
                 if self.take_over(client, meta.dst_ip, batch) {
-                    self.forward_confirmed(client, data, stride, batch);
+                    self.forward_held(client, data, stride, batch);
                 }
                 return;
             }
@@ -809,31 +797,29 @@ impl Relay {
                 }
                 tracing::debug!(listener = %self.name, %client, "session's gateway is gone; placing it again");
             }
-            Some(ClientAction::Forward) | None => {}
+            None => {}
         }
         if self.open_session(client, meta.dst_ip, now, batch) {
-            if let Some(session) = self.probation.peek(&client) {
-                let address = session.gateway_address;
-                to_gateway(
-                    &session.link,
-                    address,
-                    &self.counters,
-                    client,
-                    data,
-                    stride,
-                    batch,
-                );
-            }
+            self.forward_held(client, data, stride, batch);
         }
     }
 
-    /// Forwards to the gateway of `client`'s confirmed session.
-    fn forward_confirmed(&self, client: SocketAddr, data: &[u8], stride: usize, batch: Batch) {
-        if let Some(session) = self.sessions.peek(&client) {
-            if let Link::Forwarding(link) = &session.link {
-                let address = session.gateway_address;
-                to_gateway(link, address, &self.counters, client, data, stride, batch);
-            }
+    /// Forwards to the gateway of the session `client` has, confirmed or not.
+    fn forward_held(&self, client: SocketAddr, data: &[u8], stride: usize, batch: Batch) {
+        let held = match self.sessions.peek(&client) {
+            Some(Session {
+                link: Link::Forwarding(link),
+                gateway_address,
+                ..
+            }) => Some((link, *gateway_address)),
+            Some(_) => None,
+            None => self
+                .probation
+                .peek(&client)
+                .map(|s| (&s.link, s.gateway_address)),
+        };
+        if let Some((link, address)) = held {
+            to_gateway(link, address, &self.counters, client, data, stride, batch);
         }
     }
 
