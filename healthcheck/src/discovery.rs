@@ -15,8 +15,10 @@ use serde::Deserialize;
 use crate::config::{Core, Gateway, Location};
 use crate::handshake::parse_key;
 
+/// A location as `GET /api/v1/network` lists it (public so the fuzz targets parse Core's JSON
+/// into the very types the sidecar does).
 #[derive(Deserialize)]
-struct Network {
+pub struct Network {
     id: i64,
     name: String,
     /// The location's WireGuard listen port, the same on every gateway.
@@ -25,8 +27,9 @@ struct Network {
     pubkey: Option<String>,
 }
 
+/// A gateway as `GET /api/v1/gateway` lists it.
 #[derive(Deserialize)]
-struct CoreGateway {
+pub struct CoreGateway {
     id: i64,
     location_id: i64,
     name: String,

@@ -104,7 +104,8 @@ async fn step(requests: &SessionRequests, peer: &Arc<str>, step: SyncStep) -> Ap
     applied.await.unwrap_or_default()
 }
 
-/// A change as the datapath takes it; None if it does not parse.
+/// A change as the datapath takes it; None if it does not parse. Public for the fuzz targets and
+/// the resync benchmark.
 pub fn parse(change: &wglb_proto::v1::SessionChange) -> Option<PeerChange> {
     let client: SocketAddr = change.client.parse().ok()?;
     let change = match session_change::Kind::try_from(change.kind).ok()? {

@@ -1,0 +1,14 @@
+//! The balancer's TOML configuration (`wglb.toml`, `wglb check-config`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Err(e) = wglb::config::Config::parse(text, "fuzz.toml") {
+        // An operator must be told what is wrong.
+        assert!(!e.to_string().is_empty());
+    }
+});
