@@ -1,6 +1,7 @@
 //! The program's per-CPU counters, read into the same metrics the userspace datapath feeds.
 
 use super::*;
+use crate::events::EventKind;
 
 impl FastPath {
     /// Adds what the program counted since the last read to the balancer's metrics.
@@ -78,6 +79,12 @@ impl FastPath {
                     .find(|r| XdpCounter::refusal(*r) == counter)
                     .expect("a refusal counter");
                 l.counters.refused(refusal).inc_by(delta);
+                // Counters are read once a second: one event per reason at most as often.
+                let event = EventKind::SessionsRefused {
+                    reason: refusal,
+                    count: delta,
+                };
+                self.events.publish(&l.name, "", event);
             }
             (SessionConfirmed, Some(l)) => l.counters.confirmed.inc_by(delta),
             (ClientPathChanged, Some(l)) => l.counters.client_path_changes.inc_by(delta),
