@@ -1,9 +1,9 @@
 //! The session table: which gateway each client source tuple is pinned to.
 //!
 //! It is bounded (least recently used sessions make room for new ones), so a flood of spoofed
-//! source tuples costs at most `capacity` entries; and it forgets sessions idle in both directions
-//! for longer than the idle timeout. What a session carries besides its gateway (`L`, the link) is
-//! up to the datapath: the userspace datapath keeps its upstream socket there.
+//! source tuples costs at most `capacity` entries; when a session ends otherwise (idle, its
+//! gateway gone) is `crate::lifecycle`'s decision. What a session carries besides its gateway
+//! (`L`, the link) is up to the datapath: the userspace datapath keeps its upstream socket there.
 //!
 //! Memory: an entry is the key (a `SocketAddr`, 32 bytes), a [`Session`] (gateway id, gateway
 //! address, created time, activity pointer and the link) and the LRU's two list pointers plus a

@@ -7,13 +7,14 @@
 //!
 //! - each listener's plan becomes its gateways' entries (an index each, kept while the gateway
 //!   keeps its id and address), its Maglev table (only changed slots are written) and its
-//!   addresses (a wildcard listener answers on every local address of its family);
-//! - every second it asks the kernel again how each gateway is reached (route and neighbour), reads
-//!   the program's counters into the balancer's metrics, and sweeps the session table: sessions
-//!   idle past the listener's timeout, and sessions of gateways that no longer keep theirs, go.
-//!   A plan that takes a gateway's sessions away sweeps at once;
+//!   addresses (a wildcard listener answers on every local address of its family) (`plans`);
+//! - every second it asks the kernel again how each gateway is reached (route and neighbour),
+//!   reads the program's counters into the balancer's metrics (`counters`), and sweeps the session
+//!   maps (`sweep`): sessions go as `crate::lifecycle` decides, peers are told, and the NAT map and
+//!   the admission budgets are held to the sessions. A plan that takes a gateway's sessions away
+//!   sweeps at once;
 //! - it answers the API's session requests for the sessions the program holds, together with the
-//!   userspace datapath's own.
+//!   userspace datapath's own (`answers`), and keeps peers' sessions as pins (`pins`).
 //!
 //! It runs on a thread of its own: map operations are system calls, and a sweep of a million
 //! sessions takes seconds that must not stall the userspace datapath.
