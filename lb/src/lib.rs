@@ -2,8 +2,10 @@
 //!
 //! Data flows one way: [`config`], the [`api`] and [`health`] reports (combined by [`quorum`])
 //! feed the [`control`] plane, which builds a [`pool::Placement`] per listener (Maglev table plus
-//! gateway states); the [`datapath`] executes its decisions against its [`session`] table and
-//! answers [`query`] requests about it. State changes go out as [`events`].
+//! gateway states); the datapaths (the userspace [`datapath`] and the [`xdp`] fast path) execute
+//! its decisions against their session tables, admit new sessions by [`admission`] budgets, take
+//! a session's life as [`lifecycle`] decides, and answer [`query`] requests about them. State
+//! changes go out as [`events`]; [`balancer`] starts and stops the whole.
 
 pub mod admission;
 pub mod api;
