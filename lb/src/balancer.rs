@@ -111,6 +111,7 @@ impl Balancer {
             events.clone(),
             observations_tx,
         );
+        let board = control.passive_board();
         let listener_plans: Vec<_> = config
             .listeners
             .iter()
@@ -135,6 +136,7 @@ impl Balancer {
             requests: Vec::new(),
             slow_paths: Vec::new(),
             syncs: Vec::new(),
+            board: board.clone(),
         };
         let mut sync_peers = Vec::new();
         let mut sync_queues = Vec::new();
@@ -164,6 +166,7 @@ impl Balancer {
                 metrics: metrics.clone(),
                 events: events.clone(),
                 sync: SyncOut::new(&listener.name, sync_queues.clone()),
+                board: board.clone(),
             };
             if fast_path.is_some() {
                 fast_links

@@ -15,6 +15,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::pool::{AdminState, AllDownPolicy, HashKey};
+use crate::passive::{PassiveConfig, PassiveRole};
 use wglb_common::xdp::MAX_LISTENERS;
 
 /// Maglev's usual table size: prime, and more than 100 slots per gateway for up to 655 gateways.
@@ -274,6 +275,8 @@ pub struct HealthCheckConfig {
     pub quorum: u32,
     /// How long a report from the API counts when the reporter gives no time to live.
     pub report_ttl: Duration,
+    /// Gateways judged by the handshakes they answer (`crate::passive`).
+    pub passive: PassiveConfig,
 }
 
 impl HealthCheckConfig {
@@ -310,6 +313,7 @@ impl Default for HealthCheckConfig {
             eviction_delay: Duration::from_secs(2),
             quorum: 1,
             report_ttl: Duration::from_secs(10),
+            passive: PassiveConfig::default(),
         }
     }
 }
@@ -437,6 +441,12 @@ struct RawHealth {
     quorum: Option<u32>,
     #[serde(default, with = "opt_duration")]
     report_ttl: Option<Duration>,
+    passive: Option<String>,
+    passive_clients: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    passive_window: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    passive_eject_for: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -932,7 +942,7 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
     let defaults = HealthCheckConfig::default();
     let health_span = raw.health.as_ref().map(|h| h.span());
     let raw_health = raw.health.map(Spanned::into_inner).unwrap_or_default();
-    let health = HealthCheckConfig {
+    let mut health = HealthCheckConfig {
         path: raw_health.path.unwrap_or(defaults.path),
         interval: raw_health.interval.unwrap_or(defaults.interval),
         timeout: raw_health.timeout.unwrap_or(defaults.timeout),
@@ -941,12 +951,41 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
         eviction_delay: raw_health.eviction_delay.unwrap_or(defaults.eviction_delay),
         quorum: raw_health.quorum.unwrap_or(defaults.quorum),
         report_ttl: raw_health.report_ttl.unwrap_or(defaults.report_ttl),
+        passive: PassiveConfig {
+            role: defaults.passive.role,
+            clients: raw_health
+                .passive_clients
+                .unwrap_or(defaults.passive.clients),
+            window: raw_health.passive_window.unwrap_or(defaults.passive.window),
+            eject_for: raw_health
+                .passive_eject_for
+                .unwrap_or(defaults.passive.eject_for),
+        },
     };
     let health_err = |field: &str, reason: &str| ConfigError {
         place: origin.place(health_span.clone(), "[health]"),
         field: field.into(),
         reason: reason.into(),
     };
+    if let Some(role) = &raw_health.passive {
+        health.passive.role = PassiveRole::parse(role)
+            .ok_or_else(|| health_err("passive", "must be \"vote\", \"watch\" or \"off\""))?;
+    }
+    if health.passive.clients == 0 {
+        return Err(health_err("passive_clients", "must be at least 1"));
+    }
+    if health.passive.window < Duration::from_secs(1) {
+        return Err(health_err(
+            "passive_window",
+            "must be at least 1s (the datapaths look once a second)",
+        ));
+    }
+    if health.passive.eject_for.is_zero() {
+        return Err(health_err(
+            "passive_eject_for",
+            "must be greater than zero",
+        ));
+    }
     if !health.path.starts_with('/') {
         return Err(health_err("path", "must start with `/`"));
     }

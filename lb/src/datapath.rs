@@ -45,7 +45,8 @@ use crate::lifecycle::{self, announce_due, fate, Evictions, Fate, Held, SessionS
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::pool::{GatewayId, Placement};
 use crate::query::SessionRequest;
-use crate::session::{now_ms, Activity, EvictionReason, Session, SessionTable};
+use crate::passive::{self, Board, Part, Waiting};
+use crate::session::{now_ms, now_ns, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
 /// Room for one GRO batch: the kernel coalesces up to 64 KiB.
@@ -407,6 +408,11 @@ impl ReplyPath {
                 if batch.confirming > 0 {
                     self.activity.answer();
                 }
+                if batch.responses + batch.cookies > 0 {
+                    if let Some(round_trip) = self.activity.handshake_answered(now_ns()) {
+                        self.gateway.handshake_rtt.observe(round_trip.as_secs_f64());
+                    }
+                }
                 match forward(
                     &self.listener,
                     self.client,
@@ -455,6 +461,7 @@ struct Relay {
     resyncs: Resyncs,
     /// When forwarding sessions were last announced again to peers (ms, [`now_ms`]).
     refreshed_at: u64,
+    board: Board,
 }
 
 impl Relay {
@@ -724,6 +731,7 @@ impl Relay {
         }
         let plan = self.plan.clone();
         self.end_sessions(&plan.placement);
+        self.post_waiting();
         let unconfirmed = self.probation.len() as i64;
         self.counters
             .unconfirmed
@@ -738,6 +746,22 @@ impl Relay {
                     .publish(&self.name, "", EventKind::SessionsRefused { reason, count });
             }
         }
+    }
+
+    /// Tells passive health which clients wait for their gateway to answer a handshake.
+    fn post_waiting(&self) {
+        let now = now_ns();
+        let mut waiting = Waiting::new();
+        let sessions = self.sessions.iter().map(|(c, s)| (c, s.gateway, &s.activity));
+        let unconfirmed = self.probation.iter().map(|(c, s)| (c, s.gateway, &s.activity));
+        for (client, gateway, activity) in sessions.chain(unconfirmed) {
+            if let (Some(waited), Some(gateway)) =
+                (activity.waiting(now), self.plan.placement.gateway(gateway))
+            {
+                passive::note(&mut waiting, &gateway.name, client.ip(), waited);
+            }
+        }
+        self.board.post(&self.name, Part::Userspace, waiting);
     }
 
     fn handle_client_datagram(&mut self, meta: &RecvMeta, data: &[u8]) {
@@ -759,6 +783,7 @@ impl Relay {
             // The common case, forwarded on its first lookup: no second one per datagram.
             let action = on_client_datagram(found);
             if let (ClientAction::Forward, Link::Forwarding(link)) = (action, &session.link) {
+                note_initiations(&session.activity, batch);
                 let address = session.gateway_address;
                 to_gateway(link, address, &self.counters, client, data, stride, batch);
                 return;
@@ -810,15 +835,17 @@ impl Relay {
             Some(Session {
                 link: Link::Forwarding(link),
                 gateway_address,
+                activity,
                 ..
-            }) => Some((link, *gateway_address)),
+            }) => Some((link, *gateway_address, activity)),
             Some(_) => None,
             None => self
                 .probation
                 .peek(&client)
-                .map(|s| (&s.link, s.gateway_address)),
+                .map(|s| (&s.link, s.gateway_address, &s.activity)),
         };
-        if let Some((link, address)) = held {
+        if let Some((link, address, activity)) = held {
+            note_initiations(activity, batch);
             to_gateway(link, address, &self.counters, client, data, stride, batch);
         }
     }
@@ -1031,6 +1058,13 @@ impl sync::Standbys for Relay {
     }
 }
 
+/// Passive health's raw material: the session's client asked for a handshake.
+fn note_initiations(activity: &Activity, batch: Batch) {
+    if batch.initiations > 0 {
+        activity.initiated(now_ns());
+    }
+}
+
 fn to_gateway(
     link: &Forwarding,
     gateway_address: SocketAddr,
@@ -1056,6 +1090,8 @@ pub struct ListenerLinks {
     pub metrics: Metrics,
     pub events: EventBus,
     pub sync: SyncOut,
+    /// The control plane's board for passive health.
+    pub board: Board,
 }
 
 /// Runs one listener until its socket fails. The socket is bound by the caller so that a bad
@@ -1072,6 +1108,7 @@ pub async fn run_listener(
         metrics,
         events,
         sync,
+        board,
     } = links;
     let plan = plans.borrow_and_update().clone();
     let mut relay = Relay {
@@ -1093,6 +1130,7 @@ pub async fn run_listener(
         sync,
         resyncs: Resyncs::default(),
         refreshed_at: now_ms(),
+        board,
     };
     relay.apply(plan);
     let mut buffers = RecvBuffers::new();

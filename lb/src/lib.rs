@@ -19,6 +19,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod maglev;
 pub mod metrics;
+pub mod passive;
 pub mod pool;
 pub mod query;
 pub mod quorum;

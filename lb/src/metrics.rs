@@ -4,9 +4,11 @@
 //! per packet.
 
 use prometheus::{
-    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 use wglb_common::admission::Refusal;
+use wglb_common::handshake::RTT_BOUNDS_US;
 use wglb_common::wireguard::{Junk, MessageType};
 
 use crate::pool::{AdminState, GatewayView, Health};
@@ -45,6 +47,9 @@ pub struct Metrics {
     confirmed: IntCounterVec,
     nat_drift: IntCounterVec,
     client_path_changes: IntCounterVec,
+    handshake_rtt: HistogramVec,
+    passive_waiting: IntGaugeVec,
+    passive_ejections: IntCounterVec,
 }
 
 /// What the fast path's sweep (or the program itself) found wrong between the XDP program's
@@ -193,6 +198,18 @@ impl Metrics {
             confirmed: counter(r, "wglb_sessions_confirmed_total", "Sessions confirmed: their gateway answered (a handshake response or data), so they left probation.", &["listener"]),
             nat_drift: counter(r, "wglb_xdp_nat_drift_total", "Inconsistencies between the XDP program's session and NAT maps found and put right, by kind.", &["kind"]),
             client_path_changes: counter(r, "wglb_xdp_client_path_changes_total", "Sessions whose client came by another MAC, interface or listener address than before; replies follow it.", &["listener"]),
+            handshake_rtt: {
+                // The program's buckets (`wglb_common::handshake`): the XDP datapath counts
+                // round trips per bucket and adds each at its bucket's bound, so under XDP the
+                // counts are exact and the sum is an upper bound.
+                let buckets = RTT_BOUNDS_US.iter().map(|us| *us as f64 / 1e6).collect();
+                let opts = HistogramOpts::new("wglb_handshake_rtt_seconds", "From a client's latest handshake initiation to its gateway's response or cookie reply, as the balancer sees them (under XDP the sum is counted at bucket bounds).").buckets(buckets);
+                let vec = HistogramVec::new(opts, &["listener", "gateway"]).expect("valid metric");
+                r.register(Box::new(vec.clone())).expect("unique metric");
+                vec
+            },
+            passive_waiting: gauge(r, "wglb_passive_waiting_clients", "Client addresses whose handshake initiations the gateway has left unanswered for at least the passive health window.", &["listener", "gateway"]),
+            passive_ejections: counter(r, "wglb_passive_ejections_total", "Times passive health found the gateway answering no one's handshakes and reported it down.", &["listener", "gateway"]),
             registry,
         }
     }
@@ -289,7 +306,16 @@ impl Metrics {
             sessions_created: self
                 .sessions_created
                 .with_label_values(&[listener, gateway]),
+            handshake_rtt: self.handshake_rtt.with_label_values(&[listener, gateway]),
         }
+    }
+
+    pub fn passive_waiting(&self, listener: &str, gateway: &str) -> IntGauge {
+        self.passive_waiting.with_label_values(&[listener, gateway])
+    }
+
+    pub fn passive_ejections(&self, listener: &str, gateway: &str) -> IntCounter {
+        self.passive_ejections.with_label_values(&[listener, gateway])
     }
 
     /// Mirrors a gateway's health and configured state.
@@ -466,6 +492,7 @@ pub struct GatewayCounters {
     pub cookies: IntCounter,
     pub sessions: IntGauge,
     pub sessions_created: IntCounter,
+    pub handshake_rtt: Histogram,
 }
 
 /// Serves `GET /metrics` in Prometheus' text format, and `GET /ready`, on a bound socket.

@@ -13,10 +13,11 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
+use wglb_common::handshake::HandshakeWait;
 
 use crate::pool::GatewayId;
 
@@ -29,10 +30,16 @@ pub fn probation_idle(idle_timeout: Duration) -> Duration {
     idle_timeout.min(Duration::from_secs(30))
 }
 
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
 /// Milliseconds on a process-wide monotonic clock: cheap to store in an atomic.
 pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Nanoseconds on the same clock, never 0 (which [`HandshakeWait`] reads as "not set").
+pub fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
 /// Last time a packet of a session went either way, and whether its gateway has answered on it;
@@ -41,6 +48,8 @@ pub fn now_ms() -> u64 {
 pub struct Activity {
     last_ms: AtomicU64,
     answered: AtomicBool,
+    /// Touched only by handshake messages, a few per session every two minutes.
+    handshake: Mutex<HandshakeWait>,
 }
 
 impl Activity {
@@ -59,6 +68,26 @@ impl Activity {
 
     pub fn answered(&self) -> bool {
         self.answered.load(Ordering::Relaxed)
+    }
+
+    /// The client sent a handshake initiation.
+    pub fn initiated(&self, now_ns: u64) {
+        self.handshake().initiate(now_ns);
+    }
+
+    /// The gateway sent a handshake response or cookie reply: the round trip, if one was asked.
+    pub fn handshake_answered(&self, now_ns: u64) -> Option<Duration> {
+        self.handshake().answer(now_ns).map(Duration::from_nanos)
+    }
+
+    /// How long the client has waited for its gateway to answer an initiation, if it is waiting.
+    pub fn waiting(&self, now_ns: u64) -> Option<Duration> {
+        self.handshake().waiting(now_ns).map(Duration::from_nanos)
+    }
+
+    fn handshake(&self) -> std::sync::MutexGuard<'_, HandshakeWait> {
+        // Plain data: a panic elsewhere cannot leave it half-written.
+        self.handshake.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod checksum;
+pub mod handshake;
 pub mod hash;
 pub mod session;
 pub mod wireguard;

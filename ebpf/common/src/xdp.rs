@@ -2,6 +2,7 @@
 //! padding so the kernel, the program and userspace agree on every byte.
 
 use crate::admission::{AdmissionLimits, Refusal};
+use crate::handshake::{HandshakeWait, RTT_BUCKETS};
 use crate::wireguard::Junk;
 
 /// An address and port as the program matches them: IPv4 as an IPv4-mapped IPv6 address, the
@@ -93,6 +94,8 @@ pub struct Session {
     /// Last packet either way, to the second (bpf_ktime_get_coarse_ns, CLOCK_MONOTONIC_COARSE),
     /// for idle expiry by userspace.
     pub last_seen_ns: u64,
+    /// The client's latest initiation and whether it waits for an answer, for passive health.
+    pub handshake: HandshakeWait,
 }
 
 /// A gateway as the program forwards to it.
@@ -130,6 +133,8 @@ pub struct GatewayTraffic {
     pub responses: u64,
     pub cookies: u64,
     pub sessions_created: u64,
+    /// Handshake round trips by [`crate::handshake::rtt_bucket`].
+    pub rtt_buckets: [u64; RTT_BUCKETS],
 }
 
 /// A NAT entry's key: a gateway and the source port its datagrams leave from.

@@ -21,12 +21,13 @@
 use core::mem::size_of;
 
 use aya_ebpf::bindings::{xdp_action, BPF_EXIST, BPF_F_NO_PREALLOC, BPF_NOEXIST};
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_redirect};
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use wglb_common::admission::SourceBudget;
 use wglb_common::checksum::{ipv4_header, udp_after_rewrite};
+use wglb_common::handshake::{rtt_bucket, HandshakeWait};
 use wglb_common::hash::flow_hash;
 use wglb_common::session::{confirms, needs_admission, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify_header, MessageType};
@@ -397,6 +398,9 @@ fn from_client(
                 }
                 touch(session, now);
                 follow(ctx, headers, session, row);
+                if kind == MessageType::HandshakeInitiation {
+                    session.handshake.initiate(unsafe { bpf_ktime_get_ns() });
+                }
                 return to_gateway(
                     ctx,
                     headers,
@@ -466,6 +470,10 @@ fn from_client(
     client_mac.copy_from_slice(&eth[6..12]);
     let mut local_mac = [0u8; 6];
     local_mac.copy_from_slice(&eth[0..6]);
+    let mut handshake = HandshakeWait::default();
+    if kind == MessageType::HandshakeInitiation {
+        handshake.initiate(unsafe { bpf_ktime_get_ns() });
+    }
     let session = Session {
         gateway: index,
         nat_port,
@@ -476,6 +484,7 @@ fn from_client(
         listener: headers.destination,
         pad2: [0; 4],
         last_seen_ns: now,
+        handshake,
     };
     let stored = if admitted {
         PROBATION.insert(&key, &session, 0)
@@ -577,6 +586,12 @@ fn from_gateway(
         return (DROP, XdpCounter::StaleNat);
     }
     touch(session, unsafe { bpf_ktime_get_coarse_ns() });
+    let round_trip = match kind {
+        MessageType::HandshakeResponse | MessageType::CookieReply => {
+            session.handshake.answer(unsafe { bpf_ktime_get_ns() })
+        }
+        _ => None,
+    };
     let to = Rewrite {
         source: session.listener,
         destination: flow.client,
@@ -587,12 +602,7 @@ fn from_gateway(
     // A handshake response or data from the gateway confirms the session: the gateway holds
     // keys for this client. A cookie reply does not: gateways under load send one to any
     // initiation with a valid mac1, which anyone who knows the public key can compute.
-    if !confirmed
-        && matches!(
-            kind,
-            MessageType::HandshakeResponse | MessageType::TransportData
-        )
-    {
+    if !confirmed && confirms(kind) {
         let copy = *session;
         if SESSIONS.insert(flow, &copy, BPF_NOEXIST as u64).is_ok() {
             let _ = PROBATION.remove(flow);
@@ -611,6 +621,11 @@ fn from_gateway(
                 MessageType::HandshakeResponse => traffic.responses += 1,
                 MessageType::CookieReply => traffic.cookies += 1,
                 _ => {}
+            }
+            if let Some(ns) = round_trip {
+                if let Some(bucket) = traffic.rtt_buckets.get_mut(rtt_bucket(ns)) {
+                    *bucket += 1;
+                }
             }
         }
     }

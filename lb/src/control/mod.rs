@@ -14,6 +14,7 @@
 mod checkers;
 mod edits;
 mod health;
+mod passive;
 mod reload;
 mod status;
 #[cfg(test)]
@@ -30,6 +31,7 @@ use crate::config::{AdmissionConfig, Config, GatewayConfig, ListenerConfig};
 use crate::events::{EventBus, EventKind};
 use crate::health::Observation;
 use crate::metrics::Metrics;
+use crate::passive::{Board, Judge};
 use crate::pool::{AdminState, GatewayId, GatewayView, Health, Placement};
 
 use checkers::Checker;
@@ -114,6 +116,9 @@ pub struct ControlPlane {
     plans: HashMap<String, watch::Sender<Arc<ListenerPlan>>>,
     checkers: HashMap<(String, String), Checker>,
     observations: mpsc::Sender<Observation>,
+    /// What the datapaths post for passive health, and its judge per (listener, gateway).
+    board: Board,
+    judges: HashMap<(String, String), Judge>,
 }
 
 /// Receivers of each listener's plans, by listener name.
@@ -137,6 +142,8 @@ impl ControlPlane {
             plans: HashMap::new(),
             checkers: HashMap::new(),
             observations,
+            board: Board::default(),
+            judges: HashMap::new(),
         };
         let mut receivers = HashMap::new();
         for listener in control.config.listeners.clone() {
@@ -152,6 +159,11 @@ impl ControlPlane {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Where the datapaths post what passive health needs.
+    pub fn passive_board(&self) -> Board {
+        self.board.clone()
     }
 
     /// Rebuilds and publishes one listener's plan.
@@ -233,6 +245,8 @@ impl ControlPlane {
     ) {
         self.sync_checkers();
         let mut next_settle: Option<Instant> = None;
+        let mut looks = tokio::time::interval(Duration::from_secs(1));
+        looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let settle_timer = async {
                 match next_settle {
@@ -247,6 +261,7 @@ impl ControlPlane {
                     }
                 }
                 _ = settle_timer => {}
+                _ = looks.tick() => self.look_passively(Instant::now()),
                 request = requests.recv() => match request {
                     Some(request) => self.handle(request),
                     None => break,

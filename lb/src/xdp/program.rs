@@ -355,6 +355,7 @@ impl XdpProgram {
                 responses: sum.responses + cpu.responses,
                 cookies: sum.cookies + cpu.cookies,
                 sessions_created: sum.sessions_created + cpu.sessions_created,
+                rtt_buckets: std::array::from_fn(|i| sum.rtt_buckets[i] + cpu.rtt_buckets[i]),
             }))
     }
 

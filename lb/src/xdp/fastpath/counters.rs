@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::events::EventKind;
+use wglb_common::handshake::{RTT_BOUNDS_US, RTT_BUCKETS};
 
 impl FastPath {
     /// Adds what the program counted since the last read to the balancer's metrics.
@@ -40,6 +41,14 @@ impl FastPath {
             c.cookies.inc_by(now.cookies.saturating_sub(before.cookies));
             c.sessions_created
                 .inc_by(now.sessions_created.saturating_sub(before.sessions_created));
+            for bucket in 0..RTT_BUCKETS {
+                // The last bucket has no bound: its round trips count past the last one.
+                let bound_us = RTT_BOUNDS_US.get(bucket).copied().unwrap_or(u64::MAX);
+                let at = (bound_us as f64 / 1e6).min(2.0 * RTT_BOUNDS_US[RTT_BUCKETS - 2] as f64 / 1e6);
+                for _ in 0..now.rtt_buckets[bucket].saturating_sub(before.rtt_buckets[bucket]) {
+                    c.handshake_rtt.observe(at);
+                }
+            }
         }
         Ok(())
     }

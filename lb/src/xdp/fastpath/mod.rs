@@ -45,6 +45,7 @@ use crate::config::{Config, DatapathConfig, XdpMode};
 use crate::control::ListenerPlan;
 use crate::events::EventBus;
 use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, Metrics, NatDrift};
+use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, HashKey};
 use crate::query::{self, SessionRequest};
 use crate::session::EvictionReason;
@@ -64,6 +65,8 @@ pub struct FastPathLinks {
     pub slow_paths: Vec<mpsc::Sender<SessionRequest>>,
     /// Where the program's sessions are announced to peer balancers.
     pub syncs: Vec<SyncOut>,
+    /// The control plane's board for passive health.
+    pub board: Board,
 }
 
 /// The loaded, attached program and the state that keeps its maps in step.
@@ -85,6 +88,8 @@ pub struct FastPath {
     /// Confirmed sessions told to peer balancers, and the gateway they were told of: kept here,
     /// not in the program's map, so that marking one never writes a stale copy back.
     announced: HashMap<FlowKey, u32>,
+    /// Where the sweep posts handshakes left waiting, for passive health.
+    board: Board,
 }
 
 struct Listener {
@@ -218,6 +223,7 @@ impl FastPath {
             last_sweep: Duration::ZERO,
             swept_at: Instant::now(),
             announced: HashMap::new(),
+            board: Board::default(),
         };
         for index in 0..fast.listeners.len() {
             let plan = fast.listeners[index].plan.clone();
@@ -287,6 +293,7 @@ impl FastPath {
         for (listener, sync) in self.listeners.iter_mut().zip(links.syncs) {
             listener.sync = sync;
         }
+        self.board = links.board;
         runtime.block_on(async move {
             // Many sources, one loop: small tasks forward each into one channel.
             let (changed_tx, mut changed) = mpsc::channel(64);
@@ -383,8 +390,16 @@ fn address_of(endpoint: Endpoint) -> SocketAddr {
 
 /// CLOCK_MONOTONIC_COARSE, the clock of the program's `bpf_ktime_get_coarse_ns`.
 fn coarse_now_ns() -> u64 {
-    use nix::time::{clock_gettime, ClockId};
-    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE)
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+}
+
+/// The program's `bpf_ktime_get_ns` clock, which times handshakes.
+fn monotonic_now_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
 }

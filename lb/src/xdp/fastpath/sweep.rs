@@ -27,6 +27,8 @@ impl FastPath {
             }
         };
         let now = coarse_now_ns();
+        let handshake_now = monotonic_now_ns();
+        let mut waiting: Vec<Waiting> = self.listeners.iter().map(|_| Waiting::new()).collect();
         let mut counts: HashMap<u32, i64> = HashMap::new();
         let mut ended: Vec<Evictions> = self
             .listeners
@@ -72,6 +74,10 @@ impl FastPath {
             ) {
                 (Fate::Keep, Some(slot)) => {
                     *counts.entry(session.gateway).or_default() += 1;
+                    if let Some(waited) = session.handshake.waiting(handshake_now) {
+                        let waited = Duration::from_nanos(waited);
+                        passive::note(&mut waiting[index], &slot.name, client.ip(), waited);
+                    }
                     live.insert(*key, (table, *session));
                     if standing == Standing::Unconfirmed {
                         unconfirmed_per_listener[index] += 1;
@@ -131,8 +137,9 @@ impl FastPath {
         self.put_nat_right(&nat, &live);
         self.recount_sources(&unconfirmed_per_source);
         self.expire_pins(&live, now);
-        for (listener, ended) in self.listeners.iter().zip(ended) {
+        for ((listener, ended), waiting) in self.listeners.iter().zip(ended).zip(waiting) {
             ended.publish(&listener.name, &listener.counters, &self.events);
+            self.board.post(&listener.name, Part::Xdp, waiting);
         }
         for (slot_index, slot) in self.gateways.iter_mut() {
             let count = counts.get(slot_index).copied().unwrap_or(0);
