@@ -338,10 +338,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
         assert_eq!(core::mem::size_of::<ListenerInfo>(), 32);
         assert_eq!(core::mem::size_of::<FlowKey>(), 24);
-        assert_eq!(core::mem::size_of::<Session>(), 56);
+        assert_eq!(core::mem::size_of::<Session>(), 72);
         assert_eq!(core::mem::size_of::<Gateway>(), 56);
         assert_eq!(core::mem::size_of::<NatKey>(), 8);
-        assert_eq!(core::mem::size_of::<GatewayTraffic>(), 64);
+        assert_eq!(core::mem::size_of::<GatewayTraffic>(), 216);
         assert_eq!(core::mem::size_of::<crate::admission::SourceBudget>(), 24);
         assert_eq!(
             counter_slot(
