@@ -85,6 +85,8 @@ pub fn terminate(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
     let pid = Pid::from_raw(i32::try_from(child.id()).map_err(io::Error::other)?);
     // The child may exit between try_wait and kill; waiting below copes with that.
     let _ = kill(pid, Signal::SIGTERM);
+    // A stopped (frozen) process acts on SIGTERM only once it runs again.
+    let _ = kill(pid, Signal::SIGCONT);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {

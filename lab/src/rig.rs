@@ -109,10 +109,19 @@ struct Client {
 struct Gateway {
     health_server: Option<HealthServer>,
     wg: Option<WgProcess>,
+    /// Its wireguard-go is stopped by SIGSTOP: its control socket would hang `wg show`.
+    frozen: bool,
     ns: Netns,
     ifname: String,
     outer: IpAddr,
     health: Arc<SharedHealth>,
+}
+
+impl Gateway {
+    /// Its wireguard-go runs and answers (`wg` can ask it).
+    fn answering(&self) -> bool {
+        self.wg.is_some() && !self.frozen
+    }
 }
 
 impl Rig {
@@ -239,6 +248,7 @@ impl Rig {
         Ok(Gateway {
             health_server: Some(server),
             wg: Some(wg),
+            frozen: false,
             ns,
             ifname,
             outer,
@@ -489,6 +499,31 @@ impl Rig {
         Ok(())
     }
 
+    /// Freezes gateway j's wireguard-go (SIGSTOP): it answers nothing while its `/health` goes on
+    /// answering 200.
+    pub fn freeze_gateway_wireguard(&mut self, j: usize) -> Result<()> {
+        let gateway = &mut self.gateways[j];
+        gateway
+            .wg
+            .as_ref()
+            .with_context(|| format!("gateway {j}'s wireguard-go is not running"))?
+            .freeze()?;
+        gateway.frozen = true;
+        Ok(())
+    }
+
+    /// Removes client i's peer from every running gateway, as Defguard does for a revoked device
+    /// or an expired MFA session.
+    pub fn revoke_client(&self, i: usize) -> Result<()> {
+        let key = self.clients[i].public.clone();
+        for j in 0..self.gateways.len() {
+            if self.gateways[j].answering() {
+                self.remove_gateway_peer(j, &key)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The key every gateway answers handshakes with.
     pub fn gateway_public_key(&self) -> &str {
         &self.gateway_public
@@ -497,7 +532,7 @@ impl Rig {
     /// Adds a peer (e.g. a health probe's) to every running gateway, with a tunnel address of
     /// its own outside the clients' range.
     pub fn add_gateway_peer(&self, public_key: &str) -> Result<()> {
-        for gateway in self.gateways.iter().filter(|g| g.wg.is_some()) {
+        for gateway in self.gateways.iter().filter(|g| g.answering()) {
             cmd::run(gateway.ns.command("wg").args([
                 "set",
                 &gateway.ifname,
@@ -544,7 +579,7 @@ impl Rig {
 
     pub fn gateway_handshake_with(&self, j: usize, client: usize) -> Result<Option<u64>> {
         let gateway = &self.gateways[j];
-        ensure!(gateway.wg.is_some(), "gateway {j} is stopped");
+        ensure!(gateway.answering(), "gateway {j} is stopped or frozen");
         let peer = &self.clients[client].public;
         let values = wg::show_peer(&gateway.ns, &gateway.ifname, "latest-handshakes", peer)?;
         Ok(handshake_time(&values))
@@ -553,7 +588,7 @@ impl Rig {
     /// Bytes gateway j has received from the client's peer, whichever path they took.
     pub fn gateway_rx_bytes_from(&self, j: usize, client: usize) -> Result<u64> {
         let gateway = &self.gateways[j];
-        ensure!(gateway.wg.is_some(), "gateway {j} is stopped");
+        ensure!(gateway.answering(), "gateway {j} is stopped or frozen");
         let peer = &self.clients[client].public;
         let values = wg::show_peer(&gateway.ns, &gateway.ifname, "transfer", peer)?;
         values
@@ -566,7 +601,7 @@ impl Rig {
     /// relays the client's session from.
     pub fn gateway_endpoint_of(&self, j: usize, client: usize) -> Result<Option<SocketAddr>> {
         let gateway = &self.gateways[j];
-        ensure!(gateway.wg.is_some(), "gateway {j} is stopped");
+        ensure!(gateway.answering(), "gateway {j} is stopped or frozen");
         wg::peer_endpoint(&gateway.ns, &gateway.ifname, &self.clients[client].public)
     }
 
@@ -575,7 +610,7 @@ impl Rig {
     pub fn gateway_serving(&self, client: usize) -> Result<Option<usize>> {
         let mut serving: Option<(usize, u64)> = None;
         for (j, gateway) in self.gateways.iter().enumerate() {
-            if gateway.wg.is_none() {
+            if !gateway.answering() {
                 continue;
             }
             if let Some(at) = self.gateway_handshake_with(j, client)? {

@@ -103,6 +103,15 @@ impl WgProcess {
         Ok(process)
     }
 
+    /// SIGSTOP: wireguard-go keeps its socket and interface but answers nothing, as a hung
+    /// gateway does (no ICMP error either). Stopping or dropping it later still works.
+    pub(crate) fn freeze(&self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)
+            .with_context(|| format!("freezing wireguard-go {pid}"))?;
+        Ok(())
+    }
+
     /// Stops wireguard-go, reporting what dropping would only log.
     pub(crate) fn stop(mut self) -> Result<()> {
         cmd::terminate(&mut self.child, STOP_GRACE)

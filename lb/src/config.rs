@@ -14,8 +14,8 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::pool::{AdminState, AllDownPolicy, HashKey};
 use crate::passive::{PassiveConfig, PassiveRole};
+use crate::pool::{AdminState, AllDownPolicy, HashKey};
 use wglb_common::xdp::MAX_LISTENERS;
 
 /// Maglev's usual table size: prime, and more than 100 slots per gateway for up to 655 gateways.
@@ -981,10 +981,7 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
         ));
     }
     if health.passive.eject_for.is_zero() {
-        return Err(health_err(
-            "passive_eject_for",
-            "must be greater than zero",
-        ));
+        return Err(health_err("passive_eject_for", "must be greater than zero"));
     }
     if !health.path.starts_with('/') {
         return Err(health_err("path", "must start with `/`"));
@@ -1558,6 +1555,23 @@ address = "[fd00::2]:51820"
             msg.contains("line 2 ([health])") && msg.contains("eviction_delay"),
             "{msg}"
         );
+        for (line, field) in [
+            ("passive = \"maybe\"", "passive"),
+            ("passive_clients = 0", "passive_clients"),
+            ("passive_window = \"500ms\"", "passive_window"),
+        ] {
+            let msg = refused(&GOOD.replace("fall = 2", line));
+            assert!(
+                msg.contains("line 2 ([health])") && msg.contains(field),
+                "{msg}"
+            );
+        }
+        let watching = Config::parse(
+            &GOOD.replace("fall = 2", "passive = \"watch\""),
+            "wglb.toml",
+        )
+        .expect("valid");
+        assert_eq!(watching.health.passive.role, PassiveRole::Watch);
 
         let msg = refused(&format!("[datapath]\nnat_ports = \"40000-30000\"\n{GOOD}"));
         assert!(

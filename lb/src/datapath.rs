@@ -43,9 +43,9 @@ use crate::control::ListenerPlan;
 use crate::events::{EventBus, EventKind};
 use crate::lifecycle::{self, announce_due, fate, Evictions, Fate, Held, SessionStore, Standing};
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
+use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, Placement};
 use crate::query::SessionRequest;
-use crate::passive::{self, Board, Part, Waiting};
 use crate::session::{now_ms, now_ns, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
@@ -752,8 +752,14 @@ impl Relay {
     fn post_waiting(&self) {
         let now = now_ns();
         let mut waiting = Waiting::new();
-        let sessions = self.sessions.iter().map(|(c, s)| (c, s.gateway, &s.activity));
-        let unconfirmed = self.probation.iter().map(|(c, s)| (c, s.gateway, &s.activity));
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|(c, s)| (c, s.gateway, &s.activity));
+        let unconfirmed = self
+            .probation
+            .iter()
+            .map(|(c, s)| (c, s.gateway, &s.activity));
         for (client, gateway, activity) in sessions.chain(unconfirmed) {
             if let (Some(waited), Some(gateway)) =
                 (activity.waiting(now), self.plan.placement.gateway(gateway))

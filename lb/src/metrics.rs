@@ -315,7 +315,8 @@ impl Metrics {
     }
 
     pub fn passive_ejections(&self, listener: &str, gateway: &str) -> IntCounter {
-        self.passive_ejections.with_label_values(&[listener, gateway])
+        self.passive_ejections
+            .with_label_values(&[listener, gateway])
     }
 
     /// Mirrors a gateway's health and configured state.

@@ -162,7 +162,10 @@ pub struct Evidence {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Said {
     Nothing,
-    Down { detail: String, for_: Duration },
+    Down {
+        detail: String,
+        for_: Duration,
+    },
     /// Its report down ran out: it may take sessions again.
     Released,
 }

@@ -829,6 +829,94 @@ fn a_flood_of_new_sessions_pushes_out_no_idle_client(datapath: Datapath) -> Resu
     Ok(())
 }
 
+/// Passive health, with no sidecar and `/health` answering 200 throughout: a client revoked on
+/// every gateway retries its handshakes into one of them for as long as the test runs and takes
+/// no gateway down; then a gateway's wireguard-go hangs (SIGSTOP), its clients' handshakes go
+/// unanswered, passive health reports it down, and its clients land on other gateways at their
+/// next attempt, while every other client stays where it was.
+fn a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health(
+    datapath: Datapath,
+) -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = rig(Family::V4, 3, &config, &wanted)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..wanted.len())?;
+    let ejections = |rig: &Rig, j: usize| -> Result<f64> {
+        balancer.metric_or_zero(
+            rig,
+            &format!(r#"wglb_passive_ejections_total{{gateway="gw{j}",listener="test"}}"#),
+        )
+    };
+
+    // Client 5 (on gw2) is revoked: its data goes unanswered, and 15 s later its initiations.
+    let revoked = 5;
+    rig.revoke_client(revoked)?;
+    let waiting = r#"wglb_passive_waiting_clients{gateway="gw2",listener="test"}"#;
+    balancer.wait_metric(&rig, waiting, Duration::from_secs(40), |v| v >= 1.0)?;
+    // Two more looks after the window: time enough for a wrong verdict.
+    std::thread::sleep(Duration::from_secs(3));
+    balancer.wait_metric(&rig, waiting, Duration::from_secs(5), |v| v >= 1.0)?;
+    for j in 0..3 {
+        ensure!(
+            ejections(&rig, j)? == 0.0,
+            "a revoked client took gw{j} down"
+        );
+    }
+
+    let stayers = [0, 2, 3];
+    let handshakes = settled_handshakes(&rig, &stayers)?;
+    rig.freeze_gateway_wireguard(1)?;
+    // Replies gw1 sent just before it froze may still arrive for a moment.
+    let frozen = SystemTime::now() + Duration::from_millis(300);
+    for moved in [1, 4] {
+        let back = first_reply(&pingers[moved], frozen, Duration::from_secs(60))?;
+        let now_on = rig.gateway_serving(moved)?;
+        eprintln!("client {moved} answered again {back:?} after gw1 froze, on gw{now_on:?}");
+        ensure!(
+            now_on.is_some_and(|j| j != 1),
+            "client {moved} is on gw{now_on:?}"
+        );
+    }
+    ensure!(
+        ejections(&rig, 1)? >= 1.0,
+        "gw1 was not ejected by passive health"
+    );
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_health_report_up{gateway="gw1",listener="test",source="passive"}"#
+        )? == 0.0
+    );
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_health_report_up{gateway="gw1",listener="test",source="builtin-http"}"#
+        )? == 1.0,
+        "gw1's /health should still say 200"
+    );
+    for j in [0, 2] {
+        ensure!(ejections(&rig, j)? == 0.0, "gw{j} was ejected too");
+    }
+    for (k, &i) in stayers.iter().enumerate() {
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[k],
+            "client {i} handshook again"
+        );
+        ensure!(
+            rig.gateway_serving(i)? == Some(wanted[i]),
+            "client {i} moved"
+        );
+    }
+    // Its round trips were measured on the way: every client's first handshake at least.
+    let rtt = r#"wglb_handshake_rtt_seconds_count{gateway="gw0",listener="test"}"#;
+    ensure!(
+        balancer.metric(&rig, rtt)? >= 2.0,
+        "no handshake round trips for gw0"
+    );
+    Ok(())
+}
+
 fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let path = rig.temp_dir().join(name);
     std::fs::write(&path, text)?;
@@ -836,6 +924,7 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
 }
 
 on_every_datapath!(
+    a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health,
     a_flood_of_new_sessions_pushes_out_no_idle_client,
     handshakes_and_pings_spread_over_gateways,
     a_dead_gateways_clients_move_and_the_others_do_not_notice,

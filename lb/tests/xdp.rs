@@ -6,6 +6,7 @@
 //! namespace tests; fails without it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use etherparse::{
@@ -17,6 +18,7 @@ use wglb::control::initial_placement;
 use wglb::pool::Placement;
 use wglb::xdp::{Limits, Table, XdpProgram, XDP_DROP, XDP_PASS, XDP_TX};
 use wglb_common::admission::AdmissionLimits;
+use wglb_common::handshake::HandshakeWait;
 use wglb_common::wireguard::classify;
 use wglb_common::xdp::{FlowKey, Gateway, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY};
 use wglb_lab::require_root;
@@ -762,6 +764,59 @@ fn a_session_is_confirmed_by_its_gateways_answer_and_not_by_a_cookie() -> Result
     )?;
     ensure!(matches!(lab.session(other), Some((Table::Confirmed, _))));
     ensure!(to_gateway(&lab, other, listener_v4(), &message(4, 48))? == (j, nat));
+    Ok(())
+}
+
+/// Passive health's raw material, kept by the program: an initiation starts a wait that a retry
+/// does not restart, a response or cookie reply ends it and counts its round trip in the
+/// gateway's histogram buckets; data ends nothing.
+#[test]
+fn the_program_times_handshakes_and_keeps_unanswered_waits() -> Result<()> {
+    let lab = Lab::new()?;
+    let client = client_v4(47_500);
+    let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148))?;
+    let waiting = |lab: &Lab| -> Result<HandshakeWait> {
+        Ok(lab.session(client).context("the session")?.1.handshake)
+    };
+    let first = waiting(&lab)?;
+    ensure!(first.waiting_since_ns != 0 && first.initiated_ns == first.waiting_since_ns);
+    std::thread::sleep(Duration::from_millis(5));
+    ensure!(to_gateway(&lab, client, listener_v4(), &message(1, 148))? == (j, nat));
+    let retried = waiting(&lab)?;
+    ensure!(
+        retried.waiting_since_ns == first.waiting_since_ns
+            && retried.initiated_ns > first.initiated_ns,
+        "a retry restarted the wait: {first:?} -> {retried:?}"
+    );
+    let rtt_counted =
+        |lab: &Lab| -> Result<u64> { Ok(lab.program.traffic(j)?.rtt_buckets.iter().sum()) };
+    let before = rtt_counted(&lab)?;
+    lab.expect(
+        &Lab::reply(j, nat, &message(4, 48)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(
+        waiting(&lab)?.waiting_since_ns != 0,
+        "data answered an initiation"
+    );
+    lab.expect(
+        &Lab::reply(j, nat, &message(3, 64)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(
+        waiting(&lab)?.waiting_since_ns == 0,
+        "a cookie reply is an answer"
+    );
+    ensure!(rtt_counted(&lab)? == before + 1);
+    // A response with nothing asked times nothing.
+    lab.expect(
+        &Lab::reply(j, nat, &message(2, 92)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(rtt_counted(&lab)? == before + 1);
     Ok(())
 }
 

@@ -44,7 +44,8 @@ impl FastPath {
             for bucket in 0..RTT_BUCKETS {
                 // The last bucket has no bound: its round trips count past the last one.
                 let bound_us = RTT_BOUNDS_US.get(bucket).copied().unwrap_or(u64::MAX);
-                let at = (bound_us as f64 / 1e6).min(2.0 * RTT_BOUNDS_US[RTT_BUCKETS - 2] as f64 / 1e6);
+                let at =
+                    (bound_us as f64 / 1e6).min(2.0 * RTT_BOUNDS_US[RTT_BUCKETS - 2] as f64 / 1e6);
                 for _ in 0..now.rtt_buckets[bucket].saturating_sub(before.rtt_buckets[bucket]) {
                     c.handshake_rtt.observe(at);
                 }
