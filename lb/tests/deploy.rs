@@ -186,6 +186,8 @@ fn exported_metrics() -> BTreeSet<String> {
     metrics.sync_received("p", 1, 0);
     let _standby = metrics.sync_standby("l");
     let _drift = metrics.nat_drift(wglb::metrics::NatDrift::Orphaned);
+    let _waiting = metrics.passive_waiting("l", "g");
+    let _ejections = metrics.passive_ejections("l", "g");
     let sidecar = wglb_healthcheck::metrics::Metrics::new();
     sidecar.probe("l", "g", Probe::Handshake, true, Duration::from_millis(1));
     sidecar.verdict("l", "g", Verdict::Up, true);
