@@ -36,16 +36,25 @@ impl Flows {
         destination: impl Fn(usize) -> SocketAddrV4,
         payload: usize,
     ) -> Flows {
-        let stride = 20 + 8 + payload;
-        let mut packets = vec![0u8; stride * sources.len()];
-        let mut destinations = Vec::with_capacity(sources.len());
         let mut message = vec![0u8; payload];
         if let Some(kind) = message.first_mut() {
             *kind = 4;
         }
+        Flows::with_message(sources, destination, &message)
+    }
+
+    /// Flows that all carry `message`.
+    pub fn with_message(
+        sources: &[SocketAddrV4],
+        destination: impl Fn(usize) -> SocketAddrV4,
+        message: &[u8],
+    ) -> Flows {
+        let stride = 20 + 8 + message.len();
+        let mut packets = vec![0u8; stride * sources.len()];
+        let mut destinations = Vec::with_capacity(sources.len());
         for (k, (source, packet)) in sources.iter().zip(packets.chunks_mut(stride)).enumerate() {
             let to = destination(k);
-            write_packet(packet, *source, to, &message);
+            write_packet(packet, *source, to, message);
             destinations.push(to);
         }
         Flows {

@@ -218,6 +218,8 @@ pub struct ListenerConfig {
     pub all_down: AllDownPolicy,
     pub socket_buffer: usize,
     pub admission: AdmissionConfig,
+    /// The location's WireGuard public key: initiations whose mac1 is wrong for it are dropped.
+    pub public_key: Option<[u8; 32]>,
     pub gateways: Vec<GatewayConfig>,
 }
 
@@ -487,6 +489,7 @@ struct RawListener {
     source_rate: Option<u32>,
     source_burst: Option<u32>,
     source_unconfirmed: Option<u32>,
+    public_key: Option<String>,
     #[serde(default)]
     gateway: Vec<Spanned<RawGateway>>,
 }
@@ -1095,6 +1098,15 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
                 DEFAULT_SOURCE_UNCONFIRMED,
             )?,
         };
+        let public_key = match &listener.public_key {
+            Some(text) => Some(parse_public_key(text).ok_or_else(|| {
+                err(
+                    "public_key",
+                    format!("`{text}` is not a WireGuard public key (32 bytes in base64)"),
+                )
+            })?),
+            None => None,
+        };
         if listener.gateway.is_empty() {
             return Err(err("gateway", "no [[listener.gateway]] configured".into()));
         }
@@ -1140,6 +1152,7 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
             all_down: listener.all_down.unwrap_or(AllDownPolicy::FailOpen),
             socket_buffer,
             admission,
+            public_key,
             gateways,
         });
     }
@@ -1300,6 +1313,15 @@ fn build_datapath(raw: RawDatapath, place: &str) -> Result<DatapathConfig, Confi
 }
 
 /// "FIRST-LAST", unprivileged ports only.
+/// A WireGuard key as `wg` prints it.
+fn parse_public_key(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()?;
+    bytes.try_into().ok()
+}
+
 fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
     let (first, last) = text.split_once('-')?;
     let first: u16 = first.trim().parse().ok()?;

@@ -34,6 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use wglb_common::admission::Refusal;
+use wglb_common::mac1::{Blake2sWork, Mac1Key};
 use wglb_common::session::{confirms, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify, MessageType};
 
@@ -273,7 +274,8 @@ fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
     data.chunks(stride).chain(empty)
 }
 
-/// Classifies every datagram of a batch once: counts and logs the ones that are not WireGuard,
+/// Classifies every datagram of a batch once: counts and logs the ones that are not WireGuard
+/// (and, from clients to a listener with the location's key, initiations whose mac1 is wrong),
 /// and tallies the rest for the forwarding counters.
 fn wireguard_datagrams(
     data: &[u8],
@@ -281,10 +283,20 @@ fn wireguard_datagrams(
     direction: Direction,
     counters: &ListenerCounters,
     peer: SocketAddr,
+    mac1: Option<&Mac1Key>,
 ) -> Batch {
     let mut batch = Batch::default();
-    for datagram in datagrams(data, stride) {
-        match classify(datagram) {
+    for (index, datagram) in datagrams(data, stride).enumerate() {
+        let kind = classify(datagram);
+        if kind == Ok(MessageType::HandshakeInitiation)
+            && mac1.is_some_and(|key| !mac1_verifies(key, datagram))
+        {
+            counters.bad_mac1.inc();
+            tracing::debug!(%peer, "dropped a handshake initiation whose mac1 is wrong");
+            batch.reject(index);
+            continue;
+        }
+        match kind {
             Ok(kind) => {
                 batch.valid += 1;
                 batch.valid_bytes += datagram.len() as u64;
@@ -299,11 +311,17 @@ fn wireguard_datagrams(
             Err(junk) => {
                 counters.junk(direction, junk).inc();
                 tracing::debug!(%peer, len = datagram.len(), reason = junk.as_str(), "dropped a datagram that is not WireGuard");
-                batch.junk += 1;
+                batch.reject(index);
             }
         }
     }
     batch
+}
+
+fn mac1_verifies(key: &Mac1Key, datagram: &[u8]) -> bool {
+    datagram
+        .try_into()
+        .is_ok_and(|initiation| key.verifies(initiation, &mut Blake2sWork::default()))
 }
 
 /// What the WireGuard filter found in a receive buffer.
@@ -312,11 +330,25 @@ struct Batch {
     valid: u64,
     valid_bytes: u64,
     junk: u64,
+    /// Which datagrams of the buffer were dropped, by position: UDP GRO packs at most 64
+    /// (UDP_GRO_CNT_MAX) into one buffer.
+    rejected: u64,
     initiations: u64,
     responses: u64,
     cookies: u64,
     /// Messages that confirm a session when a gateway sends them.
     confirming: u64,
+}
+
+impl Batch {
+    fn reject(&mut self, index: usize) {
+        self.junk += 1;
+        self.rejected |= 1u64.checked_shl(index as u32).unwrap_or(0);
+    }
+
+    fn kept(&self, index: usize) -> bool {
+        self.rejected & 1u64.checked_shl(index as u32).unwrap_or(0) == 0
+    }
 }
 
 /// Counts a forwarded batch (its WireGuard datagrams) and the handshake messages in it.
@@ -350,8 +382,9 @@ fn forward(
         return to.send(destination, src_ip, data, stride);
     }
     datagrams(data, stride)
-        .filter(|d| classify(d).is_ok())
-        .try_for_each(|d| to.send_one(destination, src_ip, d, None))
+        .enumerate()
+        .filter(|(index, _)| batch.kept(*index))
+        .try_for_each(|(_, d)| to.send_one(destination, src_ip, d, None))
 }
 
 struct ReplyPath {
@@ -401,6 +434,7 @@ impl ReplyPath {
                     Direction::ToClient,
                     &self.counters,
                     meta.addr,
+                    None,
                 );
                 if batch.valid == 0 {
                     continue;
@@ -773,7 +807,15 @@ impl Relay {
     fn handle_client_datagram(&mut self, meta: &RecvMeta, data: &[u8]) {
         let client = meta.addr;
         let stride = meta.stride.max(1);
-        let batch = wireguard_datagrams(data, stride, Direction::ToGateway, &self.counters, client);
+        let mac1 = self.plan.mac1.as_ref();
+        let batch = wireguard_datagrams(
+            data,
+            stride,
+            Direction::ToGateway,
+            &self.counters,
+            client,
+            mac1,
+        );
         if batch.valid == 0 {
             return;
         }

@@ -95,6 +95,8 @@ pub enum DropReason {
     StaleSession,
     /// A new session its source's admission budget refused.
     Refused(Refusal),
+    /// A handshake initiation whose mac1 is wrong for the listener's public key.
+    BadMac1,
 }
 
 impl DropReason {
@@ -111,6 +113,7 @@ impl DropReason {
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
             DropReason::StaleSession => "stale_session",
             DropReason::Refused(refusal) => refusal.as_str(),
+            DropReason::BadMac1 => "bad_mac1",
         }
     }
 }
@@ -257,6 +260,7 @@ impl Metrics {
                 .map(|j| dropped(Direction::ToClient, DropReason::NotWireguard(j))),
             no_gateway: dropped(Direction::ToGateway, DropReason::NoGateway),
             upstream_unavailable: dropped(Direction::ToGateway, DropReason::UpstreamUnavailable),
+            bad_mac1: dropped(Direction::ToGateway, DropReason::BadMac1),
             send_failed_to_gateway: dropped(Direction::ToGateway, DropReason::SendFailed),
             send_failed_to_client: dropped(Direction::ToClient, DropReason::SendFailed),
             evictions: EvictionReason::ALL
@@ -449,6 +453,7 @@ pub struct ListenerCounters {
     junk_from_gateway: [IntCounter; 4],
     pub no_gateway: IntCounter,
     pub upstream_unavailable: IntCounter,
+    pub bad_mac1: IntCounter,
     pub send_failed_to_gateway: IntCounter,
     pub send_failed_to_client: IntCounter,
     evictions: [IntCounter; EvictionReason::ALL.len()],

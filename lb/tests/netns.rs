@@ -656,10 +656,17 @@ fn xdp_that_cannot_attach_falls_back_to_userspace_under_auto_and_refuses_to_star
     Ok(())
 }
 
-/// Sends `count` WireGuard-shaped transport messages from client 0's namespace to the balancer,
-/// one per spoofed source tuple on client 0's link (so the balancer's kernel takes them as
-/// on-link): from `addresses` addresses in turn, a new port each round.
-fn flood(rig: &Rig, addresses: u8, count: usize) -> Result<()> {
+/// Sends `count` copies of `message` (WireGuard-shaped) from client 0's namespace to the
+/// balancer, one per spoofed source tuple on client 0's link (so the balancer's kernel takes
+/// them as on-link): from `addresses` addresses in turn, a new port each round.
+/// A shaped transport message (keepalive-sized).
+const TRANSPORT: [u8; 32] = {
+    let mut message = [0u8; 32];
+    message[0] = 4;
+    message
+};
+
+fn flood(rig: &Rig, addresses: u8, count: usize, message: &[u8]) -> Result<()> {
     let Some(std::net::IpAddr::V4(client)) = Some(rig.client_addr(0).ip()) else {
         unreachable!("an IPv4 rig")
     };
@@ -673,7 +680,11 @@ fn flood(rig: &Rig, addresses: u8, count: usize) -> Result<()> {
     let std::net::SocketAddr::V4(listener) = rig.listen_addr(0) else {
         unreachable!("an IPv4 rig")
     };
-    let flows = std::sync::Arc::new(wglb_lab::generator::Flows::new(&sources, |_| listener, 32));
+    let flows = std::sync::Arc::new(wglb_lab::generator::Flows::with_message(
+        &sources,
+        |_| listener,
+        message,
+    ));
     // Each source once: the whole set at 5,000 datagrams a second.
     let duration = Duration::from_secs_f64(count as f64 / 5000.0);
     let sent = wglb_lab::generator::send(rig.client_ns(0), &flows, 5000, duration, 1)?;
@@ -771,13 +782,13 @@ fn a_flood_of_new_sessions_pushes_out_no_idle_client(datapath: Datapath) -> Resu
     let peak = peak_footprint(&balancer, || {
         // One address, 20,000 source ports; a new client connects meanwhile.
         std::thread::scope(|scope| {
-            let flooding = scope.spawn(|| flood(&rig, 1, 20_000));
+            let flooding = scope.spawn(|| flood(&rig, 1, 20_000, &TRANSPORT));
             let newcomer = rig.pinger(5)?;
             first_reply(&newcomer, SystemTime::now(), HANDSHAKE)?;
             flooding.join().expect("the flood")
         })?;
         // 64 addresses, 20,000 tuples: more than probation and table hold together.
-        flood(&rig, 64, 20_000)
+        flood(&rig, 64, 20_000, &TRANSPORT)
     })?;
     ensure!(
         rig.gateway_serving(5)?
@@ -917,6 +928,62 @@ fn a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health(
     Ok(())
 }
 
+/// With the location's public key, a listener drops initiations whose mac1 is wrong: 10,000 of
+/// them from 64 spoofed addresses reach no gateway (dropped, counted), while real clients,
+/// whose mac1 is right, connect during the flood.
+fn initiations_with_a_wrong_mac1_never_reach_a_gateway(datapath: Datapath) -> Result<()> {
+    let base = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2];
+    let mut rig = rig(Family::V4, 3, &base, &wanted)?;
+    let key = format!("public_key = \"{}\"\nhash_key", rig.gateway_public_key());
+    let config = base.replacen("hash_key", &key, 1);
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    for i in 0..wanted.len() {
+        rig.start_client(i)?;
+    }
+    // Shaped right, sender index and all; mac1 zeros.
+    let mut forged = [0u8; 148];
+    forged[0] = 1;
+    forged[4..8].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+    let start = SystemTime::now();
+    let _pingers = std::thread::scope(|scope| -> Result<Vec<Pinger>> {
+        let flooding = scope.spawn(|| flood(&rig, 64, 10_000, &forged));
+        let pingers = (0..wanted.len())
+            .map(|i| rig.pinger(i))
+            .collect::<Result<Vec<_>>>()?;
+        for pinger in &pingers {
+            first_reply(pinger, start, HANDSHAKE)?;
+        }
+        flooding.join().expect("the flood thread")?;
+        Ok(pingers)
+    })?;
+    let dropped =
+        r#"wglb_dropped_packets_total{direction="to_gateway",listener="test",reason="bad_mac1"}"#;
+    // The XDP datapath's counters are read once a second.
+    let counted = balancer.wait_metric(&rig, dropped, Duration::from_secs(5), |v| v >= 9_000.0)?;
+    let mut forwarded = 0.0;
+    for j in 0..3 {
+        forwarded += balancer.metric_or_zero(
+            &rig,
+            &format!(
+                r#"wglb_handshake_messages_total{{gateway="gw{j}",listener="test",message="handshake_initiation"}}"#
+            ),
+        )?;
+    }
+    eprintln!("{counted} forged initiations dropped, {forwarded} initiations forwarded");
+    ensure!(
+        forwarded <= 3.0 * wanted.len() as f64,
+        "{forwarded} initiations reached the gateways: forged ones among them"
+    );
+    for (i, &j) in wanted.iter().enumerate() {
+        ensure!(
+            rig.gateway_serving(i)? == Some(j),
+            "client {i} is not on gw{j}"
+        );
+    }
+    Ok(())
+}
+
 fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let path = rig.temp_dir().join(name);
     std::fs::write(&path, text)?;
@@ -925,6 +992,7 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
 
 on_every_datapath!(
     a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health,
+    initiations_with_a_wrong_mac1_never_reach_a_gateway,
     a_flood_of_new_sessions_pushes_out_no_idle_client,
     handshakes_and_pings_spread_over_gateways,
     a_dead_gateways_clients_move_and_the_others_do_not_notice,

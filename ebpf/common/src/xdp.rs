@@ -223,10 +223,12 @@ pub enum XdpCounter {
     ClientPathChanged,
     /// From a gateway to a NAT port, but not to our address towards that gateway: passed.
     ReplyOtherDestination,
+    /// A handshake initiation whose mac1 is wrong for the listener's public key: dropped.
+    BadMac1,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::NotIp,
         XdpCounter::NotUdp,
@@ -255,6 +257,7 @@ impl XdpCounter {
         XdpCounter::NatReclaimed,
         XdpCounter::ClientPathChanged,
         XdpCounter::ReplyOtherDestination,
+        XdpCounter::BadMac1,
     ];
 
     /// The counter of a kind of junk: the same kinds the userspace filter counts.
@@ -308,6 +311,7 @@ impl XdpCounter {
             XdpCounter::NatReclaimed => "nat_reclaimed",
             XdpCounter::ClientPathChanged => "client_path_changed",
             XdpCounter::ReplyOtherDestination => "reply_other_destination",
+            XdpCounter::BadMac1 => "bad_mac1",
         }
     }
 }
@@ -323,6 +327,7 @@ mod user {
     unsafe impl aya::Pod for super::NatKey {}
     unsafe impl aya::Pod for super::GatewayTraffic {}
     unsafe impl aya::Pod for crate::admission::SourceBudget {}
+    unsafe impl aya::Pod for crate::mac1::Mac1Key {}
 }
 
 #[cfg(test)]

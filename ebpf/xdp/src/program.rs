@@ -29,12 +29,13 @@ use wglb_common::admission::SourceBudget;
 use wglb_common::checksum::{ipv4_header, udp_after_rewrite};
 use wglb_common::handshake::{rtt_bucket, HandshakeWait};
 use wglb_common::hash::flow_hash;
+use wglb_common::mac1::{Blake2sWork, Mac1Key, INITIATION_LEN};
 use wglb_common::session::{confirms, needs_admission, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify_header, MessageType};
 use wglb_common::xdp::{
     counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
     XdpCounter, CONFIG_LEN, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS, COUNTER_ROWS, GATEWAY_KEEPS,
-    GATEWAY_READY, MAX_GATEWAYS, MAX_LISTENER_ADDRS, MAX_SOURCES, NAT_PROBES,
+    GATEWAY_READY, MAX_GATEWAYS, MAX_LISTENERS, MAX_LISTENER_ADDRS, MAX_SOURCES, NAT_PROBES,
 };
 
 #[map]
@@ -82,6 +83,14 @@ static PINS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1, BPF_F_NO_PREAL
 #[map]
 static NAT: HashMap<NatKey, FlowKey> = HashMap::with_max_entries(1, 0);
 
+/// Each listener's mac1 key, by listener index: initiations whose mac1 is wrong are dropped.
+#[map]
+static MAC1: Array<Mac1Key> = Array::with_max_entries(MAX_LISTENERS, 0);
+
+/// The mac1 check's BLAKE2s state, per CPU.
+#[map]
+static MAC1_WORK: PerCpuArray<Blake2sWork> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
 
@@ -109,11 +118,51 @@ const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
 const TX: u32 = xdp_action::XDP_TX;
 
+/// Not an XDP action: `decide`'s answer for an initiation to a listener that checks mac1, which
+/// the entry point checks before deciding again.
+const CHECK_MAC1: u32 = u32::MAX;
+
+/// The entry point keeps a small stack frame: the BLAKE2s of the mac1 check runs in a call of its
+/// own beside `decide`, never on top of its frame (the kernel allows 512 bytes for the deepest
+/// chain of calls).
 #[xdp]
 pub fn wglb(ctx: XdpContext) -> u32 {
-    let (verdict, counter, row) = decide(&ctx);
+    let (mut verdict, mut counter, row) = unpack(decide(&ctx, false));
+    if verdict == CHECK_MAC1 {
+        (verdict, counter) = if mac1_verifies(&ctx, row.listener.unwrap_or(0)) {
+            let (verdict, counter, _) = unpack(decide(&ctx, true));
+            (verdict, counter)
+        } else {
+            (DROP, XdpCounter::BadMac1)
+        };
+    }
     count(row, counter);
     verdict
+}
+
+/// `decide`'s answer in one register: BPF functions return one.
+#[inline(always)]
+fn pack(verdict: u32, counter: XdpCounter, row: Row) -> u64 {
+    let listener = match row.listener {
+        Some(index) => (index as u64) << 1 | 1,
+        None => 0,
+    };
+    verdict as u64 | (counter as u64) << 32 | listener << 40 | (row.from_gateway as u64) << 63
+}
+
+#[inline(always)]
+fn unpack(packed: u64) -> (u32, XdpCounter, Row) {
+    let counter = (packed >> 32) as u8 as usize;
+    let listener = (packed >> 40) as u32 & 0x7f_ffff;
+    let row = Row {
+        listener: (listener & 1 != 0).then_some(listener >> 1),
+        from_gateway: packed >> 63 != 0,
+    };
+    let counter = XdpCounter::ALL
+        .get(counter)
+        .copied()
+        .unwrap_or(XdpCounter::Malformed);
+    (packed as u32, counter, row)
 }
 
 /// Whose counters a packet moves: a listener's (from its clients or its gateways), or none.
@@ -235,8 +284,15 @@ fn check_wireguard(ctx: &XdpContext, headers: &Headers) -> Result<MessageType, X
     classify_header(header, udp_len - UDP_HLEN).map_err(XdpCounter::junk)
 }
 
+/// A call of its own (see `wglb`). `mac1_checked`: an initiation's mac1 has been verified.
+#[inline(never)]
+fn decide(ctx: &XdpContext, mac1_checked: bool) -> u64 {
+    let (verdict, counter, row) = decide_inline(ctx, mac1_checked);
+    pack(verdict, counter, row)
+}
+
 #[inline(always)]
-fn decide(ctx: &XdpContext) -> (u32, XdpCounter, Row) {
+fn decide_inline(ctx: &XdpContext, mac1_checked: bool) -> (u32, XdpCounter, Row) {
     let headers = match parse(ctx) {
         Ok(headers) => headers,
         Err(counter) => return (PASS, counter, NO_LISTENER),
@@ -248,6 +304,11 @@ fn decide(ctx: &XdpContext) -> (u32, XdpCounter, Row) {
             from_gateway: false,
         };
         let (verdict, counter) = match check_wireguard(ctx, &headers) {
+            Ok(MessageType::HandshakeInitiation)
+                if !mac1_checked && MAC1.get(listener.index).is_some_and(|k| k.enabled != 0) =>
+            {
+                (CHECK_MAC1, XdpCounter::BadMac1)
+            }
             Ok(kind) => from_client(ctx, &headers, &listener, kind, row),
             Err(junk) => (DROP, junk),
         };
@@ -513,6 +574,20 @@ fn from_client(
         }
     }
     (verdict, counter)
+}
+
+/// Whether an initiation to `listener` passes its mac1 check. A call of its own (see `wglb`).
+#[inline(never)]
+fn mac1_verifies(ctx: &XdpContext, listener: u32) -> bool {
+    let (Ok(headers), Some(key), Some(work)) =
+        (parse(ctx), MAC1.get(listener), MAC1_WORK.get_ptr_mut(0))
+    else {
+        return false;
+    };
+    match bytes::<INITIATION_LEN>(ctx, headers.udp + UDP_HLEN) {
+        Some(initiation) => key.verifies(unsafe { &*initiation }, unsafe { &mut *work }),
+        None => false,
+    }
 }
 
 /// Takes a token of the client address's budget for a new unconfirmed session.

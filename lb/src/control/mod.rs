@@ -33,6 +33,7 @@ use crate::health::Observation;
 use crate::metrics::Metrics;
 use crate::passive::{Board, Judge};
 use crate::pool::{AdminState, GatewayId, GatewayView, Health, Placement};
+use wglb_common::mac1::Mac1Key;
 
 use checkers::Checker;
 use health::GatewayHealth;
@@ -47,6 +48,8 @@ pub struct ListenerPlan {
     pub idle_timeout: Duration,
     pub table_size: NonZeroUsize,
     pub admission: AdmissionConfig,
+    /// The listener's mac1 check, if it has the location's public key.
+    pub mac1: Option<Mac1Key>,
 }
 
 #[derive(Default)]
@@ -318,6 +321,7 @@ fn build_plan(
         idle_timeout: listener.idle_timeout,
         table_size: listener.table_size,
         admission: listener.admission,
+        mac1: listener.public_key.as_ref().map(Mac1Key::new),
     }
 }
 

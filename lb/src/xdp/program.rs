@@ -10,6 +10,7 @@ use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use wglb_common::admission::{AdmissionLimits, SourceBudget};
+use wglb_common::mac1::Mac1Key;
 use wglb_common::xdp::{
     counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
     XdpCounter, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS,
@@ -198,6 +199,13 @@ impl XdpProgram {
         for (slot, entry) in slots {
             maglev.set(offset + slot as u32, entry, 0)?;
         }
+        Ok(())
+    }
+
+    /// Listener `index`'s mac1 check (`Mac1Key::default()`: none).
+    pub fn set_mac1(&mut self, index: u32, key: Mac1Key) -> anyhow::Result<()> {
+        let mut keys: Array<&mut MapData, Mac1Key> = Array::try_from(self.map_mut("MAC1")?)?;
+        keys.set(index, key, 0)?;
         Ok(())
     }
 

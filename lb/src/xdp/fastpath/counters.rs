@@ -83,6 +83,7 @@ impl FastPath {
                 l.counters.junk(direction, junk).inc_by(delta);
             }
             (Malformed, Some(_)) => drop(DropReason::Malformed),
+            (BadMac1, Some(_)) => drop(DropReason::BadMac1),
             (SourceRate | SourceUnconfirmed, Some(l)) => {
                 let refusal = Refusal::ALL
                     .into_iter()

@@ -10,6 +10,8 @@ impl FastPath {
         if !self.listeners[index].served {
             return Ok(());
         }
+        self.program
+            .set_mac1(index as u32, plan.mac1.unwrap_or_default())?;
         let placement = &plan.placement;
         let mut current = HashMap::new();
         let mut lost_sessions = false;
