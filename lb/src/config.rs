@@ -1588,6 +1588,18 @@ address = "[fd00::2]:51820"
                 "{msg}"
             );
         }
+        let msg = refused(&GOOD.replace("idle_timeout = \"5m\"", "public_key = \"c2hvcnQ=\""));
+        assert!(
+            msg.contains("line 9 (listener `office`)") && msg.contains("public_key"),
+            "{msg}"
+        );
+        let key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        let keyed = Config::parse(
+            &GOOD.replace("idle_timeout = \"5m\"", &format!("public_key = \"{key}\"")),
+            "wglb.toml",
+        )
+        .expect("valid");
+        assert!(keyed.listeners[0].public_key.is_some() && keyed.listeners[1].public_key.is_none());
         let watching = Config::parse(
             &GOOD.replace("fall = 2", "passive = \"watch\""),
             "wglb.toml",

@@ -19,6 +19,7 @@ use wglb::pool::Placement;
 use wglb::xdp::{Limits, Table, XdpProgram, XDP_DROP, XDP_PASS, XDP_TX};
 use wglb_common::admission::AdmissionLimits;
 use wglb_common::handshake::HandshakeWait;
+use wglb_common::mac1::Mac1Key;
 use wglb_common::wireguard::classify;
 use wglb_common::xdp::{FlowKey, Gateway, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY};
 use wglb_lab::require_root;
@@ -817,6 +818,65 @@ fn the_program_times_handshakes_and_keeps_unanswered_waits() -> Result<()> {
         XdpCounter::ToClient,
     )?;
     ensure!(rtt_counted(&lab)? == before + 1);
+    Ok(())
+}
+
+/// An initiation whose mac1 is right, by an independent BLAKE2s (RustCrypto's).
+fn signed_initiation(public_key: &[u8; 32], sender: u32) -> Vec<u8> {
+    use blake2::digest::{FixedOutput, KeyInit, Update};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let mut initiation = message(1, 148);
+    initiation[4..8].copy_from_slice(&sender.to_le_bytes());
+    let key = Blake2s256::new()
+        .chain_update(b"mac1----")
+        .chain_update(public_key)
+        .finalize();
+    let mut mac = Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(&key).unwrap();
+    mac.update(&initiation[..116]);
+    let mac1: [u8; 16] = mac.finalize_fixed().into();
+    initiation[116..132].copy_from_slice(&mac1);
+    initiation
+}
+
+/// A listener given the location's public key drops initiations whose mac1 is wrong (before
+/// they open a session), forwards the ones that are right, and checks nothing else; a listener
+/// without a key forwards any shaped initiation.
+#[test]
+fn initiations_are_checked_for_mac1_where_the_listener_has_the_key() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let public_key = [7u8; 32];
+    lab.program.set_mac1(0, Mac1Key::new(&public_key))?;
+    let client = client_v4(47_700);
+    let mut forged = signed_initiation(&public_key, 1);
+    forged[120] ^= 0x40;
+    lab.expect(
+        &from_client(client, listener_v4(), &forged),
+        XDP_DROP,
+        XdpCounter::BadMac1,
+    )?;
+    ensure!(
+        lab.session(client).is_none(),
+        "a forged initiation opened a session"
+    );
+    let other_key = signed_initiation(&[8u8; 32], 1);
+    lab.expect(
+        &from_client(client, listener_v4(), &other_key),
+        XDP_DROP,
+        XdpCounter::BadMac1,
+    )?;
+    let (j, nat) = to_gateway(
+        &lab,
+        client,
+        listener_v4(),
+        &signed_initiation(&public_key, 2),
+    )?;
+    // Data is not what mac1 covers.
+    ensure!(to_gateway(&lab, client, listener_v4(), &message(4, 48))? == (j, nat));
+    // The IPv6 listener has no key.
+    to_gateway(&lab, client_v6(47_700), listener_v6(), &forged)?;
+    // And the key can be taken away again.
+    lab.program.set_mac1(0, Mac1Key::default())?;
+    to_gateway(&lab, client_v4(47_701), listener_v4(), &forged)?;
     Ok(())
 }
 
