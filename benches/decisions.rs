@@ -22,6 +22,7 @@ use wglb::pool::{AdminState, AllDownPolicy, GatewayId, GatewayView, HashKey, Hea
 use wglb::query::page;
 use wglb::session::{Activity, Session, SessionTable};
 use wglb_common::hash::flow_hash;
+use wglb_common::mac1::{Blake2sWork, Mac1Key, INITIATION_LEN, LABEL_MAC1, MAC1_OFFSET};
 use wglb_common::wireguard::classify;
 
 const SESSIONS: u32 = 100_000;
@@ -65,6 +66,35 @@ fn classification(c: &mut Criterion) {
     });
     group.bench_function("baseline_length_check", |b| {
         b.iter(|| black_box(&data).len() >= 32)
+    });
+    group.finish();
+}
+
+/// The edge's mac1 check of an initiation, against RustCrypto's BLAKE2s doing the same MAC.
+fn mac1(c: &mut Criterion) {
+    use blake2::digest::{FixedOutput, KeyInit, Update};
+    use blake2::Digest;
+    let public_key = [7u8; 32];
+    let key = Mac1Key::new(&public_key);
+    let mut initiation = [0u8; INITIATION_LEN];
+    initiation[0] = 1;
+    let mut work = Blake2sWork::default();
+    let mut group = c.benchmark_group("mac1");
+    group.bench_function("wglb_common_verify", |b| {
+        b.iter(|| key.verifies(black_box(&initiation), &mut work))
+    });
+    let mac_key = blake2::Blake2s256::new()
+        .chain_update(LABEL_MAC1)
+        .chain_update(public_key)
+        .finalize();
+    group.bench_function("baseline_rustcrypto_blake2s_mac", |b| {
+        b.iter(|| {
+            let mut mac =
+                blake2::Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(&mac_key)
+                    .expect("a 32-byte key");
+            mac.update(&black_box(&initiation)[..MAC1_OFFSET]);
+            mac.finalize_fixed()
+        })
     });
     group.finish();
 }
@@ -182,6 +212,7 @@ fn session_listing(c: &mut Criterion) {
 criterion_group!(
     benches,
     classification,
+    mac1,
     hashing,
     placement_lookup,
     session_table,

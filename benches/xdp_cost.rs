@@ -2,7 +2,8 @@
 //! no system call in it), beside the floor measured in the same run: a program that only parses,
 //! rewrites and sends back (`ebpf/xdp/src/floor.rs`). Cases: a confirmed session's hit, a new
 //! session (placement, admission, a NAT port and two map inserts), a new session refused by its
-//! source's budget, and junk dropped at the shape check. Needs root.
+//! source's budget, junk dropped at the shape check, and a handshake initiation on a session
+//! without and with the mac1 check (and one the check drops). Needs root.
 //!
 //! BPF_PROG_TEST_RUN runs every repeat on the same buffer, which the program rewrites: a hit would
 //! measure the rewritten frame's path from the second run on. So the hit's frame is made a fixed
@@ -22,6 +23,7 @@ use etherparse::PacketBuilder;
 use wglb::config::Config;
 use wglb::control::initial_placement;
 use wglb::xdp::{endpoint_of, Limits, Table, XdpProgram, XDP_DROP, XDP_TX};
+use wglb_common::mac1::{Blake2sWork, Mac1Key, INITIATION_LEN, MAC1_OFFSET};
 use wglb_common::xdp::{FlowKey, Gateway, GATEWAY_KEEPS, GATEWAY_READY};
 
 const REPEAT: u32 = 1_000_000;
@@ -119,6 +121,32 @@ fn main() -> anyhow::Result<()> {
     let hit_ns = program.time(&hit, REPEAT)?;
     let junk_ns = program.time(&frame(client, &message(9, 148)), REPEAT)?;
 
+    // Initiations on the same session: without a key, then checked (mac1 right, and wrong).
+    let key = Mac1Key::new(&[7; 32]);
+    let mut initiation = [0u8; INITIATION_LEN];
+    initiation[0] = 1;
+    let words = key.mac1(&initiation, &mut Blake2sWork::default());
+    for (i, word) in words.iter().enumerate() {
+        initiation[MAC1_OFFSET + 4 * i..][..4].copy_from_slice(&word.to_le_bytes());
+    }
+    let signed = frame(client, &initiation);
+    let initiation_ns = program.time(&signed, REPEAT)?;
+    program.set_mac1(0, key)?;
+    let first = program.run(&signed)?;
+    ensure!(
+        first.verdict == XDP_TX && first.packet == signed,
+        "mac1 refused"
+    );
+    let checked_ns = program.time(&signed, REPEAT)?;
+    initiation[MAC1_OFFSET] ^= 1;
+    let forged = frame(client, &initiation);
+    ensure!(
+        program.run(&forged)?.verdict == XDP_DROP,
+        "a wrong mac1 passed"
+    );
+    let forged_ns = program.time(&forged, REPEAT)?;
+    program.set_mac1(0, Mac1Key::default())?;
+
     // New sessions, each from an address of its own (each source has a budget of its own), on
     // NAT ports other than the hit's.
     program.set_nat_ports(NAT_PORT + 1, 40_000)?;
@@ -183,6 +211,9 @@ fn main() -> anyhow::Result<()> {
     println!("(new sessions: the mean of the {misses} runs that opened one)");
     for (case, d) in [
         ("confirmed hit (1312-byte data)", hit_ns),
+        ("initiation on a session", initiation_ns),
+        ("... with mac1 checked", checked_ns),
+        ("initiation, mac1 wrong, dropped", forged_ns),
         ("new session (place, admit, NAT)", miss_ns),
         ("new session refused (budget)", refused_ns),
         ("junk dropped", junk_ns),

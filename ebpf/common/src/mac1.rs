@@ -167,15 +167,22 @@ impl Mac1Key {
         Mac1Key { enabled: 1, state }
     }
 
-    /// Whether an initiation's mac1 (over its first [`MAC1_OFFSET`] bytes) is right for this
-    /// key; `work` is scratch space.
+    /// The mac1 an initiation (its first [`MAC1_OFFSET`] bytes) must carry under this key, as
+    /// little-endian words; `work` is scratch space.
     #[inline(always)]
-    pub fn verifies(&self, initiation: &[u8; INITIATION_LEN], work: &mut Blake2sWork) -> bool {
+    pub fn mac1(&self, initiation: &[u8; INITIATION_LEN], work: &mut Blake2sWork) -> [u32; 4] {
         let mut h = self.state;
         block(&mut work.m, initiation, 0, 64);
         compress(&mut h, work, 128, false);
         block(&mut work.m, initiation, 64, MAC1_OFFSET);
         compress(&mut h, work, 64 + MAC1_OFFSET as u32, true);
+        [h[0], h[1], h[2], h[3]]
+    }
+
+    /// Whether an initiation's mac1 is right for this key.
+    #[inline(always)]
+    pub fn verifies(&self, initiation: &[u8; INITIATION_LEN], work: &mut Blake2sWork) -> bool {
+        let h = self.mac1(initiation, work);
         block(&mut work.m, initiation, MAC1_OFFSET, MAC1_OFFSET + 16);
         let m = &work.m;
         (h[0] ^ m[0]) | (h[1] ^ m[1]) | (h[2] ^ m[2]) | (h[3] ^ m[3]) == 0

@@ -348,12 +348,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<NatKey>(), 8);
         assert_eq!(core::mem::size_of::<GatewayTraffic>(), 216);
         assert_eq!(core::mem::size_of::<crate::admission::SourceBudget>(), 24);
+        assert_eq!(core::mem::size_of::<crate::mac1::Mac1Key>(), 36);
         assert_eq!(
-            counter_slot(
-                Some(MAX_LISTENERS - 1),
-                true,
-                XdpCounter::ReplyOtherDestination
-            ),
+            counter_slot(Some(MAX_LISTENERS - 1), true, XdpCounter::BadMac1),
             COUNTER_ROWS * XdpCounter::COUNT - 1
         );
     }
