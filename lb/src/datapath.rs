@@ -419,7 +419,11 @@ impl ReplyPath {
                 Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
-                    // ICMP errors (port unreachable from a dead gateway) surface here.
+                    // ICMP errors (port unreachable from a dead gateway) surface here, or at
+                    // the next send towards it.
+                    if e.kind() == io::ErrorKind::ConnectionRefused {
+                        refused(&self.activity, &self.gateway);
+                    }
                     tracing::debug!(client = %self.client, "upstream receive error: {e}");
                     continue;
                 }
@@ -831,9 +835,17 @@ impl Relay {
             // The common case, forwarded on its first lookup: no second one per datagram.
             let action = on_client_datagram(found);
             if let (ClientAction::Forward, Link::Forwarding(link)) = (action, &session.link) {
-                note_initiations(&session.activity, batch);
-                let address = session.gateway_address;
-                to_gateway(link, address, &self.counters, client, data, stride, batch);
+                let (address, activity) = (session.gateway_address, &session.activity);
+                to_gateway(
+                    link,
+                    address,
+                    activity,
+                    &self.counters,
+                    client,
+                    data,
+                    stride,
+                    batch,
+                );
                 return;
             }
             Some(found)
@@ -893,8 +905,16 @@ impl Relay {
                 .map(|s| (&s.link, s.gateway_address, &s.activity)),
         };
         if let Some((link, address, activity)) = held {
-            note_initiations(activity, batch);
-            to_gateway(link, address, &self.counters, client, data, stride, batch);
+            to_gateway(
+                link,
+                address,
+                activity,
+                &self.counters,
+                client,
+                data,
+                stride,
+                batch,
+            );
         }
     }
 
@@ -1113,18 +1133,30 @@ fn note_initiations(activity: &Activity, batch: Batch) {
     }
 }
 
+/// ... or the gateway's port refused a datagram of the session (ICMP port unreachable).
+fn refused(activity: &Activity, counters: &GatewayCounters) {
+    activity.refused(now_ns());
+    counters.unreachable.inc();
+}
+
+#[allow(clippy::too_many_arguments)]
 fn to_gateway(
     link: &Forwarding,
     gateway_address: SocketAddr,
+    activity: &Activity,
     counters: &ListenerCounters,
     client: SocketAddr,
     data: &[u8],
     stride: usize,
     batch: Batch,
 ) {
+    note_initiations(activity, batch);
     match forward(&link.upstream, gateway_address, None, data, stride, batch) {
         Ok(()) => count_forwarded(batch, Direction::ToGateway, &link.counters),
         Err(e) => {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                refused(activity, &link.counters);
+            }
             counters.send_failed_to_gateway.inc_by(batch.valid);
             tracing::debug!(%client, "dropped a datagram: send to gateway failed: {e}");
         }

@@ -48,6 +48,7 @@ pub struct Metrics {
     nat_drift: IntCounterVec,
     client_path_changes: IntCounterVec,
     handshake_rtt: HistogramVec,
+    unreachable: IntCounterVec,
     passive_waiting: IntGaugeVec,
     passive_ejections: IntCounterVec,
 }
@@ -211,6 +212,7 @@ impl Metrics {
                 r.register(Box::new(vec.clone())).expect("unique metric");
                 vec
             },
+            unreachable: counter(r, "wglb_gateway_unreachable_total", "ICMP port unreachable from the gateway's WireGuard port for a session's datagram: nothing listens there.", &["listener", "gateway"]),
             passive_waiting: gauge(r, "wglb_passive_waiting_clients", "Client addresses whose handshake initiations the gateway has left unanswered for at least the passive health window.", &["listener", "gateway"]),
             passive_ejections: counter(r, "wglb_passive_ejections_total", "Times passive health found the gateway answering no one's handshakes and reported it down.", &["listener", "gateway"]),
             registry,
@@ -311,6 +313,7 @@ impl Metrics {
                 .sessions_created
                 .with_label_values(&[listener, gateway]),
             handshake_rtt: self.handshake_rtt.with_label_values(&[listener, gateway]),
+            unreachable: self.unreachable.with_label_values(&[listener, gateway]),
         }
     }
 
@@ -499,6 +502,7 @@ pub struct GatewayCounters {
     pub sessions: IntGauge,
     pub sessions_created: IntCounter,
     pub handshake_rtt: Histogram,
+    pub unreachable: IntCounter,
 }
 
 /// Serves `GET /metrics` in Prometheus' text format, and `GET /ready`, on a bound socket.

@@ -80,6 +80,11 @@ impl Activity {
         self.handshake().answer(now_ns).map(Duration::from_nanos)
     }
 
+    /// The gateway's port refused one of the session's datagrams (ICMP port unreachable).
+    pub fn refused(&self, now_ns: u64) {
+        self.handshake().refused(now_ns);
+    }
+
     /// How long the client has waited for its gateway to answer an initiation, if it is waiting.
     pub fn waiting(&self, now_ns: u64) -> Option<Duration> {
         self.handshake().waiting(now_ns).map(Duration::from_nanos)

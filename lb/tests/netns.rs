@@ -984,6 +984,44 @@ fn initiations_with_a_wrong_mac1_never_reach_a_gateway(datapath: Datapath) -> Re
     Ok(())
 }
 
+/// Passive health hears ICMP too: a gateway whose wireguard-go is gone (its port closed, its
+/// `/health` still 200, no sidecar) answers its clients' data with port unreachable, and is
+/// reported down before their own 15 s timer makes them send a single initiation; they come back
+/// on other gateways at that first handshake.
+fn a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again(
+    datapath: Datapath,
+) -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = rig(Family::V4, 3, &config, &wanted)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..wanted.len())?;
+    rig.stop_gateway_wireguard(1)?;
+    let stopped = SystemTime::now();
+    let ejections = r#"wglb_passive_ejections_total{gateway="gw1",listener="test"}"#;
+    // The clients' timer fires 15 s after their first unanswered data.
+    balancer.wait_metric(&rig, ejections, Duration::from_secs(14), |v| v >= 1.0)?;
+    eprintln!("gw1 ejected {:?} after its port closed", stopped.elapsed()?);
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_gateway_unreachable_total{gateway="gw1",listener="test"}"#
+        )? >= 1.0
+    );
+    for moved in [1, 4] {
+        let back = first_reply(&pingers[moved], stopped, Duration::from_secs(40))?;
+        let now_on = rig.gateway_serving(moved)?;
+        eprintln!(
+            "client {moved} answered again {back:?} after gw1's port closed, on gw{now_on:?}"
+        );
+        ensure!(
+            now_on.is_some_and(|j| j != 1),
+            "client {moved} is on gw{now_on:?}"
+        );
+    }
+    Ok(())
+}
+
 fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let path = rig.temp_dir().join(name);
     std::fs::write(&path, text)?;
@@ -992,6 +1030,7 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
 
 on_every_datapath!(
     a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health,
+    a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again,
     initiations_with_a_wrong_mac1_never_reach_a_gateway,
     a_flood_of_new_sessions_pushes_out_no_idle_client,
     handshakes_and_pings_spread_over_gateways,

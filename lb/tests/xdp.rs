@@ -9,8 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::{
-    IpHeaders, IpNumber, Ipv4Header, Ipv6Header, LinkHeader, NetHeaders, PacketBuilder,
+    Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, Ipv6Header, LinkHeader, NetHeaders, PacketBuilder,
     PacketHeaders, TransportHeader,
 };
 use wglb::config::Config;
@@ -877,6 +878,58 @@ fn initiations_are_checked_for_mac1_where_the_listener_has_the_key() -> Result<(
     // And the key can be taken away again.
     lab.program.set_mac1(0, Mac1Key::default())?;
     to_gateway(&lab, client_v4(47_701), listener_v4(), &forged)?;
+    Ok(())
+}
+
+/// ICMP port unreachable from a gateway about a session's datagram, quoting it as the kernel does.
+fn port_unreachable(j: u32, nat: u16) -> Vec<u8> {
+    let ours = SocketAddr::new(source_of(j), nat);
+    let sent = frame(
+        ours,
+        gateway_addr(j),
+        (BALANCER_MAC, gateway_mac(j)),
+        &message(4, 32),
+    );
+    let (IpAddr::V4(from), IpAddr::V4(to)) = (gateway_addr(j).ip(), ours.ip()) else {
+        panic!("an IPv4 gateway");
+    };
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(gateway_mac(j), BALANCER_MAC)
+        .ipv4(from.octets(), to.octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ))
+        .write(&mut out, &sent[14..14 + 28])
+        .unwrap();
+    out
+}
+
+/// A gateway's ICMP port unreachable about a session's datagram makes its client wait (passive
+/// health) and is counted for the gateway; the packet itself goes on to the kernel.
+#[test]
+fn a_port_unreachable_from_a_gateway_counts_against_it() -> Result<()> {
+    let lab = Lab::new()?;
+    let client = client_v4(47_800);
+    let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(4, 48))?;
+    ensure!(
+        lab.session(client)
+            .context("the session")?
+            .1
+            .handshake
+            .waiting_since_ns
+            == 0
+    );
+    let outcome = lab.program.run(&port_unreachable(j, nat))?;
+    ensure!(outcome.verdict == XDP_PASS, "verdict {}", outcome.verdict);
+    let wait = lab.session(client).context("the session")?.1.handshake;
+    ensure!(
+        wait.waiting_since_ns != 0 && wait.initiated_ns == 0,
+        "{wait:?}"
+    );
+    ensure!(lab.program.traffic(j)?.unreachable == 1);
+    // About a port no session holds: nothing.
+    lab.program.run(&port_unreachable(j, nat + 1))?;
+    ensure!(lab.program.traffic(j)?.unreachable == 1);
     Ok(())
 }
 

@@ -55,7 +55,20 @@ impl HandshakeWait {
             return None;
         }
         self.waiting_since_ns = 0;
-        Some(now.saturating_sub(self.initiated_ns))
+        let initiated = core::mem::take(&mut self.initiated_ns);
+        (initiated != 0).then(|| now.saturating_sub(initiated))
+    }
+
+    /// The gateway's port refused one of the client's datagrams at `now` (ICMP port
+    /// unreachable): nothing listens there, so the client waits for an answer as surely as if an
+    /// initiation had gone unanswered. No round trip is timed from it.
+    #[inline(always)]
+    pub fn refused(&mut self, now: u64) {
+        // Whatever initiation was out, this is not its answer.
+        self.initiated_ns = 0;
+        if self.waiting_since_ns == 0 {
+            self.waiting_since_ns = now;
+        }
     }
 
     /// How long the client has waited for an answer at `now`, if it is waiting.
@@ -94,5 +107,10 @@ mod tests {
         assert_eq!(wait.answer(5_102 * MS), Some(2 * MS));
         assert_eq!(wait.waiting(7_000 * MS), None);
         assert_eq!(wait.answer(7_000 * MS), None, "answered once");
+        // A refusal starts a wait that only an answer ends, and times no round trip.
+        wait.refused(8_000 * MS);
+        wait.refused(9_000 * MS);
+        assert_eq!(wait.waiting(10_000 * MS), Some(2_000 * MS));
+        assert_eq!(wait.answer(10_000 * MS), None);
     }
 }

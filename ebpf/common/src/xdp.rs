@@ -135,6 +135,8 @@ pub struct GatewayTraffic {
     pub sessions_created: u64,
     /// Handshake round trips by [`crate::handshake::rtt_bucket`].
     pub rtt_buckets: [u64; RTT_BUCKETS],
+    /// ICMP port unreachable from the gateway for a session's datagram.
+    pub unreachable: u64,
 }
 
 /// A NAT entry's key: a gateway and the source port its datagrams leave from.
@@ -346,7 +348,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Session>(), 72);
         assert_eq!(core::mem::size_of::<Gateway>(), 56);
         assert_eq!(core::mem::size_of::<NatKey>(), 8);
-        assert_eq!(core::mem::size_of::<GatewayTraffic>(), 216);
+        assert_eq!(core::mem::size_of::<GatewayTraffic>(), 224);
         assert_eq!(core::mem::size_of::<crate::admission::SourceBudget>(), 24);
         assert_eq!(core::mem::size_of::<crate::mac1::Mac1Key>(), 36);
         assert_eq!(

@@ -128,6 +128,10 @@ const CHECK_MAC1: u32 = u32::MAX;
 #[xdp]
 pub fn wglb(ctx: XdpContext) -> u32 {
     let (mut verdict, mut counter, row) = unpack(decide(&ctx, false));
+    if counter == XdpCounter::NotUdp {
+        // Still the kernel's: only noted.
+        note_refusal(ctx.ctx as usize);
+    }
     if verdict == CHECK_MAC1 {
         (verdict, counter) = if mac1_verifies(&ctx, row.listener.unwrap_or(0)) {
             let (verdict, counter, _) = unpack(decide(&ctx, true));
@@ -574,6 +578,110 @@ fn from_client(
         }
     }
     (verdict, counter)
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMP_HLEN: usize = 8;
+
+/// An ICMP port unreachable from a gateway about a datagram one of our sessions sent it: nothing
+/// listens on its WireGuard port, and the session's client waits in vain (passive health). A
+/// call of its own (see `wglb`), given the context as a number: given a reference, the compiler
+/// passes the packet's bounds instead, which the verifier then refuses to widen.
+#[inline(never)]
+fn note_refusal(ctx: usize) {
+    let ctx = &XdpContext::new(ctx as *mut _);
+    let Some(eth) = bytes::<ETH_HLEN>(ctx, 0) else {
+        return;
+    };
+    let eth = unsafe { &*eth };
+    // The ICMP header's offset, and the quoted datagram's source and destination.
+    let (icmp, ours, theirs, udp) = match u16::from_be_bytes([eth[12], eth[13]]) {
+        ETH_P_IP => {
+            let Some(ip) = bytes::<IPV4_HLEN>(ctx, ETH_HLEN) else {
+                return;
+            };
+            let ip = unsafe { &*ip };
+            if ip[0] != 0x45 || ip[9] != IPPROTO_ICMP {
+                return;
+            }
+            let icmp = ETH_HLEN + IPV4_HLEN;
+            let Some(quoted) = bytes::<IPV4_HLEN>(ctx, icmp + ICMP_HLEN) else {
+                return;
+            };
+            let quoted = unsafe { &*quoted };
+            if quoted[0] != 0x45 || quoted[9] != IPPROTO_UDP {
+                return;
+            }
+            let udp = icmp + ICMP_HLEN + IPV4_HLEN;
+            (icmp, mapped(&quoted[12..16]), mapped(&quoted[16..20]), udp)
+        }
+        ETH_P_IPV6 => {
+            let Some(ip) = bytes::<IPV6_HLEN>(ctx, ETH_HLEN) else {
+                return;
+            };
+            if unsafe { (*ip)[6] } != IPPROTO_ICMPV6 {
+                return;
+            }
+            let icmp = ETH_HLEN + IPV6_HLEN;
+            let Some(quoted) = bytes::<IPV6_HLEN>(ctx, icmp + ICMP_HLEN) else {
+                return;
+            };
+            let quoted = unsafe { &*quoted };
+            if quoted[6] != IPPROTO_UDP {
+                return;
+            }
+            let mut ours = [0u8; 16];
+            ours.copy_from_slice(&quoted[8..24]);
+            let mut theirs = [0u8; 16];
+            theirs.copy_from_slice(&quoted[24..40]);
+            (icmp, ours, theirs, icmp + ICMP_HLEN + IPV6_HLEN)
+        }
+        _ => return,
+    };
+    // Destination unreachable, port unreachable: ICMP 3/3, ICMPv6 1/4.
+    let Some(kind) = bytes::<2>(ctx, icmp) else {
+        return;
+    };
+    let kind = unsafe { *kind };
+    if kind != [3, 3] && kind != [1, 4] {
+        return;
+    }
+    let Some(ports) = bytes::<4>(ctx, udp) else {
+        return;
+    };
+    let ports = unsafe { *ports };
+    let Some(&index) = (unsafe { GATEWAY_INDEX.get(&endpoint(theirs, [ports[2], ports[3]])) })
+    else {
+        return;
+    };
+    if !gateway(index).is_some_and(|g| g.source == ours) {
+        return;
+    }
+    let nat = NatKey {
+        gateway: index,
+        nat_port: [ports[0], ports[1]],
+        pad: [0; 2],
+    };
+    let Some(flow) = (unsafe { NAT.get(&nat) }) else {
+        return;
+    };
+    let session = match SESSIONS.get_ptr_mut(flow) {
+        Some(session) => Some(session),
+        None => PROBATION.get_ptr_mut(flow),
+    };
+    let Some(session) = session else {
+        return;
+    };
+    let session = unsafe { &mut *session };
+    if session.gateway != nat.gateway || session.nat_port != nat.nat_port {
+        return;
+    }
+    session.handshake.refused(unsafe { bpf_ktime_get_ns() });
+    if let Some(traffic) = TRAFFIC.get_ptr_mut(index) {
+        // Per-CPU: no other CPU writes this entry.
+        unsafe { (*traffic).unreachable += 1 };
+    }
 }
 
 /// Whether an initiation to `listener` passes its mac1 check. A call of its own (see `wglb`).

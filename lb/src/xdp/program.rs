@@ -364,6 +364,7 @@ impl XdpProgram {
                 cookies: sum.cookies + cpu.cookies,
                 sessions_created: sum.sessions_created + cpu.sessions_created,
                 rtt_buckets: std::array::from_fn(|i| sum.rtt_buckets[i] + cpu.rtt_buckets[i]),
+                unreachable: sum.unreachable + cpu.unreachable,
             }))
     }
 

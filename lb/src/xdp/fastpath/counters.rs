@@ -41,6 +41,8 @@ impl FastPath {
             c.cookies.inc_by(now.cookies.saturating_sub(before.cookies));
             c.sessions_created
                 .inc_by(now.sessions_created.saturating_sub(before.sessions_created));
+            c.unreachable
+                .inc_by(now.unreachable.saturating_sub(before.unreachable));
             for bucket in 0..RTT_BUCKETS {
                 // The last bucket has no bound: its round trips count past the last one.
                 let bound_us = RTT_BOUNDS_US.get(bucket).copied().unwrap_or(u64::MAX);
