@@ -47,6 +47,7 @@ pub struct Metrics {
     confirmed: IntCounterVec,
     nat_drift: IntCounterVec,
     client_path_changes: IntCounterVec,
+    index_collisions: IntCounterVec,
     handshake_rtt: HistogramVec,
     unreachable: IntCounterVec,
     passive_waiting: IntGaugeVec,
@@ -98,6 +99,8 @@ pub enum DropReason {
     Refused(Refusal),
     /// A handshake initiation whose mac1 is wrong for the listener's public key.
     BadMac1,
+    /// From a source tuple whose session a rebinding retired (what was still in flight).
+    RetiredTuple,
 }
 
 impl DropReason {
@@ -115,6 +118,7 @@ impl DropReason {
             DropReason::StaleSession => "stale_session",
             DropReason::Refused(refusal) => refusal.as_str(),
             DropReason::BadMac1 => "bad_mac1",
+            DropReason::RetiredTuple => "retired_tuple",
         }
     }
 }
@@ -202,6 +206,7 @@ impl Metrics {
             confirmed: counter(r, "wglb_sessions_confirmed_total", "Sessions confirmed: their gateway answered (a handshake response or data), so they left probation.", &["listener"]),
             nat_drift: counter(r, "wglb_xdp_nat_drift_total", "Inconsistencies between the XDP program's session and NAT maps found and put right, by kind.", &["kind"]),
             client_path_changes: counter(r, "wglb_xdp_client_path_changes_total", "Sessions whose client came by another MAC, interface or listener address than before; replies follow it.", &["listener"]),
+            index_collisions: counter(r, "wglb_index_collisions_total", "Receiver indices two gateways chose at once: they route no rebound client (its source tuple alone decides).", &["listener"]),
             handshake_rtt: {
                 // The program's buckets (`wglb_common::handshake`): the XDP datapath counts
                 // round trips per bucket and adds each at its bucket's bound, so under XDP the
@@ -272,6 +277,8 @@ impl Metrics {
             unconfirmed: self.unconfirmed.with_label_values(&[listener]),
             confirmed: self.confirmed.with_label_values(&[listener]),
             client_path_changes: self.client_path_changes.with_label_values(&[listener]),
+            index_collisions: self.index_collisions.with_label_values(&[listener]),
+            retired_tuple: dropped(Direction::ToGateway, DropReason::RetiredTuple),
         }
     }
 
@@ -465,6 +472,8 @@ pub struct ListenerCounters {
     pub unconfirmed: IntGauge,
     pub confirmed: IntCounter,
     pub client_path_changes: IntCounter,
+    pub index_collisions: IntCounter,
+    pub retired_tuple: IntCounter,
 }
 
 impl ListenerCounters {

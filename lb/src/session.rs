@@ -126,15 +126,19 @@ pub enum EvictionReason {
     /// Its gateway never answered: it expired in probation, or a newer unconfirmed session
     /// pushed it out.
     Unconfirmed,
+    /// Its client's NAT mapping changed: the gateway roamed to the new tuple's session, which
+    /// took its place (`wglb_common::index`).
+    Rebound,
 }
 
 impl EvictionReason {
-    pub const ALL: [EvictionReason; 5] = [
+    pub const ALL: [EvictionReason; 6] = [
         EvictionReason::Idle,
         EvictionReason::GatewayGone,
         EvictionReason::TableFull,
         EvictionReason::Operator,
         EvictionReason::Unconfirmed,
+        EvictionReason::Rebound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -144,6 +148,7 @@ impl EvictionReason {
             EvictionReason::TableFull => "table_full",
             EvictionReason::Operator => "operator",
             EvictionReason::Unconfirmed => "unconfirmed",
+            EvictionReason::Rebound => "rebound",
         }
     }
 }

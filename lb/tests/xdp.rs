@@ -197,6 +197,11 @@ impl Lab {
         })
     }
 
+    /// The gateway index Maglev places `client` of the IPv4 listener on.
+    fn placed(&self, client: SocketAddr) -> u32 {
+        index_of(&self.v4.place(client).expect("a gateway").name)
+    }
+
     /// A datagram from gateway j to our NAT port `nat`.
     fn reply(j: u32, nat: u16, payload: &[u8]) -> Vec<u8> {
         frame(
@@ -930,6 +935,97 @@ fn a_port_unreachable_from_a_gateway_counts_against_it() -> Result<()> {
     // About a port no session holds: nothing.
     lab.program.run(&port_unreachable(j, nat + 1))?;
     ensure!(lab.program.traffic(j)?.unreachable == 1);
+    Ok(())
+}
+
+/// A message of `kind` carrying `index` at `offset` (a sender or receiver index).
+fn with_index(kind: u8, len: usize, offset: usize, index: u32) -> Vec<u8> {
+    let mut payload = message(kind, len);
+    payload[offset..offset + 4].copy_from_slice(&index.to_le_bytes());
+    payload
+}
+
+/// A client whose NAT mapping changes keeps its gateway: the gateway's index, learned from its
+/// handshake response, routes the new tuple to it on a NAT port of its own; a forged message
+/// carrying the same index gets a session nobody answers and costs the client nothing; once the
+/// gateway answers on the new tuple's port, the old tuple's session is retired and what still
+/// comes from it is dropped. An index a second gateway also chose routes nothing.
+#[test]
+fn a_rebound_client_follows_its_receiver_index_and_only_the_gateway_moves_its_replies() -> Result<()>
+{
+    const INDEX: u32 = 0x5eed_0001;
+    let lab = Lab::new()?;
+    let old = client_v4(48_000);
+    let (j, old_nat) = to_gateway(&lab, old, listener_v4(), &message(1, 148))?;
+    lab.expect(
+        &Lab::reply(j, old_nat, &with_index(2, 92, 4, INDEX)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(matches!(lab.session(old), Some((Table::Confirmed, _))));
+
+    // The same client behind a new mapping, and a forger who guessed the index: both go to gw j,
+    // each from a NAT port of its own, unconfirmed.
+    let data = with_index(4, 48, 4, INDEX);
+    let (new, forger) = (client_v4(48_001), client_v4(48_002));
+    let (to_new, new_nat) = to_gateway(&lab, new, listener_v4(), &data)?;
+    let (to_forger, forger_nat) = to_gateway(&lab, forger, listener_v4(), &data)?;
+    ensure!(
+        to_new == j && to_forger == j,
+        "gw{to_new} and gw{to_forger}, not gw{j}"
+    );
+    ensure!(new_nat != old_nat && forger_nat != old_nat && new_nat != forger_nat);
+    ensure!(matches!(lab.session(new), Some((Table::Unconfirmed, s)) if s.rebinding != 0));
+    // The old tuple keeps its session and its replies meanwhile.
+    ensure!(to_gateway(&lab, old, listener_v4(), &data)? == (j, old_nat));
+    lab.expect(
+        &Lab::reply(j, old_nat, &message(4, 48)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+
+    // The gateway authenticated the new tuple's data and answers there: the old one retires.
+    lab.expect(
+        &Lab::reply(j, new_nat, &message(4, 48)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(matches!(lab.session(new), Some((Table::Confirmed, _))));
+    ensure!(
+        lab.session(old).is_none(),
+        "the old tuple's session was not retired"
+    );
+    ensure!(lab.counter(XdpCounter::Rebound)? == 1);
+    lab.expect(
+        &from_client(old, listener_v4(), &data),
+        XDP_DROP,
+        XdpCounter::RetiredTuple,
+    )?;
+    ensure!(to_gateway(&lab, new, listener_v4(), &data)? == (j, new_nat));
+    // The forger's session is still unconfirmed, and retired nothing.
+    ensure!(matches!(lab.session(forger), Some((Table::Unconfirmed, _))));
+
+    // Another gateway chooses the same index for another client: it routes nothing now.
+    let other = (0..200)
+        .map(|p| client_v4(48_100 + p))
+        .find(|c| lab.placed(*c) != j)
+        .context("a client placed on another gateway")?;
+    let (k, other_nat) = to_gateway(&lab, other, listener_v4(), &message(1, 148))?;
+    lab.expect(
+        &Lab::reply(k, other_nat, &with_index(2, 92, 4, INDEX)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(lab.counter(XdpCounter::IndexCollision)? == 1);
+    let stray = (0..200)
+        .map(|p| client_v4(48_400 + p))
+        .find(|c| lab.placed(*c) != j)
+        .context("a client placed on neither")?;
+    let (placed, _) = to_gateway(&lab, stray, listener_v4(), &data)?;
+    ensure!(
+        placed == lab.placed(stray),
+        "a collided index routed a new tuple"
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod checksum;
 pub mod handshake;
 pub mod hash;
+pub mod index;
 pub mod mac1;
 pub mod session;
 pub mod wireguard;

@@ -96,7 +96,38 @@ pub struct Session {
     pub last_seen_ns: u64,
     /// The client's latest initiation and whether it waits for an answer, for passive health.
     pub handshake: HandshakeWait,
+    /// Non-zero for a session opened by a rebinding: a new source tuple routed by its receiver
+    /// index, `rebind_index`. Once its gateway answers, the old tuple's session is retired.
+    pub rebinding: u32,
+    pub rebind_index: u32,
 }
+
+/// A learned receiver index, by listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IndexKey {
+    pub listener: u32,
+    pub index: u32,
+}
+
+/// Whose a learned receiver index is: the gateway that chose it and the session it was learned
+/// on (`crate::index`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub client: FlowKey,
+    pub gateway: u32,
+    /// Non-zero: two gateways claimed it.
+    pub collided: u32,
+    /// Coarse ns.
+    pub learned_ns: u64,
+}
+
+/// Source tuples retired by a rebinding that the program remembers (what still arrives from
+/// them is dropped for [`RETIRED_FOR_NS`]).
+pub const MAX_RETIRED: u32 = 65_536;
+/// Long enough for what was in flight on the old mapping.
+pub const RETIRED_FOR_NS: u64 = 10_000_000_000;
 
 /// A gateway as the program forwards to it.
 #[repr(C)]
@@ -227,10 +258,16 @@ pub enum XdpCounter {
     ReplyOtherDestination,
     /// A handshake initiation whose mac1 is wrong for the listener's public key: dropped.
     BadMac1,
+    /// A gateway chose an index another gateway holds: it routes nothing.
+    IndexCollision,
+    /// A rebound tuple's session was confirmed: the old tuple's session retired.
+    Rebound,
+    /// From a tuple retired by a rebinding: dropped.
+    RetiredTuple,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 31;
     pub const ALL: [XdpCounter; Self::COUNT as usize] = [
         XdpCounter::NotIp,
         XdpCounter::NotUdp,
@@ -260,6 +297,9 @@ impl XdpCounter {
         XdpCounter::ClientPathChanged,
         XdpCounter::ReplyOtherDestination,
         XdpCounter::BadMac1,
+        XdpCounter::IndexCollision,
+        XdpCounter::Rebound,
+        XdpCounter::RetiredTuple,
     ];
 
     /// The counter of a kind of junk: the same kinds the userspace filter counts.
@@ -314,6 +354,9 @@ impl XdpCounter {
             XdpCounter::ClientPathChanged => "client_path_changed",
             XdpCounter::ReplyOtherDestination => "reply_other_destination",
             XdpCounter::BadMac1 => "bad_mac1",
+            XdpCounter::IndexCollision => "index_collision",
+            XdpCounter::Rebound => "rebound",
+            XdpCounter::RetiredTuple => "retired_tuple",
         }
     }
 }
@@ -330,6 +373,8 @@ mod user {
     unsafe impl aya::Pod for super::GatewayTraffic {}
     unsafe impl aya::Pod for crate::admission::SourceBudget {}
     unsafe impl aya::Pod for crate::mac1::Mac1Key {}
+    unsafe impl aya::Pod for super::IndexKey {}
+    unsafe impl aya::Pod for super::IndexEntry {}
 }
 
 #[cfg(test)]
@@ -345,14 +390,15 @@ mod tests {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
         assert_eq!(core::mem::size_of::<ListenerInfo>(), 32);
         assert_eq!(core::mem::size_of::<FlowKey>(), 24);
-        assert_eq!(core::mem::size_of::<Session>(), 72);
+        assert_eq!(core::mem::size_of::<Session>(), 80);
         assert_eq!(core::mem::size_of::<Gateway>(), 56);
         assert_eq!(core::mem::size_of::<NatKey>(), 8);
         assert_eq!(core::mem::size_of::<GatewayTraffic>(), 224);
         assert_eq!(core::mem::size_of::<crate::admission::SourceBudget>(), 24);
         assert_eq!(core::mem::size_of::<crate::mac1::Mac1Key>(), 36);
+        assert_eq!(core::mem::size_of::<IndexEntry>(), 40);
         assert_eq!(
-            counter_slot(Some(MAX_LISTENERS - 1), true, XdpCounter::BadMac1),
+            counter_slot(Some(MAX_LISTENERS - 1), true, XdpCounter::RetiredTuple),
             COUNTER_ROWS * XdpCounter::COUNT - 1
         );
     }

@@ -29,13 +29,15 @@ use wglb_common::admission::SourceBudget;
 use wglb_common::checksum::{ipv4_header, udp_after_rewrite};
 use wglb_common::handshake::{rtt_bucket, HandshakeWait};
 use wglb_common::hash::flow_hash;
+use wglb_common::index::{index_at, learn, receiver_offset, routes, sender_offset, Held, Learn};
 use wglb_common::mac1::{Blake2sWork, Mac1Key, INITIATION_LEN};
 use wglb_common::session::{confirms, needs_admission, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify_header, MessageType};
 use wglb_common::xdp::{
-    counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
-    XdpCounter, CONFIG_LEN, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS, COUNTER_ROWS, GATEWAY_KEEPS,
-    GATEWAY_READY, MAX_GATEWAYS, MAX_LISTENERS, MAX_LISTENER_ADDRS, MAX_SOURCES, NAT_PROBES,
+    counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, IndexEntry, IndexKey, ListenerInfo,
+    NatKey, Session, XdpCounter, CONFIG_LEN, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS, COUNTER_ROWS,
+    GATEWAY_KEEPS, GATEWAY_READY, MAX_GATEWAYS, MAX_LISTENERS, MAX_LISTENER_ADDRS, MAX_RETIRED,
+    MAX_SOURCES, NAT_PROBES, RETIRED_FOR_NS,
 };
 
 #[map]
@@ -83,6 +85,15 @@ static PINS: HashMap<FlowKey, u32> = HashMap::with_max_entries(1, BPF_F_NO_PREAL
 #[map]
 static NAT: HashMap<NatKey, FlowKey> = HashMap::with_max_entries(1, 0);
 
+/// Receiver indices learned from gateways' handshakes, by listener and index
+/// (`wglb_common::index`). Sized by userspace like SESSIONS.
+#[map]
+static INDICES: LruHashMap<IndexKey, IndexEntry> = LruHashMap::with_max_entries(1, 0);
+
+/// Source tuples whose session a rebinding retired, and when.
+#[map]
+static RETIRED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_RETIRED, 0);
+
 /// Each listener's mac1 key, by listener index: initiations whose mac1 is wrong are dropped.
 #[map]
 static MAC1: Array<Mac1Key> = Array::with_max_entries(MAX_LISTENERS, 0);
@@ -121,13 +132,19 @@ const TX: u32 = xdp_action::XDP_TX;
 /// Not an XDP action: `decide`'s answer for an initiation to a listener that checks mac1, which
 /// the entry point checks before deciding again.
 const CHECK_MAC1: u32 = u32::MAX;
+/// Nor this: `decide`'s answer for a datagram to no listener, which may be a gateway's reply.
+const NOT_A_CLIENTS: u32 = u32::MAX - 1;
 
-/// The entry point keeps a small stack frame: the BLAKE2s of the mac1 check runs in a call of its
-/// own beside `decide`, never on top of its frame (the kernel allows 512 bytes for the deepest
-/// chain of calls).
+/// The entry point keeps a small stack frame and makes the calls: a client's datagram
+/// (`decide`), a gateway's (`reply`), the BLAKE2s of the mac1 check, each in a call of its own
+/// beside the others, never on top of another's frame (the kernel allows 512 bytes for the
+/// deepest chain of calls, and each of the two paths needs most of it).
 #[xdp]
 pub fn wglb(ctx: XdpContext) -> u32 {
-    let (mut verdict, mut counter, row) = unpack(decide(&ctx, false));
+    let (mut verdict, mut counter, mut row) = unpack(decide(&ctx, false));
+    if verdict == NOT_A_CLIENTS {
+        (verdict, counter, row) = unpack(reply(&ctx));
+    }
     if counter == XdpCounter::NotUdp {
         // Still the kernel's: only noted.
         note_refusal(ctx.ctx as usize);
@@ -288,7 +305,8 @@ fn check_wireguard(ctx: &XdpContext, headers: &Headers) -> Result<MessageType, X
     classify_header(header, udp_len - UDP_HLEN).map_err(XdpCounter::junk)
 }
 
-/// A call of its own (see `wglb`). `mac1_checked`: an initiation's mac1 has been verified.
+/// A client's datagram to a listener (see `wglb`). `mac1_checked`: an initiation's mac1 has been
+/// verified.
 #[inline(never)]
 fn decide(ctx: &XdpContext, mac1_checked: bool) -> u64 {
     let (verdict, counter, row) = decide_inline(ctx, mac1_checked);
@@ -301,23 +319,40 @@ fn decide_inline(ctx: &XdpContext, mac1_checked: bool) -> (u32, XdpCounter, Row)
         Ok(headers) => headers,
         Err(counter) => return (PASS, counter, NO_LISTENER),
     };
-    if let Some(listener) = unsafe { LISTENERS.get(&headers.destination) } {
-        let listener = *listener;
-        let row = Row {
-            listener: Some(listener.index),
-            from_gateway: false,
-        };
-        let (verdict, counter) = match check_wireguard(ctx, &headers) {
-            Ok(MessageType::HandshakeInitiation)
-                if !mac1_checked && MAC1.get(listener.index).is_some_and(|k| k.enabled != 0) =>
-            {
-                (CHECK_MAC1, XdpCounter::BadMac1)
-            }
-            Ok(kind) => from_client(ctx, &headers, &listener, kind, row),
-            Err(junk) => (DROP, junk),
-        };
-        return (verdict, counter, row);
-    }
+    let Some(listener) = (unsafe { LISTENERS.get(&headers.destination) }) else {
+        return (NOT_A_CLIENTS, XdpCounter::NotListener, NO_LISTENER);
+    };
+    let listener = *listener;
+    let row = Row {
+        listener: Some(listener.index),
+        from_gateway: false,
+    };
+    let (verdict, counter) = match check_wireguard(ctx, &headers) {
+        Ok(MessageType::HandshakeInitiation)
+            if !mac1_checked && MAC1.get(listener.index).is_some_and(|k| k.enabled != 0) =>
+        {
+            (CHECK_MAC1, XdpCounter::BadMac1)
+        }
+        Ok(kind) => from_client(ctx, &headers, &listener, kind, row),
+        Err(junk) => (DROP, junk),
+    };
+    (verdict, counter, row)
+}
+
+/// A datagram to no listener: a gateway's reply to one of our NAT ports, or someone else's (see
+/// `wglb`).
+#[inline(never)]
+fn reply(ctx: &XdpContext) -> u64 {
+    let (verdict, counter, row) = reply_inline(ctx);
+    pack(verdict, counter, row)
+}
+
+#[inline(always)]
+fn reply_inline(ctx: &XdpContext) -> (u32, XdpCounter, Row) {
+    let headers = match parse(ctx) {
+        Ok(headers) => headers,
+        Err(counter) => return (PASS, counter, NO_LISTENER),
+    };
     if let Some(&index) = unsafe { GATEWAY_INDEX.get(&headers.source) } {
         // Only what a gateway sends to our own address towards it is a reply of ours: the same
         // port on another local address (or routed through us) belongs to someone else.
@@ -477,6 +512,9 @@ fn from_client(
             }
         }
     }
+    if unsafe { RETIRED.get(&key) }.is_some_and(|at| now.wrapping_sub(*at) < RETIRED_FOR_NS) {
+        return (DROP, XdpCounter::RetiredTuple);
+    }
     let hash_port = if listener.hash_port != 0 {
         u16::from_be_bytes(headers.source.port)
     } else {
@@ -489,9 +527,18 @@ fn from_client(
         .copied()
         .and_then(|index| gateway(index).map(|g| (index, g)))
         .filter(|(_, g)| g.flags & GATEWAY_KEEPS != 0);
-    let (index, gateway) = match pinned {
-        Some(pinned) => pinned,
-        None => {
+    // A new tuple of a session whose receiver index is known: to that index's gateway.
+    let rebound = match pinned {
+        Some(_) => None,
+        None => rebound(ctx, headers, &key, kind, now),
+    };
+    let (index, gateway) = match (pinned, rebound) {
+        (Some(pinned), _) => pinned,
+        (None, Some((_, index))) => match gateway(index) {
+            Some(gateway) => (index, gateway),
+            None => return (DROP, XdpCounter::NoGateway),
+        },
+        (None, None) => {
             if listener.maglev_size == 0 {
                 return (DROP, XdpCounter::NoGateway);
             }
@@ -550,6 +597,8 @@ fn from_client(
         pad2: [0; 4],
         last_seen_ns: now,
         handshake,
+        rebinding: rebound.is_some() as u32,
+        rebind_index: rebound.map_or(0, |(index, _)| index),
     };
     let stored = if admitted {
         PROBATION.insert(&key, &session, 0)
@@ -698,6 +747,115 @@ fn mac1_verifies(ctx: &XdpContext, listener: u32) -> bool {
     }
 }
 
+/// For a datagram from a tuple without a session: the receiver index it carries and its gateway,
+/// if the index routes it (`wglb_common::index::routes`) and the session it was learned on still
+/// lives on that gateway under another tuple.
+#[inline(always)]
+fn rebound(
+    ctx: &XdpContext,
+    headers: &Headers,
+    key: &FlowKey,
+    kind: MessageType,
+    now: u64,
+) -> Option<(u32, u32)> {
+    let offset = receiver_offset(kind)?;
+    let header = unsafe { &*bytes::<12>(ctx, headers.udp + UDP_HLEN)? };
+    let index = index_at(header, offset);
+    let entry = unsafe {
+        INDICES.get(&IndexKey {
+            listener: key.listener,
+            index,
+        })
+    }?;
+    let keeps = gateway(entry.gateway).is_some_and(|g| g.flags & GATEWAY_KEEPS != 0);
+    let held = Held {
+        gateway: entry.gateway,
+        collided: entry.collided != 0,
+        learned_ns: entry.learned_ns,
+    };
+    if entry.client == *key || !routes(held, keeps, now) {
+        return None;
+    }
+    let old = unsafe { SESSIONS.get(&entry.client) }?;
+    (old.gateway == entry.gateway).then_some((index, entry.gateway))
+}
+
+/// A gateway's handshake message carries the index it chose for this session: learned, unless
+/// another gateway holds it.
+#[inline(always)]
+fn learn_index(
+    ctx: &XdpContext,
+    headers: &Headers,
+    flow: &FlowKey,
+    gateway: u32,
+    offset: usize,
+    row: Row,
+) {
+    let Some(header) = bytes::<12>(ctx, headers.udp + UDP_HLEN) else {
+        return;
+    };
+    let key = IndexKey {
+        listener: flow.listener,
+        index: index_at(unsafe { &*header }, offset),
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let held = unsafe { INDICES.get(&key) }.map(|e| Held {
+        gateway: e.gateway,
+        collided: e.collided != 0,
+        learned_ns: e.learned_ns,
+    });
+    let entry = match learn(held, gateway, now) {
+        Learn::Take => IndexEntry {
+            client: *flow,
+            gateway,
+            collided: 0,
+            learned_ns: now,
+        },
+        Learn::Collide => {
+            if held.is_some_and(|h| h.collided) {
+                return;
+            }
+            count(row, XdpCounter::IndexCollision);
+            IndexEntry {
+                client: *flow,
+                gateway,
+                collided: 1,
+                learned_ns: now,
+            }
+        }
+    };
+    let _ = INDICES.insert(&key, &entry, 0);
+}
+
+/// A rebound tuple's session is confirmed (its gateway roamed to it): the old tuple's session
+/// goes, what still comes from the old tuple is dropped for a while, and the index is the new
+/// tuple's.
+#[inline(always)]
+fn retire_rebound(flow: &FlowKey, session: &Session, row: Row) {
+    let key = IndexKey {
+        listener: flow.listener,
+        index: session.rebind_index,
+    };
+    let Some(entry) = INDICES.get_ptr_mut(&key) else {
+        return;
+    };
+    let entry = unsafe { &mut *entry };
+    if entry.client == *flow || entry.gateway != session.gateway {
+        return;
+    }
+    let old = entry.client;
+    entry.client = *flow;
+    if let Some(gone) = unsafe { SESSIONS.get(&old) } {
+        if gone.gateway == session.gateway {
+            release_nat(&old, gone);
+            let _ = SESSIONS.remove(&old);
+            let now = unsafe { bpf_ktime_get_coarse_ns() };
+            let _ = RETIRED.insert(&old, &now, 0);
+            count(row, XdpCounter::Rebound);
+        }
+    }
+}
+
 /// Takes a token of the client address's budget for a new unconfirmed session.
 #[inline(always)]
 fn admit(key: &FlowKey, listener: &ListenerInfo, now: u64) -> Result<(), XdpCounter> {
@@ -786,12 +944,19 @@ fn from_gateway(
     // keys for this client. A cookie reply does not: gateways under load send one to any
     // initiation with a valid mac1, which anyone who knows the public key can compute.
     if !confirmed && confirms(kind) {
-        let copy = *session;
+        let mut copy = *session;
+        copy.rebinding = 0;
         if SESSIONS.insert(flow, &copy, BPF_NOEXIST as u64).is_ok() {
             let _ = PROBATION.remove(flow);
             settle(flow);
             count(row, XdpCounter::SessionConfirmed);
+            if session.rebinding != 0 {
+                retire_rebound(flow, session, row);
+            }
         }
+    }
+    if let Some(offset) = sender_offset(kind) {
+        learn_index(ctx, headers, flow, nat.gateway, offset, row);
     }
     let sent = send(ctx, headers, &to, ifindex, XdpCounter::ToClient);
     if sent.1 == XdpCounter::ToClient {

@@ -98,6 +98,7 @@ impl XdpProgram {
             .map_max_entries("PROBATION", limits.probation)
             .map_max_entries("NAT", limits.nat_entries())
             .map_max_entries("PINS", limits.sessions)
+            .map_max_entries("INDICES", limits.sessions)
             .map_max_entries("MAGLEV", limits.maglev_slots)
             .load(OBJECT)
             .context("loading the XDP object")?;

@@ -86,6 +86,9 @@ impl FastPath {
             }
             (Malformed, Some(_)) => drop(DropReason::Malformed),
             (BadMac1, Some(_)) => drop(DropReason::BadMac1),
+            (RetiredTuple, Some(l)) => l.counters.retired_tuple.inc_by(delta),
+            (IndexCollision, Some(l)) => l.counters.index_collisions.inc_by(delta),
+            (Rebound, Some(l)) => l.counters.eviction(EvictionReason::Rebound).inc_by(delta),
             (SourceRate | SourceUnconfirmed, Some(l)) => {
                 let refusal = Refusal::ALL
                     .into_iter()
