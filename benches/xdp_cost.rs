@@ -2,8 +2,9 @@
 //! no system call in it), beside the floor measured in the same run: a program that only parses,
 //! rewrites and sends back (`ebpf/xdp/src/floor.rs`). Cases: a confirmed session's hit, a new
 //! session (placement, admission, a NAT port and two map inserts), a new session refused by its
-//! source's budget, junk dropped at the shape check, and a handshake initiation on a session
-//! without and with the mac1 check (and one the check drops). Needs root.
+//! source's budget, junk dropped at the shape check, a handshake initiation on a session
+//! without and with the mac1 check (and one the check drops), and a new tuple routed by the
+//! receiver index its data carries (a NAT rebinding). Needs root.
 //!
 //! BPF_PROG_TEST_RUN runs every repeat on the same buffer, which the program rewrites: a hit would
 //! measure the rewritten frame's path from the second run on. So the hit's frame is made a fixed
@@ -171,6 +172,48 @@ fn main() -> anyhow::Result<()> {
     );
     let miss_ns = miss_total / misses;
 
+    // A session on gw1 whose gateway chose an index (learned from its handshake response), then
+    // new tuples carrying that index: each is routed to gw1 by it, one run each.
+    const INDEX: u32 = 0x5eed_0001;
+    let placed_on_gw1 = (0..1000u16)
+        .map(|p| SocketAddr::from(([10, 205, 0, 1], 2000 + p)))
+        .find(|c| placement.place(*c).is_some_and(|g| g.name == "gw1"))
+        .context("a client Maglev places on gw1")?;
+    let sent = program.run(&frame(placed_on_gw1, &message(1, 148)))?;
+    let nat_port = u16::from_be_bytes([sent.packet[34], sent.packet[35]]);
+    let mut response = message(2, 92);
+    response[4..8].copy_from_slice(&INDEX.to_le_bytes());
+    let mut reply = Vec::new();
+    PacketBuilder::ethernet2(OUR_MAC, CLIENT_MAC)
+        .ipv4([10, 202, 1, 2], [10, 202, 1, 1], 64)
+        .udp(51820, nat_port)
+        .write(&mut reply, &response)?;
+    ensure!(
+        program.run(&reply)?.verdict == XDP_TX,
+        "the response was not relayed"
+    );
+    let mut data = message(4, 32 + 16 * 80);
+    data[4..8].copy_from_slice(&INDEX.to_le_bytes());
+    let mut rebound_total = Duration::ZERO;
+    let mut rebounds = 0u32;
+    for i in 0..MISSES {
+        let client = SocketAddr::from(([10, 206, (i / 250) as u8, 1 + (i % 250) as u8], 1024 + i));
+        let time = program.time(&frame(client, &data), 1)?;
+        let key = FlowKey {
+            listener: 0,
+            client: endpoint_of(client),
+        };
+        if matches!(program.session(&key), Some((Table::Unconfirmed, s)) if s.rebinding != 0) {
+            rebound_total += time;
+            rebounds += 1;
+        }
+    }
+    ensure!(
+        rebounds > u32::from(MISSES) / 3,
+        "only {rebounds} tuples were routed by their index"
+    );
+    let rebound_ns = rebound_total / rebounds;
+
     // One address opens its burst of new sessions, then every further new one is refused.
     let mut refused = None;
     for port in 1024..2048 {
@@ -215,6 +258,7 @@ fn main() -> anyhow::Result<()> {
         ("... with mac1 checked", checked_ns),
         ("initiation, mac1 wrong, dropped", forged_ns),
         ("new session (place, admit, NAT)", miss_ns),
+        ("rebound tuple (routed by index)", rebound_ns),
         ("new session refused (budget)", refused_ns),
         ("junk dropped", junk_ns),
     ] {

@@ -14,6 +14,7 @@ packages=(
     iproute2         # ip netns, veth
     iputils-ping     # ping through the tunnels
     ethtool          # test rigs set veth offloads for the XDP datapath
+    nftables         # tests rewrite a client's source mapping (NAT rebinding) with nft
     keepalived       # VRRP for the HA pair tests (deploy/keepalived/)
     systemd          # systemd-analyze verifies the packaged units
     binutils         # strip, for the Debian package

@@ -680,6 +680,58 @@ impl Rig {
         Ok(())
     }
 
+    /// Client i's NAT mapping changes: from now on its datagrams leave from another address and
+    /// port (rewritten on their way out of its namespace by stateless nftables rules, as a
+    /// carrier NAT would), answers to the new mapping come back to it, and what still arrives at
+    /// the old one is dropped. Returns the new mapping.
+    pub fn rebind_client(&self, i: usize) -> Result<SocketAddr> {
+        let id = &self.id;
+        let client = &self.clients[i];
+        let (family, new_ip, prefix) = match client.outer {
+            IpAddr::V4(v4) => {
+                let [a, b, c, _] = v4.octets();
+                ("ip", IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, 3)), 32)
+            }
+            IpAddr::V6(v6) => {
+                let mut segments = v6.segments();
+                segments[7] = 3;
+                ("ip6", IpAddr::V6(std::net::Ipv6Addr::from(segments)), 128)
+            }
+        };
+        let new = SocketAddr::new(new_ip, client.port + 1);
+        let (address, link) = (format!("{new_ip}/{prefix}"), format!("v{id}c{i}"));
+        let mut add = vec!["addr", "add", &address, "dev", &link];
+        if prefix == 128 {
+            add.push("nodad");
+        }
+        client.ns.ip(&add)?;
+        let (old_ip, old_port) = (client.outer, client.port);
+        let (new_port, f) = (new.port(), family);
+        let rules = [
+            format!("table {f} wglb_rebind {{"),
+            "  chain out {".into(),
+            "    type filter hook postrouting priority 100; policy accept;".into(),
+            format!("    {f} saddr {old_ip} udp sport {old_port} {f} saddr set {new_ip} udp sport set {new_port}"),
+            "  }".into(),
+            "  chain in {".into(),
+            "    type filter hook prerouting priority -300; policy accept;".into(),
+            format!("    {f} daddr {old_ip} udp dport {old_port} drop"),
+            format!("    {f} daddr {new_ip} udp dport {new_port} {f} daddr set {old_ip} udp dport set {old_port}"),
+            "  }".into(),
+            "}".into(),
+        ]
+        .join("\n");
+        let path = self.temp_dir().join(format!("rebind-c{i}.nft"));
+        std::fs::write(&path, rules)?;
+        cmd::run(
+            client
+                .ns
+                .command("nft")
+                .args(["-f", &path.display().to_string()]),
+        )?;
+        Ok(new)
+    }
+
     /// Points client i's WireGuard at `endpoint` (a balancer, or a gateway directly).
     pub fn set_client_endpoint(&self, i: usize, endpoint: SocketAddr) -> Result<()> {
         let client = &self.clients[i];

@@ -34,6 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use wglb_common::admission::Refusal;
+use wglb_common::index::{index_at, sender_offset};
 use wglb_common::mac1::{Blake2sWork, Mac1Key};
 use wglb_common::session::{confirms, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify, MessageType};
@@ -47,6 +48,7 @@ use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, Placement};
 use crate::query::SessionRequest;
+use crate::rebinding::{Indices, Learned, Rebinding};
 use crate::session::{now_ms, now_ns, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
@@ -54,6 +56,9 @@ use crate::sync::{self, Resyncs, SyncOut};
 const RECV_BUFFER: usize = 64 * 1024;
 /// How often idle sessions are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Indices learned by reply paths and not yet taken in by the listener's task: a handshake per client
+/// every two minutes, so a burst of 4,096 is a lot.
+const LEARNED_QUEUE: usize = 4096;
 /// Receive batches handled before the listener task looks at plan changes and timers again.
 const BATCHES_PER_TURN: usize = 16;
 
@@ -236,6 +241,8 @@ struct Forwarding {
     upstream: Arc<UdpEndpoint>,
     replies: AbortHandle,
     counters: Arc<GatewayCounters>,
+    /// Opened for a rebound tuple: the old tuple's session retires once this one is confirmed.
+    rebinding: Option<Rebinding>,
 }
 
 impl Drop for Forwarding {
@@ -394,9 +401,31 @@ struct ReplyPath {
     activity: Arc<Activity>,
     gateway: Arc<GatewayCounters>,
     counters: Arc<ListenerCounters>,
+    /// Who the gateway is, and where the indices it chooses go (the listener's task).
+    gateway_id: GatewayId,
+    gateway_address: SocketAddr,
+    learned: mpsc::Sender<Learned>,
 }
 
 impl ReplyPath {
+    /// The indices the gateway chose in the handshake messages of a batch.
+    fn learn_indices(&self, data: &[u8], stride: usize) {
+        for datagram in datagrams(data, stride) {
+            let (Ok(kind), Some(header)) = (classify(datagram), datagram.get(..12)) else {
+                continue;
+            };
+            if let (Some(offset), Ok(header)) = (sender_offset(kind), header.try_into()) {
+                // A full queue loses an index: the tuple then decides, as without one.
+                let _ = self.learned.try_send(Learned {
+                    index: index_at(header, offset),
+                    client: self.client,
+                    gateway: self.gateway_id,
+                    address: self.gateway_address,
+                });
+            }
+        }
+    }
+
     async fn run(self) {
         loop {
             if self.upstream.io.readable().await.is_err() {
@@ -449,6 +478,9 @@ impl ReplyPath {
                         self.gateway.handshake_rtt.observe(round_trip.as_secs_f64());
                     }
                 }
+                if batch.responses + batch.initiations > 0 {
+                    self.learn_indices(data, stride);
+                }
                 match forward(
                     &self.listener,
                     self.client,
@@ -498,6 +530,9 @@ struct Relay {
     /// When forwarding sessions were last announced again to peers (ms, [`now_ms`]).
     refreshed_at: u64,
     board: Board,
+    indices: Indices,
+    /// Where reply paths send the indices they see gateways choose.
+    learned: mpsc::Sender<Learned>,
 }
 
 impl Relay {
@@ -644,10 +679,38 @@ impl Relay {
             activity: session.activity,
             link: Link::Forwarding(session.link),
         };
+        let rebinding = match &session.link {
+            Link::Forwarding(link) => link.rebinding,
+            Link::Standby(_) => None,
+        };
         if let Some((evicted, session)) = self.sessions.insert(client, session) {
             self.push_out(evicted, &session);
             tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
         }
+        if let Some(rebinding) = rebinding {
+            self.retire(client, &rebinding);
+        }
+    }
+
+    /// The gateway answered the rebound tuple `client`: it roamed there, so the old tuple's
+    /// session goes.
+    fn retire(&mut self, client: SocketAddr, rebinding: &Rebinding) {
+        self.indices.retire(rebinding, client, now_ns());
+        let on_its_gateway = self
+            .sessions
+            .peek(&rebinding.old)
+            .is_some_and(|s| s.gateway == rebinding.gateway);
+        if on_its_gateway {
+            if let Some(old) = self.sessions.remove(&rebinding.old) {
+                self.ended_between_sweeps(rebinding.old, &old, EvictionReason::Rebound);
+                tracing::debug!(listener = %self.name, %client, old = %rebinding.old, "the client's NAT mapping changed: its gateway roamed to the new tuple");
+            }
+        }
+    }
+
+    /// An index a gateway chose, seen by a reply path.
+    fn learn(&mut self, learned: Learned) {
+        self.indices.learn(learned, now_ns(), &self.counters);
     }
 
     fn answer(&mut self, request: SessionRequest) {
@@ -882,7 +945,22 @@ impl Relay {
             }
             None => {}
         }
-        if self.open_session(client, meta.dst_ip, now, batch) {
+        let now_ns = now_ns();
+        if self.indices.retired(&client, now_ns) {
+            self.counters.retired_tuple.inc_by(batch.valid);
+            return;
+        }
+        let sessions = &self.sessions;
+        let alive = |old: SocketAddr, gateway: GatewayId| {
+            sessions
+                .peek(&old)
+                .is_some_and(|s| s.gateway == gateway && s.link.standing() == Standing::Confirmed)
+        };
+        let first = datagrams(data, stride).next().unwrap_or_default();
+        let rebinding = self
+            .indices
+            .route(client, first, &self.plan.placement, now_ns, alive);
+        if self.open_session(client, meta.dst_ip, now, batch, rebinding) {
             self.forward_held(client, data, stride, batch);
         }
     }
@@ -924,8 +1002,14 @@ impl Relay {
         reply_from: Option<IpAddr>,
         now: u64,
         batch: Batch,
+        rebinding: Option<Rebinding>,
     ) -> bool {
-        let Some(gateway) = self.plan.placement.place(client) else {
+        let placement = &self.plan.placement;
+        let gateway = match rebinding {
+            Some(rebinding) => placement.gateway(rebinding.gateway),
+            None => placement.place(client),
+        };
+        let Some(gateway) = gateway else {
             self.counters.no_gateway.inc_by(batch.valid);
             tracing::debug!(listener = %self.name, %client, "dropped: no gateway takes new sessions");
             return false;
@@ -941,12 +1025,13 @@ impl Relay {
         }
         let activity = Arc::new(Activity::default());
         activity.touch(now);
-        let Some(link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
+        let Some(mut link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
         else {
             self.sources.settled(client.ip());
             return false;
         };
-        tracing::debug!(listener = %self.name, %client, gateway = %name, "new session");
+        link.rebinding = rebinding;
+        tracing::debug!(listener = %self.name, %client, gateway = %name, rebinding = ?rebinding, "new session");
         let session = Session {
             gateway: id,
             gateway_address: address,
@@ -1020,6 +1105,9 @@ impl Relay {
                 activity: activity.clone(),
                 gateway: counters.clone(),
                 counters: self.counters.clone(),
+                gateway_id: id,
+                gateway_address: address,
+                learned: self.learned.clone(),
             }
             .run(),
         )
@@ -1030,6 +1118,7 @@ impl Relay {
             upstream,
             replies,
             counters,
+            rebinding: None,
         })
     }
 }
@@ -1189,6 +1278,7 @@ pub async fn run_listener(
         board,
     } = links;
     let plan = plans.borrow_and_update().clone();
+    let (learned_tx, mut learned) = mpsc::channel(LEARNED_QUEUE);
     let mut relay = Relay {
         name: config.name.clone(),
         socket: Arc::new(socket),
@@ -1209,6 +1299,8 @@ pub async fn run_listener(
         resyncs: Resyncs::default(),
         refreshed_at: now_ms(),
         board,
+        indices: Indices::new(plan.table_size),
+        learned: learned_tx,
     };
     relay.apply(plan);
     let mut buffers = RecvBuffers::new();
@@ -1230,6 +1322,7 @@ pub async fn run_listener(
                 }
             },
             _ = sweep.tick() => relay.sweep(),
+            Some(index) = learned.recv() => relay.learn(index),
             Some(request) = requests.recv() => {
                 relay.answer(request);
                 // A long answer (a page of a big table) must not be followed by another while

@@ -23,6 +23,7 @@ pub mod passive;
 pub mod pool;
 pub mod query;
 pub mod quorum;
+pub mod rebinding;
 pub mod session;
 pub mod sync;
 pub mod xdp;

@@ -1022,6 +1022,54 @@ fn a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again(
     Ok(())
 }
 
+/// Every client's NAT mapping changes mid-session (address and port, the old mapping gone): the
+/// balancer routes the new tuple by the receiver index its data carries, to the same gateway on
+/// a new upstream path; the gateway roams there once the data authenticates; the old tuple's
+/// session is retired. Each client keeps its gateway with no new handshake and at most one lost
+/// ping. Before this, 4 of 6 clients handshook again 15.5 s later, often elsewhere.
+fn rebinding(datapath: Datapath, family: Family) -> Result<()> {
+    let config = config_text(family, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = rig(family, 3, &config, &wanted)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..wanted.len())?;
+    let clients: Vec<usize> = (0..wanted.len()).collect();
+    let handshakes = settled_handshakes(&rig, &clients)?;
+    let mut moved_at = Vec::new();
+    for (i, pinger) in pingers.iter().enumerate() {
+        moved_at.push(pinger.last_seq());
+        let new = rig.rebind_client(i)?;
+        eprintln!("client {i} now appears as {new}");
+    }
+    let rebound = r#"wglb_session_evictions_total{listener="test",reason="rebound"}"#;
+    balancer.wait_metric(&rig, rebound, Duration::from_secs(10), |v| {
+        v >= wanted.len() as f64
+    })?;
+    // A few more pings through the new mappings, then no more than one lost each.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, &j) in wanted.iter().enumerate() {
+        let lost = lost_since(&pingers[i], moved_at[i]);
+        ensure!(
+            lost.len() <= 1,
+            "client {i} lost pings {lost:?} when its mapping changed"
+        );
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[i],
+            "client {i} handshook again"
+        );
+        ensure!(rig.gateway_serving(i)? == Some(j), "client {i} moved");
+    }
+    Ok(())
+}
+
+fn clients_whose_nat_mapping_changes_keep_their_gateway(datapath: Datapath) -> Result<()> {
+    rebinding(datapath, Family::V4)
+}
+
+fn ipv6_clients_whose_nat_mapping_changes_keep_their_gateway(datapath: Datapath) -> Result<()> {
+    rebinding(datapath, Family::V6)
+}
+
 fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let path = rig.temp_dir().join(name);
     std::fs::write(&path, text)?;
@@ -1029,6 +1077,8 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
 }
 
 on_every_datapath!(
+    clients_whose_nat_mapping_changes_keep_their_gateway,
+    ipv6_clients_whose_nat_mapping_changes_keep_their_gateway,
     a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health,
     a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again,
     initiations_with_a_wrong_mac1_never_reach_a_gateway,
