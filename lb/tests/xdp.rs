@@ -17,6 +17,7 @@ use etherparse::{
 use wglb::config::Config;
 use wglb::control::initial_placement;
 use wglb::pool::Placement;
+use wglb::rebinding::{Indices, Learned};
 use wglb::xdp::{Limits, Table, XdpProgram, XDP_DROP, XDP_PASS, XDP_TX};
 use wglb_common::admission::AdmissionLimits;
 use wglb_common::handshake::HandshakeWait;
@@ -1335,6 +1336,53 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(parsed.payload, payload);
             }
         }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Receiver-index routing decided alike: gateways choose indices for their clients (some of
+    /// them the same index, so that some collide), then a new tuple sends data carrying one of
+    /// them. The program and the userspace datapath's index table, told the same handshakes,
+    /// send it to the same gateway (the index's, or Maglev's when the index routes nothing).
+    #[test]
+    fn the_program_routes_rebound_tuples_as_userspace_does(
+        learned in proptest::collection::vec((0u16..6, 0u32..3), 1..6),
+        probe_index in 0u32..4,
+    ) {
+        let fail = |e: anyhow::Error| proptest::test_runner::TestCaseError::fail(format!("{e:#}"));
+        let lab = Lab::new().map_err(fail)?;
+        let mut indices = Indices::new(std::num::NonZeroUsize::new(64).unwrap());
+        let counters = wglb::metrics::Metrics::new().listener("test");
+        let id_of = |j: u32| {
+            let name = format!("gw{j}");
+            let view = lab.v4.gateways().iter().find(|g| g.name == name).unwrap();
+            (view.id, view.address)
+        };
+        let mut clients = std::collections::HashMap::new();
+        for (port, index) in learned {
+            let client = client_v4(49_000 + port);
+            let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148)).map_err(fail)?;
+            lab.expect(&Lab::reply(j, nat, &with_index(2, 92, 4, 0x7000 + index)), XDP_TX, XdpCounter::ToClient)
+                .map_err(fail)?;
+            let (gateway, address) = id_of(j);
+            indices.learn(
+                Learned { index: 0x7000 + index, client, gateway, address },
+                wglb::session::now_ns(),
+                &counters,
+            );
+            clients.insert(client, gateway);
+        }
+        let probe = client_v4(49_500);
+        let data = with_index(4, 48, 4, 0x7000 + probe_index);
+        let alive = |old: SocketAddr, gateway| clients.get(&old) == Some(&gateway);
+        let expected = match indices.route(probe, &data, &lab.v4, wglb::session::now_ns(), alive) {
+            Some(rebinding) => rebinding.address,
+            None => lab.v4.place(probe).unwrap().address,
+        };
+        let (j, _) = to_gateway(&lab, probe, listener_v4(), &data).map_err(fail)?;
+        proptest::prop_assert_eq!(gateway_addr(j), expected);
     }
 }
 
