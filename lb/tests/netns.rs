@@ -1066,6 +1066,32 @@ fn clients_whose_nat_mapping_changes_keep_their_gateway(datapath: Datapath) -> R
     rebinding(datapath, Family::V4)
 }
 
+/// A balancer restarted since the clients' handshakes knows none of their indices: when their
+/// mappings change, it does what a tuple-hash balancer does and no worse (each client answers
+/// again by WireGuard's own re-handshake at the latest).
+fn mappings_that_change_after_a_restart_recover_as_before(datapath: Datapath) -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = rig(Family::V4, 3, &config, &wanted)?;
+    let mut balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..wanted.len())?;
+    balancer.stop()?;
+    let restarted = SystemTime::now();
+    let _balancer = Balancer::start(&rig, &config, datapath)?;
+    for pinger in &pingers {
+        first_reply(pinger, restarted, Duration::from_secs(10))?;
+    }
+    for i in 0..wanted.len() {
+        rig.rebind_client(i)?;
+    }
+    let rebound = SystemTime::now();
+    for (i, pinger) in pingers.iter().enumerate() {
+        let back = first_reply(pinger, rebound, FAILOVER_BOUND + Duration::from_secs(5))?;
+        eprintln!("client {i} answered {back:?} after its mapping changed");
+    }
+    Ok(())
+}
+
 fn ipv6_clients_whose_nat_mapping_changes_keep_their_gateway(datapath: Datapath) -> Result<()> {
     rebinding(datapath, Family::V6)
 }
@@ -1078,6 +1104,7 @@ fn write_config(rig: &Rig, name: &str, text: &str) -> Result<std::path::PathBuf>
 
 on_every_datapath!(
     clients_whose_nat_mapping_changes_keep_their_gateway,
+    mappings_that_change_after_a_restart_recover_as_before,
     ipv6_clients_whose_nat_mapping_changes_keep_their_gateway,
     a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health,
     a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again,
