@@ -896,17 +896,12 @@ impl Relay {
             // The common case, forwarded on its first lookup: no second one per datagram.
             let action = on_client_datagram(found);
             if let (ClientAction::Forward, Link::Forwarding(link)) = (action, &session.link) {
-                let (address, activity) = (session.gateway_address, &session.activity);
-                to_gateway(
+                let upstream = Upstream {
                     link,
-                    address,
-                    activity,
-                    &self.counters,
-                    client,
-                    data,
-                    stride,
-                    batch,
-                );
+                    address: session.gateway_address,
+                    activity: &session.activity,
+                };
+                to_gateway(upstream, &self.counters, client, data, stride, batch);
                 return;
             }
             Some(found)
@@ -967,30 +962,26 @@ impl Relay {
 
     /// Forwards to the gateway of the session `client` has, confirmed or not.
     fn forward_held(&self, client: SocketAddr, data: &[u8], stride: usize, batch: Batch) {
-        let held = match self.sessions.peek(&client) {
+        let upstream = match self.sessions.peek(&client) {
             Some(Session {
                 link: Link::Forwarding(link),
                 gateway_address,
                 activity,
                 ..
-            }) => Some((link, *gateway_address, activity)),
-            Some(_) => None,
-            None => self
-                .probation
-                .peek(&client)
-                .map(|s| (&s.link, s.gateway_address, &s.activity)),
-        };
-        if let Some((link, address, activity)) = held {
-            to_gateway(
+            }) => Some(Upstream {
                 link,
-                address,
+                address: *gateway_address,
                 activity,
-                &self.counters,
-                client,
-                data,
-                stride,
-                batch,
-            );
+            }),
+            Some(_) => None,
+            None => self.probation.peek(&client).map(|s| Upstream {
+                link: &s.link,
+                address: s.gateway_address,
+                activity: &s.activity,
+            }),
+        };
+        if let Some(upstream) = upstream {
+            to_gateway(upstream, &self.counters, client, data, stride, batch);
         }
     }
 
@@ -1226,19 +1217,28 @@ fn refused(activity: &Activity, counters: &GatewayCounters) {
     counters.unreachable.inc();
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a session's client datagrams go: its socket towards its gateway.
+struct Upstream<'a> {
+    link: &'a Forwarding,
+    address: SocketAddr,
+    activity: &'a Activity,
+}
+
 fn to_gateway(
-    link: &Forwarding,
-    gateway_address: SocketAddr,
-    activity: &Activity,
+    upstream: Upstream<'_>,
     counters: &ListenerCounters,
     client: SocketAddr,
     data: &[u8],
     stride: usize,
     batch: Batch,
 ) {
+    let Upstream {
+        link,
+        address,
+        activity,
+    } = upstream;
     note_initiations(activity, batch);
-    match forward(&link.upstream, gateway_address, None, data, stride, batch) {
+    match forward(&link.upstream, address, None, data, stride, batch) {
         Ok(()) => count_forwarded(batch, Direction::ToGateway, &link.counters),
         Err(e) => {
             if e.kind() == io::ErrorKind::ConnectionRefused {
