@@ -63,7 +63,7 @@ impl Indices {
     pub fn new(sessions: NonZeroUsize) -> Indices {
         let retired = NonZeroUsize::new(wglb_common::xdp::MAX_RETIRED as usize).expect("non-zero");
         Indices {
-            owners: LruCache::new(sessions.saturating_mul(NonZeroUsize::MIN.saturating_add(1))),
+            owners: LruCache::new(sessions.saturating_mul(NonZeroUsize::new(2).expect("non-zero"))),
             retired: LruCache::new(retired),
         }
     }
