@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use wglb::lifecycle::{self, Held, SessionStore, Standing};
 use wglb::metrics::Metrics;
 use wglb::query::SessionRequest;
+use wglb::rebinding::SessionIndex;
 use wglb::sync::{peer, PeerQueue};
 use wglb_proto::client::Target;
 use wglb_proto::v1::session_sync_server::{SessionSync, SessionSyncServer};
@@ -41,6 +42,10 @@ impl SessionStore for Table {
             idle_ms: 1_000,
             standing: Standing::Confirmed,
             synced_from: None,
+            index: Some(SessionIndex {
+                index: u32::from(client.port()) << 16 | gateway as u32,
+                age_ms: 30_000,
+            }),
         }))
     }
 }

@@ -48,7 +48,7 @@ use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, Placement};
 use crate::query::SessionRequest;
-use crate::rebinding::{Indices, Learned, Rebinding};
+use crate::rebinding::{Indices, Learned, Rebinding, SessionIndex};
 use crate::session::{now_ms, now_ns, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
@@ -234,6 +234,13 @@ impl Link {
             Link::Standby(standby) => Some(&standby.peer),
         }
     }
+
+    fn index(&self) -> Option<u32> {
+        match self {
+            Link::Forwarding(forwarding) => forwarding.index,
+            Link::Standby(standby) => standby.index,
+        }
+    }
 }
 
 /// A forwarding session's socket towards its gateway and the task relaying the replies.
@@ -243,6 +250,8 @@ struct Forwarding {
     counters: Arc<GatewayCounters>,
     /// Opened for a rebound tuple: the old tuple's session retires once this one is confirmed.
     rebinding: Option<Rebinding>,
+    /// The receiver index its gateway chose last (`crate::rebinding`), for the peers.
+    index: Option<u32>,
 }
 
 impl Drop for Forwarding {
@@ -256,14 +265,18 @@ struct Standby {
     peer: Arc<str>,
     /// The listener's count of standby entries.
     count: IntGauge,
+    /// The receiver index the peer announced, for this balancer's own announcements once it
+    /// takes the session over.
+    index: Option<u32>,
 }
 
 impl Standby {
-    fn new(peer: Arc<str>, count: &IntGauge) -> Standby {
+    fn new(peer: Arc<str>, count: &IntGauge, index: Option<u32>) -> Standby {
         count.inc();
         Standby {
             peer,
             count: count.clone(),
+            index,
         }
     }
 }
@@ -667,12 +680,6 @@ impl Relay {
         };
         self.sources.settled(client.ip());
         self.counters.confirmed.inc();
-        let name = self
-            .plan
-            .placement
-            .gateway(session.gateway)
-            .map_or("", |g| &g.name);
-        self.sync.upsert(client, name, session.gateway_address, 0);
         let session = Session {
             gateway: session.gateway,
             gateway_address: session.gateway_address,
@@ -687,9 +694,31 @@ impl Relay {
             self.push_out(evicted, &session);
             tracing::debug!(listener = %self.name, client = %evicted, "session table full: evicted the least recently used session");
         }
+        // Retired first: a rebound tuple's index is its own from then on.
         if let Some(rebinding) = rebinding {
             self.retire(client, &rebinding);
         }
+        self.announce(client, 0);
+    }
+
+    /// Tells peers of `client`'s session (forwarded by this balancer), idle for `idle_ms`.
+    fn announce(&self, client: SocketAddr, idle_ms: u64) {
+        let Some(session) = self.sessions.peek(&client) else {
+            return;
+        };
+        let name = self
+            .plan
+            .placement
+            .gateway(session.gateway)
+            .map_or("", |g| &g.name);
+        let index = self.session_index(client, session.link.index());
+        self.sync
+            .upsert(client, name, session.gateway_address, idle_ms, index);
+    }
+
+    /// `client`'s receiver index `index`, if it still routes the session.
+    fn session_index(&self, client: SocketAddr, index: Option<u32>) -> Option<SessionIndex> {
+        self.indices.of_session(index?, client, now_ns())
     }
 
     /// The gateway answered the rebound tuple `client`: it roamed there, so the old tuple's
@@ -708,9 +737,33 @@ impl Relay {
         }
     }
 
-    /// An index a gateway chose, seen by a reply path.
+    /// An index a gateway chose, seen by a reply path: the session's from now on, unless another
+    /// gateway claims it too. Peers hear of a confirmed session's new index at once, so that they
+    /// route its rebound tuples from the moment they would forward it.
     fn learn(&mut self, learned: Learned) {
-        self.indices.learn(learned, now_ns(), &self.counters);
+        let now = now_ns();
+        if !self.indices.learn(learned, now, now, &self.counters) {
+            return;
+        }
+        let client = learned.client;
+        if let Some(session) = self.probation.peek_mut(&client) {
+            if session.gateway == learned.gateway {
+                session.link.index = Some(learned.index);
+            }
+            return;
+        }
+        let Some(session) = self.sessions.peek_mut(&client) else {
+            return;
+        };
+        let Link::Forwarding(link) = &mut session.link else {
+            return;
+        };
+        if session.gateway != learned.gateway || link.index == Some(learned.index) {
+            return;
+        }
+        link.index = Some(learned.index);
+        let idle = now_ms().saturating_sub(session.activity.last_ms());
+        self.announce(client, idle);
     }
 
     fn answer(&mut self, request: SessionRequest) {
@@ -811,8 +864,9 @@ impl Relay {
                 if announce_due(standing, true, refresh_due, last >= self.refreshed_at) {
                     let name = placement.gateway(session.gateway).map_or("", |g| &g.name);
                     let idle = now.saturating_sub(last);
+                    let index = self.session_index(*client, session.link.index());
                     self.sync
-                        .upsert(*client, name, session.gateway_address, idle);
+                        .upsert(*client, name, session.gateway_address, idle, index);
                 }
             }
             self.refreshed_at = now;
@@ -1022,6 +1076,7 @@ impl Relay {
             return false;
         };
         link.rebinding = rebinding;
+        link.index = rebinding.map(|r| r.index);
         tracing::debug!(listener = %self.name, %client, gateway = %name, rebinding = ?rebinding, "new session");
         let session = Session {
             gateway: id,
@@ -1050,11 +1105,12 @@ impl Relay {
         let Some(name) = self.plan.placement.gateway(id).map(|g| g.name.clone()) else {
             return false;
         };
-        let Some(link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
+        let Some(mut link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
         else {
             return false;
         };
         if let Some(session) = self.sessions.peek_mut(&client) {
+            link.index = session.link.index();
             let Link::Standby(standby) =
                 std::mem::replace(&mut session.link, Link::Forwarding(link))
             else {
@@ -1062,7 +1118,7 @@ impl Relay {
             };
             tracing::debug!(listener = %self.name, %client, gateway = %name, peer = %standby.peer, "took over a peer's session");
         }
-        self.sync.upsert(client, &name, address, 0);
+        self.announce(client, 0);
         true
     }
 
@@ -1110,6 +1166,7 @@ impl Relay {
             replies,
             counters,
             rebinding: None,
+            index: None,
         })
     }
 }
@@ -1130,6 +1187,7 @@ impl SessionStore for Relay {
             idle_ms: now.saturating_sub(s.activity.last_ms()),
             standing: s.link.standing(),
             synced_from: s.link.synced_from(),
+            index: self.session_index(*client, s.link.index()),
         });
         let unconfirmed = self.probation.iter().map(move |(client, s)| Held {
             client: *client,
@@ -1138,6 +1196,7 @@ impl SessionStore for Relay {
             idle_ms: now.saturating_sub(s.activity.last_ms()),
             standing: Standing::Unconfirmed,
             synced_from: None,
+            index: self.session_index(*client, s.link.index),
         });
         Box::new(confirmed.chain(unconfirmed))
     }
@@ -1162,17 +1221,30 @@ impl sync::Standbys for Relay {
         gateway: &str,
         address: SocketAddr,
         idle_ms: u64,
+        index: Option<SessionIndex>,
     ) -> bool {
         let Some(id) = self.plan.placement.keeper(gateway, address) else {
             return false;
         };
         let activity = Arc::new(Activity::default());
         activity.touch(now_ms().saturating_sub(idle_ms));
+        let now = now_ns();
+        let index = index.filter(|index| {
+            let learned = Learned {
+                index: index.index,
+                client,
+                gateway: id,
+                address,
+            };
+            self.indices
+                .learn(learned, index.learned_ns(now), now, &self.counters)
+        });
+        let standby = Standby::new(peer.clone(), &self.standby, index.map(|i| i.index));
         let session = Session {
             gateway: id,
             gateway_address: address,
             activity,
-            link: Link::Standby(Standby::new(peer.clone(), &self.standby)),
+            link: Link::Standby(standby),
         };
         // Replacing the client's own session is not an eviction: its traffic went elsewhere.
         if self.probation.remove(&client).is_some() {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::events::{EventBus, EventKind};
 use crate::metrics::ListenerCounters;
 use crate::query::{self, SessionFilter, SessionInfo, SessionPage};
+use crate::rebinding::SessionIndex;
 use crate::session::{probation_idle, EvictionReason};
 use crate::sync::SyncOut;
 
@@ -126,6 +127,7 @@ pub struct Held<'a> {
     pub standing: Standing,
     /// The peer a standby entry came from.
     pub synced_from: Option<&'a str>,
+    pub index: Option<SessionIndex>,
 }
 
 impl Held<'_> {
@@ -136,6 +138,7 @@ impl Held<'_> {
             gateway_address: self.gateway_address,
             idle_ms: self.idle_ms,
             synced_from: self.synced_from.map(str::to_string),
+            index: self.index,
         }
     }
 }
@@ -244,6 +247,7 @@ mod tests {
                 idle_ms: 0,
                 standing,
                 synced_from: (standing == Standing::Standby).then_some("lb-b"),
+                index: None,
             }))
         }
     }

@@ -3,6 +3,8 @@
 //! sets once per gateway ([`GatewayCounters`]) and per listener ([`ListenerCounters`]) rather than
 //! per packet.
 
+use std::net::SocketAddr;
+
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
@@ -35,6 +37,7 @@ pub struct Metrics {
     xdp_attached: IntGaugeVec,
     xdp_passed: IntCounterVec,
     xdp_ready: IntGaugeVec,
+    xdp_listener_addresses: IntGaugeVec,
     sync_connected: IntGaugeVec,
     sync_queued: IntGaugeVec,
     sync_sent: IntCounterVec,
@@ -188,6 +191,7 @@ impl Metrics {
             health_reports: counter(r, "wglb_health_reports_total", "Health reports received through the API, by result.", &["result"]),
             datapath: gauge(r, "wglb_datapath", "1 for the datapath in use: xdp (with the userspace one behind it) or userspace.", &["datapath"]),
             xdp_attached: gauge(r, "wglb_xdp_attached", "1 for each interface the XDP program is attached to, and how.", &["interface", "mode"]),
+            xdp_listener_addresses: gauge(r, "wglb_xdp_listener_address", "1 for each address the XDP program answers a listener's clients on (a wildcard listener: every local address of its family, a floating address from the program's next look, once a second, after it arrives); until then its packets reach the userspace datapath.", &["listener", "address"]),
             xdp_ready: gauge(r, "wglb_xdp_gateway_ready", "1 while the XDP program forwards to the gateway itself; 0 while it passes the gateway's traffic to userspace (no route, or the next hop's MAC not known yet).", &["listener", "gateway"]),
             xdp_passed: counter(r, "wglb_xdp_passed_packets_total", "Packets the XDP program left to the kernel (and so to the userspace datapath), by reason; listener is empty for packets of none.", &["listener", "reason"]),
             sync_connected: gauge(r, "wglb_sync_peer_connected", "1 while the sync stream to the peer is up.", &["peer"]),
@@ -402,6 +406,19 @@ impl Metrics {
         self.xdp_attached
             .with_label_values(&[interface, mode])
             .set(1);
+    }
+
+    /// The XDP program answers `listener`'s clients on `address`, or no longer does.
+    pub fn set_xdp_listener_address(&self, listener: &str, address: SocketAddr, served: bool) {
+        let address = address.to_string();
+        let labels = [listener, address.as_str()];
+        if served {
+            self.xdp_listener_addresses
+                .with_label_values(&labels)
+                .set(1);
+        } else {
+            let _ = self.xdp_listener_addresses.remove_label_values(&labels);
+        }
     }
 
     pub fn set_xdp_ready(&self, listener: &str, gateway: &str, ready: Option<bool>) {

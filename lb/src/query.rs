@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::rebinding::SessionIndex;
 use crate::sync::{Applied, SyncStep};
 
 /// Which sessions a request is about.
@@ -63,6 +64,8 @@ pub struct SessionInfo {
     pub idle_ms: u64,
     /// The peer a standby entry was synced from; None for this balancer's own sessions.
     pub synced_from: Option<String>,
+    /// The receiver index its gateway chose last, while it is the session's.
+    pub index: Option<SessionIndex>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -197,6 +200,7 @@ mod tests {
                 gateway_address: "10.0.0.1:51820".parse().unwrap(),
                 idle_ms: 0,
                 synced_from: None,
+                index: None,
             })
             .collect()
     }

@@ -22,6 +22,31 @@ pub struct Learned {
     pub address: SocketAddr,
 }
 
+/// A session's receiver index (the latest its gateway chose) and how long ago the gateway chose
+/// it, as sync peers are told of it: they route the session's rebound tuples by it too, should
+/// its traffic come to them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionIndex {
+    pub index: u32,
+    pub age_ms: u64,
+}
+
+impl SessionIndex {
+    /// `index`, held as `held`, if it still routes the session (`owned`: it was learned on this
+    /// session's tuple): a collided or expired index is not worth telling.
+    pub fn of(index: u32, owned: bool, held: Held, now_ns: u64) -> Option<SessionIndex> {
+        (owned && routes(held, true, now_ns)).then(|| SessionIndex {
+            index,
+            age_ms: now_ns.saturating_sub(held.learned_ns) / 1_000_000,
+        })
+    }
+
+    /// When the gateway chose it, on a clock that reads `now_ns` now.
+    pub fn learned_ns(&self, now_ns: u64) -> u64 {
+        now_ns.saturating_sub(self.age_ms.saturating_mul(1_000_000))
+    }
+}
+
 /// Whose an index is.
 #[derive(Clone, Copy, Debug)]
 struct Owner {
@@ -68,11 +93,19 @@ impl Indices {
         }
     }
 
-    pub fn learn(&mut self, learned: Learned, now_ns: u64, counters: &ListenerCounters) {
+    /// Takes in an index a gateway chose at `learned_ns` (now, or as long ago as a sync peer
+    /// says); true if it is its session's from now on, false if another gateway claims it too.
+    pub fn learn(
+        &mut self,
+        learned: Learned,
+        learned_ns: u64,
+        now_ns: u64,
+        counters: &ListenerCounters,
+    ) -> bool {
         let held = self.owners.peek(&learned.index).map(Owner::held);
         let collided = match learn(held, learned.gateway.0, now_ns) {
             Learn::Take => false,
-            Learn::Collide if held.is_some_and(|h| h.collided) => return,
+            Learn::Collided => return false,
             Learn::Collide => {
                 counters.index_collisions.inc();
                 true
@@ -85,9 +118,16 @@ impl Indices {
                 gateway: learned.gateway,
                 address: learned.address,
                 collided,
-                learned_ns: now_ns,
+                learned_ns,
             },
         );
+        !collided
+    }
+
+    /// `client`'s session index `index`, if it is still worth telling peers.
+    pub fn of_session(&self, index: u32, client: SocketAddr, now_ns: u64) -> Option<SessionIndex> {
+        let owner = self.owners.peek(&index)?;
+        SessionIndex::of(index, owner.client == client, owner.held(), now_ns)
     }
 
     /// Where a datagram from `client`, which has no session, goes by the index it carries, if
@@ -132,5 +172,52 @@ impl Indices {
         self.retired
             .peek(client)
             .is_some_and(|at| now_ns.saturating_sub(*at) < RETIRED_FOR_NS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_peers_index_routes_for_what_is_left_of_its_lifetime() {
+        let counters = Metrics::new().listener("test");
+        let mut indices = Indices::new(NonZeroUsize::new(8).expect("non-zero"));
+        let client: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let other: SocketAddr = "192.0.2.2:1000".parse().unwrap();
+        let learned = |client, gateway| Learned {
+            index: 7,
+            client,
+            gateway: GatewayId(gateway),
+            address: "10.0.0.1:51820".parse().unwrap(),
+        };
+        let now = 1_000 * S;
+        let told = SessionIndex {
+            index: 7,
+            age_ms: 150_000,
+        };
+        assert!(indices.learn(learned(client, 1), told.learned_ns(now), now, &counters));
+        assert_eq!(indices.of_session(7, client, now), Some(told));
+        assert_eq!(
+            indices.of_session(7, client, now + 10 * S),
+            Some(SessionIndex {
+                index: 7,
+                age_ms: 160_000
+            })
+        );
+        assert_eq!(indices.of_session(7, other, now), None, "not its session's");
+        assert_eq!(
+            indices.of_session(7, client, now + 30 * S),
+            None,
+            "expired 180 s after its gateway chose it, not after it was told"
+        );
+        // Another gateway claims it while it lives: nobody's, counted once.
+        assert!(!indices.learn(learned(other, 2), now, now, &counters));
+        assert!(!indices.learn(learned(other, 2), now, now, &counters));
+        assert_eq!(indices.of_session(7, other, now), None);
+        assert_eq!(counters.index_collisions.get(), 1);
     }
 }

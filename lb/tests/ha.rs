@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    client_ip, config_text, first_reply, ports_for, predicted_gateway, settled_handshakes,
-    Balancer, Datapath,
+    client_ip, config_text, first_reply, lost_since, ports_for, predicted_gateway,
+    settled_handshakes, Balancer, Datapath,
 };
 use wglb_lab::{require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
@@ -131,18 +131,26 @@ fn holds_floating_address(rig: &Rig, b: usize) -> Result<bool> {
 }
 
 /// The sessions `wglb sessions --all --json` lists: (client, gateway, synced from).
-fn sessions(balancer: &Balancer) -> Result<Vec<(String, String, Option<String>)>> {
+/// A balancer's sessions as `wglb sessions` lists them.
+#[derive(Debug)]
+struct Listed {
+    client: String,
+    gateway: String,
+    synced_from: Option<String>,
+    receiver_index: Option<u64>,
+}
+
+fn sessions(balancer: &Balancer) -> Result<Vec<Listed>> {
     let text = balancer.cli(&["sessions", "--all", "--json"])?;
     let value: serde_json::Value = serde_json::from_str(&text)?;
     let sessions = value["sessions"].as_array().context("a session list")?;
     Ok(sessions
         .iter()
-        .map(|s| {
-            (
-                s["client"].as_str().unwrap_or_default().to_string(),
-                s["gateway"].as_str().unwrap_or_default().to_string(),
-                s["synced_from"].as_str().map(str::to_string),
-            )
+        .map(|s| Listed {
+            client: s["client"].as_str().unwrap_or_default().to_string(),
+            gateway: s["gateway"].as_str().unwrap_or_default().to_string(),
+            synced_from: s["synced_from"].as_str().map(str::to_string),
+            receiver_index: s["receiver_index"].as_u64(),
         })
         .collect())
 }
@@ -214,6 +222,16 @@ impl Pair {
         wait_for("lb0 to take the floating address", VRRP_SWITCH * 2, || {
             Ok(holds_floating_address(&rig, 0)?.then_some(()))
         })?;
+        if datapath.is_xdp() {
+            // Handshakes the program sees: it learns their receiver indices itself (those the
+            // userspace datapath relays before the program's next look at the local addresses
+            // are the program's only from the next handshake on).
+            let served = format!(
+                r#"wglb_xdp_listener_address{{address="{}",listener="test"}}"#,
+                rig.listen_addr(0)
+            );
+            balancers[0].wait_metric(&rig, &served, Duration::from_secs(5), |v| v == 1.0)?;
+        }
         let start = SystemTime::now();
         let mut pingers = Vec::new();
         for i in 0..wanted.len() {
@@ -236,7 +254,7 @@ impl Pair {
                 let held = sessions(&balancers[1])?;
                 let synced = held
                     .iter()
-                    .filter(|s| s.2.as_deref() == Some("lb0"))
+                    .filter(|s| s.synced_from.as_deref() == Some("lb0"))
                     .count();
                 Ok((synced == wanted.len()).then_some(held))
             },
@@ -301,12 +319,12 @@ impl Pair {
             let client = rig.client_addr(i).to_string();
             let session = held
                 .iter()
-                .find(|s| s.0 == client && s.2.is_none())
+                .find(|s| s.client == client && s.synced_from.is_none())
                 .with_context(|| format!("lb1 forwards no session of client {i}: {held:?}"))?;
             ensure!(
-                session.1 == format!("gw{j}"),
+                session.gateway == format!("gw{j}"),
                 "client {i} is on {} at lb1",
-                session.1
+                session.gateway
             );
         }
         Ok(())
@@ -441,6 +459,72 @@ fn sessions_placed_before_a_gateway_joined_survive_a_failover(datapath: Datapath
     failover(datapath, Between::Join)
 }
 
+/// The standby learns each session's receiver index with the session; after a failover the
+/// clients' NAT mappings change, before lb1 has seen a single handshake of theirs: lb1 routes
+/// each new tuple by the index lb0 announced, to the same gateway, and every client goes on with
+/// no new handshake and at most one lost ping. Without the index, each would be placed anew by
+/// its new tuple and wait out WireGuard's 15 s re-handshake, most of them on another gateway.
+fn clients_whose_mapping_changes_after_a_failover_keep_their_gateway(
+    datapath: Datapath,
+) -> Result<()> {
+    let all = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut pair = Pair::start(
+        datapath,
+        &all,
+        &wanted,
+        ports_for(Family::V4, &all, &wanted),
+    )?;
+    let clients: Vec<usize> = (0..wanted.len()).collect();
+    let handshakes = settled_handshakes(&pair.rig, &clients)?;
+    wait_for(
+        "lb1 to hold lb0's receiver index of every session",
+        Duration::from_secs(10),
+        || {
+            let own = sessions(&pair.balancers[0])?;
+            let held = sessions(&pair.balancers[1])?;
+            let told = own.iter().filter(|mine| {
+                mine.receiver_index.is_some()
+                    && held.iter().any(|theirs| {
+                        theirs.client == mine.client
+                            && theirs.synced_from.as_deref() == Some("lb0")
+                            && theirs.receiver_index == mine.receiver_index
+                    })
+            });
+            Ok((told.count() == wanted.len()).then_some(()))
+        },
+    )?;
+    let killed = pair.kill_master()?;
+    for pinger in &pair.pingers {
+        first_reply(pinger, killed, VRRP_SWITCH + Duration::from_secs(5))?;
+    }
+    pair.on_lb1(datapath, &wanted, &handshakes)?;
+    let mut moved_at = Vec::new();
+    for (i, pinger) in pair.pingers.iter().enumerate() {
+        moved_at.push(pinger.last_seq());
+        pair.rig.rebind_client(i)?;
+    }
+    let rebound = r#"wglb_session_evictions_total{listener="test",reason="rebound"}"#;
+    pair.balancers[1].wait_metric(&pair.rig, rebound, Duration::from_secs(10), |v| {
+        v >= wanted.len() as f64
+    })?;
+    // A few more pings through the new mappings, then no more than one lost each.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, &j) in wanted.iter().enumerate() {
+        let lost = lost_since(&pair.pingers[i], moved_at[i]);
+        ensure!(
+            lost.len() <= 1,
+            "client {i} lost pings {lost:?} when its mapping changed"
+        );
+        ensure!(
+            pair.rig.client_latest_handshake(i)? == handshakes[i],
+            "client {i} handshook again"
+        );
+        ensure!(pair.rig.gateway_serving(i)? == Some(j), "client {i} moved");
+    }
+    Ok(())
+}
+
 /// Sends one WireGuard handshake initiation (shaped right; the gateways drop it) from each of
 /// `ports` in client 0's namespace to the floating address: a session per port on the balancer
 /// holding it.
@@ -468,8 +552,13 @@ fn offer(rig: &Rig, ports: std::ops::Range<u16>) -> Result<()> {
 fn clients(balancer: &Balancer, peer: &str) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
     let mut own = BTreeSet::new();
     let mut held = BTreeSet::new();
-    for (client, _, from) in sessions(balancer)? {
-        match from.as_deref() {
+    for Listed {
+        client,
+        synced_from,
+        ..
+    } in sessions(balancer)?
+    {
+        match synced_from.as_deref() {
             None => own.insert(client),
             Some(from) if from == peer => held.insert(client),
             Some(_) => false,
@@ -603,6 +692,7 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
 
 on_every_datapath!(
     a_restarted_master_makes_the_standby_forget_nothing,
+    clients_whose_mapping_changes_after_a_failover_keep_their_gateway,
     the_standby_takes_over_every_session_when_the_master_dies,
     sessions_of_a_drained_gateway_survive_a_failover,
     sessions_placed_before_a_gateway_joined_survive_a_failover,

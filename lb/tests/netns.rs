@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    config_text, first_reply, ports_for, predicted_gateway, settled_handshakes, Balancer, Datapath,
+    config_text, first_reply, lost_since, ports_for, predicted_gateway, settled_handshakes,
+    Balancer, Datapath,
 };
 use wglb_lab::{require_root, wait_for, Family, HealthEndpoint, Pinger, Rig, RigSpec};
 
@@ -54,11 +55,6 @@ fn connect(rig: &mut Rig, clients: std::ops::Range<usize>) -> Result<Vec<Pinger>
 }
 
 /// Sequence numbers answered in a pinger's window [from, now - in flight] that got no reply.
-fn lost_since(pinger: &Pinger, from_seq: u32) -> Vec<u32> {
-    // ping -W 1: replies to the last five (one second at -i 0.2) may still be in flight.
-    pinger.lost_between(from_seq, pinger.last_seq().saturating_sub(6))
-}
-
 fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);
     let wanted = [0, 1, 2, 0, 1, 2];
@@ -1092,6 +1088,69 @@ fn mappings_that_change_after_a_restart_recover_as_before(datapath: Datapath) ->
     Ok(())
 }
 
+/// Forged transport messages from new tuples, carrying a live client's receiver index (as an
+/// on-path attacker would see it): the balancer routes them to that client's gateway on paths
+/// of their own, where they never authenticate. The victim loses no ping, its gateway still
+/// answers it on its own path, and no session is retired.
+fn forged_messages_with_a_clients_index_cost_it_nothing(datapath: Datapath) -> Result<()> {
+    let config = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2];
+    let mut rig = rig(Family::V4, 3, &config, &wanted)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let pingers = connect(&mut rig, 0..wanted.len())?;
+    let clients: Vec<usize> = (0..wanted.len()).collect();
+    let handshakes = settled_handshakes(&rig, &clients)?;
+    let (victim, j) = (1, wanted[1]);
+    let client = rig.client_addr(victim).to_string();
+    let index = wait_for(
+        "the balancer to know the victim's receiver index",
+        Duration::from_secs(10),
+        || {
+            let text = balancer.cli(&["sessions", "--all", "--json"])?;
+            let listed: serde_json::Value = serde_json::from_str(&text)?;
+            let sessions = listed["sessions"].as_array().context("a session list")?;
+            Ok(sessions
+                .iter()
+                .find(|s| s["client"] == client.as_str())
+                .and_then(|s| s["receiver_index"].as_u64()))
+        },
+    )?;
+    let path = rig.gateway_endpoint_of(j, victim)?;
+    let created = format!(r#"wglb_sessions_created_total{{gateway="gw{j}",listener="test"}}"#);
+    let created_before = balancer.metric(&rig, &created)?;
+    let from = pingers[victim].last_seq();
+    let mut forged = [0u8; 64];
+    forged[0] = 4;
+    forged[4..8].copy_from_slice(&(index as u32).to_le_bytes());
+    flood(&rig, 8, 400, &forged)?;
+    // The forgeries reached the victim's gateway (routed by its index, not placed by their
+    // tuples, which would spread them over all three).
+    let forwarded = balancer.wait_metric(&rig, &created, Duration::from_secs(5), |v| {
+        v >= created_before + 8.0
+    })?;
+    eprintln!(
+        "{} forged sessions opened on gw{j}",
+        forwarded - created_before
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let lost = lost_since(&pingers[victim], from);
+    ensure!(lost.is_empty(), "the victim lost pings {lost:?}");
+    ensure!(
+        rig.gateway_endpoint_of(j, victim)? == path,
+        "gw{j} moved the victim's reply path"
+    );
+    let rebound = r#"wglb_session_evictions_total{listener="test",reason="rebound"}"#;
+    ensure!(
+        balancer.metric_or_zero(&rig, rebound)? == 0.0,
+        "a forgery retired a session"
+    );
+    ensure!(
+        rig.client_latest_handshake(victim)? == handshakes[victim],
+        "the victim handshook again"
+    );
+    Ok(())
+}
+
 fn ipv6_clients_whose_nat_mapping_changes_keep_their_gateway(datapath: Datapath) -> Result<()> {
     rebinding(datapath, Family::V6)
 }
@@ -1106,6 +1165,7 @@ on_every_datapath!(
     clients_whose_nat_mapping_changes_keep_their_gateway,
     mappings_that_change_after_a_restart_recover_as_before,
     ipv6_clients_whose_nat_mapping_changes_keep_their_gateway,
+    forged_messages_with_a_clients_index_cost_it_nothing,
     a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health,
     a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again,
     initiations_with_a_wrong_mac1_never_reach_a_gateway,

@@ -963,7 +963,10 @@ fn a_rebound_client_follows_its_receiver_index_and_only_the_gateway_moves_its_re
         XDP_TX,
         XdpCounter::ToClient,
     )?;
-    ensure!(matches!(lab.session(old), Some((Table::Confirmed, _))));
+    // The session holds the index, to announce it to sync peers.
+    ensure!(
+        matches!(lab.session(old), Some((Table::Confirmed, s)) if s.indexed != 0 && s.index == INDEX)
+    );
 
     // The same client behind a new mapping, and a forger who guessed the index: both go to gw j,
     // each from a NAT port of its own, unconfirmed.
@@ -991,7 +994,9 @@ fn a_rebound_client_follows_its_receiver_index_and_only_the_gateway_moves_its_re
         XDP_TX,
         XdpCounter::ToClient,
     )?;
-    ensure!(matches!(lab.session(new), Some((Table::Confirmed, _))));
+    ensure!(
+        matches!(lab.session(new), Some((Table::Confirmed, s)) if s.indexed != 0 && s.index == INDEX)
+    );
     ensure!(
         lab.session(old).is_none(),
         "the old tuple's session was not retired"
@@ -1018,6 +1023,10 @@ fn a_rebound_client_follows_its_receiver_index_and_only_the_gateway_moves_its_re
         XdpCounter::ToClient,
     )?;
     ensure!(lab.counter(XdpCounter::IndexCollision)? == 1);
+    ensure!(
+        matches!(lab.session(other), Some((_, s)) if s.indexed == 0),
+        "a collided index is nobody's to announce"
+    );
     let stray = (0..200)
         .map(|p| client_v4(48_400 + p))
         .find(|c| lab.placed(*c) != j)
@@ -1367,11 +1376,8 @@ proptest::proptest! {
             lab.expect(&Lab::reply(j, nat, &with_index(2, 92, 4, 0x7000 + index)), XDP_TX, XdpCounter::ToClient)
                 .map_err(fail)?;
             let (gateway, address) = id_of(j);
-            indices.learn(
-                Learned { index: 0x7000 + index, client, gateway, address },
-                wglb::session::now_ns(),
-                &counters,
-            );
+            let now = wglb::session::now_ns();
+            indices.learn(Learned { index: 0x7000 + index, client, gateway, address }, now, now, &counters);
             clients.insert(client, gateway);
         }
         let probe = client_v4(49_500);

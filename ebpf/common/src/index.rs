@@ -45,20 +45,19 @@ pub struct Held {
 pub enum Learn {
     /// Held for this gateway and session from now on.
     Take,
-    /// Another gateway holds it, still live: it routes nothing until both expire (the source
-    /// tuple alone decides).
+    /// Another gateway holds it, still live: marked collided (and counted), it routes nothing
+    /// until both expire (the source tuple alone decides).
     Collide,
+    /// Marked collided already: nothing changes.
+    Collided,
 }
 
 #[inline(always)]
 pub fn learn(held: Option<Held>, gateway: u32, now: u64) -> Learn {
     match held {
-        Some(held)
-            if now.saturating_sub(held.learned_ns) < INDEX_LIFETIME_NS
-                && (held.gateway != gateway || held.collided) =>
-        {
-            Learn::Collide
-        }
+        Some(held) if now.saturating_sub(held.learned_ns) >= INDEX_LIFETIME_NS => Learn::Take,
+        Some(held) if held.collided => Learn::Collided,
+        Some(held) if held.gateway != gateway => Learn::Collide,
         _ => Learn::Take,
     }
 }
@@ -113,7 +112,8 @@ mod tests {
             collided: true,
             ..held
         };
-        assert_eq!(learn(Some(collided), 1, 20 * S), Learn::Collide);
+        assert_eq!(learn(Some(collided), 1, 20 * S), Learn::Collided);
+        assert_eq!(learn(Some(collided), 2, 20 * S), Learn::Collided);
         assert!(!routes(collided, true, 20 * S));
         assert_eq!(
             learn(Some(collided), 2, 10 * S + INDEX_LIFETIME_NS),

@@ -86,11 +86,15 @@ pub struct Session {
     /// of its latest packet: replies go back the same way.
     pub client_mac: [u8; 6],
     pub local_mac: [u8; 6],
-    pub pad: [u8; 2],
+    /// Non-zero once `index` holds the receiver index the gateway chose in its latest handshake
+    /// message: announced to sync peers with the session, so that they route its rebound tuples
+    /// too.
+    pub indexed: u8,
+    pub pad: u8,
     pub ifindex: u32,
     /// The address the client sent to, as of its latest packet: replies come from it.
     pub listener: Endpoint,
-    pub pad2: [u8; 4],
+    pub index: u32,
     /// Last packet either way, to the second (bpf_ktime_get_coarse_ns, CLOCK_MONOTONIC_COARSE),
     /// for idle expiry by userspace.
     pub last_seen_ns: u64,
@@ -121,6 +125,18 @@ pub struct IndexEntry {
     pub collided: u32,
     /// Coarse ns.
     pub learned_ns: u64,
+}
+
+impl IndexEntry {
+    /// What the shared decisions (`crate::index`) read of it.
+    #[inline(always)]
+    pub fn held(&self) -> crate::index::Held {
+        crate::index::Held {
+            gateway: self.gateway,
+            collided: self.collided != 0,
+            learned_ns: self.learned_ns,
+        }
+    }
 }
 
 /// Source tuples retired by a rebinding that the program remembers (what still arrives from

@@ -29,7 +29,7 @@ use wglb_common::admission::SourceBudget;
 use wglb_common::checksum::{ipv4_header, udp_after_rewrite};
 use wglb_common::handshake::{rtt_bucket, HandshakeWait};
 use wglb_common::hash::flow_hash;
-use wglb_common::index::{index_at, learn, receiver_offset, routes, sender_offset, Held, Learn};
+use wglb_common::index::{index_at, learn, receiver_offset, routes, sender_offset, Learn};
 use wglb_common::mac1::{Blake2sWork, Mac1Key, INITIATION_LEN};
 use wglb_common::session::{confirms, needs_admission, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify_header, MessageType};
@@ -591,10 +591,11 @@ fn from_client(
         nat_port,
         client_mac,
         local_mac,
-        pad: [0; 2],
+        indexed: rebound.is_some() as u8,
+        pad: 0,
         ifindex: ctx.ingress_ifindex() as u32,
         listener: headers.destination,
-        pad2: [0; 4],
+        index: rebound.map_or(0, |(index, _)| index),
         last_seen_ns: now,
         handshake,
         rebinding: rebound.is_some() as u32,
@@ -768,11 +769,7 @@ fn rebound(
         })
     }?;
     let keeps = gateway(entry.gateway).is_some_and(|g| g.flags & GATEWAY_KEEPS != 0);
-    let held = Held {
-        gateway: entry.gateway,
-        collided: entry.collided != 0,
-        learned_ns: entry.learned_ns,
-    };
+    let held = entry.held();
     if entry.client == *key || !routes(held, keeps, now) {
         return None;
     }
@@ -781,7 +778,7 @@ fn rebound(
 }
 
 /// A gateway's handshake message carries the index it chose for this session: learned, unless
-/// another gateway holds it.
+/// another gateway holds it. The index, if the session holds it now.
 #[inline(always)]
 fn learn_index(
     ctx: &XdpContext,
@@ -790,41 +787,30 @@ fn learn_index(
     gateway: u32,
     offset: usize,
     row: Row,
-) {
-    let Some(header) = bytes::<12>(ctx, headers.udp + UDP_HLEN) else {
-        return;
-    };
+) -> Option<u32> {
+    let header = bytes::<12>(ctx, headers.udp + UDP_HLEN)?;
     let key = IndexKey {
         listener: flow.listener,
         index: index_at(unsafe { &*header }, offset),
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let held = unsafe { INDICES.get(&key) }.map(|e| Held {
-        gateway: e.gateway,
-        collided: e.collided != 0,
-        learned_ns: e.learned_ns,
-    });
-    let entry = match learn(held, gateway, now) {
-        Learn::Take => IndexEntry {
-            client: *flow,
-            gateway,
-            collided: 0,
-            learned_ns: now,
-        },
+    let held = unsafe { INDICES.get(&key) }.map(IndexEntry::held);
+    let taken = match learn(held, gateway, now) {
+        Learn::Take => true,
         Learn::Collide => {
-            if held.is_some_and(|h| h.collided) {
-                return;
-            }
             count(row, XdpCounter::IndexCollision);
-            IndexEntry {
-                client: *flow,
-                gateway,
-                collided: 1,
-                learned_ns: now,
-            }
+            false
         }
+        Learn::Collided => return None,
+    };
+    let entry = IndexEntry {
+        client: *flow,
+        gateway,
+        collided: !taken as u32,
+        learned_ns: now,
     };
     let _ = INDICES.insert(&key, &entry, 0);
+    taken.then_some(key.index)
 }
 
 /// A rebound tuple's session is confirmed (its gateway roamed to it): the old tuple's session
@@ -943,6 +929,12 @@ fn from_gateway(
     // A handshake response or data from the gateway confirms the session: the gateway holds
     // keys for this client. A cookie reply does not: gateways under load send one to any
     // initiation with a valid mac1, which anyone who knows the public key can compute.
+    if let Some(offset) = sender_offset(kind) {
+        if let Some(index) = learn_index(ctx, headers, flow, nat.gateway, offset, row) {
+            session.index = index;
+            session.indexed = 1;
+        }
+    }
     if !confirmed && confirms(kind) {
         let mut copy = *session;
         copy.rebinding = 0;
@@ -954,9 +946,6 @@ fn from_gateway(
                 retire_rebound(flow, session, row);
             }
         }
-    }
-    if let Some(offset) = sender_offset(kind) {
-        learn_index(ctx, headers, flow, nat.gateway, offset, row);
     }
     let sent = send(ctx, headers, &to, ifindex, XdpCounter::ToClient);
     if sent.1 == XdpCounter::ToClient {

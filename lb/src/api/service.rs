@@ -498,6 +498,7 @@ impl pb::control_server::Control for Api {
                 gateway_address: s.gateway_address.to_string(),
                 idle_ms: s.idle_ms,
                 synced_from: s.synced_from.unwrap_or_default(),
+                receiver_index: s.index.map(|i| i.index),
             }));
         }
         let next_page_token = match sessions.last() {

@@ -213,6 +213,7 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
                 "gateway_address": s.gateway_address,
                 "idle_ms": s.idle_ms,
                 "synced_from": (!s.synced_from.is_empty()).then_some(&s.synced_from),
+                "receiver_index": s.receiver_index,
             })).collect::<Vec<_>>(),
         }));
         return;
@@ -224,6 +225,7 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
         "GATEWAY ADDRESS",
         "IDLE",
         "SYNCED FROM",
+        "RECEIVER INDEX",
     ]);
     for s in sessions {
         out.add_row(vec![
@@ -233,6 +235,8 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
             s.gateway_address.clone(),
             format!("{:.1}s", s.idle_ms as f64 / 1000.0),
             s.synced_from.clone(),
+            s.receiver_index
+                .map_or_else(String::new, |index| format!("{index:08x}")),
         ]);
     }
     right_align(&mut out, &[4]);

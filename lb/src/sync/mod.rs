@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::metrics::PeerSyncMetrics;
+use crate::rebinding::SessionIndex;
 
 /// What happened to a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +37,9 @@ pub enum Change {
         gateway: String,
         address: SocketAddr,
         idle_ms: u64,
+        /// The receiver index its gateway chose last, if known: the receiver routes the
+        /// session's rebound tuples by it too.
+        index: Option<SessionIndex>,
     },
     /// The session is gone.
     Evicted,
@@ -154,7 +158,14 @@ impl SyncOut {
         !self.peers.is_empty()
     }
 
-    pub fn upsert(&self, client: SocketAddr, gateway: &str, address: SocketAddr, idle_ms: u64) {
+    pub fn upsert(
+        &self,
+        client: SocketAddr,
+        gateway: &str,
+        address: SocketAddr,
+        idle_ms: u64,
+        index: Option<SessionIndex>,
+    ) {
         if self.enabled() {
             self.publish(
                 client,
@@ -162,6 +173,7 @@ impl SyncOut {
                     gateway: gateway.into(),
                     address,
                     idle_ms,
+                    index,
                 },
             );
         }
@@ -191,8 +203,8 @@ impl SyncOut {
 pub trait Standbys {
     /// The clients `peer`'s entries are for.
     fn held_for(&self, peer: &str) -> Vec<SocketAddr>;
-    /// Keeps `peer`'s session of `client` on the gateway it names; false if it cannot be kept
-    /// (no such gateway here, or it is down).
+    /// Keeps `peer`'s session of `client` on the gateway it names, with its receiver index if
+    /// one is known; false if it cannot be kept (no such gateway here, or it is down).
     fn hold(
         &mut self,
         peer: &Arc<str>,
@@ -200,6 +212,7 @@ pub trait Standbys {
         gateway: &str,
         address: SocketAddr,
         idle_ms: u64,
+        index: Option<SessionIndex>,
     ) -> bool;
     /// Drops `peer`'s entry for `client`, if there is one and it is `peer`'s.
     fn release(&mut self, peer: &str, client: SocketAddr);
@@ -228,9 +241,10 @@ pub fn apply(standbys: &mut impl Standbys, peer: &Arc<str>, step: &SyncStep) -> 
                         gateway,
                         address,
                         idle_ms,
+                        index,
                     } => {
                         standbys.resyncs().seen(peer, client);
-                        standbys.hold(peer, *client, gateway, *address, *idle_ms)
+                        standbys.hold(peer, *client, gateway, *address, *idle_ms, *index)
                     }
                     Change::Evicted => {
                         standbys.release(peer, *client);
@@ -318,7 +332,11 @@ mod tests {
         let out = SyncOut::new("office", Arc::new([queue.clone()]));
         let gateway: SocketAddr = "10.0.0.1:51820".parse().unwrap();
         for port in 0..100 {
-            out.upsert(client(port), "gw1", gateway, 0);
+            let index = (port == 0).then_some(SessionIndex {
+                index: 7,
+                age_ms: 3,
+            });
+            out.upsert(client(port), "gw1", gateway, 0, index);
         }
         assert!(queue.take_resync_due());
         assert!(!queue.take_resync_due(), "the flag clears once taken");
@@ -335,7 +353,11 @@ mod tests {
             Change::Upsert {
                 gateway: "gw1".into(),
                 address: gateway,
-                idle_ms: 0
+                idle_ms: 0,
+                index: Some(SessionIndex {
+                    index: 7,
+                    age_ms: 3
+                }),
             }
         );
     }

@@ -160,6 +160,7 @@ async fn resync(
                         gateway: s.gateway.clone(),
                         address: s.gateway_address,
                         idle_ms: s.idle_ms,
+                        index: s.index,
                     };
                     to_proto(listener, s.client, change)
                 })
@@ -280,30 +281,26 @@ impl Sender<'_> {
 }
 
 fn to_proto(listener: &str, client: SocketAddr, change: Change) -> SessionChange {
-    let (kind, gateway, gateway_address, idle_ms) = match change {
+    let mut proto = SessionChange {
+        listener: listener.to_string(),
+        client: client.to_string(),
+        ..SessionChange::default()
+    };
+    match change {
         Change::Upsert {
             gateway,
             address,
             idle_ms,
-        } => (
-            session_change::Kind::Upsert,
-            gateway,
-            address.to_string(),
-            idle_ms,
-        ),
-        Change::Evicted => (
-            session_change::Kind::Evicted,
-            String::new(),
-            String::new(),
-            0,
-        ),
-    };
-    SessionChange {
-        kind: kind.into(),
-        listener: listener.to_string(),
-        client: client.to_string(),
-        gateway,
-        gateway_address,
-        idle_ms,
+            index,
+        } => {
+            proto.set_kind(session_change::Kind::Upsert);
+            proto.gateway = gateway;
+            proto.gateway_address = address.to_string();
+            proto.idle_ms = idle_ms;
+            proto.receiver_index = index.map(|i| i.index);
+            proto.receiver_index_age_ms = index.map_or(0, |i| i.age_ms);
+        }
+        Change::Evicted => proto.set_kind(session_change::Kind::Evicted),
     }
+    proto
 }

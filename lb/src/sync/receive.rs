@@ -11,6 +11,7 @@ use wglb_proto::v1::{session_change, SyncAck, SyncBatch};
 use super::{Applied, Change, PeerChange, SyncStep};
 use crate::metrics::Metrics;
 use crate::query::{SessionRequest, SessionRequests};
+use crate::rebinding::SessionIndex;
 
 /// Why a batch was refused as a whole (the stream ends with it).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +114,10 @@ pub fn parse(change: &wglb_proto::v1::SessionChange) -> Option<PeerChange> {
             gateway: change.gateway.clone(),
             address: change.gateway_address.parse().ok()?,
             idle_ms: change.idle_ms,
+            index: change.receiver_index.map(|index| SessionIndex {
+                index,
+                age_ms: change.receiver_index_age_ms,
+            }),
         },
         session_change::Kind::Evicted => Change::Evicted,
         session_change::Kind::Unspecified => return None,
@@ -137,6 +142,8 @@ mod tests {
             gateway: "gw1".into(),
             gateway_address: "10.0.0.1:51820".into(),
             idle_ms: 5,
+            receiver_index: Some(0xdead_beef),
+            receiver_index_age_ms: 1_500,
         };
         let batch = SyncBatch {
             sequence: 7,
@@ -182,6 +189,18 @@ mod tests {
         let SyncStep::Changes(changes) = &steps[1] else {
             panic!("{steps:?}")
         };
+        assert_eq!(
+            changes[0].change,
+            Change::Upsert {
+                gateway: "gw1".into(),
+                address: "10.0.0.1:51820".parse().unwrap(),
+                idle_ms: 5,
+                index: Some(SessionIndex {
+                    index: 0xdead_beef,
+                    age_ms: 1_500
+                }),
+            }
+        );
         assert_eq!(changes[1].change, Change::Evicted);
         assert_eq!(steps.len(), 2);
         let text = metrics.render();

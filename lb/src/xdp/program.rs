@@ -2,6 +2,7 @@
 //! with maps sized from the configuration, attached to interfaces, and the typed map operations
 //! the fast path (`super::fastpath`) and the fixture tests use.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
@@ -12,8 +13,8 @@ use aya::{Ebpf, EbpfLoader};
 use wglb_common::admission::{AdmissionLimits, SourceBudget};
 use wglb_common::mac1::Mac1Key;
 use wglb_common::xdp::{
-    counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session,
-    XdpCounter, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS,
+    counter_slot, Endpoint, FlowKey, Gateway, GatewayTraffic, IndexEntry, IndexKey, ListenerInfo,
+    NatKey, Session, XdpCounter, CONFIG_NAT_FIRST_PORT, CONFIG_NAT_PORTS,
 };
 
 use crate::lifecycle::Standing;
@@ -315,6 +316,34 @@ impl XdpProgram {
         budget.unconfirmed = unconfirmed;
         // BPF_EXIST: a budget the LRU dropped meanwhile stays dropped.
         let _ = sources.insert(source, budget, 2);
+        Ok(())
+    }
+
+    /// Every learned receiver index of listener `listener`.
+    pub fn indices(&self, listener: u32) -> anyhow::Result<HashMap<u32, IndexEntry>> {
+        let map = self.ebpf.map("INDICES").context("no INDICES map")?;
+        let indices: BpfHashMap<&MapData, IndexKey, IndexEntry> = BpfHashMap::try_from(map)?;
+        let mut of_listener = HashMap::new();
+        for entry in indices.iter() {
+            let (key, entry) = entry?;
+            if key.listener == listener {
+                of_listener.insert(key.index, entry);
+            }
+        }
+        Ok(of_listener)
+    }
+
+    /// What is held for one receiver index.
+    pub fn index(&self, key: &IndexKey) -> Option<IndexEntry> {
+        let map = self.ebpf.map("INDICES")?;
+        let indices: BpfHashMap<&MapData, IndexKey, IndexEntry> = BpfHashMap::try_from(map).ok()?;
+        indices.get(key, 0).ok()
+    }
+
+    pub fn set_index(&mut self, key: &IndexKey, entry: &IndexEntry) -> anyhow::Result<()> {
+        let mut indices: BpfHashMap<&mut MapData, IndexKey, IndexEntry> =
+            BpfHashMap::try_from(self.map_mut("INDICES")?)?;
+        indices.insert(key, entry, 0)?;
         Ok(())
     }
 

@@ -119,7 +119,7 @@ impl Datapath {
         }
     }
 
-    fn is_xdp(self) -> bool {
+    pub fn is_xdp(self) -> bool {
         matches!(self, Datapath::XdpNative | Datapath::XdpGeneric)
     }
 
@@ -362,6 +362,12 @@ pub fn first_reply(
 ) -> Result<Duration> {
     let at = pinger.wait_reply_after(after, timeout)?;
     Ok(at.duration_since(after).unwrap_or_default())
+}
+
+/// The pings `pinger` sent since sequence `from_seq` that were not answered.
+pub fn lost_since(pinger: &wglb_lab::Pinger, from_seq: u32) -> Vec<u32> {
+    // ping -W 1: replies to the last five (one second at -i 0.2) may still be in flight.
+    pinger.lost_between(from_seq, pinger.last_seq().saturating_sub(6))
 }
 
 /// The latest handshake of each client, taken once the handshakes have settled: a first

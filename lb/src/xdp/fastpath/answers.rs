@@ -130,8 +130,13 @@ impl FastPath {
                 Err(e) => tracing::warn!("cannot read the XDP session table: {e:#}"),
             }
         }
+        let indices = self.program.indices(index as u32).unwrap_or_else(|e| {
+            tracing::warn!("cannot read the XDP receiver indices: {e:#}");
+            HashMap::new()
+        });
         MapRead {
             sessions,
+            indices,
             gateways: &self.gateways,
             now_ns: coarse_now_ns(),
         }
@@ -151,6 +156,8 @@ async fn ask<T>(
 /// A read of the program's sessions of one listener, as the API's answers list them.
 pub(super) struct MapRead<'a> {
     sessions: Vec<(Table, FlowKey, Session)>,
+    /// The listener's receiver indices.
+    indices: HashMap<u32, IndexEntry>,
     gateways: &'a HashMap<u32, GatewaySlot>,
     now_ns: u64,
 }
@@ -166,6 +173,7 @@ impl SessionStore for MapRead<'_> {
                 idle_ms: self.now_ns.saturating_sub(session.last_seen_ns) / 1_000_000,
                 standing: table.standing(),
                 synced_from: None,
+                index: session_index(key, session, self.indices.get(&session.index), self.now_ns),
             })
         }))
     }

@@ -29,8 +29,8 @@ use aya::programs::XdpMode as AttachMode;
 use tokio::sync::{mpsc, oneshot, watch};
 use wglb_common::admission::Refusal;
 use wglb_common::xdp::{
-    Endpoint, FlowKey, Gateway, GatewayTraffic, ListenerInfo, NatKey, Session, XdpCounter,
-    GATEWAY_KEEPS, GATEWAY_READY, MAX_GATEWAYS,
+    Endpoint, FlowKey, Gateway, GatewayTraffic, IndexEntry, IndexKey, ListenerInfo, NatKey,
+    Session, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY, MAX_GATEWAYS,
 };
 
 mod answers;
@@ -48,6 +48,7 @@ use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, M
 use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, HashKey};
 use crate::query::{self, SessionRequest};
+use crate::rebinding::SessionIndex;
 use crate::session::EvictionReason;
 use crate::sync::{self, Resyncs, SyncOut};
 
@@ -85,9 +86,10 @@ pub struct FastPath {
     /// How long the last sweep took: sweeps are spaced to cost at most a tenth of a core.
     last_sweep: Duration,
     swept_at: Instant,
-    /// Confirmed sessions told to peer balancers, and the gateway they were told of: kept here,
-    /// not in the program's map, so that marking one never writes a stale copy back.
-    announced: HashMap<FlowKey, u32>,
+    /// Confirmed sessions told to peer balancers, and the gateway and receiver index they were
+    /// told of: kept here, not in the program's map, so that marking one never writes a stale
+    /// copy back.
+    announced: HashMap<FlowKey, (u32, Option<u32>)>,
     /// Where the sweep posts handshakes left waiting, for passive health.
     board: Board,
 }
@@ -375,6 +377,18 @@ fn listener_info(index: usize, listener: &Listener) -> ListenerInfo {
 
 /// An endpoint of the program's maps as an address: IPv4-mapped IPv6 back to IPv4.
 /// Listener `index`'s session key of `client`.
+/// `session`'s receiver index (`indexed` holds what INDICES has for it), as peers are told of
+/// it: while it still routes the session.
+fn session_index(
+    key: &FlowKey,
+    session: &Session,
+    indexed: Option<&IndexEntry>,
+    now_ns: u64,
+) -> Option<SessionIndex> {
+    let entry = indexed.filter(|_| session.indexed != 0)?;
+    SessionIndex::of(session.index, entry.client == *key, entry.held(), now_ns)
+}
+
 fn flow_key(index: usize, client: SocketAddr) -> FlowKey {
     FlowKey {
         listener: index as u32,

@@ -125,6 +125,10 @@ impl FastPath {
         tracing::error!(listener = %listener.name, "the XDP program no longer serves this listener, the userspace datapath does: {reason}");
         listener.served = false;
         let gone = std::mem::take(&mut listener.addresses);
+        for address in &gone {
+            self.metrics
+                .set_xdp_listener_address(&listener.name, *address, false);
+        }
         let info = listener_info(index, listener);
         let mut result = self.program.set_listener(&[], &gone, info);
         let slots: Vec<u32> = self
@@ -249,6 +253,12 @@ impl FastPath {
             tracing::info!(listener = %listener.name, addresses = ?wanted, "XDP listener addresses");
             let info = listener_info(index, listener);
             self.program.set_listener(&wanted, &gone, info)?;
+            for (addresses, served) in [(&gone, false), (&wanted, true)] {
+                for address in addresses {
+                    self.metrics
+                        .set_xdp_listener_address(&listener.name, *address, served);
+                }
+            }
             self.listeners[index].addresses = wanted;
         }
         Ok(())

@@ -84,17 +84,29 @@ impl FastPath {
                         *unconfirmed_per_source.entry(key.source()).or_default() += 1;
                         continue;
                     }
-                    // Told of on another gateway before counts as not told.
-                    let announced = self.announced.get(key) == Some(&session.gateway);
+                    // Told of on another gateway, or with another index, counts as not told:
+                    // a new index reaches the peers at the next sweep.
+                    let told = (
+                        session.gateway,
+                        (session.indexed != 0).then_some(session.index),
+                    );
+                    let announced = self.announced.get(key) == Some(&told);
                     let active = session.last_seen_ns >= listener.refreshed_at_ns;
                     if listener.sync.enabled()
                         && announce_due(standing, announced, refresh_due[index], active)
                     {
                         let idle_ms = idle.as_millis() as u64;
+                        let indexed = told.1.and_then(|index| {
+                            self.program.index(&IndexKey {
+                                listener: key.listener,
+                                index,
+                            })
+                        });
+                        let index = session_index(key, session, indexed.as_ref(), now);
                         listener
                             .sync
-                            .upsert(client, &slot.name, slot.address, idle_ms);
-                        self.announced.insert(*key, session.gateway);
+                            .upsert(client, &slot.name, slot.address, idle_ms, index);
+                        self.announced.insert(*key, told);
                     }
                 }
                 (fate, slot) => {
