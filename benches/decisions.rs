@@ -5,7 +5,8 @@
 //! 100k and 1M sessions, and Maglev placement. Also the cost of rebuilding a Maglev table (3 to
 //! 1000 gateways), which the control plane pays on every health change, and of one page of
 //! `wglb sessions` from a million sessions, which the datapath pays between batches (against
-//! sorting them all).
+//! sorting them all); the edge's mac1 check (against RustCrypto's BLAKE2s), and routing a new
+//! tuple by its receiver index among 100k (against Maglev placement).
 //!
 //! Run: `cargo bench -p wglb --bench decisions`
 
@@ -18,9 +19,11 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use wglb::maglev::Maglev;
+use wglb::metrics::Metrics;
 use wglb::pool::{AdminState, AllDownPolicy, GatewayId, GatewayView, HashKey, Health, Placement};
 use wglb::query::page;
-use wglb::session::{Activity, Session, SessionTable};
+use wglb::rebinding::{Indices, Learned};
+use wglb::session::{now_ns, Activity, Session, SessionTable};
 use wglb_common::hash::flow_hash;
 use wglb_common::mac1::{Blake2sWork, Mac1Key, INITIATION_LEN, LABEL_MAC1, MAC1_OFFSET};
 use wglb_common::wireguard::classify;
@@ -95,6 +98,55 @@ fn mac1(c: &mut Criterion) {
             mac.update(&black_box(&initiation)[..MAC1_OFFSET]);
             mac.finalize_fixed()
         })
+    });
+    group.finish();
+}
+
+/// A datagram from a tuple without a session: routed by the receiver index it carries (a rebound
+/// client) or, its index unknown, placed by Maglev as any new tuple; against placement alone.
+fn receiver_index(c: &mut Criterion) {
+    let placement = placement(3);
+    let counters = Metrics::new().listener("bench");
+    let mut indices = Indices::new(NonZeroUsize::new(SESSIONS as usize).expect("non-zero"));
+    let now = now_ns();
+    let index_of = |i: u32| i.wrapping_mul(0x9e37_79b9);
+    for i in 0..SESSIONS {
+        let gateway = placement.place(client(i)).expect("a gateway");
+        let learned = Learned {
+            index: index_of(i),
+            client: client(i),
+            gateway: gateway.id,
+            address: gateway.address,
+        };
+        indices.learn(learned, now, now, &counters);
+    }
+    let transport = |index: u32| {
+        let mut data = [0u8; 64];
+        data[0] = 4;
+        data[4..8].copy_from_slice(&index.to_le_bytes());
+        data
+    };
+    let (known, unknown) = (transport(index_of(777)), transport(0xffff_fff1));
+    let rebound = client(SESSIONS + 1);
+    let mut group = c.benchmark_group(format!("new_tuple_{SESSIONS}_indices"));
+    group.bench_function("rebound_routed_by_index", |b| {
+        b.iter(|| {
+            indices
+                .route(rebound, black_box(&known), &placement, now, |_, _| true)
+                .expect("routed")
+        })
+    });
+    group.bench_function("unknown_index_placed_by_maglev", |b| {
+        b.iter(|| {
+            let routed = indices.route(rebound, black_box(&unknown), &placement, now, |_, _| true);
+            routed.map_or_else(
+                || placement.place(rebound).map(|g| g.id),
+                |r| Some(r.gateway),
+            )
+        })
+    });
+    group.bench_function("baseline_maglev_place", |b| {
+        b.iter(|| placement.place(black_box(rebound)).map(|g| g.id))
     });
     group.finish();
 }
@@ -213,6 +265,7 @@ criterion_group!(
     benches,
     classification,
     mac1,
+    receiver_index,
     hashing,
     placement_lookup,
     session_table,
