@@ -856,17 +856,12 @@ impl Relay {
         let refresh = sync::refresh_interval(self.plan.idle_timeout).as_millis() as u64;
         let refresh_due = now.saturating_sub(self.refreshed_at) >= refresh;
         if self.sync.enabled() && refresh_due {
-            let placement = &self.plan.placement;
             for (client, session) in self.sessions.iter() {
                 let last = session.activity.last_ms();
                 let standing = session.link.standing();
                 // Confirmed sessions were announced when they were confirmed.
                 if announce_due(standing, true, refresh_due, last >= self.refreshed_at) {
-                    let name = placement.gateway(session.gateway).map_or("", |g| &g.name);
-                    let idle = now.saturating_sub(last);
-                    let index = self.session_index(*client, session.link.index());
-                    self.sync
-                        .upsert(*client, name, session.gateway_address, idle, index);
+                    self.announce(*client, now.saturating_sub(last));
                 }
             }
             self.refreshed_at = now;

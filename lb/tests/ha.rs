@@ -268,6 +268,14 @@ impl Pair {
         })
     }
 
+    /// A pair whose six clients are on gw0, gw1, gw2, gw0, gw1, gw2, and where they should be.
+    fn spread(datapath: Datapath) -> Result<(Pair, [usize; 6])> {
+        let all = config_text(Family::V4, &["active", "active", "active"]);
+        let wanted = [0, 1, 2, 0, 1, 2];
+        let ports = ports_for(Family::V4, &all, &wanted);
+        Ok((Pair::start(datapath, &all, &wanted, ports)?, wanted))
+    }
+
     /// SIGKILL for lb0, and the floating address on lb1.
     fn kill_master(&mut self) -> Result<SystemTime> {
         let killed = SystemTime::now();
@@ -399,14 +407,7 @@ fn failover(datapath: Datapath, between: Between) -> Result<()> {
 /// holds. When the silent clients speak again (through the standby, which keeps the floating
 /// address), they are on their gateways (one of them drained since) with no new handshake.
 fn a_restarted_master_makes_the_standby_forget_nothing(datapath: Datapath) -> Result<()> {
-    let all = config_text(Family::V4, &["active", "active", "active"]);
-    let wanted = [0, 1, 2, 0, 1, 2];
-    let mut pair = Pair::start(
-        datapath,
-        &all,
-        &wanted,
-        ports_for(Family::V4, &all, &wanted),
-    )?;
+    let (mut pair, wanted) = Pair::spread(datapath)?;
     for balancer in &pair.balancers {
         balancer.cli(&["drain", "gw1"])?;
     }
@@ -467,14 +468,7 @@ fn sessions_placed_before_a_gateway_joined_survive_a_failover(datapath: Datapath
 fn clients_whose_mapping_changes_after_a_failover_keep_their_gateway(
     datapath: Datapath,
 ) -> Result<()> {
-    let all = config_text(Family::V4, &["active", "active", "active"]);
-    let wanted = [0, 1, 2, 0, 1, 2];
-    let mut pair = Pair::start(
-        datapath,
-        &all,
-        &wanted,
-        ports_for(Family::V4, &all, &wanted),
-    )?;
+    let (mut pair, wanted) = Pair::spread(datapath)?;
     let clients: Vec<usize> = (0..wanted.len()).collect();
     let handshakes = settled_handshakes(&pair.rig, &clients)?;
     wait_for(
