@@ -1,10 +1,18 @@
 //! Keeps a balancer's gateway pools in step with Core's list through the control API: a gateway
 //! Core adopts is added to the listener of its location; one Core drops (removed or disabled) is
 //! drained, so its live sessions finish where they are and it takes no new ones. Gateways the
-//! balancer has from its own file and Core never listed are left alone.
+//! balancer has from its own file and Core never listed are left alone. A location's public key
+//! becomes its listener's (the balancer then drops initiations whose mac1 is wrong for it); a
+//! location without one leaves the listener's key as it is.
 
+use std::collections::HashMap;
+
+use base64::Engine;
 use wglb_proto::client::Target;
-use wglb_proto::v1::{AddGatewayRequest, GatewayState, ListGatewaysRequest, SetGatewayRequest};
+use wglb_proto::v1::{
+    AddGatewayRequest, GatewayState, ListGatewaysRequest, SetGatewayRequest, SetListenerKeyRequest,
+    StatusRequest,
+};
 
 use crate::config::Location;
 
@@ -16,6 +24,37 @@ pub async fn sync_pools(
 ) -> Result<(), String> {
     let connection = target.connect().await.map_err(|e| e.to_string())?;
     let mut control = connection.control;
+    let keys: HashMap<String, String> = control
+        .status(StatusRequest {})
+        .await
+        .map_err(|s| format!("asking for the balancer's status: {}", s.message()))?
+        .into_inner()
+        .listeners
+        .into_iter()
+        .map(|l| (l.name, l.public_key))
+        .collect();
+    for location in current {
+        let (Some(key), Some(held)) = (&location.public_key, keys.get(&location.name)) else {
+            continue;
+        };
+        let key = base64::engine::general_purpose::STANDARD.encode(key.as_bytes());
+        if *held != key {
+            control
+                .set_listener_key(SetListenerKeyRequest {
+                    listener: location.name.clone(),
+                    public_key: key,
+                })
+                .await
+                .map_err(|s| {
+                    format!(
+                        "setting listener `{}`'s public key: {}",
+                        location.name,
+                        s.message()
+                    )
+                })?;
+            tracing::info!(balancer = %target.address, location = %location.name, "the listener checks mac1 for the location's public key now");
+        }
+    }
     // A location Core dropped altogether has its gateways drained too.
     let gone: Vec<Location> = previous
         .iter()

@@ -444,6 +444,20 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
         format!(r#"wglb_gateway_admin_state{{gateway="gw{j}",listener="office",state="{state}"}}"#)
     };
     setup.wait_metric(&state(1, "active"), Duration::from_secs(10), |v| v == 1.0)?;
+    // The location's public key, from Core, is the listener's: the balancer checks mac1 for it.
+    let socket = path(setup.rig.temp_dir(), "api.sock");
+    wait_for(
+        "the listener to take Core's key",
+        Duration::from_secs(10),
+        || {
+            let output = std::process::Command::new(wglb()?)
+                .args(["--api", &socket, "--json", "status"])
+                .output()?;
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+            let key = &status["listeners"][0]["public_key"];
+            Ok((key.as_str() == Some(setup.rig.gateway_public_key())).then_some(()))
+        },
+    )?;
     // ... and the sidecar probes it and reports on it.
     setup.wait_metric(
         r#"wglb_health_report_up{gateway="gw1",listener="office",source="hc-test"}"#,

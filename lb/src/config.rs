@@ -1312,9 +1312,8 @@ fn build_datapath(raw: RawDatapath, place: &str) -> Result<DatapathConfig, Confi
     })
 }
 
-/// "FIRST-LAST", unprivileged ports only.
 /// A WireGuard key as `wg` prints it.
-fn parse_public_key(text: &str) -> Option<[u8; 32]> {
+pub fn parse_public_key(text: &str) -> Option<[u8; 32]> {
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
@@ -1322,6 +1321,13 @@ fn parse_public_key(text: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
+/// A WireGuard key as `wg` prints it.
+pub fn format_public_key(key: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// "FIRST-LAST", unprivileged ports only.
 fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
     let (first, last) = text.split_once('-')?;
     let first: u16 = first.trim().parse().ok()?;

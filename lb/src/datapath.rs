@@ -47,8 +47,8 @@ use crate::lifecycle::{self, announce_due, fate, Evictions, Fate, Held, SessionS
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, Placement};
-use crate::query::SessionRequest;
-use crate::rebinding::{Indices, Learned, Rebinding, SessionIndex};
+use crate::query::{IndicesAfter, KnownIndex, SessionRequest};
+use crate::rebinding::{Indices, Learned, Routed, SessionIndex};
 use crate::session::{now_ms, now_ns, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
@@ -249,7 +249,7 @@ struct Forwarding {
     replies: AbortHandle,
     counters: Arc<GatewayCounters>,
     /// Opened for a rebound tuple: the old tuple's session retires once this one is confirmed.
-    rebinding: Option<Rebinding>,
+    rebinding: Option<Routed>,
     /// The receiver index its gateway chose last (`crate::rebinding`), for the peers.
     index: Option<u32>,
 }
@@ -723,16 +723,17 @@ impl Relay {
 
     /// The gateway answered the rebound tuple `client`: it roamed there, so the old tuple's
     /// session goes.
-    fn retire(&mut self, client: SocketAddr, rebinding: &Rebinding) {
+    fn retire(&mut self, client: SocketAddr, rebinding: &Routed) {
         self.indices.retire(rebinding, client, now_ns());
+        let old = rebinding.learned_on;
         let on_its_gateway = self
             .sessions
-            .peek(&rebinding.old)
+            .peek(&old)
             .is_some_and(|s| s.gateway == rebinding.gateway);
         if on_its_gateway {
-            if let Some(old) = self.sessions.remove(&rebinding.old) {
-                self.ended_between_sweeps(rebinding.old, &old, EvictionReason::Rebound);
-                tracing::debug!(listener = %self.name, %client, old = %rebinding.old, "the client's NAT mapping changed: its gateway roamed to the new tuple");
+            if let Some(gone) = self.sessions.remove(&old) {
+                self.ended_between_sweeps(old, &gone, EvictionReason::Rebound);
+                tracing::debug!(listener = %self.name, %client, %old, "the client's NAT mapping changed: its gateway roamed to the new tuple");
             }
         }
     }
@@ -818,6 +819,19 @@ impl Relay {
             }
             SessionRequest::Sync { peer, step, reply } => {
                 let _ = reply.send(sync::apply(self, &peer, &step));
+            }
+            SessionRequest::Indices { after, reply } => {
+                let (mark, learned) = self.indices.learned_after(after, now_ns());
+                let indices = learned
+                    .into_iter()
+                    .map(|(learned, index)| KnownIndex {
+                        client: learned.client,
+                        gateway: name_of(learned.gateway).to_string(),
+                        gateway_address: learned.address,
+                        index,
+                    })
+                    .collect();
+                let _ = reply.send(IndicesAfter { mark, indices });
             }
         }
     }
@@ -1001,10 +1015,10 @@ impl Relay {
                 .is_some_and(|s| s.gateway == gateway && s.link.standing() == Standing::Confirmed)
         };
         let first = datagrams(data, stride).next().unwrap_or_default();
-        let rebinding = self
+        let routed = self
             .indices
             .route(client, first, &self.plan.placement, now_ns, alive);
-        if self.open_session(client, meta.dst_ip, now, batch, rebinding) {
+        if self.open_session(client, meta.dst_ip, now, batch, routed) {
             self.forward_held(client, data, stride, batch);
         }
     }
@@ -1042,11 +1056,11 @@ impl Relay {
         reply_from: Option<IpAddr>,
         now: u64,
         batch: Batch,
-        rebinding: Option<Rebinding>,
+        routed: Option<Routed>,
     ) -> bool {
         let placement = &self.plan.placement;
-        let gateway = match rebinding {
-            Some(rebinding) => placement.gateway(rebinding.gateway),
+        let gateway = match routed {
+            Some(routed) => placement.gateway(routed.gateway),
             None => placement.place(client),
         };
         let Some(gateway) = gateway else {
@@ -1070,9 +1084,9 @@ impl Relay {
             self.sources.settled(client.ip());
             return false;
         };
-        link.rebinding = rebinding;
-        link.index = rebinding.map(|r| r.index);
-        tracing::debug!(listener = %self.name, %client, gateway = %name, rebinding = ?rebinding, "new session");
+        link.rebinding = routed.filter(|r| r.rebinds(client));
+        link.index = routed.map(|r| r.index);
+        tracing::debug!(listener = %self.name, %client, gateway = %name, routed = ?routed, "new session");
         let session = Session {
             gateway: id,
             gateway_address: address,

@@ -105,6 +105,30 @@ pub enum SessionRequest {
         step: SyncStep,
         reply: oneshot::Sender<Applied>,
     },
+    /// The receiver indices the userspace datapath took in (from its reply paths, or from sync
+    /// peers) after its mark `after` (0: all it holds), for the XDP program in front of it: a
+    /// session it relayed is the program's from the client's next packet on, index included.
+    Indices {
+        after: u64,
+        reply: oneshot::Sender<IndicesAfter>,
+    },
+}
+
+/// What [`SessionRequest::Indices`] answers.
+#[derive(Debug, Default)]
+pub struct IndicesAfter {
+    /// The mark to ask after next time.
+    pub mark: u64,
+    pub indices: Vec<KnownIndex>,
+}
+
+/// A receiver index and the session that holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownIndex {
+    pub client: SocketAddr,
+    pub gateway: String,
+    pub gateway_address: SocketAddr,
+    pub index: SessionIndex,
 }
 
 pub type SessionRequests = mpsc::Sender<SessionRequest>;

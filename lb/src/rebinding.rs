@@ -55,6 +55,8 @@ struct Owner {
     address: SocketAddr,
     collided: bool,
     learned_ns: u64,
+    /// When it was taken in, in the order of [`Indices::learn`] calls.
+    mark: u64,
 }
 
 impl Owner {
@@ -67,18 +69,30 @@ impl Owner {
     }
 }
 
-/// A new source tuple routed by the index its datagram carries: to that session's gateway.
+/// A source tuple without a session routed by the index its datagram carries: to the gateway of
+/// the session that learned it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rebinding {
+pub struct Routed {
     pub index: u32,
-    /// The tuple whose session learned the index, retired once the gateway answers the new one.
-    pub old: SocketAddr,
+    /// The tuple whose session learned the index: another one (a rebinding: retired once the
+    /// gateway answers the new one), or this very tuple (its session left the table: pushed out,
+    /// or relayed by the XDP program until now).
+    pub learned_on: SocketAddr,
     pub gateway: GatewayId,
     pub address: SocketAddr,
 }
 
+impl Routed {
+    /// Whether `client` is a new tuple of another tuple's session.
+    pub fn rebinds(&self, client: SocketAddr) -> bool {
+        self.learned_on != client
+    }
+}
+
 pub struct Indices {
     owners: LruCache<u32, Owner>,
+    /// The mark of the latest index taken in.
+    mark: u64,
     /// Retired tuples, and when (ns, `crate::session::now_ns`).
     retired: LruCache<SocketAddr, u64>,
 }
@@ -89,6 +103,7 @@ impl Indices {
         let retired = NonZeroUsize::new(wglb_common::xdp::MAX_RETIRED as usize).expect("non-zero");
         Indices {
             owners: LruCache::new(sessions.saturating_mul(NonZeroUsize::new(2).expect("non-zero"))),
+            mark: 0,
             retired: LruCache::new(retired),
         }
     }
@@ -111,6 +126,7 @@ impl Indices {
                 true
             }
         };
+        self.mark += 1;
         self.owners.put(
             learned.index,
             Owner {
@@ -119,9 +135,31 @@ impl Indices {
                 address: learned.address,
                 collided,
                 learned_ns,
+                mark: self.mark,
             },
         );
         !collided
+    }
+
+    /// The indices taken in after `mark` that still route their session, and the mark to ask
+    /// after next time.
+    pub fn learned_after(&self, mark: u64, now_ns: u64) -> (u64, Vec<(Learned, SessionIndex)>) {
+        let learned = self
+            .owners
+            .iter()
+            .filter(|(_, owner)| owner.mark > mark)
+            .filter_map(|(index, owner)| {
+                let held = SessionIndex::of(*index, true, owner.held(), now_ns)?;
+                let learned = Learned {
+                    index: *index,
+                    client: owner.client,
+                    gateway: owner.gateway,
+                    address: owner.address,
+                };
+                Some((learned, held))
+            })
+            .collect();
+        (self.mark, learned)
     }
 
     /// `client`'s session index `index`, if it is still worth telling peers.
@@ -131,8 +169,8 @@ impl Indices {
     }
 
     /// Where a datagram from `client`, which has no session, goes by the index it carries, if
-    /// anywhere: `alive(old, gateway)` says whether the session the index was learned on still
-    /// lives on that gateway.
+    /// anywhere: `alive(tuple, gateway)` says whether the session of another tuple the index was
+    /// learned on still lives on that gateway.
     pub fn route(
         &self,
         client: SocketAddr,
@@ -140,32 +178,32 @@ impl Indices {
         placement: &Placement,
         now_ns: u64,
         alive: impl Fn(SocketAddr, GatewayId) -> bool,
-    ) -> Option<Rebinding> {
+    ) -> Option<Routed> {
         let offset = receiver_offset(classify(datagram).ok()?)?;
         let header: &[u8; 12] = datagram.get(..12)?.try_into().ok()?;
         let index = index_at(header, offset);
         let owner = self.owners.peek(&index)?;
         let keeps = placement.keeps(owner.gateway, owner.address);
-        (owner.client != client
-            && routes(owner.held(), keeps, now_ns)
-            && alive(owner.client, owner.gateway))
-        .then_some(Rebinding {
+        let routed = Routed {
             index,
-            old: owner.client,
+            learned_on: owner.client,
             gateway: owner.gateway,
             address: owner.address,
-        })
+        };
+        (routes(owner.held(), keeps, now_ns)
+            && (!routed.rebinds(client) || alive(owner.client, owner.gateway)))
+        .then_some(routed)
     }
 
     /// The rebound tuple `client` is confirmed: the index is its own from now on, and what
     /// still comes from the old tuple is dropped for a while.
-    pub fn retire(&mut self, rebinding: &Rebinding, client: SocketAddr, now_ns: u64) {
+    pub fn retire(&mut self, rebinding: &Routed, client: SocketAddr, now_ns: u64) {
         if let Some(owner) = self.owners.peek_mut(&rebinding.index) {
-            if owner.client == rebinding.old {
+            if owner.client == rebinding.learned_on {
                 owner.client = client;
             }
         }
-        self.retired.put(rebinding.old, now_ns);
+        self.retired.put(rebinding.learned_on, now_ns);
     }
 
     pub fn retired(&self, client: &SocketAddr, now_ns: u64) -> bool {
@@ -219,5 +257,40 @@ mod tests {
         assert!(!indices.learn(learned(other, 2), now, now, &counters));
         assert_eq!(indices.of_session(7, other, now), None);
         assert_eq!(counters.index_collisions.get(), 1);
+    }
+
+    #[test]
+    fn the_indices_taken_in_since_a_mark_are_told_once() {
+        let counters = Metrics::new().listener("test");
+        let mut indices = Indices::new(NonZeroUsize::new(8).expect("non-zero"));
+        let learned = |index, port| Learned {
+            index,
+            client: SocketAddr::from(([192, 0, 2, 1], port)),
+            gateway: GatewayId(1),
+            address: "10.0.0.1:51820".parse().unwrap(),
+        };
+        let now = 1_000 * S;
+        assert_eq!(indices.learned_after(0, now), (0, Vec::new()));
+        indices.learn(learned(1, 1000), now - 10 * S, now, &counters);
+        indices.learn(learned(2, 1001), now, now, &counters);
+        let (mark, mut all) = indices.learned_after(0, now);
+        all.sort_by_key(|(l, _)| l.index);
+        let told = |index, age_ms| SessionIndex { index, age_ms };
+        assert_eq!(
+            all,
+            vec![
+                (learned(1, 1000), told(1, 10_000)),
+                (learned(2, 1001), told(2, 0))
+            ]
+        );
+        assert_eq!(indices.learned_after(mark, now), (mark, Vec::new()));
+        // Learned again (a refresh) or anew: told again, the rest not.
+        indices.learn(learned(2, 1001), now, now, &counters);
+        let (next, again) = indices.learned_after(mark, now);
+        assert_eq!(again, vec![(learned(2, 1001), told(2, 0))]);
+        assert!(next > mark);
+        // An index that no longer routes (collided, or expired) is not told.
+        indices.learn(learned(3, 1002), now - 200 * S, now, &counters);
+        assert_eq!(indices.learned_after(next, now).1, Vec::new());
     }
 }

@@ -457,6 +457,50 @@ fn gateways_added_and_removed_at_runtime_take_and_lose_clients() -> Result<()> {
     Ok(())
 }
 
+/// A listener's public key set through the CLI (as the sidecar sets the one Core gives): from
+/// then on initiations whose mac1 is wrong for it are dropped and counted; a reload of the
+/// unchanged file keeps it; `--clear` ends the check; a key that is not one is refused.
+#[test]
+fn a_listener_key_set_at_runtime_checks_mac1_and_survives_reloads() -> Result<()> {
+    let ip = Ipv4Addr::new(127, 32, 0, 8);
+    let (config, [a, b]) = two_gateways(ip, "")?;
+    let wglb = Wglb::start_with_file(&config, at(ip, 9638))?;
+    let listener = at(ip, 51820);
+    // The stand-in clients' initiations carry no mac1 (zeros): right for no key.
+    Client::new(at(Ipv4Addr::new(127, 32, 8, 1), 40_000), listener)?.round_trip()?;
+    let key = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+    let set = wglb.cli_json(&["key", "office", key])?;
+    ensure!(set["public_key"] == key, "{set}");
+    let status = wglb.cli_json(&["status"])?;
+    ensure!(status["listeners"][0]["public_key"] == key, "{status}");
+    let forwarded = a.count() + b.count();
+    let wrong = Client::new(at(Ipv4Addr::new(127, 32, 8, 2), 40_000), listener)?;
+    ensure!(
+        wrong.exchange().is_err(),
+        "an initiation with a wrong mac1 was answered"
+    );
+    ensure!(a.count() + b.count() == forwarded, "it reached a gateway");
+    let dropped =
+        r#"wglb_dropped_packets_total{direction="to_gateway",listener="office",reason="bad_mac1"}"#;
+    ensure!(wglb.metric(dropped)? == 1.0);
+
+    wglb.cli_ok(&["reload"])?;
+    ensure!(wglb.cli_json(&["status"])?["listeners"][0]["public_key"] == key);
+    let cleared = wglb.cli_json(&["key", "office", "--clear"])?;
+    ensure!(cleared["public_key"].is_null(), "{cleared}");
+    Client::new(at(Ipv4Addr::new(127, 32, 8, 3), 40_000), listener)?.round_trip()?;
+
+    let bad = wglb.cli(&["key", "office", "c2hvcnQ="])?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    ensure!(
+        !bad.status.success() && stderr.contains("not a WireGuard key"),
+        "{bad:?}"
+    );
+    let unknown = wglb.cli(&["key", "lab", key])?;
+    ensure!(!unknown.status.success(), "{unknown:?}");
+    Ok(())
+}
+
 /// A CA, and certificates it signs, for mutual TLS.
 struct Pki {
     issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
@@ -570,7 +614,7 @@ fn shell_completions_know_every_client_command() -> Result<()> {
         ensure!(output.status.success(), "{shell}: {output:?}");
         let script = String::from_utf8(output.stdout)?;
         for command in [
-            "status", "gateways", "sessions", "drain", "undrain", "evict", "reload",
+            "status", "gateways", "sessions", "drain", "undrain", "evict", "key", "reload",
         ] {
             ensure!(
                 script.contains(command),

@@ -222,16 +222,6 @@ impl Pair {
         wait_for("lb0 to take the floating address", VRRP_SWITCH * 2, || {
             Ok(holds_floating_address(&rig, 0)?.then_some(()))
         })?;
-        if datapath.is_xdp() {
-            // Handshakes the program sees: it learns their receiver indices itself (those the
-            // userspace datapath relays before the program's next look at the local addresses
-            // are the program's only from the next handshake on).
-            let served = format!(
-                r#"wglb_xdp_listener_address{{address="{}",listener="test"}}"#,
-                rig.listen_addr(0)
-            );
-            balancers[0].wait_metric(&rig, &served, Duration::from_secs(5), |v| v == 1.0)?;
-        }
         let start = SystemTime::now();
         let mut pingers = Vec::new();
         for i in 0..wanted.len() {

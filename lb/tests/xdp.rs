@@ -23,7 +23,9 @@ use wglb_common::admission::AdmissionLimits;
 use wglb_common::handshake::HandshakeWait;
 use wglb_common::mac1::Mac1Key;
 use wglb_common::wireguard::classify;
-use wglb_common::xdp::{FlowKey, Gateway, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY};
+use wglb_common::xdp::{
+    FlowKey, Gateway, IndexEntry, IndexKey, XdpCounter, GATEWAY_KEEPS, GATEWAY_READY,
+};
 use wglb_lab::require_root;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -1039,6 +1041,65 @@ fn a_rebound_client_follows_its_receiver_index_and_only_the_gateway_moves_its_re
     Ok(())
 }
 
+/// A tuple whose own session left the program's table (pushed out, or relayed by userspace until
+/// the program served its address: the fast path adopts the indices userspace learned) goes back
+/// to the gateway its index names, not where Maglev would place it now, and its new session
+/// holds the index. A collided index routes nothing.
+#[test]
+fn a_tuple_whose_session_left_the_table_goes_back_to_its_indexs_gateway() -> Result<()> {
+    const INDEX: u32 = 0x0dd5_0001;
+    let mut lab = Lab::new()?;
+    let coarse_now = || -> Result<u64> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)?;
+        Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+    };
+    let adopt = |lab: &mut Lab, client: SocketAddr, index: u32, gateway: u32, collided: u32| {
+        let entry = IndexEntry {
+            client: FlowKey {
+                listener: 0,
+                client: wglb::xdp::endpoint_of(client),
+            },
+            gateway,
+            collided,
+            learned_ns: coarse_now()?,
+        };
+        lab.program
+            .set_index(&IndexKey { listener: 0, index }, &entry)
+    };
+    let client = client_v4(48_700);
+    let k = (0..3)
+        .find(|&k| k != lab.placed(client))
+        .context("another gateway")?;
+    adopt(&mut lab, client, INDEX, k, 0)?;
+    let (j, nat) = to_gateway(&lab, client, listener_v4(), &with_index(4, 48, 4, INDEX))?;
+    ensure!(j == k, "placed on gw{j}, not on its index's gw{k}");
+    ensure!(
+        matches!(lab.session(client), Some((Table::Unconfirmed, s)) if s.indexed != 0 && s.index == INDEX && s.rebinding == 0),
+        "{:?}",
+        lab.session(client)
+    );
+    lab.expect(
+        &Lab::reply(k, nat, &message(4, 48)),
+        XDP_TX,
+        XdpCounter::ToClient,
+    )?;
+    ensure!(matches!(lab.session(client), Some((Table::Confirmed, _))));
+    ensure!(
+        lab.counter(XdpCounter::Rebound)? == 0,
+        "its own tuple is no rebinding"
+    );
+
+    let other = client_v4(48_701);
+    let k = (0..3)
+        .find(|&k| k != lab.placed(other))
+        .context("another gateway")?;
+    adopt(&mut lab, other, INDEX + 1, k, 1)?;
+    let (j, _) = to_gateway(&lab, other, listener_v4(), &with_index(4, 48, 4, INDEX + 1))?;
+    ensure!(j == lab.placed(other), "a collided index routed gw{j}");
+    ensure!(matches!(lab.session(other), Some((_, s)) if s.indexed == 0));
+    Ok(())
+}
+
 #[test]
 fn a_flood_of_new_sessions_churns_probation_and_never_pushes_out_a_confirmed_one() -> Result<()> {
     const PROBATION: u32 = 64;
@@ -1352,16 +1413,18 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
     /// Receiver-index routing decided alike: gateways choose indices for their clients (some of
-    /// them the same index, so that some collide), then a new tuple sends data carrying one of
-    /// them. The program and the userspace datapath's index table, told the same handshakes,
-    /// send it to the same gateway (the index's, or Maglev's when the index routes nothing).
+    /// them the same index, so that some collide), then a new tuple, or the first client once its
+    /// session left the table, sends data carrying one of them. The program and the userspace
+    /// datapath's index table, told the same handshakes, send it to the same gateway (the
+    /// index's, or Maglev's when the index routes nothing).
     #[test]
     fn the_program_routes_rebound_tuples_as_userspace_does(
         learned in proptest::collection::vec((0u16..6, 0u32..3), 1..6),
         probe_index in 0u32..4,
+        probe_returning in proptest::bool::ANY,
     ) {
         let fail = |e: anyhow::Error| proptest::test_runner::TestCaseError::fail(format!("{e:#}"));
-        let lab = Lab::new().map_err(fail)?;
+        let mut lab = Lab::new().map_err(fail)?;
         let mut indices = Indices::new(std::num::NonZeroUsize::new(64).unwrap());
         let counters = wglb::metrics::Metrics::new().listener("test");
         let id_of = |j: u32| {
@@ -1370,6 +1433,7 @@ proptest::proptest! {
             (view.id, view.address)
         };
         let mut clients = std::collections::HashMap::new();
+        let returning = client_v4(49_000 + learned[0].0);
         for (port, index) in learned {
             let client = client_v4(49_000 + port);
             let (j, nat) = to_gateway(&lab, client, listener_v4(), &message(1, 148)).map_err(fail)?;
@@ -1380,11 +1444,19 @@ proptest::proptest! {
             indices.learn(Learned { index: 0x7000 + index, client, gateway, address }, now, now, &counters);
             clients.insert(client, gateway);
         }
-        let probe = client_v4(49_500);
+        let probe = if probe_returning {
+            let key = FlowKey { listener: 0, client: wglb::xdp::endpoint_of(returning) };
+            let (table, session) = lab.program.session(&key).context("its session").map_err(fail)?;
+            lab.program.remove_session(table, &key, &session).map_err(fail)?;
+            clients.remove(&returning);
+            returning
+        } else {
+            client_v4(49_500)
+        };
         let data = with_index(4, 48, 4, 0x7000 + probe_index);
         let alive = |old: SocketAddr, gateway| clients.get(&old) == Some(&gateway);
         let expected = match indices.route(probe, &data, &lab.v4, wglb::session::now_ns(), alive) {
-            Some(rebinding) => rebinding.address,
+            Some(routed) => routed.address,
             None => lab.v4.place(probe).unwrap().address,
         };
         let (j, _) = to_gateway(&lab, probe, listener_v4(), &data).map_err(fail)?;

@@ -67,6 +67,11 @@ static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 
 #[map]
 static PROBATION: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(1, 0);
 
+/// Where a new session is put together before it is stored: on the stack it would take a sixth
+/// of the 512 bytes the program's calls share.
+#[map]
+static NEW_SESSION: PerCpuArray<Session> = PerCpuArray::with_max_entries(1, 0);
+
 /// Admission budgets by listener and client address (`FlowKey::source`).
 #[map]
 static SOURCES: LruHashMap<FlowKey, SourceBudget> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
@@ -527,18 +532,21 @@ fn from_client(
         .copied()
         .and_then(|index| gateway(index).map(|g| (index, g)))
         .filter(|(_, g)| g.flags & GATEWAY_KEEPS != 0);
-    // A new tuple of a session whose receiver index is known: to that index's gateway.
-    let rebound = match pinned {
-        Some(_) => None,
-        None => rebound(ctx, headers, &key, kind, now),
-    };
-    let (index, gateway) = match (pinned, rebound) {
-        (Some(pinned), _) => pinned,
-        (None, Some((_, index))) => match gateway(index) {
-            Some(gateway) => (index, gateway),
+    // A datagram whose receiver index is known goes to that index's gateway: a new tuple of a
+    // live session (a rebinding), or this tuple's own session, gone from the table (pushed out,
+    // or relayed by userspace until now).
+    let carried = receiver_offset(kind).and_then(|offset| {
+        let header = bytes::<12>(ctx, headers.udp + UDP_HLEN)?;
+        Some(index_at(unsafe { &*header }, offset))
+    });
+    let known = carried.map_or(0, |index| known_index(&key, index, now));
+    let (index, gateway) = match pinned {
+        Some(pinned) => pinned,
+        None if known != 0 => match gateway(known_gateway(known)) {
+            Some(gateway) => (known_gateway(known), gateway),
             None => return (DROP, XdpCounter::NoGateway),
         },
-        (None, None) => {
+        None => {
             if listener.maglev_size == 0 {
                 return (DROP, XdpCounter::NoGateway);
             }
@@ -562,6 +570,14 @@ fn from_client(
     }
     // A peer balancer's session was confirmed there: it skips probation. Anything else is a new
     // session that must be admitted against its source's budget first.
+    // A pinned client's session is its own: another tuple's index does not rebind it.
+    let rebinds = known & KNOWN_REBOUND != 0;
+    let indexed = known != 0 && known_gateway(known) == index && !(rebinds && pinned.is_some());
+    let rebound = indexed && rebinds;
+    let Some(session) = NEW_SESSION.get_ptr_mut(0) else {
+        return (PASS, XdpCounter::WireguardPassed);
+    };
+    let session = unsafe { &mut *session };
     let admitted = needs_admission(pinned.is_some());
     if admitted {
         if let Err(refused) = admit(&key, listener, now) {
@@ -578,36 +594,29 @@ fn from_client(
         return (PASS, XdpCounter::NotIp);
     };
     let eth = unsafe { &*eth };
-    let mut client_mac = [0u8; 6];
-    client_mac.copy_from_slice(&eth[6..12]);
-    let mut local_mac = [0u8; 6];
-    local_mac.copy_from_slice(&eth[0..6]);
-    let mut handshake = HandshakeWait::default();
+    session.gateway = index;
+    session.nat_port = nat_port;
+    session.client_mac.copy_from_slice(&eth[6..12]);
+    session.local_mac.copy_from_slice(&eth[0..6]);
+    session.indexed = indexed as u8;
+    session.pad = 0;
+    session.ifindex = ctx.ingress_ifindex() as u32;
+    session.listener = headers.destination;
+    session.index = if indexed { known as u32 } else { 0 };
+    session.last_seen_ns = now;
+    session.handshake = HandshakeWait::default();
     if kind == MessageType::HandshakeInitiation {
-        handshake.initiate(unsafe { bpf_ktime_get_ns() });
+        session.handshake.initiate(unsafe { bpf_ktime_get_ns() });
     }
-    let session = Session {
-        gateway: index,
-        nat_port,
-        client_mac,
-        local_mac,
-        indexed: rebound.is_some() as u8,
-        pad: 0,
-        ifindex: ctx.ingress_ifindex() as u32,
-        listener: headers.destination,
-        index: rebound.map_or(0, |(index, _)| index),
-        last_seen_ns: now,
-        handshake,
-        rebinding: rebound.is_some() as u32,
-        rebind_index: rebound.map_or(0, |(index, _)| index),
-    };
+    session.rebinding = rebound as u32;
+    session.rebind_index = if rebound { known as u32 } else { 0 };
     let stored = if admitted {
-        PROBATION.insert(&key, &session, 0)
+        PROBATION.insert(&key, &*session, 0)
     } else {
-        SESSIONS.insert(&key, &session, 0)
+        SESSIONS.insert(&key, &*session, 0)
     };
     if stored.is_err() {
-        release_nat(&key, &session);
+        release_nat(&key, session);
         if admitted {
             settle(&key);
         }
@@ -748,33 +757,40 @@ fn mac1_verifies(ctx: &XdpContext, listener: u32) -> bool {
     }
 }
 
-/// For a datagram from a tuple without a session: the receiver index it carries and its gateway,
-/// if the index routes it (`wglb_common::index::routes`) and the session it was learned on still
-/// lives on that gateway under another tuple.
+/// [`known_index`]'s answer, in one register: 0 for none, else this bit, the index in the low
+/// half and the gateway (< MAX_GATEWAYS) above it.
+const KNOWN: u64 = 1 << 63;
+/// Learned on another tuple, whose session still lives on that gateway: a rebinding. Else
+/// learned on this very tuple.
+const KNOWN_REBOUND: u64 = 1 << 62;
+
 #[inline(always)]
-fn rebound(
-    ctx: &XdpContext,
-    headers: &Headers,
-    key: &FlowKey,
-    kind: MessageType,
-    now: u64,
-) -> Option<(u32, u32)> {
-    let offset = receiver_offset(kind)?;
-    let header = unsafe { &*bytes::<12>(ctx, headers.udp + UDP_HLEN)? };
-    let index = index_at(header, offset);
-    let entry = unsafe {
-        INDICES.get(&IndexKey {
-            listener: key.listener,
-            index,
-        })
-    }?;
+fn known_gateway(known: u64) -> u32 {
+    (known >> 32) as u32 & 0xffff
+}
+
+/// For a datagram from a tuple without a session, carrying receiver index `index`: where the
+/// index leads (packed, see [`KNOWN`]; 0 for nowhere), if it routes (`wglb_common::index::routes`)
+/// and was learned on this tuple, or on another whose session still lives on the index's
+/// gateway.
+#[inline(always)]
+fn known_index(key: &FlowKey, index: u32, now: u64) -> u64 {
+    let listener = key.listener;
+    let Some(entry) = (unsafe { INDICES.get(&IndexKey { listener, index }) }) else {
+        return 0;
+    };
     let keeps = gateway(entry.gateway).is_some_and(|g| g.flags & GATEWAY_KEEPS != 0);
-    let held = entry.held();
-    if entry.client == *key || !routes(held, keeps, now) {
-        return None;
+    if !routes(entry.held(), keeps, now) {
+        return 0;
     }
-    let old = unsafe { SESSIONS.get(&entry.client) }?;
-    (old.gateway == entry.gateway).then_some((index, entry.gateway))
+    let rebound = entry.client != *key;
+    if rebound
+        && unsafe { SESSIONS.get(&entry.client) }.is_none_or(|old| old.gateway != entry.gateway)
+    {
+        return 0;
+    }
+    let rebound = if rebound { KNOWN_REBOUND } else { 0 };
+    KNOWN | rebound | (entry.gateway as u64) << 32 | index as u64
 }
 
 /// A gateway's handshake message carries the index it chose for this session: learned, unless

@@ -15,9 +15,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::pb;
 use crate::api::serve::PeerIdentity;
-use crate::config::{ConfigFile, GatewayConfig};
+use crate::config::{format_public_key, parse_public_key, ConfigFile, GatewayConfig};
 use crate::control::{
-    announce_refused_reload, ControlError, ControlRequest, GatewayStatus, Snapshot,
+    announce_refused_reload, ControlError, ControlRequest, GatewayStatus, ListenerStatus, Snapshot,
 };
 use crate::events::{Event, EventBus, EventKind};
 use crate::health::Observation;
@@ -96,6 +96,33 @@ impl Api {
 
     async fn snapshot(&self) -> Result<Snapshot, Status> {
         self.ask(|reply| ControlRequest::Snapshot { reply }).await
+    }
+
+    /// A listener as `Status` describes it.
+    async fn listener_message(&self, listener: ListenerStatus) -> Result<pb::Listener, Status> {
+        let sessions = self.session_counts(&listener.config.name).await?;
+        let config = listener.config;
+        let admission = self.metrics.admission(&config.name);
+        Ok(pb::Listener {
+            unconfirmed: admission.unconfirmed,
+            probation_size: config.admission.probation_size.get() as u64,
+            refused_source_rate: admission.refused(Refusal::SourceRate),
+            refused_source_unconfirmed: admission.refused(Refusal::SourceUnconfirmed),
+            listen: config.listen.to_string(),
+            hash_key: config.hash_key.as_str().into(),
+            idle_timeout_seconds: config.idle_timeout.as_secs(),
+            table_size: config.table_size.get() as u64,
+            sessions: sessions.values().sum(),
+            failing_open: listener.failing_open,
+            all_down: config.all_down.as_str().into(),
+            gateways: config.gateways.len() as u32,
+            public_key: config
+                .public_key
+                .as_ref()
+                .map(format_public_key)
+                .unwrap_or_default(),
+            name: config.name,
+        })
     }
 
     fn datapath(&self, listener: &str) -> Result<&SessionRequests, Status> {
@@ -322,24 +349,7 @@ impl pb::control_server::Control for Api {
         let snapshot = self.snapshot().await?;
         let mut listeners = Vec::new();
         for listener in snapshot.listeners {
-            let sessions = self.session_counts(&listener.config.name).await?;
-            let config = listener.config;
-            let admission = self.metrics.admission(&config.name);
-            listeners.push(pb::Listener {
-                unconfirmed: admission.unconfirmed,
-                probation_size: config.admission.probation_size.get() as u64,
-                refused_source_rate: admission.refused(Refusal::SourceRate),
-                refused_source_unconfirmed: admission.refused(Refusal::SourceUnconfirmed),
-                listen: config.listen.to_string(),
-                hash_key: config.hash_key.as_str().into(),
-                idle_timeout_seconds: config.idle_timeout.as_secs(),
-                table_size: config.table_size.get() as u64,
-                sessions: sessions.values().sum(),
-                failing_open: listener.failing_open,
-                all_down: config.all_down.as_str().into(),
-                gateways: config.gateways.len() as u32,
-                name: config.name,
-            });
+            listeners.push(self.listener_message(listener).await?);
         }
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -456,6 +466,36 @@ impl pb::control_server::Control for Api {
         Ok(Response::new(pb::GatewaysChanged {
             gateways: self.gateways(changed).await?,
         }))
+    }
+
+    async fn set_listener_key(
+        &self,
+        request: Request<pb::SetListenerKeyRequest>,
+    ) -> Result<Response<pb::Listener>, Status> {
+        let request = request.into_inner();
+        let public_key = match request.public_key.as_str() {
+            "" => None,
+            text => Some(parse_public_key(text).ok_or_else(|| {
+                Status::invalid_argument(
+                    "`public_key` is not a WireGuard key (32 bytes in base64, as `wg` prints it)",
+                )
+            })?),
+        };
+        let listener = request.listener;
+        self.ask(|reply| ControlRequest::SetListenerKey {
+            listener: listener.clone(),
+            public_key,
+            reply,
+        })
+        .await?
+        .map_err(control_status)?;
+        let snapshot = self.snapshot().await?;
+        let changed = snapshot
+            .listeners
+            .into_iter()
+            .find(|l| l.config.name == listener)
+            .ok_or_else(|| unknown_listener(&listener))?;
+        Ok(Response::new(self.listener_message(changed).await?))
     }
 
     async fn list_sessions(

@@ -166,6 +166,17 @@ pub enum ClientCommand {
         #[arg(long)]
         listener: Option<String>,
     },
+    /// Set a listener's WireGuard public key (the location's, as `wg` prints it): initiations
+    /// whose mac1 is wrong for it are dropped at the edge. Kept across reloads until the file
+    /// changes the listener's `public_key`.
+    Key {
+        listener: String,
+        #[arg(required_unless_present = "clear", conflicts_with = "clear")]
+        public_key: Option<String>,
+        /// Check no mac1 on this listener any more.
+        #[arg(long)]
+        clear: bool,
+    },
     /// Re-read the configuration file.
     Reload,
     /// Follow state changes as they happen.
@@ -399,6 +410,18 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
             .await?
             .evicted;
             render::evicted(evicted, json);
+        }
+        ClientCommand::Key {
+            listener,
+            public_key,
+            clear: _,
+        } => {
+            let changed = answer(api.control.set_listener_key(pb::SetListenerKeyRequest {
+                listener,
+                public_key: public_key.unwrap_or_default(),
+            }))
+            .await?;
+            render::listener_key(&changed, json);
         }
         ClientCommand::Reload => {
             let reloaded = answer(api.control.reload(pb::ReloadRequest {})).await?;

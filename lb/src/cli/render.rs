@@ -69,6 +69,7 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
                     "source_rate": l.refused_source_rate,
                     "source_unconfirmed": l.refused_source_unconfirmed,
                 },
+                "public_key": (!l.public_key.is_empty()).then_some(&l.public_key),
             })).collect::<Vec<_>>(),
         }));
         return;
@@ -103,6 +104,7 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
         "HASH",
         "IDLE",
         "ALL DOWN",
+        "MAC1",
     ]);
     for l in &status.listeners {
         listeners.add_row(vec![
@@ -120,10 +122,31 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
             } else {
                 l.all_down.clone()
             },
+            if l.public_key.is_empty() {
+                "-"
+            } else {
+                "checked"
+            }
+            .to_string(),
         ]);
     }
     right_align(&mut listeners, &[2, 3, 4, 5, 6]);
     println!("{listeners}");
+}
+
+pub fn listener_key(listener: &pb::Listener, json: bool) {
+    let key = (!listener.public_key.is_empty()).then_some(&listener.public_key);
+    if json {
+        print_json(&json!({ "listener": listener.name, "public_key": key }));
+        return;
+    }
+    match key {
+        Some(key) => println!(
+            "listener {}: initiations must carry a mac1 for {key}",
+            listener.name
+        ),
+        None => println!("listener {}: no mac1 check", listener.name),
+    }
 }
 
 /// A source's word on a gateway. Healthy sources that say "degraded" first (the built-in

@@ -107,6 +107,26 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Sets or clears `listener`'s public key: its plan's mac1 check follows at once.
+    pub fn set_listener_key(
+        &mut self,
+        listener: &str,
+        public_key: Option<[u8; 32]>,
+    ) -> Result<(), ControlError> {
+        let config = self
+            .config
+            .listeners
+            .iter_mut()
+            .find(|l| l.name == listener)
+            .ok_or_else(|| ControlError::NotFound(format!("no listener `{listener}`")))?;
+        if config.public_key != public_key {
+            config.public_key = public_key;
+            self.publish(listener);
+            tracing::info!(%listener, checked = public_key.is_some(), "the listener's public key (its mac1 check) was set through the API");
+        }
+        Ok(())
+    }
+
     pub fn add_gateway(
         &mut self,
         listener: &str,

@@ -103,6 +103,12 @@ pub enum ControlRequest {
         weight: Option<u32>,
         reply: Reply<Vec<GatewayStatus>>,
     },
+    /// Sets or clears a listener's WireGuard public key (its mac1 check).
+    SetListenerKey {
+        listener: String,
+        public_key: Option<[u8; 32]>,
+        reply: Reply<()>,
+    },
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
@@ -233,6 +239,13 @@ impl ControlPlane {
                 reply,
             } => {
                 let _ = reply.send(self.set_gateway(listener.as_deref(), &name, state, weight));
+            }
+            ControlRequest::SetListenerKey {
+                listener,
+                public_key,
+                reply,
+            } => {
+                let _ = reply.send(self.set_listener_key(&listener, public_key));
             }
             ControlRequest::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());

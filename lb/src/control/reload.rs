@@ -45,7 +45,8 @@ pub fn announce_refused_reload(metrics: &Metrics, events: &EventBus, why: &str) 
 /// The running configuration after the file went from `old_file` to `new_file` while the API
 /// changed `running`: gateways the file did not touch keep their runtime form (or stay removed),
 /// gateways it changed or added take the file's form, and runtime additions stay unless the file
-/// now defines their name.
+/// now defines their name; a listener's public key set at runtime stays unless the file changed
+/// it.
 fn merge(old_file: &Config, new_file: &Config, running: &Config) -> Result<Config, String> {
     let mut merged = new_file.clone();
     for listener in &mut merged.listeners {
@@ -54,6 +55,12 @@ fn merge(old_file: &Config, new_file: &Config, running: &Config) -> Result<Confi
         let find = |l: Option<&ListenerConfig>, name: &str| {
             l.and_then(|l| l.gateways.iter().find(|g| g.name == name).cloned())
         };
+        // A key the API set stays until the file changes the listener's own.
+        if let (Some(old), Some(run)) = (old, run) {
+            if old.public_key == listener.public_key {
+                listener.public_key = run.public_key;
+            }
+        }
         let mut gateways: Vec<GatewayConfig> = Vec::new();
         for gateway in &listener.gateways {
             let untouched = find(old, &gateway.name).as_ref() == Some(gateway);
@@ -97,9 +104,12 @@ fn merge(old_file: &Config, new_file: &Config, running: &Config) -> Result<Confi
 mod tests {
     use super::*;
     use crate::control::testing::*;
+    use crate::control::{ControlError, ListenerPlan};
     use crate::pool::{AdminState, Health};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
-    use tokio::sync::mpsc;
+    use tokio::sync::{mpsc, watch};
+    use wglb_common::mac1::Mac1Key;
 
     #[tokio::test]
     async fn a_moved_gateway_starts_over_as_up_with_no_reports() {
@@ -120,6 +130,31 @@ mod tests {
         // Nothing about the old address is left to settle later.
         assert_eq!(control.settle(now + Duration::from_secs(60)), None);
         assert_eq!(health_of(&plan, "b"), Health::Up);
+    }
+
+    #[tokio::test]
+    async fn a_key_set_through_the_api_stays_until_the_file_changes_the_listeners_own() {
+        let key = |byte: u8| {
+            let text = crate::config::format_public_key(&[byte; 32]);
+            config(&format!("public_key = \"{text}\""))
+        };
+        let (mut control, plan) = control(key(1));
+        let checks = |plan: &watch::Receiver<Arc<ListenerPlan>>, byte: u8| {
+            plan.borrow().mac1 == Some(Mac1Key::new(&[byte; 32]))
+        };
+        assert!(checks(&plan, 1));
+        control.set_listener_key("l", Some([2; 32])).unwrap();
+        assert!(checks(&plan, 2));
+        control.reload(key(1)).unwrap();
+        assert!(checks(&plan, 2), "the file did not change its key");
+        control.reload(key(3)).unwrap();
+        assert!(checks(&plan, 3), "the file changed it");
+        control.set_listener_key("l", None).unwrap();
+        assert!(plan.borrow().mac1.is_none());
+        assert!(matches!(
+            control.set_listener_key("nope", None),
+            Err(ControlError::NotFound(_))
+        ));
     }
 
     #[tokio::test]

@@ -119,7 +119,7 @@ impl Datapath {
         }
     }
 
-    pub fn is_xdp(self) -> bool {
+    fn is_xdp(self) -> bool {
         matches!(self, Datapath::XdpNative | Datapath::XdpGeneric)
     }
 

@@ -102,6 +102,11 @@ impl FastPath {
                 own.extend(lifecycle::snapshot(&self.read(index)));
                 let _ = reply.send(own);
             }
+            SessionRequest::Indices { after, reply } => {
+                // The userspace datapath's own question: only the program asks it.
+                let answer = ask(slow_path, |reply| SessionRequest::Indices { after, reply }).await;
+                let _ = reply.send(answer.unwrap_or_default());
+            }
             SessionRequest::Sync { peer, step, reply } => {
                 // The userspace datapath keeps them too, for clients the program passes to it
                 // (one whose gateway's next hop is not resolved yet).
@@ -144,7 +149,7 @@ impl FastPath {
 }
 
 /// Asks the userspace datapath; `None` if it is gone.
-async fn ask<T>(
+pub(super) async fn ask<T>(
     slow_path: &mpsc::Sender<SessionRequest>,
     request: impl FnOnce(oneshot::Sender<T>) -> SessionRequest,
 ) -> Option<T> {

@@ -35,6 +35,7 @@ use wglb_common::xdp::{
 
 mod answers;
 mod counters;
+mod indices;
 mod pins;
 mod plans;
 mod sweep;
@@ -116,6 +117,8 @@ struct Listener {
     refreshed_at_ns: u64,
     /// Unconfirmed sessions as last added to the listener's gauge.
     unconfirmed_counted: i64,
+    /// The userspace datapath's mark of the last receiver index the program took from it.
+    relayed_indices_mark: u64,
 }
 
 /// A peer's session, held as a pin in the program.
@@ -209,6 +212,7 @@ impl FastPath {
                 resyncs: Resyncs::default(),
                 refreshed_at_ns: coarse_now_ns(),
                 unconfirmed_counted: 0,
+                relayed_indices_mark: 0,
             });
             offset += listener.maglev_size;
         }
@@ -342,7 +346,12 @@ impl FastPath {
                     Some((index, request)) = requests.recv() => {
                         self.answer(index, request, &links.slow_paths[index]).await;
                     }
-                    _ = tick.tick() => self.tick(),
+                    _ = tick.tick() => {
+                        // Before the addresses are looked at: a session relayed until the
+                        // program serves its address comes with its index.
+                        self.adopt_relayed_indices(&links.slow_paths).await;
+                        self.tick();
+                    }
                 }
             }
         });

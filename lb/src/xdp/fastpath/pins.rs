@@ -1,8 +1,6 @@
 //! Peers' sessions, pinned in the program: the sync layer's [`sync::Standbys`] for the XDP
 //! datapath.
 
-use wglb_common::index::{learn, Learn};
-
 use super::*;
 
 impl FastPath {
@@ -20,37 +18,6 @@ impl FastPath {
 pub(super) struct ListenerPins<'a> {
     pub(super) fast: &'a mut FastPath,
     pub(super) index: usize,
-}
-
-impl ListenerPins<'_> {
-    /// A peer's session `key` on gateway `slot` holds `index`: the program routes its rebound
-    /// tuples by it, as if it had learned it itself.
-    fn learn(&mut self, key: FlowKey, slot: u32, index: SessionIndex) {
-        let at = IndexKey {
-            listener: key.listener,
-            index: index.index,
-        };
-        let now = coarse_now_ns();
-        let held = self.fast.program.index(&at).map(|e| e.held());
-        let collided = match learn(held, slot, now) {
-            Learn::Take => false,
-            Learn::Collide => {
-                let counters = &self.fast.listeners[self.index].counters;
-                counters.index_collisions.inc();
-                true
-            }
-            Learn::Collided => return,
-        };
-        let entry = IndexEntry {
-            client: key,
-            gateway: slot,
-            collided: collided as u32,
-            learned_ns: index.learned_ns(now),
-        };
-        if let Err(e) = self.fast.program.set_index(&at, &entry) {
-            tracing::warn!("cannot add a peer's receiver index to the XDP program: {e:#}");
-        }
-    }
 }
 
 impl sync::Standbys for ListenerPins<'_> {
@@ -72,7 +39,9 @@ impl sync::Standbys for ListenerPins<'_> {
         gateway: &str,
         address: SocketAddr,
         idle_ms: u64,
-        index: Option<SessionIndex>,
+        // The userspace datapath behind the program takes it in too, and the program adopts it
+        // from there (`super::indices`).
+        _index: Option<SessionIndex>,
     ) -> bool {
         let Some(slot) = self
             .fast
@@ -100,9 +69,6 @@ impl sync::Standbys for ListenerPins<'_> {
             seen_ns: coarse_now_ns().saturating_sub(idle_ms * 1_000_000),
         };
         self.fast.listeners[self.index].pins.insert(client, pin);
-        if let Some(index) = index {
-            self.learn(key, slot, index);
-        }
         true
     }
 
