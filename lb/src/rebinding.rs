@@ -76,7 +76,7 @@ pub struct Routed {
     pub index: u32,
     /// The tuple whose session learned the index: another one (a rebinding: retired once the
     /// gateway answers the new one), or this very tuple (its session left the table: pushed out,
-    /// or relayed by the XDP program until now).
+    /// or evicted, while its WireGuard session lives on at the gateway).
     pub learned_on: SocketAddr,
     pub gateway: GatewayId,
     pub address: SocketAddr,
