@@ -46,6 +46,9 @@ pub struct Core {
     pub interval: Duration,
     /// Defguard's gateway health port (Core does not say; 55003 in Defguard's examples).
     pub health_port: Option<u16>,
+    /// How many answers in a row must agree before one that drops most of a location's gateways
+    /// at once is acted on (`crate::answers`).
+    pub confirm_drops: u32,
 }
 
 #[derive(Clone)]
@@ -124,6 +127,7 @@ struct RawCore {
     interval: Option<String>,
     /// 0 for none.
     health_port: Option<u16>,
+    confirm_drops: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -348,9 +352,16 @@ impl Config {
                     })?,
                     None => Duration::from_secs(10),
                 };
+                let confirm_drops = raw_core.confirm_drops.unwrap_or(3);
+                if confirm_drops == 0 {
+                    return Err(core_err(
+                        "field `confirm_drops`: 0 answers cannot confirm anything (1 acts on every answer)".into(),
+                    ));
+                }
                 Some(Core {
                     url: raw_core.url,
                     token,
+                    confirm_drops,
                     interval: interval.max(Duration::from_millis(100)),
                     health_port: match raw_core.health_port {
                         Some(0) => None,
@@ -463,5 +474,13 @@ health_port = 55003
             "{GOOD}\n[[location.gateway]]\nname = \"gw1\"\naddress = \"10.0.0.3:51820\"\n"
         ));
         assert!(e.contains("twice") && e.contains("line 19"), "{e}");
+        let token = std::env::temp_dir().join(format!("hc-core-token-{}", std::process::id()));
+        std::fs::write(&token, "t").unwrap();
+        let e = refused(&format!(
+            "{GOOD}\n[core]\nurl = \"http://core\"\ntoken_file = \"{}\"\nconfirm_drops = 0\n",
+            token.display()
+        ));
+        let _ = std::fs::remove_file(&token);
+        assert!(e.contains("[core]") && e.contains("confirm_drops"), "{e}");
     }
 }

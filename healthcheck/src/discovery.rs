@@ -67,6 +67,10 @@ impl Discovery {
             .await
             .with_context(|| format!("GET {url}"))?;
         let status = response.status();
+        anyhow::ensure!(
+            status != reqwest::StatusCode::UNAUTHORIZED,
+            "GET {url}: {status}: Core refused the API token; its REST API takes the token of an admin user, and only while a Business licence (or higher) is active"
+        );
         anyhow::ensure!(status.is_success(), "GET {url}: {status}");
         response
             .json()
@@ -140,4 +144,40 @@ async fn resolve(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("resolving `{address}`"))?
         .next()
         .with_context(|| format!("`{address}` has no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_refused_token_says_what_core_needs() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                    .await;
+            }
+        });
+        let discovery = Discovery::new(Core {
+            url: format!("http://{address}"),
+            token: "a user's token".into(),
+            interval: Duration::from_secs(10),
+            health_port: None,
+            confirm_drops: 3,
+        })
+        .unwrap();
+        let error = format!("{:#}", discovery.fetch().await.unwrap_err());
+        assert!(
+            error.contains("401")
+                && error.contains("admin user")
+                && error.contains("Business licence"),
+            "{error}"
+        );
+    }
 }

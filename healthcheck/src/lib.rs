@@ -14,6 +14,7 @@
 //! and with Core's API follows its gateway list ([`discovery`]) into the balancers' [`pools`];
 //! it serves the [`topology`] it sees over gRPC.
 
+pub mod answers;
 pub mod checker;
 pub mod config;
 pub mod discovery;

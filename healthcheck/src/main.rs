@@ -14,12 +14,13 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use wglb_healthcheck::answers::{Answers, Verdict};
 use wglb_healthcheck::checker::{spawn_gateway_checker, Update};
 use wglb_healthcheck::config::{Config, Location, Probes};
 use wglb_healthcheck::discovery::Discovery;
 use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
 use wglb_healthcheck::metrics::Metrics;
-use wglb_healthcheck::pools::sync_pools;
+use wglb_healthcheck::pools::{sync_pools, Synced};
 use wglb_healthcheck::report::{run_reporter, Latest};
 use wglb_healthcheck::topology::{poll_balancer, Topology, TopologyService};
 use wglb_proto::client::{read_token_file, Target};
@@ -170,8 +171,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .map_or(Duration::from_secs(3600), |c| c.interval),
     );
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // What Core listed last: a gateway that leaves it is drained on the balancers.
-    let mut from_core: Vec<Location> = Vec::new();
+    // What Core listed, as acted on; and each balancer's pools as last brought in line with it.
+    let mut answers = Answers::new(config.core.as_ref().map_or(1, |c| c.confirm_drops));
+    let mut synced: Vec<Synced> = targets.iter().map(|_| Synced::default()).collect();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     ready.store(true, Ordering::Relaxed);
@@ -208,13 +210,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                checkers.reconcile(&merge(&config.locations, &found)).await;
-                for target in &targets {
-                    if let Err(e) = sync_pools(target, &from_core, &found).await {
-                        tracing::warn!(balancer = %target.address, "cannot bring the balancer's pools in line with Core: {e}");
+                match answers.answer(found) {
+                    Verdict::Accept => {
+                        checkers.reconcile(&merge(&config.locations, answers.accepted())).await;
+                    }
+                    Verdict::Hold { location, dropped, had, seen } => {
+                        tracing::warn!(%location, "Core's answer drops {dropped} of the location's {had} gateways at once: held until {} answers in a row say so ({seen} so far)", answers.confirm_drops());
                     }
                 }
-                from_core = found;
+                for (target, synced) in targets.iter().zip(&mut synced) {
+                    if let Err(e) = sync_pools(target, synced, answers.accepted()).await {
+                        tracing::warn!(balancer = %target.address, "cannot bring the balancer's pools in line with Core, retried at the next poll: {e}");
+                    }
+                }
             }
         }
     }

@@ -1,11 +1,13 @@
 //! Keeps a balancer's gateway pools in step with Core's list through the control API: a gateway
 //! Core adopts is added to the listener of its location; one Core drops (removed or disabled) is
-//! drained, so its live sessions finish where they are and it takes no new ones. Gateways the
-//! balancer has from its own file and Core never listed are left alone. A location's public key
+//! drained, so its live sessions finish where they are and it takes no new ones, and undrained
+//! should Core list it again. Gateways the balancer has from its own file and Core never listed
+//! are left alone, and so is a gateway someone else drained. A change that fails is retried at
+//! the next poll. A location's public key
 //! becomes its listener's (the balancer then drops initiations whose mac1 is wrong for it); a
 //! location without one leaves the listener's key as it is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use base64::Engine;
 use wglb_proto::client::Target;
@@ -16,12 +18,28 @@ use wglb_proto::v1::{
 
 use crate::config::Location;
 
-/// Brings one balancer in line with `current`, given what Core listed before (`previous`).
+/// What one balancer's pools were last brought in line with, and the gateways the sidecar
+/// drained there because Core stopped listing them.
+#[derive(Default)]
+pub struct Synced {
+    applied: Vec<Location>,
+    drained: HashSet<(String, String)>,
+}
+
+/// Brings one balancer in line with `current`. Until that succeeds whole, `synced` keeps what
+/// was applied before, so the next call retries what failed.
 pub async fn sync_pools(
     target: &Target,
-    previous: &[Location],
+    synced: &mut Synced,
     current: &[Location],
 ) -> Result<(), String> {
+    apply(target, synced, current).await?;
+    synced.applied = current.to_vec();
+    Ok(())
+}
+
+async fn apply(target: &Target, synced: &mut Synced, current: &[Location]) -> Result<(), String> {
+    let previous = &synced.applied;
     let connection = target.connect().await.map_err(|e| e.to_string())?;
     let mut control = connection.control;
     let keys: HashMap<String, String> = control
@@ -99,7 +117,25 @@ pub async fn sync_pools(
                 Some(known) if known.address != gateway.address.to_string() => {
                     tracing::warn!(balancer = %target.address, location = %location.name, gateway = %gateway.name, "Core and the balancer disagree on the gateway's address ({} against {}): left as it is", gateway.address, known.address);
                 }
-                Some(_) => {}
+                Some(known) => {
+                    let key = (location.name.clone(), gateway.name.clone());
+                    let drained = known.state == GatewayState::Draining as i32;
+                    if drained && synced.drained.contains(&key) {
+                        control
+                            .set_gateway(SetGatewayRequest {
+                                listener: location.name.clone(),
+                                name: gateway.name.clone(),
+                                state: GatewayState::Active as i32,
+                                weight: 0,
+                            })
+                            .await
+                            .map_err(|s| {
+                                format!("undraining gateway `{}`: {}", gateway.name, s.message())
+                            })?;
+                        tracing::info!(balancer = %target.address, location = %location.name, gateway = %gateway.name, "gateway undrained: Core lists it again");
+                    }
+                    synced.drained.remove(&key);
+                }
             }
         }
         let dropped = previous
@@ -122,6 +158,9 @@ pub async fn sync_pools(
                     .await
                     .map_err(|s| format!("draining gateway `{}`: {}", gateway.name, s.message()))?;
                 tracing::info!(balancer = %target.address, location = %location.name, gateway = %gateway.name, "gateway drained: Core no longer lists it");
+                synced
+                    .drained
+                    .insert((location.name.clone(), gateway.name.clone()));
             }
         }
     }

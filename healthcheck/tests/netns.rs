@@ -475,6 +475,27 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
         "{}",
         tail(&log)
     );
+    // Core lists gw1 again: the sidecar undrains what it drained.
+    core.serve_gateways(&[
+        ("gw0", setup.rig.gateway_addr(0).ip()),
+        ("gw1", setup.rig.gateway_addr(1).ip()),
+    ]);
+    setup.wait_metric(&state(1, "active"), Duration::from_secs(10), |v| v == 1.0)?;
+    // An empty answer (Core restarting) would drop both: held until three answers in a row say
+    // so, and only then acted on.
+    core.serve_gateways(&[]);
+    setup.wait_metric(&state(0, "draining"), Duration::from_secs(10), |v| v == 1.0)?;
+    let log = setup.sidecar.log_text();
+    let line = |wanted: &dyn Fn(&str) -> bool| log.lines().position(wanted);
+    let held = line(&|l| l.contains("held until 3 answers in a row say so (2 so far)"))
+        .with_context(|| format!("no second hold: {}", tail(&log)))?;
+    let drained = line(&|l| l.contains("gateway drained") && l.contains("gateway=gw0"))
+        .with_context(|| format!("gw0 was not drained: {}", tail(&log)))?;
+    ensure!(
+        held < drained,
+        "drained before the answer was confirmed: {}",
+        tail(&log)
+    );
     Ok(())
 }
 
