@@ -171,7 +171,11 @@ fn main() -> Result<()> {
                 listen,
                 gateways: gateways.clone(),
                 health_port: None,
-                wglb_listener_extra: format!("table_size = {table}\nsocket_buffer = 16777216"),
+                // Every session stays unconfirmed until its sink answers: probation as large as
+                // the table, so that filling it is not a race against the LRU.
+                wglb_listener_extra: format!(
+                    "table_size = {table}\nprobation_size = {table}\nsocket_buffer = 16777216"
+                ),
                 wglb_datapath_extra: nat.to_string(),
             };
             let once = Duration::from_secs_f64(size as f64 / 100_000.0 + 1.0);

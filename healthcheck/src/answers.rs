@@ -110,6 +110,7 @@ mod tests {
         Location {
             name: name.into(),
             public_key: None,
+            mfa: false,
             gateways: gateways
                 .iter()
                 .enumerate()

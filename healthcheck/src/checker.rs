@@ -38,6 +38,8 @@ pub struct Report {
     pub data_plane_up: bool,
     /// The latest handshake's round trip.
     pub handshake_rtt: Option<Duration>,
+    /// Its location is an MFA location (no handshake probe).
+    pub mfa: bool,
 }
 
 pub fn spawn_gateway_checker(
@@ -48,7 +50,14 @@ pub fn spawn_gateway_checker(
     metrics: Metrics,
 ) -> JoinHandle<()> {
     let roles = [
-        (Probe::Handshake, probes.handshake),
+        (
+            Probe::Handshake,
+            if location.mfa {
+                Role::Off
+            } else {
+                probes.handshake
+            },
+        ),
         (Probe::Port, probes.port),
         (
             Probe::Health,
@@ -61,7 +70,7 @@ pub fn spawn_gateway_checker(
     ];
     let mut health = GatewayHealth::new(&roles, probes.rise, probes.fall);
     let mut handshake_rtt = None;
-    let public_key = location.public_key;
+    let (public_key, mfa) = (location.public_key, location.mfa);
     let location = location.name.clone();
     let gateway = gateway.clone();
     tokio::spawn(async move {
@@ -152,6 +161,7 @@ pub fn spawn_gateway_checker(
                     .into_iter()
                     .all(|p| health.passing(p) != Some(false)),
                 handshake_rtt,
+                mfa,
             };
             if updates.send(Update::Verdict(report)).await.is_err() {
                 return;

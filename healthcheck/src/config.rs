@@ -85,6 +85,9 @@ pub struct Location {
     pub name: String,
     /// The gateways' WireGuard public key (every gateway of a location has the same).
     pub public_key: Option<PublicKey>,
+    /// Core's MFA mode is on: its gateways carry only peers with a live MFA session (and a
+    /// preshared key made for it), so the handshake probe cannot work there and does not run.
+    pub mfa: bool,
     pub gateways: Vec<Gateway>,
 }
 
@@ -158,6 +161,8 @@ struct RawBalancer {
 struct RawLocation {
     name: String,
     public_key: Option<String>,
+    #[serde(default)]
+    mfa: bool,
     #[serde(default)]
     gateway: Vec<Spanned<RawGateway>>,
 }
@@ -318,6 +323,7 @@ impl Config {
             locations.push(Location {
                 name: raw_location.name,
                 public_key,
+                mfa: raw_location.mfa,
                 gateways,
             });
         }

@@ -25,6 +25,31 @@ pub struct Network {
     port: u16,
     #[serde(default)]
     pubkey: Option<String>,
+    /// Defguard 1.5 and later: "disabled", "internal" or "external" (1, 2, 3 in its database).
+    #[serde(default)]
+    location_mfa_mode: Option<MfaMode>,
+    /// Before 1.5.
+    #[serde(default)]
+    mfa_enabled: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MfaMode {
+    Name(String),
+    Number(i64),
+}
+
+impl Network {
+    /// Whether its gateways carry only peers with a live MFA session.
+    fn mfa(&self) -> bool {
+        let mode = match &self.location_mfa_mode {
+            Some(MfaMode::Name(name)) => !name.eq_ignore_ascii_case("disabled"),
+            Some(MfaMode::Number(number)) => *number != 1,
+            None => false,
+        };
+        mode || self.mfa_enabled
+    }
 }
 
 /// A gateway as `GET /api/v1/gateway` lists it.
@@ -94,11 +119,13 @@ impl Discovery {
                 None => None,
             };
             ports.insert(network.id, network.port);
+            let mfa = network.mfa();
             locations.insert(
                 network.id,
                 Location {
                     name: network.name,
                     public_key,
+                    mfa,
                     gateways: Vec::new(),
                 },
             );

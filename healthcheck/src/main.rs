@@ -234,14 +234,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 /// The gateways being probed, by location and name.
 struct Checkers {
-    running: HashMap<(String, String), (SocketAddr, JoinHandle<()>)>,
+    /// Each gateway's checker, and the address and MFA mode it probes with.
+    running: HashMap<(String, String), (SocketAddr, bool, JoinHandle<()>)>,
     probes: Arc<Probes>,
     updates: mpsc::Sender<Update>,
     metrics: Metrics,
 }
 
 impl Checkers {
-    /// Probes exactly the gateways of `locations`: new ones start, gone or moved ones stop.
+    /// Probes exactly the gateways of `locations`: new ones start, gone or moved ones stop, and
+    /// those whose location turned MFA (or back) start over with the probes that fit.
     async fn reconcile(&mut self, locations: &[Location]) {
         let mut wanted = HashMap::new();
         for location in locations {
@@ -255,13 +257,15 @@ impl Checkers {
         let stale: Vec<(String, String)> = self
             .running
             .iter()
-            .filter(|(key, (address, _))| {
-                wanted.get(*key).is_none_or(|(_, g)| g.address != *address)
+            .filter(|(key, (address, mfa, _))| {
+                wanted
+                    .get(*key)
+                    .is_none_or(|(l, g)| g.address != *address || l.mfa != *mfa)
             })
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            if let Some((_, task)) = self.running.remove(&key) {
+            if let Some((_, _, task)) = self.running.remove(&key) {
                 task.abort();
                 tracing::info!(location = %key.0, gateway = %key.1, "no longer probed");
                 let _ = self
@@ -275,7 +279,11 @@ impl Checkers {
         }
         for (key, (location, gateway)) in wanted {
             if let std::collections::hash_map::Entry::Vacant(entry) = self.running.entry(key) {
-                tracing::info!(location = %location.name, gateway = %gateway.name, address = %gateway.address, "probing");
+                if location.mfa {
+                    tracing::info!(location = %location.name, gateway = %gateway.name, address = %gateway.address, "probing an MFA location: no handshake probe (its gateways carry only peers with a live MFA session); the port probe, /health and the balancers' passive health decide");
+                } else {
+                    tracing::info!(location = %location.name, gateway = %gateway.name, address = %gateway.address, "probing");
+                }
                 let task = spawn_gateway_checker(
                     location,
                     gateway,
@@ -283,7 +291,7 @@ impl Checkers {
                     self.updates.clone(),
                     self.metrics.clone(),
                 );
-                entry.insert((gateway.address, task));
+                entry.insert((gateway.address, location.mfa, task));
             }
         }
     }
@@ -296,6 +304,7 @@ fn merge(file: &[Location], core: &[Location]) -> Vec<Location> {
         match merged.iter_mut().find(|l| l.name == location.name) {
             Some(known) => {
                 known.public_key = known.public_key.or(location.public_key);
+                known.mfa |= location.mfa;
                 for gateway in &location.gateways {
                     if !known.gateways.iter().any(|g| g.name == gateway.name) {
                         known.gateways.push(gateway.clone());

@@ -124,43 +124,42 @@ impl Topology {
     }
 
     fn publish(&self) {
-        let mut locations: BTreeMap<&str, Vec<TopologyGateway>> = BTreeMap::new();
+        let mut locations: BTreeMap<&str, (bool, Vec<TopologyGateway>)> = BTreeMap::new();
         for ((location, name), (_, report)) in &self.gateways {
             let balancers = self
                 .balancers
                 .values()
                 .filter_map(|b| b.gateways.get(&(location.clone(), name.clone())).cloned())
                 .collect();
-            locations
-                .entry(location)
-                .or_default()
-                .push(TopologyGateway {
-                    name: name.clone(),
-                    address: report.address.to_string(),
-                    origin: if report.core_id.is_some() {
-                        "core"
-                    } else {
-                        "file"
-                    }
-                    .into(),
-                    core_id: report.core_id.unwrap_or(0),
-                    verdict: match report.verdict {
-                        Verdict::Up => PbVerdict::Up,
-                        Verdict::Degraded => PbVerdict::Degraded,
-                        Verdict::Down => PbVerdict::Down,
-                    } as i32,
-                    detail: report.detail.clone(),
-                    core: match report.core_attached {
-                        Some(true) => CoreAttachment::Attached,
-                        Some(false) => CoreAttachment::Detached,
-                        None => CoreAttachment::Unknown,
-                    } as i32,
-                    data_plane_up: report.data_plane_up,
-                    handshake_ms: report
-                        .handshake_rtt
-                        .map_or(0.0, |rtt| rtt.as_secs_f64() * 1000.0),
-                    balancers,
-                });
+            let (mfa, gateways) = locations.entry(location).or_default();
+            *mfa |= report.mfa;
+            gateways.push(TopologyGateway {
+                name: name.clone(),
+                address: report.address.to_string(),
+                origin: if report.core_id.is_some() {
+                    "core"
+                } else {
+                    "file"
+                }
+                .into(),
+                core_id: report.core_id.unwrap_or(0),
+                verdict: match report.verdict {
+                    Verdict::Up => PbVerdict::Up,
+                    Verdict::Degraded => PbVerdict::Degraded,
+                    Verdict::Down => PbVerdict::Down,
+                } as i32,
+                detail: report.detail.clone(),
+                core: match report.core_attached {
+                    Some(true) => CoreAttachment::Attached,
+                    Some(false) => CoreAttachment::Detached,
+                    None => CoreAttachment::Unknown,
+                } as i32,
+                data_plane_up: report.data_plane_up,
+                handshake_ms: report
+                    .handshake_rtt
+                    .map_or(0.0, |rtt| rtt.as_secs_f64() * 1000.0),
+                balancers,
+            });
         }
         let snapshot = TopologySnapshot {
             source: self.source.clone(),
@@ -169,9 +168,10 @@ impl Topology {
                 .map_or(0, |d| d.as_millis() as u64),
             locations: locations
                 .into_iter()
-                .map(|(name, gateways)| TopologyLocation {
+                .map(|(name, (mfa, gateways))| TopologyLocation {
                     name: name.to_string(),
                     gateways,
+                    mfa,
                 })
                 .collect(),
             balancers: self

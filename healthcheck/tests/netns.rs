@@ -363,9 +363,10 @@ const CORE: &str = "127.0.0.1:8000";
 const CORE_TOKEN: &str = "core-api-token";
 
 impl CoreStandIn {
-    fn start(rig: &Rig) -> Result<CoreStandIn> {
+    /// Location 1, "office", in MFA mode `mfa` ("disabled", "internal" or "external").
+    fn start(rig: &Rig, mfa: &str) -> Result<CoreStandIn> {
         let networks = format!(
-            r#"[{{"id":1,"name":"office","address":["10.99.0.1/24"],"port":51820,"pubkey":"{}","endpoint":"vpn.example.com"}}]"#,
+            r#"[{{"id":1,"name":"office","address":["10.99.0.1/24"],"port":51820,"pubkey":"{}","endpoint":"vpn.example.com","location_mfa_mode":"{mfa}"}}]"#,
             rig.gateway_public_key()
         );
         let gateways = Arc::new(Mutex::new("[]".to_string()));
@@ -431,7 +432,7 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
     // The balancer's file has gw0 only; Core lists gw0 and has adopted gw1.
     let setup = Setup::start_with("", 1, &extra, |rig| {
         std::fs::write(rig.temp_dir().join("core.token"), CORE_TOKEN)?;
-        let stand_in = CoreStandIn::start(rig)?;
+        let stand_in = CoreStandIn::start(rig, "disabled")?;
         stand_in.serve_gateways(&[
             ("gw0", rig.gateway_addr(0).ip()),
             ("gw1", rig.gateway_addr(1).ip()),
@@ -496,6 +497,69 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
         "drained before the answer was confirmed: {}",
         tail(&log)
     );
+    Ok(())
+}
+
+/// An MFA location, as Core says: its gateways carry only peers with a live MFA session, never
+/// the standing probe peer, so a handshake probe would fail on every gateway. None runs there:
+/// the port probe and `/health` keep the gateways in service, and the log says why.
+#[test]
+fn an_mfa_locations_gateways_are_judged_without_the_handshake_probe() -> Result<()> {
+    let mut core = None;
+    let extra = format!(
+        "[core]\nurl = \"http://{CORE}\"\ntoken_file = \"core.token\"\ninterval = \"300ms\"\nhealth_port = 55003\n"
+    );
+    // The files name gw0 (the balancer wants a gateway to start); Core adds gw1 and says MFA.
+    let setup = Setup::start_with("handshake = \"required\"", 1, &extra, |rig| {
+        std::fs::write(rig.temp_dir().join("core.token"), CORE_TOKEN)?;
+        let stand_in = CoreStandIn::start(rig, "internal")?;
+        stand_in.serve_gateways(&[
+            ("gw0", rig.gateway_addr(0).ip()),
+            ("gw1", rig.gateway_addr(1).ip()),
+        ]);
+        core = Some(stand_in);
+        Ok(())
+    })?;
+    for j in 0..GATEWAYS {
+        setup.rig.remove_gateway_peer(j, &setup.probe.public)?;
+    }
+    for j in 0..2 {
+        setup.wait_metric(
+            &format!(
+                r#"wglb_health_report_up{{gateway="gw{j}",listener="office",source="hc-test"}}"#
+            ),
+            Duration::from_secs(10),
+            |v| v == 1.0,
+        )?;
+    }
+    // Rounds go by (each runs every probe that is on) and the gateways stay up.
+    let rounds = |j: usize| -> Result<f64> {
+        let text = setup.scrape(SIDECAR_METRICS)?;
+        Ok(metrics::value_or_zero(
+            &text,
+            &format!(
+                r#"wglb_healthcheck_probes_total{{gateway="gw{j}",location="office",probe="port",result="ok"}}"#
+            ),
+        ))
+    };
+    let before = rounds(0)?;
+    wait_for("three more probe rounds", EJECTION, || {
+        Ok((rounds(0)? >= before + 3.0).then_some(()))
+    })?;
+    let text = setup.scrape(SIDECAR_METRICS)?;
+    ensure!(
+        !text.contains(r#"probe="handshake""#),
+        "a handshake probe ran in an MFA location"
+    );
+    ensure!(setup.metric(&setup.health(0, "up"))? == 1.0);
+    ensure!(setup.metric(&setup.health(1, "up"))? == 1.0);
+    let log = setup.sidecar.log_text();
+    ensure!(
+        log.contains("probing an MFA location: no handshake probe"),
+        "{}",
+        tail(&log)
+    );
+    drop(core);
     Ok(())
 }
 
