@@ -10,7 +10,8 @@
 use std::collections::{HashMap, HashSet};
 
 use base64::Engine;
-use wglb_proto::client::Target;
+use wglb_proto::client::{AuthChannel, Target};
+use wglb_proto::v1::control_client::ControlClient;
 use wglb_proto::v1::{
     AddGatewayRequest, GatewayState, ListGatewaysRequest, SetGatewayRequest, SetListenerKeyRequest,
     StatusRequest,
@@ -121,17 +122,7 @@ async fn apply(target: &Target, synced: &mut Synced, current: &[Location]) -> Re
                     let key = (location.name.clone(), gateway.name.clone());
                     let drained = known.state == GatewayState::Draining as i32;
                     if drained && synced.drained.contains(&key) {
-                        control
-                            .set_gateway(SetGatewayRequest {
-                                listener: location.name.clone(),
-                                name: gateway.name.clone(),
-                                state: GatewayState::Active as i32,
-                                weight: 0,
-                            })
-                            .await
-                            .map_err(|s| {
-                                format!("undraining gateway `{}`: {}", gateway.name, s.message())
-                            })?;
+                        set_state(&mut control, &key, GatewayState::Active).await?;
                         tracing::info!(balancer = %target.address, location = %location.name, gateway = %gateway.name, "gateway undrained: Core lists it again");
                     }
                     synced.drained.remove(&key);
@@ -148,21 +139,30 @@ async fn apply(target: &Target, synced: &mut Synced, current: &[Location]) -> Re
                 .iter()
                 .any(|g| g.name == gateway.name && g.state != GatewayState::Draining as i32);
             if live {
-                control
-                    .set_gateway(SetGatewayRequest {
-                        listener: location.name.clone(),
-                        name: gateway.name.clone(),
-                        state: GatewayState::Draining as i32,
-                        weight: 0,
-                    })
-                    .await
-                    .map_err(|s| format!("draining gateway `{}`: {}", gateway.name, s.message()))?;
+                let key = (location.name.clone(), gateway.name.clone());
+                set_state(&mut control, &key, GatewayState::Draining).await?;
                 tracing::info!(balancer = %target.address, location = %location.name, gateway = %gateway.name, "gateway drained: Core no longer lists it");
-                synced
-                    .drained
-                    .insert((location.name.clone(), gateway.name.clone()));
+                synced.drained.insert(key);
             }
         }
     }
     Ok(())
+}
+
+/// Sets gateway `(listener, name)`'s state on a balancer.
+async fn set_state(
+    control: &mut ControlClient<AuthChannel>,
+    (listener, name): &(String, String),
+    state: GatewayState,
+) -> Result<(), String> {
+    control
+        .set_gateway(SetGatewayRequest {
+            listener: listener.clone(),
+            name: name.clone(),
+            state: state as i32,
+            weight: 0,
+        })
+        .await
+        .map(drop)
+        .map_err(|s| format!("setting gateway `{name}` {state:?}: {}", s.message()))
 }

@@ -423,16 +423,16 @@ impl CoreStandIn {
     }
 }
 
-#[test]
-fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
+/// A setup whose sidecar follows a stand-in Core: location "office" in MFA mode `mfa`, with gw0
+/// and gw1 adopted. The files name gw0 only (the balancer wants a gateway to start).
+fn with_core(probes: &str, mfa: &str) -> Result<(Setup, CoreStandIn)> {
     let mut core = None;
     let extra = format!(
         "[core]\nurl = \"http://{CORE}\"\ntoken_file = \"core.token\"\ninterval = \"300ms\"\nhealth_port = 55003\n"
     );
-    // The balancer's file has gw0 only; Core lists gw0 and has adopted gw1.
-    let setup = Setup::start_with("", 1, &extra, |rig| {
+    let setup = Setup::start_with(probes, 1, &extra, |rig| {
         std::fs::write(rig.temp_dir().join("core.token"), CORE_TOKEN)?;
-        let stand_in = CoreStandIn::start(rig, "disabled")?;
+        let stand_in = CoreStandIn::start(rig, mfa)?;
         stand_in.serve_gateways(&[
             ("gw0", rig.gateway_addr(0).ip()),
             ("gw1", rig.gateway_addr(1).ip()),
@@ -440,7 +440,13 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
         core = Some(stand_in);
         Ok(())
     })?;
-    let core = core.context("the stand-in")?;
+    Ok((setup, core.context("the stand-in")?))
+}
+
+#[test]
+fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
+    // The balancer's file has gw0 only; Core lists gw0 and has adopted gw1.
+    let (setup, core) = with_core("", "disabled")?;
     let state = |j: usize, state: &str| {
         format!(r#"wglb_gateway_admin_state{{gateway="gw{j}",listener="office",state="{state}"}}"#)
     };
@@ -505,21 +511,7 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
 /// the port probe and `/health` keep the gateways in service, and the log says why.
 #[test]
 fn an_mfa_locations_gateways_are_judged_without_the_handshake_probe() -> Result<()> {
-    let mut core = None;
-    let extra = format!(
-        "[core]\nurl = \"http://{CORE}\"\ntoken_file = \"core.token\"\ninterval = \"300ms\"\nhealth_port = 55003\n"
-    );
-    // The files name gw0 (the balancer wants a gateway to start); Core adds gw1 and says MFA.
-    let setup = Setup::start_with("handshake = \"required\"", 1, &extra, |rig| {
-        std::fs::write(rig.temp_dir().join("core.token"), CORE_TOKEN)?;
-        let stand_in = CoreStandIn::start(rig, "internal")?;
-        stand_in.serve_gateways(&[
-            ("gw0", rig.gateway_addr(0).ip()),
-            ("gw1", rig.gateway_addr(1).ip()),
-        ]);
-        core = Some(stand_in);
-        Ok(())
-    })?;
+    let (setup, _core) = with_core("handshake = \"required\"", "internal")?;
     for j in 0..GATEWAYS {
         setup.rig.remove_gateway_peer(j, &setup.probe.public)?;
     }
@@ -559,7 +551,6 @@ fn an_mfa_locations_gateways_are_judged_without_the_handshake_probe() -> Result<
         "{}",
         tail(&log)
     );
-    drop(core);
     Ok(())
 }
 
