@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::{TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use wglb_common::admission::{AdmissionLimits, SourceBudget};
@@ -25,6 +25,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wg
 
 /// The name of the program in the object (its function's name).
 const PROGRAM: &str = "wglb";
+/// How many times a load the verifier gave up on (EAGAIN) is tried, as libbpf does.
+const LOAD_ATTEMPTS: u32 = 5;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -107,9 +109,21 @@ impl XdpProgram {
             .program_mut(PROGRAM)
             .context("the object has no `wglb` program")?
             .try_into()?;
-        program
-            .load()
-            .context("the kernel's verifier refused the XDP program")?;
+        // The verifier gives up with EAGAIN when the loading thread has a signal pending, after
+        // doing all its work: libbpf loads again, a few times, and so does this.
+        let mut attempts = 1;
+        loop {
+            match program.load() {
+                Ok(()) => break,
+                Err(ProgramError::LoadError { io_error, .. })
+                    if io_error.raw_os_error() == Some(nix::errno::Errno::EAGAIN as i32)
+                        && attempts < LOAD_ATTEMPTS =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e).context("the kernel's verifier refused the XDP program"),
+            }
+        }
         Ok(XdpProgram { ebpf })
     }
 
