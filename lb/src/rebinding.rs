@@ -2,6 +2,7 @@
 //! keeps the same in its INDICES and RETIRED maps): which gateway and session chose each index,
 //! and the source tuples a rebinding retired.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 
@@ -89,10 +90,21 @@ impl Routed {
     }
 }
 
+/// How many indices taken in the journal holds between two questions before it gives up and the
+/// next question scans the whole table instead; a second's worth at a few thousand handshakes a
+/// second.
+const JOURNAL_ROOM: usize = 1 << 16;
+
 pub struct Indices {
     owners: LruCache<u32, Owner>,
     /// The mark of the latest index taken in.
     mark: u64,
+    /// The indices taken in since the last question of [`Indices::learned_after`] (whose answer
+    /// was the mark held here), with their marks, so that a question costs what changed and not
+    /// the whole table (which holds every sync peer's indices too). `None` until the first
+    /// question (nobody asks in userspace-only mode) and after an overflow: the next question
+    /// scans the table, as does one asked after another mark than the last answer.
+    journal: Option<(u64, VecDeque<(u64, u32)>)>,
     /// Retired tuples, and when (ns, `crate::session::now_ns`).
     retired: LruCache<SocketAddr, u64>,
 }
@@ -104,6 +116,7 @@ impl Indices {
         Indices {
             owners: LruCache::new(sessions.saturating_mul(NonZeroUsize::new(2).expect("non-zero"))),
             mark: 0,
+            journal: None,
             retired: LruCache::new(retired),
         }
     }
@@ -138,27 +151,45 @@ impl Indices {
                 mark: self.mark,
             },
         );
+        if let Some((_, journal)) = &mut self.journal {
+            if journal.len() < JOURNAL_ROOM {
+                journal.push_back((self.mark, learned.index));
+            } else {
+                self.journal = None;
+            }
+        }
         !collided
     }
 
     /// The indices taken in after `mark` that still route their session, and the mark to ask
-    /// after next time.
-    pub fn learned_after(&self, mark: u64, now_ns: u64) -> (u64, Vec<(Learned, SessionIndex)>) {
-        let learned = self
-            .owners
-            .iter()
-            .filter(|(_, owner)| owner.mark > mark)
-            .filter_map(|(index, owner)| {
-                let held = SessionIndex::of(*index, true, owner.held(), now_ns)?;
-                let learned = Learned {
-                    index: *index,
-                    client: owner.client,
-                    gateway: owner.gateway,
-                    address: owner.address,
-                };
-                Some((learned, held))
-            })
-            .collect();
+    /// after next time. Meant for one asker, whose `mark` only grows.
+    pub fn learned_after(&mut self, mark: u64, now_ns: u64) -> (u64, Vec<(Learned, SessionIndex)>) {
+        let told = |index: u32, owner: &Owner| {
+            let held = SessionIndex::of(index, true, owner.held(), now_ns)?;
+            let learned = Learned {
+                index,
+                client: owner.client,
+                gateway: owner.gateway,
+                address: owner.address,
+            };
+            Some((learned, held))
+        };
+        let learned = match self.journal.replace((self.mark, VecDeque::new())) {
+            // Only an index's latest mark tells it: one taken in twice since is told once.
+            Some((answered, journal)) if answered == mark => journal
+                .into_iter()
+                .filter_map(|(at, index)| {
+                    let owner = self.owners.peek(&index).filter(|owner| owner.mark == at)?;
+                    told(index, owner)
+                })
+                .collect(),
+            _ => self
+                .owners
+                .iter()
+                .filter(|(_, owner)| owner.mark > mark)
+                .filter_map(|(index, owner)| told(*index, owner))
+                .collect(),
+        };
         (self.mark, learned)
     }
 
@@ -291,6 +322,38 @@ mod tests {
         assert!(next > mark);
         // An index that no longer routes (collided, or expired) is not told.
         indices.learn(learned(3, 1002), now - 200 * S, now, &counters);
-        assert_eq!(indices.learned_after(next, now).1, Vec::new());
+        let (last, none) = indices.learned_after(next, now);
+        assert_eq!(none, Vec::new());
+        // Taken in twice since: told once. Asked after an older mark (a restarted asker): the
+        // whole table answers, not only what the journal holds.
+        indices.learn(learned(4, 1003), now, now, &counters);
+        indices.learn(learned(4, 1003), now, now, &counters);
+        let (_, twice) = indices.learned_after(last, now);
+        assert_eq!(twice, vec![(learned(4, 1003), told(4, 0))]);
+        let (_, mut everything) = indices.learned_after(0, now);
+        everything.sort_by_key(|(l, _)| l.index);
+        let indices_told: Vec<u32> = everything.iter().map(|(l, _)| l.index).collect();
+        assert_eq!(indices_told, vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn a_journal_that_overflows_gives_way_to_one_scan() {
+        let counters = Metrics::new().listener("test");
+        let mut indices = Indices::new(NonZeroUsize::new(JOURNAL_ROOM).expect("non-zero"));
+        let now = 1_000 * S;
+        let (mark, _) = indices.learned_after(0, now);
+        for index in 0..=JOURNAL_ROOM as u32 {
+            let learned = Learned {
+                index,
+                client: SocketAddr::from(([192, 0, 2, 1], 1)),
+                gateway: GatewayId(1),
+                address: "10.0.0.1:51820".parse().unwrap(),
+            };
+            indices.learn(learned, now, now, &counters);
+        }
+        assert!(indices.journal.is_none());
+        let (_, all) = indices.learned_after(mark, now);
+        assert_eq!(all.len(), JOURNAL_ROOM + 1);
+        assert!(indices.journal.is_some());
     }
 }
