@@ -2,7 +2,11 @@
 //! system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["wglb/v1/balancer.proto", "wglb/v1/topology.proto"];
+    let files = [
+        "wglb/v1/balancer.proto",
+        "wglb/v1/topology.proto",
+        "wglb/v1/agent.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

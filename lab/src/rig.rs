@@ -424,6 +424,16 @@ impl Rig {
         &self.gateways[j].ns
     }
 
+    /// Gateway j's WireGuard interface (wireguard-go's control socket is named after it).
+    pub fn gateway_ifname(&self, j: usize) -> &str {
+        &self.gateways[j].ifname
+    }
+
+    /// The balancer's address on gateway j's link: where the gateway reaches the balancer.
+    pub fn balancer_seen_from_gateway(&self, j: usize) -> IpAddr {
+        self.link_addrs(GATEWAY_LINKS, j).1
+    }
+
     /// Where client i sends its WireGuard packets: the balancer's address on client i's link, or
     /// the floating address of a shared-segment rig.
     pub fn listen_addr(&self, i: usize) -> SocketAddr {

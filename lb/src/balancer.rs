@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
 use wglb_proto::client::{read_token_file, Target};
 
+use crate::agents::Agents;
 use crate::api::serve::ApiServer;
 use crate::api::service::Api;
 use crate::config::{Config, ConfigFile, DatapathKind};
@@ -112,6 +113,7 @@ impl Balancer {
             observations_tx,
         );
         let board = control.passive_board();
+        let agents = Agents::new(config.agents.clone(), metrics.clone());
         let listener_plans: Vec<_> = config
             .listeners
             .iter()
@@ -167,6 +169,7 @@ impl Balancer {
                 events: events.clone(),
                 sync: SyncOut::new(&listener.name, sync_queues.clone()),
                 board: board.clone(),
+                agents: agents.clone(),
             };
             if fast_path.is_some() {
                 fast_links
@@ -239,6 +242,7 @@ impl Balancer {
             metrics.clone(),
             file.clone(),
             config.sync.peers.iter().map(|p| p.name.clone()).collect(),
+            agents,
         );
         // Nor the API: the balancer goes on with what it was last told.
         let api_task = tokio::spawn(async move {

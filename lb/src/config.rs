@@ -46,6 +46,8 @@ pub struct Config {
     pub api: ApiConfig,
     pub datapath: DatapathConfig,
     pub sync: SyncConfig,
+    /// The gateway agents that may attach (`[[agent]]`); fixed for the process's life.
+    pub agents: Vec<AgentConfig>,
     pub places: Places,
 }
 
@@ -134,6 +136,20 @@ pub struct SyncConfig {
     /// Changes queued per peer; beyond it they are dropped (counted) and the peer is resynced.
     pub queue: usize,
 }
+
+/// A gateway's agent (`wglb-agent`): the token it attaches with names the gateway it speaks for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    pub listener: String,
+    pub gateway: String,
+    /// Read at each attach, so that a rotated token needs no restart.
+    pub token_file: PathBuf,
+    /// Most handshake orders a second to this gateway: a gateway handed thousands of clients
+    /// at once would otherwise fall into WireGuard's under-load mode (cookie replies).
+    pub orders_per_second: u32,
+}
+
+pub const DEFAULT_AGENT_ORDERS_PER_SECOND: u32 = 200;
 
 /// A peer balancer this one pushes its sessions to, through the peer's TCP API.
 #[derive(Clone, Debug, PartialEq)]
@@ -395,6 +411,17 @@ struct RawConfig {
     sync: Option<Spanned<RawSync>>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    agent: Vec<Spanned<RawAgent>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    listener: String,
+    gateway: String,
+    token_file: PathBuf,
+    orders_per_second: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -642,6 +669,7 @@ impl Config {
             datapath: None,
             sync: None,
             listener: vec![Spanned::new(0..0, listener)],
+            agent: Vec::new(),
         };
         build(raw, Origin::Flags, Layout::default())
     }
@@ -836,6 +864,27 @@ impl Config {
             format!("[{}]", shown.join(", "))
         };
         compare("[sync]", "peer", peers(old), peers(now));
+        let agents = |agents: &[AgentConfig]| {
+            let shown: Vec<String> = agents
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{}/{} token_file {} at {}/s",
+                        a.listener,
+                        a.gateway,
+                        a.token_file.display(),
+                        a.orders_per_second
+                    )
+                })
+                .collect();
+            format!("[{}]", shown.join(", "))
+        };
+        compare(
+            "[[agent]]",
+            "gateway",
+            agents(&self.agents),
+            agents(&new.agents),
+        );
         changes
     }
 }
@@ -1181,6 +1230,7 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
         });
     }
     let sync = build_sync(raw.sync, &api, origin)?;
+    let agents = build_agents(raw.agent, &listeners, &api, origin)?;
     Ok(Config {
         listeners,
         health,
@@ -1188,8 +1238,67 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
         api,
         datapath,
         sync,
+        agents,
         places,
     })
+}
+
+fn build_agents(
+    raw: Vec<Spanned<RawAgent>>,
+    listeners: &[ListenerConfig],
+    api: &ApiConfig,
+    origin: Origin<'_>,
+) -> Result<Vec<AgentConfig>, ConfigError> {
+    let mut agents: Vec<AgentConfig> = Vec::new();
+    for spanned in raw {
+        let span = Some(spanned.span());
+        let agent = spanned.into_inner();
+        let err = |field: &str, reason: String| ConfigError {
+            place: origin.place(span.clone(), "[[agent]]"),
+            field: field.into(),
+            reason,
+        };
+        if api.tcp.is_none() {
+            return Err(err(
+                "listener",
+                "agents attach to this balancer's TCP API: set [api] tcp".into(),
+            ));
+        }
+        let Some(listener) = listeners.iter().find(|l| l.name == agent.listener) else {
+            return Err(err("listener", format!("no listener `{}`", agent.listener)));
+        };
+        if !listener.gateways.iter().any(|g| g.name == agent.gateway) {
+            return Err(err(
+                "gateway",
+                format!(
+                    "listener `{}` has no gateway `{}`",
+                    listener.name, agent.gateway
+                ),
+            ));
+        }
+        if agents
+            .iter()
+            .any(|a| a.listener == agent.listener && a.gateway == agent.gateway)
+        {
+            return Err(err(
+                "gateway",
+                format!("gateway `{}` has two agents", agent.gateway),
+            ));
+        }
+        let orders_per_second = agent
+            .orders_per_second
+            .unwrap_or(DEFAULT_AGENT_ORDERS_PER_SECOND);
+        if !(1..=100_000).contains(&orders_per_second) {
+            return Err(err("orders_per_second", "must be from 1 to 100000".into()));
+        }
+        agents.push(AgentConfig {
+            listener: agent.listener,
+            gateway: agent.gateway,
+            token_file: agent.token_file,
+            orders_per_second,
+        });
+    }
+    Ok(agents)
 }
 
 fn build_sync(

@@ -40,6 +40,7 @@ use wglb_common::session::{confirms, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify, MessageType};
 
 use crate::admission::Sources;
+use crate::agents::Agents;
 use crate::config::ListenerConfig;
 use crate::control::ListenerPlan;
 use crate::events::{EventBus, EventKind};
@@ -252,6 +253,8 @@ struct Forwarding {
     rebinding: Option<Routed>,
     /// The receiver index its gateway chose last (`crate::rebinding`), for the peers.
     index: Option<u32>,
+    /// The address the client sends to, which replies come from.
+    reply_from: Option<IpAddr>,
 }
 
 impl Drop for Forwarding {
@@ -543,6 +546,7 @@ struct Relay {
     /// When forwarding sessions were last announced again to peers (ms, [`now_ms`]).
     refreshed_at: u64,
     board: Board,
+    agents: Agents,
     indices: Indices,
     /// Where reply paths send the indices they see gateways choose.
     learned: mpsc::Sender<Learned>,
@@ -561,8 +565,10 @@ impl Relay {
         {
             self.left_probation(client, session.gateway, EvictionReason::Unconfirmed);
         }
-        // Sessions of gateways that no longer keep theirs go at once, named as the plan they were
+        // Sessions of gateways that no longer keep theirs move where their gateway's agent can
+        // make the new gateway call their client, or go at once, named as the plan they were
         // placed under had them (a removed gateway is not in the new one).
+        self.rehome(&before.placement);
         self.end_sessions(&before.placement);
         let placement = &self.plan.placement;
         self.gateway_counters
@@ -670,6 +676,84 @@ impl Relay {
             tracing::debug!(listener = %self.name, ended = ended.total(), "sessions ended: gateways gone, or idle");
         }
         ended.publish(&self.name, &self.counters, &self.events);
+    }
+
+    /// Moves each forwarded session whose gateway no longer keeps it, and whose client's key that
+    /// gateway's agent reported, to the gateway placement picks now, when that one has an agent:
+    /// the session's path to the new gateway is opened at once and its agent is ordered to start
+    /// a handshake over it, so the client is called instead of waiting out its own 15 s timer.
+    /// The others are left to [`Relay::end_sessions`].
+    fn rehome(&mut self, previous: &Placement) {
+        let plan = self.plan.clone();
+        let placement = &plan.placement;
+        let name_of = |id: GatewayId| {
+            placement
+                .gateway(id)
+                .or_else(|| previous.gateway(id))
+                .map(|g| g.name.to_string())
+        };
+        let mut moves = Vec::new();
+        for (client, session) in self.sessions.iter() {
+            let Link::Forwarding(link) = &session.link else {
+                continue;
+            };
+            if placement.keeps(session.gateway, session.gateway_address) {
+                continue;
+            }
+            let Some(old) = name_of(session.gateway) else {
+                continue;
+            };
+            let Ok(path) = link.upstream.io.local_addr() else {
+                continue;
+            };
+            let Some(key) = self.agents.key_behind(&self.name, &old, path) else {
+                continue;
+            };
+            let Some(new) = placement.place(*client) else {
+                continue;
+            };
+            if self.agents.takes_orders(&self.name, &new.name) {
+                moves.push((
+                    *client,
+                    link.reply_from,
+                    key,
+                    new.id,
+                    new.name.to_string(),
+                    new.address,
+                ));
+            }
+        }
+        for (client, reply_from, key, id, name, address) in moves {
+            let activity = Arc::new(Activity::default());
+            activity.touch(now_ms());
+            let Some(mut link) = self.forward(
+                client,
+                reply_from,
+                id,
+                &name,
+                address,
+                &activity,
+                Batch::default(),
+            ) else {
+                continue;
+            };
+            let Ok(path) = link.upstream.io.local_addr() else {
+                continue;
+            };
+            let Some(session) = self.sessions.peek_mut(&client) else {
+                continue;
+            };
+            link.index = None;
+            *session = Session {
+                gateway: id,
+                gateway_address: address,
+                activity,
+                link: Link::Forwarding(link),
+            };
+            self.agents.order(&self.name, &name, key, path);
+            tracing::info!(listener = %self.name, %client, gateway = %name, %path, "re-homed a session: its new gateway's agent is to call the client");
+            self.announce(client, 0);
+        }
     }
 
     /// Moves `client`'s session from probation to the table of confirmed sessions, and tells
@@ -1176,6 +1260,7 @@ impl Relay {
             counters,
             rebinding: None,
             index: None,
+            reply_from,
         })
     }
 }
@@ -1340,6 +1425,9 @@ pub struct ListenerLinks {
     pub sync: SyncOut,
     /// The control plane's board for passive health.
     pub board: Board,
+    /// The gateway agents: the client keys behind this balancer's upstream paths, and their
+    /// gateways' handshake orders.
+    pub agents: Agents,
 }
 
 /// Runs one listener until its socket fails. The socket is bound by the caller so that a bad
@@ -1357,6 +1445,7 @@ pub async fn run_listener(
         events,
         sync,
         board,
+        agents,
     } = links;
     let plan = plans.borrow_and_update().clone();
     let (learned_tx, mut learned) = mpsc::channel(LEARNED_QUEUE);
@@ -1380,6 +1469,7 @@ pub async fn run_listener(
         resyncs: Resyncs::default(),
         refreshed_at: now_ms(),
         board,
+        agents,
         indices: Indices::new(plan.table_size),
         learned: learned_tx,
     };

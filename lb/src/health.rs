@@ -25,6 +25,8 @@ pub struct Observation {
     pub address: Option<SocketAddr>,
     pub source: String,
     pub healthy: bool,
+    /// The gateway's data plane is gone, as its own agent sees first hand: it is down at once.
+    pub gone: bool,
     pub detail: String,
     pub ttl: Duration,
 }
@@ -82,6 +84,7 @@ pub fn spawn_http_checker(
                 address: Some(address),
                 source: BUILTIN_SOURCE.into(),
                 healthy: verdict.healthy(),
+                gone: false,
                 detail: detail.clone(),
                 ttl,
             };

@@ -8,6 +8,7 @@
 //! changes go out as [`events`]; [`balancer`] starts and stops the whole.
 
 pub mod admission;
+pub mod agents;
 pub mod api;
 pub mod balancer;
 pub mod cli;

@@ -55,6 +55,10 @@ pub struct Metrics {
     unreachable: IntCounterVec,
     passive_waiting: IntGaugeVec,
     passive_ejections: IntCounterVec,
+    agents_attached: IntGaugeVec,
+    agent_peers: IntGaugeVec,
+    rehome_orders: IntCounterVec,
+    rehome_order_seconds: HistogramVec,
 }
 
 /// What the fast path's sweep (or the program itself) found wrong between the XDP program's
@@ -224,8 +228,42 @@ impl Metrics {
             unreachable: counter(r, "wglb_gateway_unreachable_total", "ICMP port unreachable from the gateway's WireGuard port for a session's datagram: nothing listens there.", &["listener", "gateway"]),
             passive_waiting: gauge(r, "wglb_passive_waiting_clients", "Client addresses whose handshake initiations the gateway has left unanswered for at least the passive health window.", &["listener", "gateway"]),
             passive_ejections: counter(r, "wglb_passive_ejections_total", "Times passive health found the gateway answering no one's handshakes and reported it down.", &["listener", "gateway"]),
+            agents_attached: gauge(r, "wglb_agent_attached", "1 while the gateway's agent holds a stream to this balancer.", &["listener", "gateway"]),
+            agent_peers: gauge(r, "wglb_agent_peers", "Peers the gateway's agent reported last, each with the endpoint its gateway sends to.", &["listener", "gateway"]),
+            rehome_orders: counter(r, "wglb_rehome_orders_total", "Handshake orders for clients re-homed onto the gateway (their own gateway died), by result: sent to its agent, started (the agent made the gateway start the handshake), failed (the agent refused or could not), unsent (no agent attached, or its queue was full).", &["listener", "gateway", "result"]),
+            rehome_order_seconds: {
+                let opts = HistogramOpts::new("wglb_rehome_order_seconds", "From a handshake order's sending to its agent's answer, pacing included.").buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+                let vec = HistogramVec::new(opts, &["listener", "gateway"]).expect("valid metric");
+                r.register(Box::new(vec.clone())).expect("unique metric");
+                vec
+            },
             registry,
         }
+    }
+
+    pub fn set_agent_attached(&self, listener: &str, gateway: &str, attached: bool) {
+        self.agents_attached
+            .with_label_values(&[listener, gateway])
+            .set(attached as i64);
+    }
+
+    pub fn set_agent_peers(&self, listener: &str, gateway: &str, peers: usize) {
+        self.agent_peers
+            .with_label_values(&[listener, gateway])
+            .set(peers as i64);
+    }
+
+    /// `result`: sent, started, failed or unsent (see the metric's help).
+    pub fn rehome_order(&self, listener: &str, gateway: &str, result: &str) {
+        self.rehome_orders
+            .with_label_values(&[listener, gateway, result])
+            .inc();
+    }
+
+    pub fn rehome_order_answered(&self, listener: &str, gateway: &str, seconds: f64) {
+        self.rehome_order_seconds
+            .with_label_values(&[listener, gateway])
+            .observe(seconds);
     }
 
     /// The sending side's metrics for one peer.

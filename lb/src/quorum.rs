@@ -16,6 +16,8 @@ pub struct Vote {
     pub detail: String,
     pub at: Instant,
     pub expires: Instant,
+    /// The gateway's own agent found its data plane gone: no quorum or delay is waited for.
+    pub decisive: bool,
 }
 
 /// What the fresh reports on a gateway add up to.
@@ -26,6 +28,9 @@ pub enum Verdict {
     Healthy,
     /// At least a quorum of fresh sources report it down; the detail is theirs.
     Unhealthy(String),
+    /// A fresh decisive report (the gateway's agent: its WireGuard interface is gone) says
+    /// down, whatever the others say.
+    Gone(String),
     /// Some fresh sources report it down, but fewer sources are fresh than the quorum: neither
     /// verdict is backed, so the last one stands.
     Undecided(String),
@@ -53,6 +58,23 @@ impl Votes {
         now: Instant,
         ttl: Duration,
     ) {
+        self.insert(source, healthy, detail, now, ttl, false);
+    }
+
+    /// A report of a gateway's data plane gone, from a source that sees it first hand.
+    pub fn record_gone(&mut self, source: &str, detail: String, now: Instant, ttl: Duration) {
+        self.insert(source, false, detail, now, ttl, true);
+    }
+
+    fn insert(
+        &mut self,
+        source: &str,
+        healthy: bool,
+        detail: String,
+        now: Instant,
+        ttl: Duration,
+        decisive: bool,
+    ) {
         self.ever = true;
         self.by_source.insert(
             source.to_string(),
@@ -61,6 +83,7 @@ impl Votes {
                 detail,
                 at: now,
                 expires: now + ttl,
+                decisive,
             },
         );
     }
@@ -99,6 +122,9 @@ impl Votes {
             } else {
                 Verdict::Unwatched
             };
+        }
+        if let Some((source, vote)) = fresh.iter().find(|(_, v)| v.decisive) {
+            return Verdict::Gone(format!("{source}: {}", vote.detail));
         }
         let down: Vec<String> = fresh
             .iter()
@@ -173,5 +199,23 @@ mod tests {
         assert_eq!(votes.expire(silent), vec!["b".to_string()]);
         assert_eq!(votes.verdict(silent, 1), Verdict::Silent);
         assert_eq!(votes.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_decisive_report_needs_no_quorum_and_counts_while_fresh() {
+        let t0 = Instant::now();
+        let mut votes = Votes::default();
+        votes.record("builtin-http", true, "200".into(), t0, TTL);
+        votes.record_gone("agent", "interface gone".into(), t0, TTL);
+        assert_eq!(
+            votes.verdict(t0, 2),
+            Verdict::Gone("agent: interface gone".into())
+        );
+        // The agent sees the interface again: an ordinary vote, counted as such.
+        votes.record("agent", true, "up".into(), t0, TTL);
+        assert_eq!(votes.verdict(t0, 2), Verdict::Healthy);
+        votes.record_gone("agent", "interface gone".into(), t0, TTL);
+        votes.record("builtin-http", true, "200".into(), t0 + TTL, TTL);
+        assert_eq!(votes.verdict(t0 + TTL, 2), Verdict::Healthy, "stale");
     }
 }

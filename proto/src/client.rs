@@ -14,6 +14,7 @@ use tonic::{Request, Status};
 
 use crate::v1::control_client::ControlClient;
 use crate::v1::events_client::EventsClient;
+use crate::v1::gateway_agents_client::GatewayAgentsClient;
 use crate::v1::health_ingest_client::HealthIngestClient;
 use crate::v1::session_sync_client::SessionSyncClient;
 
@@ -67,6 +68,7 @@ pub struct Connection {
     pub health: HealthIngestClient<AuthChannel>,
     pub events: EventsClient<AuthChannel>,
     pub sync: SessionSyncClient<AuthChannel>,
+    pub agents: GatewayAgentsClient<AuthChannel>,
 }
 
 impl Target {
@@ -130,7 +132,8 @@ impl Target {
             control: ControlClient::new(intercepted.clone()),
             health: HealthIngestClient::new(intercepted.clone()),
             events: EventsClient::new(intercepted.clone()),
-            sync: SessionSyncClient::new(intercepted),
+            sync: SessionSyncClient::new(intercepted.clone()),
+            agents: GatewayAgentsClient::new(intercepted),
         })
     }
 }

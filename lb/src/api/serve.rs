@@ -16,6 +16,7 @@ use tonic::{Request, Status};
 
 use super::pb::control_server::ControlServer;
 use super::pb::events_server::EventsServer;
+use super::pb::gateway_agents_server::GatewayAgentsServer;
 use super::pb::health_ingest_server::HealthIngestServer;
 use super::pb::session_sync_server::SessionSyncServer;
 use super::service::Api;
@@ -81,7 +82,7 @@ impl Interceptor for SyncAuth {
 }
 
 /// Compares without stopping at the first difference, so timing does not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -187,6 +188,7 @@ impl ApiServer {
             .add_service(HealthIngestServer::new(api.clone()))
             .add_service(EventsServer::new(api.clone()))
             .add_service(SessionSyncServer::new(api.clone()))
+            .add_service(GatewayAgentsServer::new(api.clone()))
             .serve_with_incoming(UnixListenerStream::new(unix));
         let remote = async move {
             let Some((listener, tls, token)) = tcp else {
@@ -207,6 +209,8 @@ impl ApiServer {
                     token.clone(),
                 ))
                 .add_service(EventsServer::with_interceptor(api.clone(), token.clone()))
+                // Agents authenticate with their own tokens, which the service checks.
+                .add_service(GatewayAgentsServer::new(api.clone()))
                 .add_service(SessionSyncServer::with_interceptor(
                     api,
                     SyncAuth {

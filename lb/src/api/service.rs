@@ -14,6 +14,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pb;
+use crate::agents::Agents;
 use crate::api::serve::PeerIdentity;
 use crate::config::{format_public_key, parse_public_key, ConfigFile, GatewayConfig};
 use crate::control::{
@@ -47,6 +48,7 @@ pub struct Api {
     config_file: Option<ConfigFile>,
     /// The `[[sync.peer]]` names: the only balancers whose sessions are taken.
     sync_peers: Arc<[String]>,
+    agents: Agents,
 }
 
 impl Api {
@@ -57,6 +59,7 @@ impl Api {
         metrics: Metrics,
         config_file: Option<ConfigFile>,
         sync_peers: Arc<[String]>,
+        agents: Agents,
     ) -> Api {
         Api {
             control,
@@ -66,7 +69,16 @@ impl Api {
             started: Instant::now(),
             config_file,
             sync_peers,
+            agents,
         }
+    }
+
+    pub(super) fn agents(&self) -> &Agents {
+        &self.agents
+    }
+
+    pub(super) fn control(&self) -> &mpsc::Sender<ControlRequest> {
+        &self.control
     }
 
     /// Sends a request to the control plane and waits for its answer.
@@ -683,6 +695,7 @@ impl Api {
             address,
             source: report.source,
             healthy: report.healthy,
+            gone: false,
             detail,
             ttl: Duration::from_millis(report.ttl_ms),
         };

@@ -92,13 +92,19 @@ impl ControlPlane {
             Duration::ZERO => self.config.health.report_ttl,
             ttl => ttl.min(MAX_REPORT_TTL),
         };
-        entry.votes.record(
-            &observation.source,
-            observation.healthy,
-            observation.detail,
-            now,
-            ttl,
-        );
+        if observation.gone {
+            entry
+                .votes
+                .record_gone(&observation.source, observation.detail, now, ttl);
+        } else {
+            entry.votes.record(
+                &observation.source,
+                observation.healthy,
+                observation.detail,
+                now,
+                ttl,
+            );
+        }
         self.metrics.set_health_vote(
             &listener,
             &name,
@@ -155,6 +161,9 @@ impl ControlPlane {
                 };
                 (health, why)
             }
+            // Its data plane is gone: waiting out a suspect stage would only delay moving its
+            // clients.
+            Verdict::Gone(why) => (Health::Down, why),
             Verdict::Undecided(why) => (
                 entry.health,
                 format!("kept as {}: {why}", entry.health.as_str()),

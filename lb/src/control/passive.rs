@@ -77,6 +77,7 @@ impl ControlPlane {
                         address: Some(gateway.address),
                         source: PASSIVE_SOURCE.into(),
                         healthy,
+                        gone: false,
                         detail,
                         ttl,
                     });

@@ -47,6 +47,7 @@ pub(super) fn report(
         address: address.map(|a| a.parse().unwrap()),
         source: source.into(),
         healthy,
+        gone: false,
         detail: String::new(),
         ttl: Duration::from_secs(3),
     }

@@ -1,0 +1,232 @@
+//! The gateway agents attached to this balancer: which client key each gateway's WireGuard
+//! knows behind which of this balancer's upstream paths (what lets a dead gateway's sessions be
+//! re-homed with a handshake the new gateway starts), and the way to send that gateway's agent
+//! an order, paced.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::api::constant_time_eq;
+use crate::config::AgentConfig;
+use crate::metrics::Metrics;
+
+/// Orders waiting for one gateway's agent beyond its pace; more are not sent (the sessions
+/// then wait out WireGuard's own timer, as without an agent).
+pub const ORDER_QUEUE: usize = 65_536;
+
+/// One handshake order on its way to an agent.
+#[derive(Clone, Debug)]
+pub struct Order {
+    pub id: u64,
+    pub public_key: [u8; 32],
+    /// This balancer's upstream path for the client, opened towards the new gateway.
+    pub endpoint: SocketAddr,
+    pub sent: Instant,
+}
+
+#[derive(Clone)]
+pub struct Agents {
+    inner: Arc<Mutex<Board>>,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Board {
+    configured: Vec<AgentConfig>,
+    /// By (listener, gateway).
+    attached: HashMap<(String, String), Attached>,
+    next_id: u64,
+    /// Orders sent and not answered yet: (listener, gateway, sent).
+    pending: HashMap<u64, (String, String, Instant)>,
+}
+
+struct Attached {
+    /// Which attach holds it: a newer stream of the same agent replaces an older one.
+    stream: u64,
+    /// The client key behind each of this balancer's upstream paths, as the gateway reported.
+    keys: HashMap<SocketAddr, [u8; 32]>,
+    orders: mpsc::Sender<Order>,
+}
+
+/// An attached agent's stream: dropped, it detaches (unless a newer stream replaced it).
+pub struct Attachment {
+    agents: Agents,
+    pub listener: String,
+    pub gateway: String,
+    stream: u64,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut board = self.agents.lock();
+        let key = (self.listener.clone(), self.gateway.clone());
+        if board
+            .attached
+            .get(&key)
+            .is_some_and(|a| a.stream == self.stream)
+        {
+            board.attached.remove(&key);
+            // Orders it had not answered will not be: the stream that would carry them is gone.
+            board
+                .pending
+                .retain(|_, (listener, gateway, _)| (&*listener, &*gateway) != (&key.0, &key.1));
+            self.agents
+                .metrics
+                .set_agent_attached(&self.listener, &self.gateway, false);
+        }
+    }
+}
+
+impl Agents {
+    pub fn new(configured: Vec<AgentConfig>, metrics: Metrics) -> Agents {
+        Agents {
+            inner: Arc::new(Mutex::new(Board {
+                configured,
+                ..Board::default()
+            })),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Board> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The configured agent whose token `given` is, read from its file now (a rotated token
+    /// needs no restart).
+    pub fn authenticate(&self, given: &str) -> Option<AgentConfig> {
+        let configured = self.lock().configured.clone();
+        configured.into_iter().find(|agent| {
+            std::fs::read_to_string(&agent.token_file).is_ok_and(|token| {
+                let token = token.trim();
+                token.len() >= 16 && constant_time_eq(token.as_bytes(), given.as_bytes())
+            })
+        })
+    }
+
+    /// Registers `agent`'s stream; orders for its gateway go to `orders` from now on.
+    pub fn attach(&self, agent: &AgentConfig, orders: mpsc::Sender<Order>) -> Attachment {
+        let mut board = self.lock();
+        board.next_id += 1;
+        let stream = board.next_id;
+        board.attached.insert(
+            (agent.listener.clone(), agent.gateway.clone()),
+            Attached {
+                stream,
+                keys: HashMap::new(),
+                orders,
+            },
+        );
+        self.metrics
+            .set_agent_attached(&agent.listener, &agent.gateway, true);
+        Attachment {
+            agents: self.clone(),
+            listener: agent.listener.clone(),
+            gateway: agent.gateway.clone(),
+            stream,
+        }
+    }
+
+    /// The gateway's peers as its agent reported them last: key by endpoint.
+    pub fn report(
+        &self,
+        attachment: &Attachment,
+        peers: impl Iterator<Item = (SocketAddr, [u8; 32])>,
+    ) {
+        let mut board = self.lock();
+        let key = (attachment.listener.clone(), attachment.gateway.clone());
+        if let Some(attached) = board.attached.get_mut(&key) {
+            if attached.stream == attachment.stream {
+                attached.keys = peers.collect();
+                self.metrics.set_agent_peers(
+                    &attachment.listener,
+                    &attachment.gateway,
+                    attached.keys.len(),
+                );
+            }
+        }
+    }
+
+    /// The client key the gateway knows behind `endpoint` (one of this balancer's upstream
+    /// paths), if its agent reported one.
+    pub fn key_behind(
+        &self,
+        listener: &str,
+        gateway: &str,
+        endpoint: SocketAddr,
+    ) -> Option<[u8; 32]> {
+        let board = self.lock();
+        let attached = board
+            .attached
+            .get(&(listener.to_string(), gateway.to_string()))?;
+        attached.keys.get(&endpoint).copied()
+    }
+
+    /// Whether `gateway` has an agent to take orders.
+    pub fn takes_orders(&self, listener: &str, gateway: &str) -> bool {
+        self.lock()
+            .attached
+            .contains_key(&(listener.to_string(), gateway.to_string()))
+    }
+
+    /// Queues an order for `gateway`'s agent to start a handshake with the peer of `public_key`
+    /// at `endpoint`; false if it has no agent or its queue is full.
+    pub fn order(
+        &self,
+        listener: &str,
+        gateway: &str,
+        public_key: [u8; 32],
+        endpoint: SocketAddr,
+    ) -> bool {
+        let mut board = self.lock();
+        board.next_id += 1;
+        let id = board.next_id;
+        let sent = Instant::now();
+        let queued = board
+            .attached
+            .get(&(listener.to_string(), gateway.to_string()))
+            .is_some_and(|attached| {
+                attached
+                    .orders
+                    .try_send(Order {
+                        id,
+                        public_key,
+                        endpoint,
+                        sent,
+                    })
+                    .is_ok()
+            });
+        let result = if queued {
+            board
+                .pending
+                .insert(id, (listener.to_string(), gateway.to_string(), sent));
+            "sent"
+        } else {
+            "unsent"
+        };
+        self.metrics.rehome_order(listener, gateway, result);
+        queued
+    }
+
+    /// The agent's answer to order `id`: `error` empty when the gateway started the handshake.
+    pub fn answered(&self, id: u64, error: &str) {
+        let Some((listener, gateway, sent)) = self.lock().pending.remove(&id) else {
+            return;
+        };
+        let result = if error.is_empty() {
+            "started"
+        } else {
+            "failed"
+        };
+        self.metrics.rehome_order(&listener, &gateway, result);
+        self.metrics
+            .rehome_order_answered(&listener, &gateway, sent.elapsed().as_secs_f64());
+        if !error.is_empty() {
+            tracing::warn!(%listener, %gateway, order = id, "the gateway's agent could not start the handshake: {error}");
+        }
+    }
+}

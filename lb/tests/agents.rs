@@ -1,0 +1,228 @@
+//! Gateway agents (`wglb-agent`) beside real wireguard-go gateways, in network namespaces: a
+//! dead gateway's clients are called by their new gateway instead of waiting out WireGuard's
+//! own 15 s timer.
+//!
+//! Needs root, like every namespace test, and the `wglb-agent` binary next to `wglb` (`cargo
+//! test --workspace` builds both).
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{ensure, Context, Result};
+use support::{
+    config_text, first_reply, lost_since, ports_for, predicted_gateway, settled_handshakes,
+    Balancer, Datapath,
+};
+use wglb_lab::{require_root, wait_for, Daemon, Family, Rig, RigSpec};
+
+const API_PORT: u16 = 7443;
+const HANDSHAKE: Duration = Duration::from_secs(20);
+/// Far below WireGuard's own 15 s re-handshake floor, which is what a moved client waits without
+/// an agent: only a handshake the new gateway starts brings it back this soon. (Measured times
+/// are printed; the issue's target is 1 s median, 2 s at worst.)
+const CALLED_BACK: Duration = Duration::from_secs(5);
+
+fn agent_binary() -> Result<PathBuf> {
+    let path = Path::new(env!("CARGO_BIN_EXE_wglb")).with_file_name("wglb-agent");
+    ensure!(
+        path.exists(),
+        "no wglb-agent binary at {} (cargo build -p wglb-agent)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The listener's configuration with a TCP API the agents reach, and an `[[agent]]` with a
+/// token of its own for each gateway.
+fn config_with_agents(rig: &Rig, listener: &str, gateways: usize) -> Result<String> {
+    let api_token = rig.temp_dir().join("api.token");
+    fs::write(&api_token, "an-api-token-of-this-test-0123456789")?;
+    let mut text = format!(
+        "[api]\ntcp = \"0.0.0.0:{API_PORT}\"\ntoken_file = \"{}\"\n\n{listener}",
+        api_token.display()
+    );
+    for j in 0..gateways {
+        let token = agent_token(rig, j)?;
+        text += &format!(
+            "\n[[agent]]\nlistener = \"test\"\ngateway = \"gw{j}\"\ntoken_file = \"{}\"\n",
+            token.display()
+        );
+    }
+    Ok(text)
+}
+
+fn agent_token(rig: &Rig, j: usize) -> Result<PathBuf> {
+    let path = rig.temp_dir().join(format!("agent-gw{j}.token"));
+    fs::write(&path, format!("agent-token-of-gateway-{j}-0123456789"))?;
+    Ok(path)
+}
+
+/// Gateway j's agent, in the gateway's namespace, with `token`.
+fn start_agent(rig: &Rig, j: usize, token: &Path) -> Result<Daemon> {
+    let url = format!("http://{}:{API_PORT}", rig.balancer_seen_from_gateway(j));
+    let token = token.display().to_string();
+    Daemon::spawn(
+        rig.gateway_ns(j),
+        &agent_binary()?,
+        &[
+            "--interface",
+            rig.gateway_ifname(j),
+            "--backend",
+            "userspace",
+            "--balancer",
+            &url,
+            "--token-file",
+            &token,
+            "--log",
+            "debug",
+        ],
+        &rig.temp_dir().join(format!("agent-gw{j}.log")),
+    )
+}
+
+/// Kills gw0 (wireguard-go and its /health): its agent reports the interface gone, the balancer
+/// takes gw0 down at once, opens each of its clients' paths to the gateway Maglev picks now,
+/// and that gateway's agent makes it start a handshake: the clients answer again within
+/// seconds, on their new gateways; the other clients notice nothing.
+fn a_dead_gateways_clients_are_called_by_their_new_gateway(datapath: Datapath) -> Result<()> {
+    require_root()?;
+    let listener = config_text(Family::V4, &["active", "active", "active"]);
+    let wanted = [0, 1, 2, 0, 1, 2];
+    let mut rig = Rig::new(RigSpec {
+        balancers: 1,
+        family: Family::V4,
+        gateways: 3,
+        client_ports: ports_for(Family::V4, &listener, &wanted),
+        keepalive: None,
+    })?;
+    let config = config_with_agents(&rig, &listener, 3)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let _agents: Vec<Daemon> = (0..3)
+        .map(|j| start_agent(&rig, j, &agent_token(&rig, j)?))
+        .collect::<Result<_>>()?;
+    let start = SystemTime::now();
+    let mut pingers = Vec::new();
+    for i in 0..wanted.len() {
+        rig.start_client(i)?;
+        pingers.push(rig.pinger(i)?);
+    }
+    for pinger in &pingers {
+        first_reply(pinger, start, HANDSHAKE)?;
+    }
+    for (i, &j) in wanted.iter().enumerate() {
+        ensure!(
+            rig.gateway_serving(i)? == Some(j),
+            "client {i} is not on gw{j}"
+        );
+    }
+    // Each agent has told the balancer of its gateway's two clients.
+    for j in 0..3 {
+        let series = format!(r#"wglb_agent_peers{{gateway="gw{j}",listener="test"}}"#);
+        balancer.wait_metric(&rig, &series, Duration::from_secs(10), |v| v == 2.0)?;
+    }
+    let survivors = [1, 2, 4, 5];
+    let handshakes = settled_handshakes(&rig, &survivors)?;
+    let seqs: Vec<_> = survivors.iter().map(|&i| pingers[i].last_seq()).collect();
+
+    rig.stop_gateway(0)?;
+    let killed = SystemTime::now();
+    let without_gw0 = config_text(Family::V4, &["down", "active", "active"]);
+    for moved in [0, 3] {
+        let back = first_reply(&pingers[moved], killed, Duration::from_secs(40))?;
+        eprintln!("client {moved} answered again {back:?} after gw0 died");
+        ensure!(
+            back <= CALLED_BACK,
+            "client {moved} answered again only {back:?} after gw0 died: it was not called back"
+        );
+        let expected = predicted_gateway(&without_gw0, rig.client_addr(moved));
+        ensure!(
+            rig.gateway_serving(moved)? == Some(expected),
+            "client {moved} is not on gw{expected}"
+        );
+        let endpoint = rig
+            .gateway_endpoint_of(expected, moved)?
+            .context("no endpoint")?;
+        ensure!(
+            datapath.relayed_from(endpoint),
+            "client {moved} reached gw{expected} from {endpoint}, not through the {datapath:?} datapath"
+        );
+    }
+    let started = r#"wglb_rehome_orders_total{gateway="gw"#;
+    let orders: f64 = balancer
+        .metrics(&rig)?
+        .lines()
+        .filter(|l| l.starts_with(started) && l.contains(r#"result="started""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(orders == 2.0, "{orders} orders started, not 2");
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_health_report_up{gateway="gw0",listener="test",source="agent"}"#
+        )? == 0.0,
+        "gw0's agent did not report its interface gone"
+    );
+
+    std::thread::sleep(Duration::from_secs(2));
+    for (k, &i) in survivors.iter().enumerate() {
+        let lost = lost_since(&pingers[i], seqs[k]);
+        ensure!(
+            lost.is_empty(),
+            "client {i} lost pings {lost:?} while gw0 failed"
+        );
+        ensure!(
+            rig.client_latest_handshake(i)? == handshakes[k],
+            "client {i} handshook again"
+        );
+        ensure!(
+            rig.gateway_serving(i)? == Some(wanted[i]),
+            "client {i} moved"
+        );
+    }
+    Ok(())
+}
+
+/// An agent with a token no `[[agent]]` holds is refused, and orders nothing.
+fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
+    require_root()?;
+    let listener = config_text(Family::V4, &["active"]);
+    let rig = Rig::new(RigSpec {
+        balancers: 1,
+        family: Family::V4,
+        gateways: 1,
+        client_ports: Vec::new(),
+        keepalive: None,
+    })?;
+    let config = config_with_agents(&rig, &listener, 1)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let forged = rig.temp_dir().join("forged.token");
+    fs::write(&forged, "not-the-token-of-any-gateway-0123")?;
+    let agent = start_agent(&rig, 0, &forged)?;
+    wait_for("the agent to be refused", Duration::from_secs(10), || {
+        Ok(agent.log_text().contains("refused the agent").then_some(()))
+    })?;
+    let attached = r#"wglb_agent_attached{gateway="gw0",listener="test"}"#;
+    ensure!(
+        !balancer.metrics(&rig)?.contains(&format!("{attached} 1")),
+        "a forged agent attached"
+    );
+    drop(agent);
+    let _agent = start_agent(&rig, 0, &agent_token(&rig, 0)?)?;
+    balancer.wait_metric(&rig, attached, Duration::from_secs(10), |v| v == 1.0)?;
+    Ok(())
+}
+
+// The userspace datapath only: under XDP the program holds the sessions, and re-homing them
+// there (a session and NAT port written from userspace) is not built yet.
+#[test]
+fn a_dead_gateways_clients_are_called_by_their_new_gateway_userspace() -> Result<()> {
+    a_dead_gateways_clients_are_called_by_their_new_gateway(Datapath::Userspace)
+}
+
+#[test]
+fn an_agent_without_a_valid_token_is_refused_userspace() -> Result<()> {
+    an_agent_without_a_valid_token_is_refused(Datapath::Userspace)
+}
