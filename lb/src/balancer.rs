@@ -139,6 +139,7 @@ impl Balancer {
             slow_paths: Vec::new(),
             syncs: Vec::new(),
             board: board.clone(),
+            agents: agents.clone(),
         };
         let mut sync_peers = Vec::new();
         let mut sync_queues = Vec::new();

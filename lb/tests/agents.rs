@@ -5,6 +5,7 @@
 //! Needs root, like every namespace test, and the `wglb-agent` binary next to `wglb` (`cargo
 //! test --workspace` builds both).
 
+#[macro_use]
 mod support;
 
 use std::fs;
@@ -215,13 +216,9 @@ fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
-// The userspace datapath only: under XDP the program holds the sessions, and re-homing them
-// there (a session and NAT port written from userspace) is not built yet.
-#[test]
-fn a_dead_gateways_clients_are_called_by_their_new_gateway_userspace() -> Result<()> {
-    a_dead_gateways_clients_are_called_by_their_new_gateway(Datapath::Userspace)
-}
+on_every_datapath!(a_dead_gateways_clients_are_called_by_their_new_gateway);
 
+// The agent's credentials are checked by the API, whatever the datapath.
 #[test]
 fn an_agent_without_a_valid_token_is_refused_userspace() -> Result<()> {
     an_agent_without_a_valid_token_is_refused(Datapath::Userspace)

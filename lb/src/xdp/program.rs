@@ -280,6 +280,19 @@ impl XdpProgram {
         Ok(())
     }
 
+    /// Writes a session (a new one, or one moved to another gateway) into `table`.
+    pub fn set_session(
+        &mut self,
+        table: Table,
+        key: &FlowKey,
+        session: &Session,
+    ) -> anyhow::Result<()> {
+        let mut sessions: BpfHashMap<&mut MapData, FlowKey, Session> =
+            BpfHashMap::try_from(self.map_mut(table.map())?)?;
+        sessions.insert(key, session, 0)?;
+        Ok(())
+    }
+
     /// Every NAT entry: a gateway's port and the session it belongs to.
     pub fn nat_entries(&self) -> anyhow::Result<Vec<(NatKey, FlowKey)>> {
         let map = self.ebpf.map("NAT").context("no NAT map")?;

@@ -38,10 +38,12 @@ mod counters;
 mod indices;
 mod pins;
 mod plans;
+mod rehome;
 mod sweep;
 
 use super::program::{endpoint_of, maglev_entries, nat_key, Limits, Table, XdpProgram};
 use super::route::{Netlink, Path};
+use crate::agents::Agents;
 use crate::config::{Config, DatapathConfig, XdpMode};
 use crate::control::ListenerPlan;
 use crate::events::EventBus;
@@ -69,6 +71,8 @@ pub struct FastPathLinks {
     pub syncs: Vec<SyncOut>,
     /// The control plane's board for passive health.
     pub board: Board,
+    /// The gateway agents, for re-homing the program's sessions of a gateway that went.
+    pub agents: Agents,
 }
 
 /// The loaded, attached program and the state that keeps its maps in step.
@@ -93,6 +97,10 @@ pub struct FastPath {
     announced: HashMap<FlowKey, (u32, Option<u32>)>,
     /// Where the sweep posts handshakes left waiting, for passive health.
     board: Board,
+    /// The gateway agents (`rehome`); none attach before `run`.
+    agents: Agents,
+    /// The ports the program gives sessions towards gateways ([datapath] nat_ports).
+    nat_ports: std::ops::RangeInclusive<u16>,
 }
 
 struct Listener {
@@ -193,6 +201,7 @@ impl FastPath {
         })?;
         let ports = datapath.nat_ports.clone();
         program.set_nat_ports(*ports.start(), ports.end() - ports.start() + 1)?;
+        let nat_ports = ports.clone();
         let mut offset = 0;
         let mut listeners = Vec::new();
         for (listener, plans) in config.listeners.iter().zip(plans) {
@@ -230,6 +239,8 @@ impl FastPath {
             swept_at: Instant::now(),
             announced: HashMap::new(),
             board: Board::default(),
+            agents: Agents::new(Vec::new(), metrics.clone()),
+            nat_ports,
         };
         for index in 0..fast.listeners.len() {
             let plan = fast.listeners[index].plan.clone();
@@ -300,6 +311,7 @@ impl FastPath {
             listener.sync = sync;
         }
         self.board = links.board;
+        self.agents = links.agents;
         runtime.block_on(async move {
             // Many sources, one loop: small tasks forward each into one channel.
             let (changed_tx, mut changed) = mpsc::channel(64);

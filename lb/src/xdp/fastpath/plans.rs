@@ -15,6 +15,7 @@ impl FastPath {
         let placement = &plan.placement;
         let mut current = HashMap::new();
         let mut lost_sessions = false;
+        let mut losing = Vec::new();
         for gateway in placement.gateways() {
             // Retired slots are on their way out, whatever they held.
             let live = |slot_index: &u32| !self.retired.contains(slot_index);
@@ -69,6 +70,9 @@ impl FastPath {
             };
             let slot = self.gateways.get_mut(&slot_index).expect("just found");
             let keeps = placement.keeps(gateway.id, gateway.address);
+            if slot.keeps && !keeps {
+                losing.push(slot_index);
+            }
             lost_sessions |= slot.keeps && !keeps;
             slot.keeps = keeps;
             slot.name = gateway.name.clone();
@@ -84,6 +88,10 @@ impl FastPath {
             })
             .map(|(&slot_index, _)| slot_index)
             .collect();
+        losing.extend(&gone);
+        // Before the program stops keeping them: it would place their clients anew at their
+        // next packet, with no handshake to bring them back.
+        self.rehome(index, &losing);
         for slot_index in gone {
             lost_sessions = true;
             self.retire(slot_index)?;
