@@ -9,6 +9,7 @@
 mod support;
 
 use std::fs;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -41,8 +42,12 @@ fn agent_binary() -> Result<PathBuf> {
 fn config_with_agents(rig: &Rig, listener: &str, gateways: usize) -> Result<String> {
     let api_token = rig.temp_dir().join("api.token");
     fs::write(&api_token, "an-api-token-of-this-test-0123456789")?;
+    let any = match rig.balancer_seen_from_gateway(0) {
+        IpAddr::V4(_) => "0.0.0.0",
+        IpAddr::V6(_) => "[::]",
+    };
     let mut text = format!(
-        "[api]\ntcp = \"0.0.0.0:{API_PORT}\"\ntoken_file = \"{}\"\n\n{listener}",
+        "[api]\ntcp = \"{any}:{API_PORT}\"\ntoken_file = \"{}\"\n\n{listener}",
         api_token.display()
     );
     for j in 0..gateways {
@@ -63,7 +68,8 @@ fn agent_token(rig: &Rig, j: usize) -> Result<PathBuf> {
 
 /// Gateway j's agent, in the gateway's namespace, with `token`.
 fn start_agent(rig: &Rig, j: usize, token: &Path) -> Result<Daemon> {
-    let url = format!("http://{}:{API_PORT}", rig.balancer_seen_from_gateway(j));
+    let api = SocketAddr::new(rig.balancer_seen_from_gateway(j), API_PORT);
+    let url = format!("http://{api}");
     let token = token.display().to_string();
     Daemon::spawn(
         rig.gateway_ns(j),
@@ -89,14 +95,22 @@ fn start_agent(rig: &Rig, j: usize, token: &Path) -> Result<Daemon> {
 /// and that gateway's agent makes it start a handshake: the clients answer again within
 /// seconds, on their new gateways; the other clients notice nothing.
 fn a_dead_gateways_clients_are_called_by_their_new_gateway(datapath: Datapath) -> Result<()> {
+    called_by_their_new_gateway(datapath, Family::V4)
+}
+
+fn a_dead_gateways_ipv6_clients_are_called_by_their_new_gateway(datapath: Datapath) -> Result<()> {
+    called_by_their_new_gateway(datapath, Family::V6)
+}
+
+fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()> {
     require_root()?;
-    let listener = config_text(Family::V4, &["active", "active", "active"]);
+    let listener = config_text(family, &["active", "active", "active"]);
     let wanted = [0, 1, 2, 0, 1, 2];
     let mut rig = Rig::new(RigSpec {
         balancers: 1,
-        family: Family::V4,
+        family,
         gateways: 3,
-        client_ports: ports_for(Family::V4, &listener, &wanted),
+        client_ports: ports_for(family, &listener, &wanted),
         keepalive: None,
     })?;
     let config = config_with_agents(&rig, &listener, 3)?;
@@ -130,7 +144,7 @@ fn a_dead_gateways_clients_are_called_by_their_new_gateway(datapath: Datapath) -
 
     rig.stop_gateway(0)?;
     let killed = SystemTime::now();
-    let without_gw0 = config_text(Family::V4, &["down", "active", "active"]);
+    let without_gw0 = config_text(family, &["down", "active", "active"]);
     for moved in [0, 3] {
         let back = first_reply(&pingers[moved], killed, Duration::from_secs(40))?;
         eprintln!("client {moved} answered again {back:?} after gw0 died");
@@ -216,7 +230,10 @@ fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
-on_every_datapath!(a_dead_gateways_clients_are_called_by_their_new_gateway);
+on_every_datapath!(
+    a_dead_gateways_clients_are_called_by_their_new_gateway,
+    a_dead_gateways_ipv6_clients_are_called_by_their_new_gateway,
+);
 
 // The agent's credentials are checked by the API, whatever the datapath.
 #[test]
