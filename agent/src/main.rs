@@ -3,9 +3,6 @@
 //! that it is gone), and carries out the balancers' orders to start a handshake towards a path
 //! they opened for a client whose gateway died.
 
-mod link;
-mod wireguard;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +13,8 @@ use tokio::sync::watch;
 use wglb_proto::client::read_token_file;
 use wglb_proto::v1::{AgentPeer, PeerReport};
 
-use crate::wireguard::{Backend, Interface};
+use wglb_agent::link;
+use wglb_agent::wireguard::{Backend, Interface};
 
 #[derive(Parser)]
 #[command(version, about)]

@@ -607,6 +607,39 @@ impl Rig {
             .context("`wg show transfer` gave no rx bytes")
     }
 
+    /// Bytes gateway j has sent to the client's peer (a handshake initiation is 148).
+    pub fn gateway_tx_bytes_to(&self, j: usize, client: usize) -> Result<u64> {
+        let gateway = &self.gateways[j];
+        ensure!(gateway.answering(), "gateway {j} is stopped or frozen");
+        let peer = &self.clients[client].public;
+        let values = wg::show_peer(&gateway.ns, &gateway.ifname, "transfer", peer)?;
+        values
+            .get(1)
+            .copied()
+            .context("`wg show transfer` gave no tx bytes")
+    }
+
+    /// Gateway j's persistent keepalive for the client's peer, in seconds (0: off).
+    pub fn gateway_keepalive_of(&self, j: usize, client: usize) -> Result<u64> {
+        let gateway = &self.gateways[j];
+        let peer = &self.clients[client].public;
+        let output = cmd::run(gateway.ns.command("wg").args([
+            "show",
+            &gateway.ifname,
+            "persistent-keepalive",
+        ]))?;
+        let line = output
+            .lines()
+            .find_map(|line| line.strip_prefix(peer.as_str())?.strip_prefix('\t'))
+            .with_context(|| format!("gateway {j} has no peer {peer}"))?;
+        Ok(line.trim().parse().unwrap_or(0))
+    }
+
+    /// Client i's WireGuard public key (base64, as `wg` writes it).
+    pub fn client_public_key(&self, i: usize) -> &str {
+        &self.clients[i].public
+    }
+
     /// Where gateway j last heard the client's peer from: the balancer's address and the port it
     /// relays the client's session from.
     pub fn gateway_endpoint_of(&self, j: usize, client: usize) -> Result<Option<SocketAddr>> {

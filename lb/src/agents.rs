@@ -131,17 +131,27 @@ impl Agents {
         }
     }
 
-    /// The gateway's peers as its agent reported them last: key by endpoint.
+    /// The gateway's peers as its agent reported them last: (endpoint, key, latest handshake in
+    /// unix ms). Two peers at one endpoint (a device that rotated its key leaves its old peer
+    /// behind until Core removes it) resolve to the one with the latest handshake: the other's
+    /// session is not the one this path carries.
     pub fn report(
         &self,
         attachment: &Attachment,
-        peers: impl Iterator<Item = (SocketAddr, [u8; 32])>,
+        peers: impl Iterator<Item = (SocketAddr, [u8; 32], u64)>,
     ) {
+        let mut latest: HashMap<SocketAddr, ([u8; 32], u64)> = HashMap::new();
+        for (endpoint, key, handshake) in peers {
+            let held = latest.entry(endpoint).or_insert((key, handshake));
+            if handshake > held.1 {
+                *held = (key, handshake);
+            }
+        }
         let mut board = self.lock();
-        let key = (attachment.listener.clone(), attachment.gateway.clone());
-        if let Some(attached) = board.attached.get_mut(&key) {
+        let slot = (attachment.listener.clone(), attachment.gateway.clone());
+        if let Some(attached) = board.attached.get_mut(&slot) {
             if attached.stream == attachment.stream {
-                attached.keys = peers.collect();
+                attached.keys = latest.into_iter().map(|(e, (k, _))| (e, k)).collect();
                 self.metrics.set_agent_peers(
                     &attachment.listener,
                     &attachment.gateway,
@@ -228,5 +238,89 @@ impl Agents {
         if !error.is_empty() {
             tracing::warn!(%listener, %gateway, order = id, "the gateway's agent could not start the handshake: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(gateway: &str) -> AgentConfig {
+        AgentConfig {
+            listener: "l".into(),
+            gateway: gateway.into(),
+            token_file: "/nonexistent".into(),
+            orders_per_second: 10,
+        }
+    }
+
+    #[test]
+    fn a_path_shared_by_two_peers_belongs_to_the_one_that_handshook_last() {
+        let agents = Agents::new(vec![agent("a")], Metrics::new());
+        let (orders, _queued) = mpsc::channel(4);
+        let attachment = agents.attach(&agent("a"), orders);
+        let path: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let (old, new) = ([1; 32], [2; 32]);
+        agents.report(
+            &attachment,
+            [(path, new, 2_000), (path, old, 1_000)].into_iter(),
+        );
+        assert_eq!(agents.key_behind("l", "a", path), Some(new));
+        agents.report(
+            &attachment,
+            [(path, old, 1_000), (path, new, 2_000)].into_iter(),
+        );
+        assert_eq!(agents.key_behind("l", "a", path), Some(new));
+        assert_eq!(agents.key_behind("l", "b", path), None);
+    }
+
+    #[test]
+    fn orders_reach_the_latest_stream_and_stop_when_it_goes() {
+        let agents = Agents::new(vec![agent("a")], Metrics::new());
+        let path: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        assert!(!agents.order("l", "a", [1; 32], path), "no agent attached");
+        let (first, mut first_queue) = mpsc::channel(4);
+        let older = agents.attach(&agent("a"), first);
+        let (second, mut second_queue) = mpsc::channel(4);
+        let newer = agents.attach(&agent("a"), second);
+        assert!(agents.order("l", "a", [1; 32], path));
+        let order = second_queue.try_recv().expect("the newer stream has it");
+        assert_eq!((order.public_key, order.endpoint), ([1; 32], path));
+        assert!(first_queue.try_recv().is_err());
+        // The older stream ending detaches nothing; the newer one's does.
+        drop(older);
+        assert!(agents.takes_orders("l", "a"));
+        agents.answered(order.id, "");
+        drop(newer);
+        assert!(!agents.takes_orders("l", "a"));
+        assert!(!agents.order("l", "a", [1; 32], path));
+    }
+
+    #[test]
+    fn an_agent_is_known_by_its_token_file_read_at_attach() {
+        let dir = std::env::temp_dir().join(format!("wglb-agents-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.token");
+        let agent = AgentConfig {
+            token_file: file.clone(),
+            ..agent("a")
+        };
+        let agents = Agents::new(vec![agent], Metrics::new());
+        let token = "a-token-of-at-least-16-chars";
+        assert!(agents.authenticate(token).is_none(), "no file yet");
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        assert_eq!(
+            agents.authenticate(token).map(|a| a.gateway),
+            Some("a".into())
+        );
+        assert!(agents
+            .authenticate("a-token-of-at-least-16-charx")
+            .is_none());
+        std::fs::write(&file, "short\n").unwrap();
+        assert!(
+            agents.authenticate("short").is_none(),
+            "too short to be a token"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -76,7 +76,8 @@ impl pb::gateway_agents_server::GatewayAgents for Api {
                         if report.interface_up {
                             let peers = report.peers.iter().filter_map(|peer| {
                                 let endpoint: SocketAddr = peer.endpoint.parse().ok()?;
-                                Some((endpoint, peer.public_key.as_slice().try_into().ok()?))
+                                let key = peer.public_key.as_slice().try_into().ok()?;
+                                Some((endpoint, key, peer.latest_handshake_unix_ms))
                             });
                             agents.report(&attachment, peers);
                         }
