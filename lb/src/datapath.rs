@@ -48,7 +48,7 @@ use crate::lifecycle::{self, announce_due, fate, Evictions, Fate, Held, SessionS
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, Placement};
-use crate::query::{IndicesAfter, KnownIndex, SessionRequest};
+use crate::query::{IndicesAfter, KnownIndex, Moved, SessionRequest};
 use crate::rebinding::{Indices, Learned, Routed, SessionIndex};
 use crate::session::{now_ms, now_ns, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
@@ -568,7 +568,10 @@ impl Relay {
         // Sessions of gateways that no longer keep theirs move where their gateway's agent can
         // make the new gateway call their client, or go at once, named as the plan they were
         // placed under had them (a removed gateway is not in the new one).
-        self.rehome(&before.placement);
+        let plan = self.plan.clone();
+        self.rehome(&before.placement, |s| {
+            !plan.placement.keeps(s.gateway, s.gateway_address)
+        });
         self.end_sessions(&before.placement);
         let placement = &self.plan.placement;
         self.gateway_counters
@@ -678,12 +681,13 @@ impl Relay {
         ended.publish(&self.name, &self.counters, &self.events);
     }
 
-    /// Moves each forwarded session whose gateway no longer keeps it, and whose client's key that
-    /// gateway's agent reported, to the gateway placement picks now, when that one has an agent:
-    /// the session's path to the new gateway is opened at once and its agent is ordered to start
-    /// a handshake over it, so the client is called instead of waiting out its own 15 s timer.
-    /// The others are left to [`Relay::end_sessions`].
-    fn rehome(&mut self, previous: &Placement) {
+    /// Moves each forwarded session that is `leaving` its gateway, and whose client's key that
+    /// gateway's agent reported, to the gateway placement picks now, when that one is another
+    /// and has an agent: the session's path to the new gateway is opened at once and its agent
+    /// is ordered to start a handshake over it, so the client is called instead of waiting out
+    /// its own 15 s timer. The others stay as they are (to [`Relay::end_sessions`], when their
+    /// gateway no longer keeps them). Gateways are named by the current plan, or `previous`.
+    fn rehome(&mut self, previous: &Placement, leaving: impl Fn(&Session<Link>) -> bool) -> Moved {
         let plan = self.plan.clone();
         let placement = &plan.placement;
         let name_of = |id: GatewayId| {
@@ -693,26 +697,26 @@ impl Relay {
                 .map(|g| g.name.to_string())
         };
         let mut moves = Vec::new();
+        let mut outcome = Moved::default();
         for (client, session) in self.sessions.iter() {
             let Link::Forwarding(link) = &session.link else {
                 continue;
             };
-            if placement.keeps(session.gateway, session.gateway_address) {
+            if !leaving(session) {
                 continue;
             }
-            let Some(old) = name_of(session.gateway) else {
-                continue;
-            };
-            let Ok(path) = link.upstream.io.local_addr() else {
-                continue;
-            };
-            let Some(key) = self.agents.key_behind(&self.name, &old, path) else {
+            outcome.stayed += 1;
+            let key = name_of(session.gateway).and_then(|old| {
+                let path = link.upstream.io.local_addr().ok()?;
+                self.agents.key_behind(&self.name, &old, path)
+            });
+            let Some(key) = key else {
                 continue;
             };
             let Some(new) = placement.place(*client) else {
                 continue;
             };
-            if self.agents.takes_orders(&self.name, &new.name) {
+            if new.id != session.gateway && self.agents.takes_orders(&self.name, &new.name) {
                 moves.push((
                     *client,
                     link.reply_from,
@@ -751,9 +755,12 @@ impl Relay {
                 link: Link::Forwarding(link),
             };
             self.agents.order(&self.name, &name, key, path);
+            outcome.moved += 1;
+            outcome.stayed -= 1;
             tracing::info!(listener = %self.name, %client, gateway = %name, %path, "re-homed a session: its new gateway's agent is to call the client");
             self.announce(client, 0);
         }
+        outcome
     }
 
     /// Moves `client`'s session from probation to the table of confirmed sessions, and tells
@@ -900,6 +907,15 @@ impl Relay {
             }
             SessionRequest::Snapshot { reply } => {
                 let _ = reply.send(lifecycle::snapshot(self));
+            }
+            SessionRequest::Move { gateway, reply } => {
+                let plan = self.plan.clone();
+                let id = plan.placement.gateways().iter().find(|g| g.name == gateway);
+                let moved = match id.map(|g| g.id) {
+                    Some(id) => self.rehome(&plan.placement, |s| s.gateway == id),
+                    None => Moved::default(),
+                };
+                let _ = reply.send(moved);
             }
             SessionRequest::Sync { peer, step, reply } => {
                 let _ = reply.send(sync::apply(self, &peer, &step));

@@ -99,6 +99,12 @@ pub enum SessionRequest {
         filter: SessionFilter,
         reply: oneshot::Sender<u64>,
     },
+    /// Moves `gateway`'s sessions that can be moved (`crate::agents`) to where placement puts
+    /// them now; answers how many moved and how many stayed.
+    Move {
+        gateway: String,
+        reply: oneshot::Sender<Moved>,
+    },
     /// Applies a step of a peer's session sync stream.
     Sync {
         peer: Arc<str>,
@@ -112,6 +118,20 @@ pub enum SessionRequest {
         after: u64,
         reply: oneshot::Sender<IndicesAfter>,
     },
+}
+
+/// What [`SessionRequest::Move`] answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub moved: u64,
+    pub stayed: u64,
+}
+
+impl std::ops::AddAssign for Moved {
+    fn add_assign(&mut self, other: Moved) {
+        self.moved += other.moved;
+        self.stayed += other.stayed;
+    }
 }
 
 /// What [`SessionRequest::Indices`] answers.

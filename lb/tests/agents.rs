@@ -18,7 +18,7 @@ use support::{
     config_text, first_reply, lost_since, ports_for, predicted_gateway, settled_handshakes,
     Balancer, Datapath,
 };
-use wglb_lab::{require_root, wait_for, Daemon, Family, Rig, RigSpec};
+use wglb_lab::{require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
 const API_PORT: u16 = 7443;
 const HANDSHAKE: Duration = Duration::from_secs(20);
@@ -102,62 +102,102 @@ fn a_dead_gateways_ipv6_clients_are_called_by_their_new_gateway(datapath: Datapa
     called_by_their_new_gateway(datapath, Family::V6)
 }
 
-fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()> {
-    require_root()?;
-    let listener = config_text(family, &["active", "active", "active"]);
-    let wanted = [0, 1, 2, 0, 1, 2];
-    let mut rig = Rig::new(RigSpec {
-        balancers: 1,
-        family,
-        gateways: 3,
-        client_ports: ports_for(family, &listener, &wanted),
-        keepalive: None,
-    })?;
-    let config = config_with_agents(&rig, &listener, 3)?;
-    let balancer = Balancer::start(&rig, &config, datapath)?;
-    let _agents: Vec<Daemon> = (0..3)
-        .map(|j| start_agent(&rig, j, &agent_token(&rig, j)?))
-        .collect::<Result<_>>()?;
-    let start = SystemTime::now();
-    let mut pingers = Vec::new();
-    for i in 0..wanted.len() {
-        rig.start_client(i)?;
-        pingers.push(rig.pinger(i)?);
-    }
-    for pinger in &pingers {
-        first_reply(pinger, start, HANDSHAKE)?;
-    }
-    for (i, &j) in wanted.iter().enumerate() {
-        ensure!(
-            rig.gateway_serving(i)? == Some(j),
-            "client {i} is not on gw{j}"
-        );
-    }
-    // Each agent has told the balancer of its gateway's two clients.
-    for j in 0..3 {
-        let series = format!(r#"wglb_agent_peers{{gateway="gw{j}",listener="test"}}"#);
-        balancer.wait_metric(&rig, &series, Duration::from_secs(10), |v| v == 2.0)?;
-    }
-    let survivors = [1, 2, 4, 5];
-    let handshakes = settled_handshakes(&rig, &survivors)?;
-    let seqs: Vec<_> = survivors.iter().map(|&i| pingers[i].last_seq()).collect();
+/// Six clients on three gateways (gw0, gw1, gw2, gw0, gw1, gw2), each gateway with its agent,
+/// which has told the balancer of its two clients.
+struct Fleet {
+    rig: Rig,
+    balancer: Balancer,
+    _agents: Vec<Daemon>,
+    pingers: Vec<Pinger>,
+    wanted: [usize; 6],
+}
 
-    rig.stop_gateway(0)?;
+impl Fleet {
+    fn start(datapath: Datapath, family: Family) -> Result<Fleet> {
+        require_root()?;
+        let listener = config_text(family, &["active", "active", "active"]);
+        let wanted = [0, 1, 2, 0, 1, 2];
+        let mut rig = Rig::new(RigSpec {
+            balancers: 1,
+            family,
+            gateways: 3,
+            client_ports: ports_for(family, &listener, &wanted),
+            keepalive: None,
+        })?;
+        let config = config_with_agents(&rig, &listener, 3)?;
+        let balancer = Balancer::start(&rig, &config, datapath)?;
+        let agents: Vec<Daemon> = (0..3)
+            .map(|j| start_agent(&rig, j, &agent_token(&rig, j)?))
+            .collect::<Result<_>>()?;
+        let start = SystemTime::now();
+        let mut pingers = Vec::new();
+        for i in 0..wanted.len() {
+            rig.start_client(i)?;
+            pingers.push(rig.pinger(i)?);
+        }
+        for pinger in &pingers {
+            first_reply(pinger, start, HANDSHAKE)?;
+        }
+        for (i, &j) in wanted.iter().enumerate() {
+            ensure!(
+                rig.gateway_serving(i)? == Some(j),
+                "client {i} is not on gw{j}"
+            );
+        }
+        for j in 0..3 {
+            let series = format!(r#"wglb_agent_peers{{gateway="gw{j}",listener="test"}}"#);
+            balancer.wait_metric(&rig, &series, Duration::from_secs(10), |v| v == 2.0)?;
+        }
+        Ok(Fleet {
+            rig,
+            balancer,
+            _agents: agents,
+            pingers,
+            wanted,
+        })
+    }
+
+    /// Handshake orders the agents carried out.
+    fn orders_started(&self) -> Result<f64> {
+        Ok(self
+            .balancer
+            .metrics(&self.rig)?
+            .lines()
+            .filter(|l| {
+                l.starts_with("wglb_rehome_orders_total{") && l.contains(r#"result="started""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()> {
+    let mut fleet = Fleet::start(datapath, family)?;
+    let wanted = fleet.wanted;
+    let survivors = [1, 2, 4, 5];
+    let handshakes = settled_handshakes(&fleet.rig, &survivors)?;
+    let seqs: Vec<_> = survivors
+        .iter()
+        .map(|&i| fleet.pingers[i].last_seq())
+        .collect();
+
+    fleet.rig.stop_gateway(0)?;
     let killed = SystemTime::now();
     let without_gw0 = config_text(family, &["down", "active", "active"]);
     for moved in [0, 3] {
-        let back = first_reply(&pingers[moved], killed, Duration::from_secs(40))?;
+        let back = first_reply(&fleet.pingers[moved], killed, Duration::from_secs(40))?;
         eprintln!("client {moved} answered again {back:?} after gw0 died");
         ensure!(
             back <= CALLED_BACK,
             "client {moved} answered again only {back:?} after gw0 died: it was not called back"
         );
-        let expected = predicted_gateway(&without_gw0, rig.client_addr(moved));
+        let expected = predicted_gateway(&without_gw0, fleet.rig.client_addr(moved));
         ensure!(
-            rig.gateway_serving(moved)? == Some(expected),
+            fleet.rig.gateway_serving(moved)? == Some(expected),
             "client {moved} is not on gw{expected}"
         );
-        let endpoint = rig
+        let endpoint = fleet
+            .rig
             .gateway_endpoint_of(expected, moved)?
             .context("no endpoint")?;
         ensure!(
@@ -165,17 +205,11 @@ fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()>
             "client {moved} reached gw{expected} from {endpoint}, not through the {datapath:?} datapath"
         );
     }
-    let started = r#"wglb_rehome_orders_total{gateway="gw"#;
-    let orders: f64 = balancer
-        .metrics(&rig)?
-        .lines()
-        .filter(|l| l.starts_with(started) && l.contains(r#"result="started""#))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let orders = fleet.orders_started()?;
     ensure!(orders == 2.0, "{orders} orders started, not 2");
     ensure!(
-        balancer.metric(
-            &rig,
+        fleet.balancer.metric(
+            &fleet.rig,
             r#"wglb_health_report_up{gateway="gw0",listener="test",source="agent"}"#
         )? == 0.0,
         "gw0's agent did not report its interface gone"
@@ -183,20 +217,68 @@ fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()>
 
     std::thread::sleep(Duration::from_secs(2));
     for (k, &i) in survivors.iter().enumerate() {
-        let lost = lost_since(&pingers[i], seqs[k]);
+        let lost = lost_since(&fleet.pingers[i], seqs[k]);
         ensure!(
             lost.is_empty(),
             "client {i} lost pings {lost:?} while gw0 failed"
         );
         ensure!(
-            rig.client_latest_handshake(i)? == handshakes[k],
+            fleet.rig.client_latest_handshake(i)? == handshakes[k],
             "client {i} handshook again"
         );
         ensure!(
-            rig.gateway_serving(i)? == Some(wanted[i]),
+            fleet.rig.gateway_serving(i)? == Some(wanted[i]),
             "client {i} moved"
         );
     }
+    Ok(())
+}
+
+/// `wglb drain gw0 --move`: gw0 takes no new clients and its two clients move at once, each to
+/// the gateway Maglev picks without gw0, called by it, losing at most one ping; gw0 is left with
+/// no session and the other clients notice nothing.
+fn a_drained_gateways_clients_move_at_once(datapath: Datapath) -> Result<()> {
+    let fleet = Fleet::start(datapath, Family::V4)?;
+    let survivors = [1, 2, 4, 5];
+    let handshakes = settled_handshakes(&fleet.rig, &survivors)?;
+    let seqs: Vec<_> = fleet.pingers.iter().map(|p| p.last_seq()).collect();
+    let out = fleet.balancer.cli(&["--json", "drain", "gw0", "--move"])?;
+    let answer: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(answer["moved"] == 2 && answer["stayed"] == 0, "{out}");
+    let draining = config_text(Family::V4, &["draining", "active", "active"]);
+    for moved in [0, 3] {
+        let expected = predicted_gateway(&draining, fleet.rig.client_addr(moved));
+        wait_for(
+            format!("client {moved} to be served by gw{expected}"),
+            Duration::from_secs(10),
+            || Ok((fleet.rig.gateway_serving(moved)? == Some(expected)).then_some(())),
+        )?;
+    }
+    ensure!(fleet.orders_started()? == 2.0);
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, pinger) in fleet.pingers.iter().enumerate() {
+        let lost = lost_since(pinger, seqs[i]);
+        let allowed = if fleet.wanted[i] == 0 { 1 } else { 0 };
+        ensure!(
+            lost.len() <= allowed,
+            "client {i} lost pings {lost:?} (at most {allowed} allowed)"
+        );
+    }
+    for (k, &i) in survivors.iter().enumerate() {
+        ensure!(
+            fleet.rig.client_latest_handshake(i)? == handshakes[k],
+            "client {i} handshook again"
+        );
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&fleet.balancer.cli(&["--json", "sessions"])?)?;
+    let on_gw0 = listed["sessions"]
+        .as_array()
+        .context("a session list")?
+        .iter()
+        .filter(|s| s["gateway"] == "gw0")
+        .count();
+    ensure!(on_gw0 == 0, "gw0 still holds {on_gw0} session(s): {listed}");
     Ok(())
 }
 
@@ -233,6 +315,7 @@ fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
 on_every_datapath!(
     a_dead_gateways_clients_are_called_by_their_new_gateway,
     a_dead_gateways_ipv6_clients_are_called_by_their_new_gateway,
+    a_drained_gateways_clients_move_at_once,
 );
 
 // The agent's credentials are checked by the API, whatever the datapath.

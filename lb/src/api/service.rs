@@ -24,7 +24,9 @@ use crate::events::{Event, EventBus, EventKind};
 use crate::health::Observation;
 use crate::metrics::Metrics;
 use crate::pool::{AdminState, Health};
-use crate::query::{ClientMatch, SessionFilter, SessionPage, SessionRequest, SessionRequests};
+use crate::query::{
+    ClientMatch, Moved, SessionFilter, SessionPage, SessionRequest, SessionRequests,
+};
 use crate::sync;
 use wglb_common::admission::Refusal;
 
@@ -600,6 +602,36 @@ impl pb::control_server::Control for Api {
                 .await?;
         }
         Ok(Response::new(pb::EvictSessionsResponse { evicted }))
+    }
+
+    async fn move_sessions(
+        &self,
+        request: Request<pb::MoveSessionsRequest>,
+    ) -> Result<Response<pb::MoveSessionsResponse>, Status> {
+        let request = request.into_inner();
+        let snapshot = self.snapshot().await?;
+        let known = snapshot.listeners.iter().any(|l| {
+            (request.listener.is_empty() || l.config.name == request.listener)
+                && l.gateways.iter().any(|g| g.config.name == request.gateway)
+        });
+        if !known {
+            return Err(Status::not_found(format!(
+                "no gateway `{}`",
+                request.gateway
+            )));
+        }
+        let mut moved = Moved::default();
+        for listener in self.listeners(&request.listener)? {
+            let gateway = request.gateway.clone();
+            moved += self
+                .ask_datapath(listener, |reply| SessionRequest::Move { gateway, reply })
+                .await?;
+        }
+        tracing::info!(gateway = %request.gateway, moved = moved.moved, stayed = moved.stayed, "sessions moved through the API");
+        Ok(Response::new(pb::MoveSessionsResponse {
+            moved: moved.moved,
+            stayed: moved.stayed,
+        }))
     }
 
     async fn reload(

@@ -139,6 +139,11 @@ pub enum ClientCommand {
         /// Only in this listener (default: every listener with such a gateway).
         #[arg(long)]
         listener: Option<String>,
+        /// Move its sessions now instead of waiting for them to go idle: each whose client key
+        /// the gateway's agent reported goes to the gateway placement picks for it, whose agent
+        /// makes it call the client (about a second, no lost session). The others stay.
+        #[arg(long = "move")]
+        move_sessions: bool,
         /// Return only once the gateway holds no session (exit 3 at the timeout).
         #[arg(long)]
         wait: bool,
@@ -327,6 +332,7 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
         ClientCommand::Drain {
             gateway,
             listener,
+            move_sessions,
             wait,
             timeout,
         } => {
@@ -338,8 +344,20 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
                 None,
             )
             .await?;
-            if !wait {
+            if move_sessions {
+                let moved = api
+                    .control
+                    .move_sessions(pb::MoveSessionsRequest {
+                        listener: listener.clone().unwrap_or_default(),
+                        gateway: gateway.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                render::moved(&gateway, &moved, json);
+            } else if !wait {
                 render::gateways(&changed, json);
+            }
+            if !wait {
                 return Ok(());
             }
             wait_drained(&mut api, &gateway, listener.as_deref(), timeout, json).await?;

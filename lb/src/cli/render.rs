@@ -283,6 +283,17 @@ pub fn reloaded(path: &str, json: bool) {
     }
 }
 
+pub fn moved(gateway: &str, moved: &pb::MoveSessionsResponse, json: bool) {
+    if json {
+        print_json(&json!({ "gateway": gateway, "moved": moved.moved, "stayed": moved.stayed }));
+    } else {
+        println!(
+            "{gateway} is draining: moved {} session(s), their new gateways call the clients; {} stayed (no client key from its agent, or no agent on the new gateway)",
+            moved.moved, moved.stayed
+        );
+    }
+}
+
 pub fn drained(gateway: &str, took: Duration, json: bool) {
     if json {
         print_json(&json!({ "drained": gateway, "seconds": took.as_secs_f64() }));

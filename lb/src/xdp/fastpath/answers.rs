@@ -107,6 +107,24 @@ impl FastPath {
                 let answer = ask(slow_path, |reply| SessionRequest::Indices { after, reply }).await;
                 let _ = reply.send(answer.unwrap_or_default());
             }
+            SessionRequest::Move { gateway, reply } => {
+                let mut moved = ask(slow_path, |reply| SessionRequest::Move {
+                    gateway: gateway.clone(),
+                    reply,
+                })
+                .await
+                .unwrap_or_default();
+                let slots: Vec<u32> = self
+                    .gateways
+                    .iter()
+                    .filter(|(slot, s)| {
+                        s.listener == index && s.name == gateway && !self.retired.contains(slot)
+                    })
+                    .map(|(&slot, _)| slot)
+                    .collect();
+                moved += self.rehome(index, &slots);
+                let _ = reply.send(moved);
+            }
             SessionRequest::Sync { peer, step, reply } => {
                 // The userspace datapath keeps them too, for clients the program passes to it
                 // (one whose gateway's next hop is not resolved yet).

@@ -91,7 +91,7 @@ impl FastPath {
         losing.extend(&gone);
         // Before the program stops keeping them: it would place their clients anew at their
         // next packet, with no handshake to bring them back.
-        self.rehome(index, &losing);
+        let _ = self.rehome(index, &losing);
         for slot_index in gone {
             lost_sessions = true;
             self.retire(slot_index)?;

@@ -5,6 +5,7 @@
 //! datapath does the same for the sessions it holds (`crate::datapath`).
 
 use super::*;
+use crate::query::Moved;
 
 /// NAT ports tried for a moved session, from one derived from the client onwards: the program
 /// itself tries [`wglb_common::xdp::NAT_PROBES`]; a port taken meanwhile only costs one more try.
@@ -12,16 +13,18 @@ const PORT_TRIES: u32 = 64;
 
 impl FastPath {
     /// Moves listener `index`'s confirmed sessions on `losing` (slots about to stop keeping
-    /// their sessions) where their clients can be called.
-    pub(super) fn rehome(&mut self, index: usize, losing: &[u32]) {
+    /// their sessions, or drained ones whose sessions are to move) where their clients can be
+    /// called, to a gateway other than their own.
+    pub(super) fn rehome(&mut self, index: usize, losing: &[u32]) -> Moved {
+        let mut outcome = Moved::default();
         if losing.is_empty() {
-            return;
+            return outcome;
         }
         let sessions = match self.program.sessions(Table::Confirmed) {
             Ok(sessions) => sessions,
             Err(e) => {
                 tracing::warn!("cannot read the XDP session table to re-home sessions: {e:#}");
-                return;
+                return outcome;
             }
         };
         let listener = &self.listeners[index];
@@ -31,6 +34,7 @@ impl FastPath {
             if key.listener as usize != index || !losing.contains(&session.gateway) {
                 continue;
             }
+            outcome.stayed += 1;
             let Some(old) = self.gateways.get(&session.gateway) else {
                 continue;
             };
@@ -51,7 +55,7 @@ impl FastPath {
                     && s.address == new.address
                     && !self.retired.contains(slot_index)
             });
-            let Some((&new_slot, new_gateway)) = slot else {
+            let Some((&new_slot, new_gateway)) = slot.filter(|(&s, _)| s != session.gateway) else {
                 continue;
             };
             let Some(new_path) = new_gateway.path else {
@@ -89,8 +93,11 @@ impl FastPath {
             }
             let path = SocketAddr::new(new_path.source, port);
             self.agents.order(&name, &new_name, public_key, path);
+            outcome.moved += 1;
+            outcome.stayed -= 1;
             tracing::info!(listener = %name, %client, gateway = %new_name, %path, "re-homed an XDP session: its new gateway's agent is to call the client");
         }
+        outcome
     }
 
     /// A NAT port of gateway `slot` for session `key`, taken in the NAT map (which the program
