@@ -90,6 +90,14 @@ async fn attach(
     }
 }
 
+/// How long the client has to answer the gateway's handshake: WireGuard's REKEY_TIMEOUT (5 s,
+/// when the gateway would send its initiation again) and then some.
+const ANSWER_WITHIN: Duration = Duration::from_secs(7);
+const ANSWER_POLL: Duration = Duration::from_millis(50);
+
+/// Starts the handshake, then waits for the client to complete it (the peer's latest handshake
+/// moves past the order): the balancer learns that its session continues, not only that the
+/// gateway sent an initiation.
 fn carry_out(interface: &Interface, order: &HandshakeOrder) -> anyhow::Result<()> {
     let key: [u8; 32] = order
         .public_key
@@ -100,7 +108,32 @@ fn carry_out(interface: &Interface, order: &HandshakeOrder) -> anyhow::Result<()
         .endpoint
         .parse()
         .with_context(|| format!("`{}` is not an ip:port", order.endpoint))?;
+    // Whole seconds: wireguard-go keeps handshake times to the second in places.
+    let ordered_ms = unix_ms().saturating_sub(1_000);
     interface.start_handshake(&key, endpoint)?;
     tracing::info!(order = order.id, %endpoint, "started a handshake");
-    Ok(())
+    let deadline = std::time::Instant::now() + ANSWER_WITHIN;
+    loop {
+        let answered = interface
+            .peers()?
+            .into_iter()
+            .find(|peer| peer.public_key == key)
+            .and_then(|peer| peer.latest_handshake_ms)
+            .is_some_and(|at| at >= ordered_ms);
+        if answered {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the client did not answer the gateway's handshake within {ANSWER_WITHIN:?}"
+            );
+        }
+        std::thread::sleep(ANSWER_POLL);
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -222,13 +222,14 @@ impl Agents {
         queued
     }
 
-    /// The agent's answer to order `id`: `error` empty when the gateway started the handshake.
+    /// The agent's answer to order `id`: `error` empty when the client completed the handshake
+    /// its new gateway started.
     pub fn answered(&self, id: u64, error: &str) {
         let Some((listener, gateway, sent)) = self.lock().pending.remove(&id) else {
             return;
         };
         let result = if error.is_empty() {
-            "started"
+            "completed"
         } else {
             "failed"
         };
@@ -236,7 +237,7 @@ impl Agents {
         self.metrics
             .rehome_order_answered(&listener, &gateway, sent.elapsed().as_secs_f64());
         if !error.is_empty() {
-            tracing::warn!(%listener, %gateway, order = id, "the gateway's agent could not start the handshake: {error}");
+            tracing::warn!(%listener, %gateway, order = id, "a re-homed client was not called back: {error}");
         }
     }
 }

@@ -230,9 +230,9 @@ impl Metrics {
             passive_ejections: counter(r, "wglb_passive_ejections_total", "Times passive health found the gateway answering no one's handshakes and reported it down.", &["listener", "gateway"]),
             agents_attached: gauge(r, "wglb_agent_attached", "1 while the gateway's agent holds a stream to this balancer.", &["listener", "gateway"]),
             agent_peers: gauge(r, "wglb_agent_peers", "Peers the gateway's agent reported last, each with the endpoint its gateway sends to.", &["listener", "gateway"]),
-            rehome_orders: counter(r, "wglb_rehome_orders_total", "Handshake orders for clients re-homed onto the gateway (their own gateway died), by result: sent to its agent, started (the agent made the gateway start the handshake), failed (the agent refused or could not), unsent (no agent attached, or its queue was full).", &["listener", "gateway", "result"]),
+            rehome_orders: counter(r, "wglb_rehome_orders_total", "Handshake orders for clients re-homed onto the gateway (their own gateway died), by result: sent to its agent, completed (the gateway started the handshake and the client completed it), failed (the agent refused the order, or the client did not answer), unsent (no agent attached, or its queue was full).", &["listener", "gateway", "result"]),
             rehome_order_seconds: {
-                let opts = HistogramOpts::new("wglb_rehome_order_seconds", "From a handshake order's sending to its agent's answer, pacing included.").buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+                let opts = HistogramOpts::new("wglb_rehome_order_seconds", "From a handshake order's sending to its agent's answer (the client completed the handshake, or did not), pacing included: how long a re-homed client went without service after its session moved.").buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
                 let vec = HistogramVec::new(opts, &["listener", "gateway"]).expect("valid metric");
                 r.register(Box::new(vec.clone())).expect("unique metric");
                 vec
@@ -253,7 +253,7 @@ impl Metrics {
             .set(peers as i64);
     }
 
-    /// `result`: sent, started, failed or unsent (see the metric's help).
+    /// `result`: sent, completed, failed or unsent (see the metric's help).
     pub fn rehome_order(&self, listener: &str, gateway: &str, result: &str) {
         self.rehome_orders
             .with_label_values(&[listener, gateway, result])

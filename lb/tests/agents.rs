@@ -157,14 +157,28 @@ impl Fleet {
         })
     }
 
-    /// Handshake orders the agents carried out.
-    fn orders_started(&self) -> Result<f64> {
+    /// Waits until `count` handshake orders were answered by their client completing the
+    /// handshake (the agent tells once it sees it).
+    fn wait_orders_completed(&self, count: u32) -> Result<()> {
+        wait_for(
+            format!("{count} re-homing orders to complete"),
+            Duration::from_secs(10),
+            || Ok((self.orders_completed()? == f64::from(count)).then_some(())),
+        )
+        .with_context(|| {
+            let metrics = self.balancer.metrics(&self.rig).unwrap_or_default();
+            let orders: Vec<&str> = metrics.lines().filter(|l| l.contains("rehome")).collect();
+            orders.join("\n")
+        })
+    }
+
+    fn orders_completed(&self) -> Result<f64> {
         Ok(self
             .balancer
             .metrics(&self.rig)?
             .lines()
             .filter(|l| {
-                l.starts_with("wglb_rehome_orders_total{") && l.contains(r#"result="started""#)
+                l.starts_with("wglb_rehome_orders_total{") && l.contains(r#"result="completed""#)
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
@@ -205,8 +219,7 @@ fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()>
             "client {moved} reached gw{expected} from {endpoint}, not through the {datapath:?} datapath"
         );
     }
-    let orders = fleet.orders_started()?;
-    ensure!(orders == 2.0, "{orders} orders started, not 2");
+    fleet.wait_orders_completed(2)?;
     ensure!(
         fleet.balancer.metric(
             &fleet.rig,
@@ -254,7 +267,7 @@ fn a_drained_gateways_clients_move_at_once(datapath: Datapath) -> Result<()> {
             || Ok((fleet.rig.gateway_serving(moved)? == Some(expected)).then_some(())),
         )?;
     }
-    ensure!(fleet.orders_started()? == 2.0);
+    fleet.wait_orders_completed(2)?;
     std::thread::sleep(Duration::from_secs(2));
     for (i, pinger) in fleet.pingers.iter().enumerate() {
         let lost = lost_since(pinger, seqs[i]);
