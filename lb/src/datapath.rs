@@ -698,6 +698,7 @@ impl Relay {
         };
         let mut moves = Vec::new();
         let mut outcome = Moved::default();
+        let mut moved_from: HashMap<String, u64> = HashMap::new();
         for (client, session) in self.sessions.iter() {
             let Link::Forwarding(link) = &session.link else {
                 continue;
@@ -706,10 +707,15 @@ impl Relay {
                 continue;
             }
             outcome.stayed += 1;
-            let key = name_of(session.gateway).and_then(|old| {
-                let path = link.upstream.io.local_addr().ok()?;
-                self.agents.key_behind(&self.name, &old, path)
-            });
+            let Some(old) = name_of(session.gateway) else {
+                continue;
+            };
+            let key = link
+                .upstream
+                .io
+                .local_addr()
+                .ok()
+                .and_then(|path| self.agents.key_behind(&self.name, &old, path));
             let Some(key) = key else {
                 continue;
             };
@@ -718,6 +724,7 @@ impl Relay {
             };
             if new.id != session.gateway && self.agents.takes_orders(&self.name, &new.name) {
                 moves.push((
+                    old,
                     *client,
                     link.reply_from,
                     key,
@@ -727,7 +734,7 @@ impl Relay {
                 ));
             }
         }
-        for (client, reply_from, key, id, name, address) in moves {
+        for (from, client, reply_from, key, id, name, address) in moves {
             let activity = Arc::new(Activity::default());
             activity.touch(now_ms());
             let Some(mut link) = self.forward(
@@ -757,8 +764,13 @@ impl Relay {
             self.agents.order(&self.name, &name, key, path);
             outcome.moved += 1;
             outcome.stayed -= 1;
+            *moved_from.entry(from).or_default() += 1;
             tracing::info!(listener = %self.name, %client, gateway = %name, %path, "re-homed a session: its new gateway's agent is to call the client");
             self.announce(client, 0);
+        }
+        for (gateway, count) in moved_from {
+            self.events
+                .publish(&self.name, &gateway, EventKind::SessionsMoved { count });
         }
         outcome
     }

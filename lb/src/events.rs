@@ -33,6 +33,11 @@ pub enum EventKind {
         reason: Refusal,
         count: u64,
     },
+    /// `count` sessions of the gateway moved to other gateways, whose agents were ordered to
+    /// call their clients (`crate::agents`).
+    SessionsMoved {
+        count: u64,
+    },
     ConfigReloaded,
     ConfigRefused {
         why: String,

@@ -302,6 +302,10 @@ fn event_message(event: Event) -> pb::Event {
             message.count = count;
             Kind::SessionsRefused
         }
+        EventKind::SessionsMoved { count } => {
+            message.count = count;
+            Kind::SessionsMoved
+        }
         EventKind::ConfigReloaded => Kind::ConfigReloaded,
         EventKind::ConfigRefused { why } => {
             message.detail = why;

@@ -315,6 +315,7 @@ fn kind_name(kind: pb::event::Kind) -> &'static str {
         Kind::GatewayRemoved => "gateway_removed",
         Kind::SessionsEvicted => "sessions_evicted",
         Kind::SessionsRefused => "sessions_refused",
+        Kind::SessionsMoved => "sessions_moved",
         Kind::ConfigReloaded => "config_reloaded",
         Kind::ConfigRefused => "config_refused",
         Kind::FailStatic => "fail_static",
@@ -357,6 +358,7 @@ pub fn event(event: &pb::Event, json: bool) {
         Kind::GatewayState => format!("{} weight {}", state_name(event.state()), event.weight),
         Kind::SessionsEvicted => format!("{} session(s), {}", event.count, event.reason),
         Kind::SessionsRefused => format!("{} new session(s), {}", event.count, event.reason),
+        Kind::SessionsMoved => format!("{} session(s) moved, their clients called", event.count),
         Kind::ConfigRefused => event.detail.clone(),
         Kind::FailStatic | Kind::FailingOpen => {
             (if event.active { "on" } else { "off" }).to_string()

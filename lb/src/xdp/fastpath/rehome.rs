@@ -5,6 +5,7 @@
 //! datapath does the same for the sessions it holds (`crate::datapath`).
 
 use super::*;
+use crate::events::EventKind;
 use crate::query::Moved;
 
 /// NAT ports tried for a moved session, from one derived from the client onwards: the program
@@ -30,6 +31,7 @@ impl FastPath {
         let listener = &self.listeners[index];
         let name = listener.name.clone();
         let plan = listener.plan.clone();
+        let mut moved_from: HashMap<String, u64> = HashMap::new();
         for (key, session) in sessions {
             if key.listener as usize != index || !losing.contains(&session.gateway) {
                 continue;
@@ -38,6 +40,7 @@ impl FastPath {
             let Some(old) = self.gateways.get(&session.gateway) else {
                 continue;
             };
+            let old_name = old.name.clone();
             let Some(old_path) = old.path else {
                 continue;
             };
@@ -95,7 +98,12 @@ impl FastPath {
             self.agents.order(&name, &new_name, public_key, path);
             outcome.moved += 1;
             outcome.stayed -= 1;
+            *moved_from.entry(old_name).or_default() += 1;
             tracing::info!(listener = %name, %client, gateway = %new_name, %path, "re-homed an XDP session: its new gateway's agent is to call the client");
+        }
+        for (gateway, count) in moved_from {
+            self.events
+                .publish(&name, &gateway, EventKind::SessionsMoved { count });
         }
         outcome
     }
