@@ -16,31 +16,39 @@ use wglb_proto::v1::{AgentPeer, PeerReport};
 use wglb_agent::link;
 use wglb_agent::wireguard::{Backend, Interface};
 
+/// Every option can come from the environment too (`WGLB_AGENT_*`), as the systemd unit and
+/// container manifests give them.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
     /// The gateway's WireGuard interface.
-    #[arg(long)]
+    #[arg(long, env = "WGLB_AGENT_INTERFACE")]
     interface: String,
     /// How the gateway runs WireGuard.
-    #[arg(long, value_enum, default_value = "kernel")]
+    #[arg(long, value_enum, default_value = "kernel", env = "WGLB_AGENT_BACKEND")]
     backend: Backend,
-    /// A balancer's TCP API (`http://` or `https://` URL); repeat for each balancer.
-    #[arg(long = "balancer", required = true)]
+    /// A balancer's TCP API (`http://` or `https://` URL); repeat for each balancer (or list
+    /// them comma-separated in the environment).
+    #[arg(
+        long = "balancer",
+        required = true,
+        env = "WGLB_AGENT_BALANCERS",
+        value_delimiter = ','
+    )]
     balancers: Vec<String>,
     /// The token of this gateway's `[[agent]]` entry in the balancers' configuration: it names
     /// the gateway this agent speaks for.
-    #[arg(long)]
+    #[arg(long, env = "WGLB_AGENT_TOKEN_FILE")]
     token_file: PathBuf,
     /// CA to verify the balancers' certificates with (https).
-    #[arg(long)]
+    #[arg(long, env = "WGLB_AGENT_CA")]
     ca: Option<PathBuf>,
     /// How often the interface is read; a report goes out at once when it changed, and every
     /// second in any case.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration, env = "WGLB_AGENT_POLL")]
     poll: Duration,
     /// Log filter (tracing's EnvFilter syntax).
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", env = "WGLB_AGENT_LOG")]
     log: String,
 }
 

@@ -274,6 +274,17 @@ fn describe(config: &Config) -> String {
                 g.state.as_str(),
                 g.weight
             );
+            if let Some(agent) = config
+                .agents
+                .iter()
+                .find(|a| a.listener == l.name && a.gateway == g.name)
+            {
+                out += &format!(
+                    "    agent with the token in {}, up to {} handshake orders/s\n",
+                    agent.token_file.display(),
+                    agent.orders_per_second
+                );
+            }
         }
     }
     out

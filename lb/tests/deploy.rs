@@ -112,8 +112,33 @@ fn the_kubernetes_manifests_pass_the_api_schemas_and_carry_loadable_configuratio
             .with_context(|| format!("ConfigMap {name}"))?;
         Ok(map["data"][key].as_str().context("the file")?.to_string())
     };
-    Config::parse(&config("wglb", "wglb.toml")?, "ConfigMap wglb")
+    let balancer = Config::parse(&config("wglb", "wglb.toml")?, "ConfigMap wglb")
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Every gateway's agent is a container of the gateway's pod, with its token mounted from
+    // the Secret the balancer reads too.
+    for agent in &balancer.agents {
+        let pod = kind("Deployment")
+            .find(|d| d["metadata"]["labels"]["wglb.io/gateway"] == agent.gateway.as_str())
+            .with_context(|| format!("a gateway Deployment for {}", agent.gateway))?;
+        let containers = pod["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .context("containers")?;
+        let container = containers
+            .iter()
+            .find(|c| c["command"][0] == "wglb-agent")
+            .context("an agent container")?;
+        ensure!(containers.iter().any(|c| c["name"] == "gateway"), "{pod}");
+        ensure!(
+            container["securityContext"]["capabilities"]["add"] == serde_json::json!(["NET_ADMIN"]),
+            "{container}"
+        );
+        let secret = pod["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"].clone();
+        ensure!(
+            kind("Secret").any(|s| s["metadata"]["name"] == secret),
+            "no Secret {secret}"
+        );
+    }
+    ensure!(!balancer.agents.is_empty(), "no [[agent]] in the ConfigMap");
     let dir = std::env::temp_dir().join(format!("wglb-k8s-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
@@ -147,8 +172,19 @@ fn the_compose_file_follows_the_compose_specification() -> Result<()> {
     let document = &yaml_documents(&compose)?[0];
     let wglb = &document["services"]["wglb"];
     ensure!(wglb["ports"][0] == "50051:50051/udp", "{wglb}");
-    for gateway in ["gateway1", "gateway2"] {
+    for (gateway, agent) in [("gateway1", "agent1"), ("gateway2", "agent2")] {
         ensure!(document["services"][gateway]["environment"]["HEALTH_PORT"] == 55003);
+        // Each gateway's agent lives in its network namespace, with NET_ADMIN and nothing else.
+        let agent = &document["services"][agent];
+        ensure!(
+            agent["network_mode"] == format!("service:{gateway}"),
+            "{agent}"
+        );
+        ensure!(
+            agent["cap_add"] == serde_json::json!(["NET_ADMIN"]),
+            "{agent}"
+        );
+        ensure!(agent["entrypoint"][0] == "/usr/bin/wglb-agent", "{agent}");
     }
     Ok(())
 }
