@@ -345,6 +345,7 @@ fn main() -> Result<()> {
         health_port: None,
         wglb_listener_extra: String::new(),
         wglb_datapath_extra: String::new(),
+        agent: None,
     };
     let client = v4(rig.client_addr(0).ip())?;
     let sources = generator::sources(&[client], 20_000, FLOWS);

@@ -177,6 +177,7 @@ fn main() -> Result<()> {
                     "table_size = {table}\nprobation_size = {table}\nsocket_buffer = 16777216"
                 ),
                 wglb_datapath_extra: nat.to_string(),
+                agent: None,
             };
             let once = Duration::from_secs_f64(size as f64 / 100_000.0 + 1.0);
             let running = contender.start(&setup, || {

@@ -88,6 +88,7 @@ fn main() -> Result<()> {
         health_port: None,
         wglb_listener_extra: String::new(),
         wglb_datapath_extra: String::new(),
+        agent: None,
     };
     let mut runs: Vec<(Contender, Vec<f64>)> =
         CONTENDERS.iter().map(|&c| (c, Vec::new())).collect();

@@ -5,7 +5,8 @@
 #   rig      wglb (userspace, XDP native, XDP generic) against nginx stream, nftables DNAT and
 #            kernel forwarding: packets/s, Gbit/s, loss, CPU per packet, 64- and 1420-byte messages
 #   tunnel   iperf3 TCP inside wireguard-go tunnels, through wglb and directly
-#   failover time to recover from a gateway's death, wglb against nginx stream and nftables DNAT
+#   failover time to recover from a gateway's death, wglb with and without gateway agents
+#            against nginx stream and nftables DNAT
 #   scale    packets/s and memory with 1k, 100k and 1M live sessions
 # Results: benches/results/{rig,tunnel,failover,scale}.{csv,md} and rig.svg. About 25 minutes.
 # `bash scripts/bench.sh rig` runs one of them; WGLB_BENCH_QUICK=1 makes short runs.
@@ -22,6 +23,8 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
 fi
 bash scripts/apt-install.sh nginx libnginx-mod-stream nftables iperf3
 source "$HOME/.cargo/env" 2>/dev/null || true
+# The failover benchmark runs the gateway agent (another package) next to wglb.
+cargo build --release --locked -p wglb-agent
 benches=("${@:-rig tunnel failover scale}")
 for bench in ${benches[*]}; do
     echo "== $bench"

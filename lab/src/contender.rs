@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 
 use crate::netns::run_in;
-use crate::{cmd, metrics, Daemon, Rig};
+use crate::{agents, cmd, metrics, Daemon, Rig};
 
 const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 /// Where a wglb contender serves metrics, inside the balancer namespace.
@@ -80,6 +80,8 @@ pub struct Setup<'a> {
     pub wglb_listener_extra: String,
     /// Lines added to wglb's [datapath] (e.g. `nat_ports = ...`).
     pub wglb_datapath_extra: String,
+    /// The `wglb-agent` binary: when set, each gateway gets its agent (`crate::agents`).
+    pub agent: Option<&'a Path>,
 }
 
 /// A running contender; stopped on drop, with forwarding off and the nftables table gone. It
@@ -89,6 +91,8 @@ pub struct Running {
     ns: String,
     /// wglb or nginx (whose master takes its workers down with it on SIGTERM, Daemon's stop).
     process: Option<Daemon>,
+    /// The gateways' agents, when the setup asked for them.
+    agents: Vec<Daemon>,
 }
 
 impl Running {
@@ -130,6 +134,7 @@ impl Contender {
         let mut running = Running {
             ns: rig.balancer_ns().name().to_string(),
             process: None,
+            agents: Vec::new(),
         };
         let spawn = |program: &Path, args: &[&str], log: &str| {
             Daemon::spawn(rig.balancer_ns(), program, args, &setup.dir.join(log))
@@ -137,7 +142,7 @@ impl Contender {
         match self {
             Contender::Userspace | Contender::XdpNative | Contender::XdpGeneric => {
                 let config = setup.dir.join("wglb.toml");
-                std::fs::write(&config, wglb_config(setup))?;
+                std::fs::write(&config, wglb_config(setup)?)?;
                 let config = config.display().to_string();
                 let mut args = vec!["--log", "warn", "run", "--config", &config];
                 args.extend(match self {
@@ -149,6 +154,14 @@ impl Contender {
                 cmd::wait_for("wglb to serve metrics", Duration::from_secs(15), || {
                     Ok(running.wglb_metrics().ok())
                 })?;
+                if let Some(agent) = setup.agent {
+                    let gateways = setup.gateways.len();
+                    running.agents = agents::start_agents(rig, setup.dir, agent, 0..gateways)?;
+                    cmd::wait_for("every agent to attach", Duration::from_secs(10), || {
+                        let attached = metrics::sum(&running.wglb_metrics()?, "wglb_agent_attached{");
+                        Ok((attached == Some(gateways as f64)).then_some(()))
+                    })?;
+                }
                 warm_up()?;
                 if self.is_xdp() {
                     let gateways = setup.gateways.len() as f64;
@@ -207,11 +220,15 @@ impl Contender {
     }
 }
 
-fn wglb_config(setup: &Setup) -> String {
+fn wglb_config(setup: &Setup) -> Result<String> {
+    let (agent_api, agent_entries) = match setup.agent {
+        Some(_) => agents::agents_config(setup.rig, setup.dir, "bench", setup.gateways.len())?,
+        None => Default::default(),
+    };
     // The generator opens thousands of sessions from a few spoofed addresses: admission would
     // refuse most of them, and admission is not what the benchmarks measure.
     let mut text = format!(
-        "[api]\nsocket = \"{}\"\n[metrics]\nlisten = \"{WGLB_METRICS}\"\n[datapath]\n{}\n\
+        "[api]\nsocket = \"{}\"\n{agent_api}[metrics]\nlisten = \"{WGLB_METRICS}\"\n[datapath]\n{}\n\
          [[listener]]\nname = \"bench\"\nlisten = \"0.0.0.0:{}\"\nhash_key = \"source-ip-port\"\n\
          source_rate = 100000000\nsource_burst = 100000000\nsource_unconfirmed = 100000000\n{}\n",
         setup.dir.join("api.sock").display(),
@@ -228,7 +245,8 @@ fn wglb_config(setup: &Setup) -> String {
             let _ = writeln!(text, "health_port = {port}");
         }
     }
-    text
+    text += &agent_entries;
+    Ok(text)
 }
 
 /// nginx stream as users would set it up, fairly: a worker per core with reuseport, hashing the

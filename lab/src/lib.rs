@@ -8,6 +8,7 @@
 //! Many rigs can run at once in one process (tests run in parallel threads): every namespace,
 //! interface and file name carries the rig's id.
 
+pub mod agents;
 pub mod bench;
 mod cmd;
 pub mod contender;

@@ -9,7 +9,6 @@
 mod support;
 
 use std::fs;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -18,9 +17,8 @@ use support::{
     config_text, first_reply, lost_since, ports_for, predicted_gateway, settled_handshakes,
     Balancer, Datapath,
 };
-use wglb_lab::{require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
+use wglb_lab::{agents, require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
-const API_PORT: u16 = 7443;
 const HANDSHAKE: Duration = Duration::from_secs(20);
 /// Far below WireGuard's own 15 s re-handshake floor, which is what a moved client waits without
 /// an agent: only a handshake the new gateway starts brings it back this soon. (Measured times
@@ -28,66 +26,18 @@ const HANDSHAKE: Duration = Duration::from_secs(20);
 const CALLED_BACK: Duration = Duration::from_secs(5);
 
 fn agent_binary() -> Result<PathBuf> {
-    let path = Path::new(env!("CARGO_BIN_EXE_wglb")).with_file_name("wglb-agent");
-    ensure!(
-        path.exists(),
-        "no wglb-agent binary at {} (cargo build -p wglb-agent)",
-        path.display()
-    );
-    Ok(path)
+    agents::agent_binary(Path::new(env!("CARGO_BIN_EXE_wglb")))
 }
 
 /// The listener's configuration with a TCP API the agents reach, and an `[[agent]]` with a
 /// token of its own for each gateway.
 fn config_with_agents(rig: &Rig, listener: &str, gateways: usize) -> Result<String> {
-    let api_token = rig.temp_dir().join("api.token");
-    fs::write(&api_token, "an-api-token-of-this-test-0123456789")?;
-    let any = match rig.balancer_seen_from_gateway(0) {
-        IpAddr::V4(_) => "0.0.0.0",
-        IpAddr::V6(_) => "[::]",
-    };
-    let mut text = format!(
-        "[api]\ntcp = \"{any}:{API_PORT}\"\ntoken_file = \"{}\"\n\n{listener}",
-        api_token.display()
-    );
-    for j in 0..gateways {
-        let token = agent_token(rig, j)?;
-        text += &format!(
-            "\n[[agent]]\nlistener = \"test\"\ngateway = \"gw{j}\"\ntoken_file = \"{}\"\n",
-            token.display()
-        );
-    }
-    Ok(text)
+    let (api, entries) = agents::agents_config(rig, rig.temp_dir(), "test", gateways)?;
+    Ok(format!("[api]\n{api}\n{listener}{entries}"))
 }
 
-fn agent_token(rig: &Rig, j: usize) -> Result<PathBuf> {
-    let path = rig.temp_dir().join(format!("agent-gw{j}.token"));
-    fs::write(&path, format!("agent-token-of-gateway-{j}-0123456789"))?;
-    Ok(path)
-}
-
-/// Gateway j's agent, in the gateway's namespace, with `token`.
 fn start_agent(rig: &Rig, j: usize, token: &Path) -> Result<Daemon> {
-    let api = SocketAddr::new(rig.balancer_seen_from_gateway(j), API_PORT);
-    let url = format!("http://{api}");
-    let token = token.display().to_string();
-    Daemon::spawn(
-        rig.gateway_ns(j),
-        &agent_binary()?,
-        &[
-            "--interface",
-            rig.gateway_ifname(j),
-            "--backend",
-            "userspace",
-            "--balancer",
-            &url,
-            "--token-file",
-            &token,
-            "--log",
-            "debug",
-        ],
-        &rig.temp_dir().join(format!("agent-gw{j}.log")),
-    )
+    agents::start_agent(rig, rig.temp_dir(), &agent_binary()?, j, token)
 }
 
 /// Kills gw0 (wireguard-go and its /health): its agent reports the interface gone, the balancer
@@ -126,9 +76,7 @@ impl Fleet {
         })?;
         let config = config_with_agents(&rig, &listener, 3)?;
         let balancer = Balancer::start(&rig, &config, datapath)?;
-        let agents: Vec<Daemon> = (0..3)
-            .map(|j| start_agent(&rig, j, &agent_token(&rig, j)?))
-            .collect::<Result<_>>()?;
+        let agents = agents::start_agents(&rig, rig.temp_dir(), &agent_binary()?, 0..3)?;
         let start = SystemTime::now();
         let mut pingers = Vec::new();
         for i in 0..wanted.len() {
@@ -320,7 +268,7 @@ fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
         "a forged agent attached"
     );
     drop(agent);
-    let _agent = start_agent(&rig, 0, &agent_token(&rig, 0)?)?;
+    let _agent = start_agent(&rig, 0, &agents::agent_token(rig.temp_dir(), 0)?)?;
     balancer.wait_metric(&rig, attached, Duration::from_secs(10), |v| v == 1.0)?;
     Ok(())
 }
