@@ -66,7 +66,9 @@ fn trial(contender: Contender, agents: bool) -> Result<Trial> {
     })?;
     let dir = rig.temp_dir().to_path_buf();
     let wglb = Path::new(env!("CARGO_BIN_EXE_wglb"));
-    let agent = agents.then(|| wglb_lab::agents::agent_binary(wglb)).transpose()?;
+    let agent = agents
+        .then(|| wglb_lab::agents::agent_binary(wglb))
+        .transpose()?;
     let running = contender.start(
         &Setup {
             rig: &rig,

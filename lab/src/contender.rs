@@ -158,7 +158,8 @@ impl Contender {
                     let gateways = setup.gateways.len();
                     running.agents = agents::start_agents(rig, setup.dir, agent, 0..gateways)?;
                     cmd::wait_for("every agent to attach", Duration::from_secs(10), || {
-                        let attached = metrics::sum(&running.wglb_metrics()?, "wglb_agent_attached{");
+                        let attached =
+                            metrics::sum(&running.wglb_metrics()?, "wglb_agent_attached{");
                         Ok((attached == Some(gateways as f64)).then_some(()))
                     })?;
                 }

@@ -1,4 +1,5 @@
-//! `wglb-lab demo`: runs wglb in front of real WireGuard gateways and narrates a failover.
+//! `wglb-lab demo`: runs wglb in front of real WireGuard gateways and narrates two failovers: one
+//! as WireGuard alone allows (about 15 s), then one with gateway agents (well under a second).
 
 use std::fmt::Display;
 use std::fs::{self, File};
@@ -10,9 +11,11 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use wglb_lab::{metrics, require_root, terminate, wait_for, Family, Netns, Pinger, Rig, RigSpec};
+use wglb_lab::{
+    agents, metrics, require_root, terminate, wait_for, Family, Netns, Pinger, Rig, RigSpec,
+};
 
-const USAGE: &str = "usage: wglb-lab demo [--wglb PATH]";
+const USAGE: &str = "usage: wglb-lab demo [--wglb PATH] [--agent PATH]";
 const GATEWAYS: usize = 3;
 const CLIENTS: u16 = 6;
 const FIRST_CLIENT_PORT: u16 = 41000;
@@ -24,7 +27,7 @@ const FAILOVER_TIMEOUT: Duration = Duration::from_secs(40);
 
 fn main() -> ExitCode {
     let result = match parse_args() {
-        Ok(Some(wglb)) => demo(&wglb),
+        Ok(Some(programs)) => demo(&programs),
         Ok(None) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -40,30 +43,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// The wglb executable to run, or `None` when help was asked for.
-fn parse_args() -> Result<Option<PathBuf>> {
+/// The executables the demo runs.
+struct Programs {
+    wglb: PathBuf,
+    agent: PathBuf,
+}
+
+/// The executables to run, or `None` when help was asked for.
+fn parse_args() -> Result<Option<Programs>> {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         Some("demo") => {}
         Some("-h" | "--help") => return Ok(None),
         _ => bail!(USAGE),
     }
-    let mut wglb = None;
+    let (mut wglb, mut agent) = (None, None);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--wglb" => wglb = Some(PathBuf::from(args.next().context("--wglb needs a path")?)),
+            "--agent" => agent = Some(PathBuf::from(args.next().context("--agent needs a path")?)),
             "-h" | "--help" => return Ok(None),
             _ => bail!("unexpected argument {arg:?}\n{USAGE}"),
         }
     }
-    match wglb {
-        Some(path) => Ok(Some(path)),
-        None => Ok(Some(
-            std::env::current_exe()
-                .context("locating this executable")?
-                .with_file_name("wglb"),
-        )),
-    }
+    let wglb = match wglb {
+        Some(path) => path,
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .with_file_name("wglb"),
+    };
+    let agent = agent.unwrap_or_else(|| wglb.with_file_name("wglb-agent"));
+    Ok(Some(Programs { wglb, agent }))
 }
 
 struct Narrator {
@@ -76,14 +86,20 @@ impl Narrator {
     }
 }
 
-fn demo(wglb: &Path) -> Result<()> {
+fn demo(programs: &Programs) -> Result<()> {
     let narrator = Narrator {
         start: Instant::now(),
     };
+    let wglb = &programs.wglb;
     ensure!(
         wglb.is_file(),
         "no wglb executable at {} (build it with `cargo build -p wglb`, or pass --wglb PATH)",
         wglb.display()
+    );
+    ensure!(
+        programs.agent.is_file(),
+        "no wglb-agent executable at {} (build it with `cargo build -p wglb-agent`, or pass --agent PATH)",
+        programs.agent.display()
     );
     require_root()?;
 
@@ -113,7 +129,7 @@ fn demo(wglb: &Path) -> Result<()> {
         balancer.log.display()
     ));
 
-    if let Err(error) = exercise(&mut rig, &mut balancer, &narrator) {
+    if let Err(error) = exercise(&mut rig, &mut balancer, &programs.agent, &narrator) {
         balancer.report_failure();
         return Err(error);
     }
@@ -126,8 +142,14 @@ fn demo(wglb: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Steps 3 to 5: traffic through the balancer, a gateway failure, and the balancer's metrics.
-fn exercise(rig: &mut Rig, balancer: &mut Balancer, narrator: &Narrator) -> Result<()> {
+/// Traffic through the balancer, a gateway failure as WireGuard alone recovers from it, the
+/// same with gateway agents, and the balancer's metrics.
+fn exercise(
+    rig: &mut Rig,
+    balancer: &mut Balancer,
+    agent: &Path,
+    narrator: &Narrator,
+) -> Result<()> {
     let clients = usize::from(CLIENTS);
     for i in 0..clients {
         rig.start_client(i)?;
@@ -171,66 +193,34 @@ fn exercise(rig: &mut Rig, balancer: &mut Balancer, narrator: &Narrator) -> Resu
         serving.push(gateway);
     }
 
+    narrator.say("1. a gateway dies, with nothing but the balancer to help its clients");
     let victim = serving[0];
-    let sent_before: Vec<u32> = pingers.iter().map(Pinger::sent).collect();
-    rig.stop_gateway(victim)?;
-    let killed_at = SystemTime::now();
-    // Replies the victim sent just before it died may still arrive for a moment: only a reply
-    // after that can have come through another gateway.
-    let in_flight = Duration::from_millis(300);
-    narrator.say(format!(
-        "stopped gw{victim}, which served client 0 (WireGuard and health port)"
-    ));
-    let reply = balancer.wait(
-        "client 0 to fail over (its first ping reply after the kill)",
-        FAILOVER_TIMEOUT,
-        || Ok(pingers[0].first_reply_after(killed_at + in_flight)),
-    )?;
-    let failover = reply.duration_since(killed_at).unwrap_or_default();
-    let new_gateway = match rig.gateway_serving(0)? {
-        Some(j) => format!("gw{j}"),
-        None => "no gateway with a handshake (?)".to_owned(),
-    };
-    narrator.say(format!(
-        "client 0 got a reply {:.1} s after the kill; it is now served by {new_gateway}",
-        failover.as_secs_f64()
-    ));
+    serving = fail_gateway(rig, balancer, &pingers, &serving, victim, narrator)?;
 
-    let sent_at_reply: Vec<u32> = pingers.iter().map(Pinger::sent).collect();
-    // Pings still in flight when client 0 recovered need a moment to be answered or reported
-    // missing (ping reports a miss when it sends the next one, 0.2 s later).
-    let settled = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < settled
-        && pingers
-            .iter()
-            .zip(&sent_at_reply)
-            .any(|(pinger, &sent)| pinger.sent() <= sent)
-    {
-        thread::sleep(Duration::from_millis(50));
+    narrator.say(
+        "2. the same with gateway agents: wglb-agent beside each live gateway reports its peers",
+    );
+    let live: Vec<usize> = (0..GATEWAYS).filter(|&j| j != victim).collect();
+    let _agents = agents::start_agents(rig, rig.temp_dir(), agent, live.iter().copied())?;
+    for &j in &live {
+        let clients_of_j = serving.iter().filter(|&&g| g == j).count() as f64;
+        let series = format!("wglb_agent_peers{{gateway=\"gw{j}\",listener=\"demo\"}}");
+        balancer.wait(
+            format_args!("gw{j}'s agent to report its {clients_of_j} client(s)"),
+            Duration::from_secs(10),
+            || {
+                let text = balancer_metrics(rig.balancer_ns())?;
+                Ok((metrics::sum(&text, &series) == Some(clients_of_j)).then_some(()))
+            },
+        )?;
     }
-    for i in 1..clients {
-        let window = sent_before[i] + 1..=sent_at_reply[i];
-        let lost = pingers[i].lost_between(*window.start(), *window.end());
-        let note = if serving[i] == victim {
-            ", the stopped gateway too"
-        } else {
-            ""
-        };
-        let verdict = if lost.is_empty() {
-            format!("no ping lost of {}", window.count())
-        } else {
-            format!(
-                "lost {} of {} pings (icmp_seq {})",
-                lost.len(),
-                window.count(),
-                ranges(&lost)
-            )
-        };
-        narrator.say(format!(
-            "client {i} (was on gw{}{note}): {verdict}",
-            serving[i]
-        ));
-    }
+    narrator.say("every agent has told the balancer which client is behind which of its paths");
+    // The gateway with the most clients now.
+    let second = *live
+        .iter()
+        .max_by_key(|&&j| serving.iter().filter(|&&g| g == j).count())
+        .context("a live gateway")?;
+    fail_gateway(rig, balancer, &pingers, &serving, second, narrator)?;
 
     match fetch_metrics(rig.balancer_ns()) {
         Ok(lines) => {
@@ -246,9 +236,82 @@ fn exercise(rig: &mut Rig, balancer: &mut Balancer, narrator: &Narrator) -> Resu
     Ok(())
 }
 
+/// Stops gateway `victim` and reports how long each of its clients went without an answer and
+/// where it is now, and what the other clients lost; returns who serves each client after.
+fn fail_gateway(
+    rig: &mut Rig,
+    balancer: &mut Balancer,
+    pingers: &[Pinger],
+    serving: &[usize],
+    victim: usize,
+    narrator: &Narrator,
+) -> Result<Vec<usize>> {
+    let sent_before: Vec<u32> = pingers.iter().map(Pinger::sent).collect();
+    rig.stop_gateway(victim)?;
+    let killed_at = SystemTime::now();
+    // Replies the victim sent just before it died may still arrive for a moment: only a reply
+    // after that can have come through another gateway.
+    let in_flight = Duration::from_millis(300);
+    let moved: Vec<usize> = (0..pingers.len())
+        .filter(|&i| serving[i] == victim)
+        .collect();
+    narrator.say(format!(
+        "stopped gw{victim} (WireGuard and health port), which served client(s) {moved:?}"
+    ));
+    let mut now_serving = serving.to_vec();
+    for &i in &moved {
+        let reply = balancer.wait(
+            format_args!("client {i} to fail over (its first ping reply after the kill)"),
+            FAILOVER_TIMEOUT,
+            || Ok(pingers[i].first_reply_after(killed_at + in_flight)),
+        )?;
+        let failover = reply.duration_since(killed_at).unwrap_or_default();
+        let new_gateway = rig.gateway_serving(i)?;
+        narrator.say(format!(
+            "client {i} answered again {:.2} s after the kill, now served by {}",
+            failover.as_secs_f64(),
+            new_gateway.map_or("no gateway with a handshake (?)".into(), |j| format!(
+                "gw{j}"
+            ))
+        ));
+        if let Some(j) = new_gateway {
+            now_serving[i] = j;
+        }
+    }
+    let sent_at_reply: Vec<u32> = pingers.iter().map(Pinger::sent).collect();
+    // Pings still in flight need a moment to be answered or reported missing (ping reports a
+    // miss when it sends the next one, 0.2 s later).
+    let settled = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settled
+        && pingers
+            .iter()
+            .zip(&sent_at_reply)
+            .any(|(pinger, &sent)| pinger.sent() <= sent)
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+    for i in (0..pingers.len()).filter(|i| !moved.contains(i)) {
+        let window = sent_before[i] + 1..=sent_at_reply[i];
+        let lost = pingers[i].lost_between(*window.start(), *window.end());
+        let verdict = if lost.is_empty() {
+            format!("no ping lost of {}", window.count())
+        } else {
+            format!(
+                "lost {} of {} pings (icmp_seq {})",
+                lost.len(),
+                window.count(),
+                ranges(&lost)
+            )
+        };
+        narrator.say(format!("client {i} (on gw{}): {verdict}", serving[i]));
+    }
+    Ok(now_serving)
+}
+
 fn write_config(rig: &Rig) -> Result<PathBuf> {
+    let (api, agents) = agents::agents_config(rig, rig.temp_dir(), "demo", GATEWAYS)?;
     let mut config = format!(
-        "[metrics]\nlisten = \"{METRICS_ADDR}\"\n\n\
+        "[api]\n{api}\n[metrics]\nlisten = \"{METRICS_ADDR}\"\n\n\
          [[listener]]\nname = \"demo\"\nlisten = \"0.0.0.0:51820\"\nhash_key = \"source-ip-port\"\n"
     );
     for j in 0..GATEWAYS {
@@ -258,6 +321,7 @@ fn write_config(rig: &Rig) -> Result<PathBuf> {
             rig.gateway_health_port()
         ));
     }
+    config.push_str(&agents);
     let path = rig.temp_dir().join("wglb.toml");
     fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -346,9 +410,14 @@ fn ranges(seqs: &[u32]) -> String {
 }
 
 /// The balancer's metrics listen on loopback inside its namespace, so fetch them from there.
-fn fetch_metrics(ns: &Netns) -> Result<Vec<String>> {
+fn balancer_metrics(ns: &Netns) -> Result<String> {
     let address: SocketAddr = METRICS_ADDR.parse()?;
-    let text = ns.run(move || metrics::scrape(address))??;
+    ns.run(move || metrics::scrape(address))?
+}
+
+/// The balancer's nonzero `wglb_` samples.
+fn fetch_metrics(ns: &Netns) -> Result<Vec<String>> {
+    let text = balancer_metrics(ns)?;
     Ok(text
         .lines()
         .filter(|line| {
