@@ -142,8 +142,8 @@ fn main() -> Result<()> {
     let mut md = format!(
         "# Failover: a gateway dies under a live WireGuard session\n\nCommand: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb --bench failover`).\n\n\
          Machine: {}\n\n{CLIENTS} wireguard-go clients pinging through the balancer every 0.2 s, 2 gateways; the gateway of client 0 stops \
-         (WireGuard and `/health`). Failover: from its death to client 0's first reply through the other gateway; without help WireGuard's \
-         floor is 15 s (the client's own re-handshake); \"+ agents\": each gateway runs `wglb-agent`, and the new gateway calls the client. \
+         (WireGuard and `/health`). Failover: from its death to client 0's first reply through the other gateway (a reply counts from 0.3 s after the death, \
+         as one the dying gateway sent may still be on its way: no failover reads below 0.3 s); without help WireGuard's floor is 15 s (the client's own re-handshake); \"+ agents\": each gateway runs `wglb-agent`, and the new gateway calls the client. \
          Survivors: clients of the other gateway; disturbed: handshook again or moved. {trials} trials each; stranded = no reply within {} s.\n\n\
          | contender | failover per trial | median | survivors disturbed |\n|---|---|---|---|\n",
         machine(),

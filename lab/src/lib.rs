@@ -20,6 +20,7 @@ pub mod metrics;
 mod netns;
 mod ping;
 mod rig;
+pub mod swarm;
 mod wg;
 
 use std::path::Path;

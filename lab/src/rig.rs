@@ -555,6 +555,20 @@ impl Rig {
         Ok(())
     }
 
+    /// Adds peers without allowed IPs (they handshake, nothing is routed to them) to every
+    /// running gateway, in one `wg set` each: a swarm's clients.
+    pub fn add_gateway_peers(&self, public_keys: &[String]) -> Result<()> {
+        for gateway in self.gateways.iter().filter(|g| g.answering()) {
+            let mut set = gateway.ns.command("wg");
+            set.args(["set", &gateway.ifname]);
+            for key in public_keys {
+                set.args(["peer", key]);
+            }
+            cmd::run(&mut set)?;
+        }
+        Ok(())
+    }
+
     /// Removes a peer from gateway j.
     pub fn remove_gateway_peer(&self, j: usize, public_key: &str) -> Result<()> {
         let gateway = &self.gateways[j];

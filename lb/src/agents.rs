@@ -176,6 +176,12 @@ impl Agents {
         attached.keys.get(&endpoint).copied()
     }
 
+    /// Whether any gateway of `listener` has an agent attached: without one, no session of it
+    /// can be re-homed, and a datapath need not look.
+    pub fn any_attached(&self, listener: &str) -> bool {
+        self.lock().attached.keys().any(|(l, _)| l == listener)
+    }
+
     /// Whether `gateway` has an agent to take orders.
     pub fn takes_orders(&self, listener: &str, gateway: &str) -> bool {
         self.lock()

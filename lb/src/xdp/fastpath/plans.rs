@@ -91,7 +91,10 @@ impl FastPath {
         losing.extend(&gone);
         // Before the program stops keeping them: it would place their clients anew at their
         // next packet, with no handshake to bring them back.
-        let _ = self.rehome(index, &losing);
+        // Reading the session table is worth it only when some gateway can be ordered.
+        if self.agents.any_attached(&self.listeners[index].name) {
+            let _ = self.rehome(index, &losing);
+        }
         for slot_index in gone {
             lost_sessions = true;
             self.retire(slot_index)?;
