@@ -78,34 +78,43 @@ fn trial(contender: Contender) -> Result<Trial> {
         format!("{CLIENTS} clients to connect"),
         Duration::from_secs(60),
         || {
-            let connected = swarm.logs().iter().filter(|l| l.connected.is_some()).count();
+            let connected = swarm
+                .logs()
+                .iter()
+                .filter(|l| l.connected.is_some())
+                .count();
             Ok((connected == CLIENTS).then_some(()))
         },
     )?;
-    // Every agent has told the balancer of its gateway's clients.
+    // Every agent has told the balancer of its gateway's clients, and the balancer counts
+    // every session (under XDP, from its next sweep).
     wait_for(
-        "the agents to report every client",
+        "the agents to report every client, and the balancer to count it",
         Duration::from_secs(20),
         || {
-            let reported = metrics::sum(&running.wglb_metrics()?, "wglb_agent_peers{");
-            Ok((reported == Some(CLIENTS as f64)).then_some(()))
+            let text = running.wglb_metrics()?;
+            let reported = metrics::sum(&text, "wglb_agent_peers{");
+            let counted = metrics::sum(&text, "wglb_sessions{");
+            let all = Some(CLIENTS as f64);
+            Ok((reported == all && counted == all).then_some(()))
         },
     )?;
     let text = running.wglb_metrics()?;
     let sessions: Vec<f64> = (0..GATEWAYS)
-        .map(|j| {
-            metrics::sum(&text, &format!("wglb_sessions{{gateway=\"gw{j}\"")).unwrap_or(0.0)
-        })
+        .map(|j| metrics::sum(&text, &format!("wglb_sessions{{gateway=\"gw{j}\"")).unwrap_or(0.0))
         .collect();
     let victim = (0..GATEWAYS)
         .max_by(|&a, &b| sessions[a].total_cmp(&sessions[b]))
         .context("a gateway")?;
     let moved = sessions[victim] as usize;
+    ensure!(moved > 0, "no gateway holds a session: {sessions:?}");
     rig.stop_gateway(victim)?;
     let killed = SystemTime::now();
     let completed = |text: &str| {
         text.lines()
-            .filter(|l| l.starts_with("wglb_rehome_orders_total{") && l.contains("result=\"completed\""))
+            .filter(|l| {
+                l.starts_with("wglb_rehome_orders_total{") && l.contains("result=\"completed\"")
+            })
             .filter_map(metrics::sample_value)
             .sum::<f64>()
     };
@@ -207,7 +216,9 @@ fn main() -> Result<()> {
             }
         }
     };
-    let mut csv = String::from("contender,trial,moved,median_s,last_s,gateway,called,first_to_last_s,pacing_floor_s\n");
+    let mut csv = String::from(
+        "contender,trial,moved,median_s,last_s,gateway,called,first_to_last_s,pacing_floor_s\n",
+    );
     let mut md = format!(
         "# Re-homing {CLIENTS} clients at once\n\nCommand: `sudo bash scripts/bench.sh rehome` (runs `cargo bench -p wglb --bench rehome`).\n\n\
          Machine: {}\n\n{CLIENTS} WireGuard clients (boringtun handshakes, one process, one port each) on {GATEWAYS} wireguard-go gateways \

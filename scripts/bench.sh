@@ -7,8 +7,9 @@
 #   tunnel   iperf3 TCP inside wireguard-go tunnels, through wglb and directly
 #   failover time to recover from a gateway's death, wglb with and without gateway agents
 #            against nginx stream and nftables DNAT
+#   rehome   500 clients re-homed at once with gateway agents: time to the last, pacing
 #   scale    packets/s and memory with 1k, 100k and 1M live sessions
-# Results: benches/results/{rig,tunnel,failover,scale}.{csv,md} and rig.svg. About 25 minutes.
+# Results: benches/results/{rig,tunnel,failover,rehome,scale}.{csv,md} and rig.svg. About 30 minutes.
 # `bash scripts/bench.sh rig` runs one of them; WGLB_BENCH_QUICK=1 makes short runs.
 set -euo pipefail
 source "$(dirname "$0")/as-root.sh"
@@ -23,9 +24,9 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
 fi
 bash scripts/apt-install.sh nginx libnginx-mod-stream nftables iperf3
 source "$HOME/.cargo/env" 2>/dev/null || true
-# The failover benchmark runs the gateway agent (another package) next to wglb.
+# The failover and rehome benchmarks run the gateway agent (another package) next to wglb.
 cargo build --release --locked -p wglb-agent
-benches=("${@:-rig tunnel failover scale}")
+benches=("${@:-rig tunnel failover rehome scale}")
 for bench in ${benches[*]}; do
     echo "== $bench"
     cargo bench -p wglb --bench "$bench" 2> >(grep -v '^warning: wglb@' >&2)

@@ -57,7 +57,9 @@ impl Swarm {
             .collect();
         let public = secrets
             .iter()
-            .map(|s| base64::engine::general_purpose::STANDARD.encode(PublicKey::from(s).as_bytes()))
+            .map(|s| {
+                base64::engine::general_purpose::STANDARD.encode(PublicKey::from(s).as_bytes())
+            })
             .collect();
         (secrets, public)
     }
@@ -90,7 +92,9 @@ impl Swarm {
         })??;
         let public_keys = secrets
             .iter()
-            .map(|s| base64::engine::general_purpose::STANDARD.encode(PublicKey::from(s).as_bytes()))
+            .map(|s| {
+                base64::engine::general_purpose::STANDARD.encode(PublicKey::from(s).as_bytes())
+            })
             .collect();
         let clients: Vec<Client> = sockets
             .into_iter()
