@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use wglb_lab::bench::{self, machine, Run};
+use wglb_lab::bench::{self, machine};
 use wglb_lab::contender::{Contender, Setup};
 use wglb_lab::{Family, Rig, RigSpec};
 
@@ -127,16 +127,10 @@ fn trial(contender: Contender, agents: bool) -> Result<Trial> {
 }
 
 fn main() -> Result<()> {
-    let trials = match bench::begin()? {
-        Run::Listing => return Ok(()),
-        Run::Measure { quick } => {
-            if quick {
-                1
-            } else {
-                3
-            }
-        }
-    };
+    let trials = bench::begin()?.trials(3);
+    if trials == 0 {
+        return Ok(());
+    }
     let mut csv =
         String::from("contender,trial,failover_s,beyond_floor_s,survivors,survivors_disturbed\n");
     let mut md = format!(

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use wglb_lab::bench::{self, machine, Run};
+use wglb_lab::bench::{self, machine};
 use wglb_lab::contender::{Contender, Setup};
 use wglb_lab::swarm::Swarm;
 use wglb_lab::{agents, metrics, wait_for, Family, Rig, RigSpec};
@@ -206,16 +206,10 @@ fn sessions_by_client(wglb: &Path, api: &Path) -> Result<HashMap<SocketAddr, Str
 }
 
 fn main() -> Result<()> {
-    let trials = match bench::begin()? {
-        Run::Listing => return Ok(()),
-        Run::Measure { quick } => {
-            if quick {
-                1
-            } else {
-                3
-            }
-        }
-    };
+    let trials = bench::begin()?.trials(3);
+    if trials == 0 {
+        return Ok(());
+    }
     let mut csv = String::from(
         "contender,trial,moved,median_s,last_s,gateway,called,first_to_last_s,pacing_floor_s\n",
     );

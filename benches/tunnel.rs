@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use wglb_lab::bench::{self, machine, Run};
+use wglb_lab::bench::{self, machine};
 use wglb_lab::contender::{Contender, Setup};
 use wglb_lab::{Daemon, Family, Rig, RigSpec};
 
@@ -53,16 +53,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let rounds = match bench::begin()? {
-        Run::Listing => return Ok(()),
-        Run::Measure { quick } => {
-            if quick {
-                1
-            } else {
-                3
-            }
-        }
-    };
+    let rounds = bench::begin()?.trials(3);
+    if rounds == 0 {
+        return Ok(());
+    }
     let mut rig = Rig::new(RigSpec {
         balancers: 1,
         family: Family::V4,

@@ -16,6 +16,17 @@ pub enum Run {
     Measure { quick: bool },
 }
 
+impl Run {
+    /// How many trials a benchmark of `full` trials runs: one when quick, none when listing.
+    pub fn trials(&self, full: usize) -> usize {
+        match self {
+            Run::Listing => 0,
+            Run::Measure { quick: true } => 1,
+            Run::Measure { quick: false } => full,
+        }
+    }
+}
+
 /// Starts a benchmark: it needs root (namespaces, raw sockets, BPF).
 pub fn begin() -> Result<Run> {
     if std::env::args().any(|a| a == "--list") {

@@ -14,12 +14,11 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    config_text, first_reply, lost_since, ports_for, predicted_gateway, settled_handshakes,
-    Balancer, Datapath,
+    config_text, connect, first_reply, lost_since, ports_for, predicted_gateway,
+    settled_handshakes, Balancer, Datapath,
 };
 use wglb_lab::{agents, require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
-const HANDSHAKE: Duration = Duration::from_secs(20);
 /// Far below WireGuard's own 15 s re-handshake floor, which is what a moved client waits without
 /// an agent: only a handshake the new gateway starts brings it back this soon. (Measured times
 /// are printed; the target is 1 s median, 2 s at worst.)
@@ -77,15 +76,7 @@ impl Fleet {
         let config = config_with_agents(&rig, &listener, 3)?;
         let balancer = Balancer::start(&rig, &config, datapath)?;
         let agents = agents::start_agents(&rig, rig.temp_dir(), &agent_binary()?, 0..3)?;
-        let start = SystemTime::now();
-        let mut pingers = Vec::new();
-        for i in 0..wanted.len() {
-            rig.start_client(i)?;
-            pingers.push(rig.pinger(i)?);
-        }
-        for pinger in &pingers {
-            first_reply(pinger, start, HANDSHAKE)?;
-        }
+        let pingers = connect(&mut rig, 0..wanted.len())?;
         for (i, &j) in wanted.iter().enumerate() {
             ensure!(
                 rig.gateway_serving(i)? == Some(j),

@@ -15,12 +15,11 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    client_ip, config_text, first_reply, lost_since, ports_for, predicted_gateway,
+    client_ip, config_text, connect, first_reply, lost_since, ports_for, predicted_gateway,
     settled_handshakes, Balancer, Datapath,
 };
 use wglb_lab::{require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
-const HANDSHAKE: Duration = Duration::from_secs(20);
 const API_PORT: u16 = 7443;
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 /// The track script misses twice a second apart, then VRRP moves the address at once (the
@@ -222,15 +221,7 @@ impl Pair {
         wait_for("lb0 to take the floating address", VRRP_SWITCH * 2, || {
             Ok(holds_floating_address(&rig, 0)?.then_some(()))
         })?;
-        let start = SystemTime::now();
-        let mut pingers = Vec::new();
-        for i in 0..wanted.len() {
-            rig.start_client(i)?;
-            pingers.push(rig.pinger(i)?);
-        }
-        for pinger in &pingers {
-            first_reply(pinger, start, HANDSHAKE)?;
-        }
+        let pingers = connect(&mut rig, 0..wanted.len())?;
         for (i, &j) in wanted.iter().enumerate() {
             ensure!(
                 rig.gateway_serving(i)? == Some(j),

@@ -18,13 +18,11 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    config_text, first_reply, lost_since, ports_for, predicted_gateway, settled_handshakes,
-    Balancer, Datapath,
+    config_text, connect, first_reply, lost_since, ports_for, predicted_gateway,
+    settled_handshakes, Balancer, Datapath, HANDSHAKE,
 };
 use wglb_lab::{require_root, wait_for, Family, HealthEndpoint, Pinger, Rig, RigSpec};
 
-/// Longest wait for a first handshake through the balancer.
-const HANDSHAKE: Duration = Duration::from_secs(20);
 /// WireGuard's floor for a session that moves (a client re-handshakes 15 s after its data went
 /// unanswered) plus the 2 s the balancer may add.
 const FAILOVER_BOUND: Duration = Duration::from_secs(17);
@@ -41,19 +39,6 @@ fn rig(family: Family, gateways: usize, config: &str, wanted: &[usize]) -> Resul
 }
 
 /// Starts clients with a pinger each and waits until every one gets replies.
-fn connect(rig: &mut Rig, clients: std::ops::Range<usize>) -> Result<Vec<Pinger>> {
-    let start = SystemTime::now();
-    let mut pingers = Vec::new();
-    for i in clients {
-        rig.start_client(i)?;
-        pingers.push(rig.pinger(i)?);
-    }
-    for pinger in &pingers {
-        first_reply(pinger, start, HANDSHAKE)?;
-    }
-    Ok(pingers)
-}
-
 /// Sequence numbers answered in a pinger's window [from, now - in flight] that got no reply.
 fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
     let config = config_text(Family::V4, &["active", "active", "active"]);

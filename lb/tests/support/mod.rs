@@ -354,6 +354,23 @@ impl Drop for Balancer {
     }
 }
 
+/// Longest wait for a first handshake through the balancer.
+pub const HANDSHAKE: Duration = Duration::from_secs(20);
+
+/// Starts `clients` with a pinger each and waits until every one is answered.
+pub fn connect(rig: &mut Rig, clients: std::ops::Range<usize>) -> Result<Vec<wglb_lab::Pinger>> {
+    let start = std::time::SystemTime::now();
+    let mut pingers = Vec::new();
+    for i in clients {
+        rig.start_client(i)?;
+        pingers.push(rig.pinger(i)?);
+    }
+    for pinger in &pingers {
+        first_reply(pinger, start, HANDSHAKE)?;
+    }
+    Ok(pingers)
+}
+
 /// Waits for client i's first ping reply after `after`.
 pub fn first_reply(
     pinger: &wglb_lab::Pinger,
