@@ -62,7 +62,12 @@ async fn main() -> anyhow::Result<()> {
     let token = read_token_file(&args.token_file)
         .with_context(|| format!("cannot read {}", args.token_file.display()))?;
     let interface = Arc::new(Interface::new(&args.interface, args.backend)?);
-    let (reports, latest) = watch::channel(read(&interface).await);
+    let first = read(&interface).await;
+    if !first.interface_up {
+        // Balancers take no word from an agent about an interface it has never seen.
+        tracing::warn!(interface = %args.interface, "cannot read the interface yet: {}", first.detail);
+    }
+    let (reports, latest) = watch::channel(first);
     for address in &args.balancers {
         let target = wglb_proto::client::Target {
             address: address.clone(),
@@ -97,12 +102,27 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A failed read is tried once more this soon before the interface counts as gone: a gone
+/// interface makes the balancers take the gateway down at once, a passing hiccup must not.
+const RETRY_READ_AFTER: Duration = Duration::from_millis(50);
+
 /// The interface as a report: its peers, or that it is gone.
 async fn read(interface: &Arc<Interface>) -> PeerReport {
-    let interface = interface.clone();
-    let peers = tokio::task::spawn_blocking(move || interface.peers())
-        .await
-        .unwrap_or_else(|e| Err(anyhow::anyhow!("the reading task failed: {e}")));
+    let read_once = || {
+        let interface = interface.clone();
+        async move {
+            tokio::task::spawn_blocking(move || interface.peers())
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the reading task failed: {e}")))
+        }
+    };
+    let peers = match read_once().await {
+        Ok(peers) => Ok(peers),
+        Err(_) => {
+            tokio::time::sleep(RETRY_READ_AFTER).await;
+            read_once().await
+        }
+    };
     match peers {
         Ok(peers) => PeerReport {
             interface_up: true,

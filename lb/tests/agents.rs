@@ -270,8 +270,77 @@ on_every_datapath!(
     a_drained_gateways_clients_move_at_once,
 );
 
+/// An agent pointed at an interface its gateway does not have (or started before it) attaches
+/// and reports it gone, and the balancer takes no word from it: the gateway stays up.
+fn an_agent_that_never_saw_its_interface_takes_nothing_down(datapath: Datapath) -> Result<()> {
+    require_root()?;
+    let listener = config_text(Family::V4, &["active"]);
+    let rig = Rig::new(RigSpec {
+        balancers: 1,
+        family: Family::V4,
+        gateways: 1,
+        client_ports: Vec::new(),
+        keepalive: None,
+    })?;
+    let config = config_with_agents(&rig, &listener, 1)?;
+    let balancer = Balancer::start(&rig, &config, datapath)?;
+    let url = format!(
+        "http://{}",
+        std::net::SocketAddr::new(rig.balancer_seen_from_gateway(0), agents::AGENT_API_PORT)
+    );
+    let token = agents::agent_token(rig.temp_dir(), 0)?
+        .display()
+        .to_string();
+    let agent = Daemon::spawn(
+        rig.gateway_ns(0),
+        &agent_binary()?,
+        &[
+            "--interface",
+            "wg-nonexistent",
+            "--backend",
+            "userspace",
+            "--balancer",
+            &url,
+            "--token-file",
+            &token,
+        ],
+        &rig.temp_dir().join("agent-wrong.log"),
+    )?;
+    let attached = r#"wglb_agent_attached{gateway="gw0",listener="test"}"#;
+    balancer.wait_metric(&rig, attached, Duration::from_secs(10), |v| v == 1.0)?;
+    // Its report of the interface gone has reached the balancer (which logs each change).
+    wait_for("the agent's report", Duration::from_secs(10), || {
+        Ok(balancer
+            .log_text()
+            .contains("interface_up=false")
+            .then_some(()))
+    })?;
+    ensure!(
+        agent.log_text().contains("cannot read the interface yet"),
+        "{}",
+        agent.log_text()
+    );
+    let metrics = balancer.metrics(&rig)?;
+    ensure!(
+        !metrics.contains(r#"source="agent""#),
+        "the agent's word counted: {metrics}"
+    );
+    ensure!(
+        balancer.metric(
+            &rig,
+            r#"wglb_gateway_health{gateway="gw0",listener="test",state="up"}"#
+        )? == 1.0
+    );
+    Ok(())
+}
+
 // The agent's credentials are checked by the API, whatever the datapath.
 #[test]
 fn an_agent_without_a_valid_token_is_refused_userspace() -> Result<()> {
     an_agent_without_a_valid_token_is_refused(Datapath::Userspace)
+}
+
+#[test]
+fn an_agent_that_never_saw_its_interface_takes_nothing_down_userspace() -> Result<()> {
+    an_agent_that_never_saw_its_interface_takes_nothing_down(Datapath::Userspace)
 }

@@ -68,9 +68,13 @@ impl pb::gateway_agents_server::GatewayAgents for Api {
         let api = self.clone();
         tokio::spawn(async move {
             let mut up = None;
+            // Only an interface this agent has seen is evidence when it goes: an agent pointed
+            // at the wrong interface, or started before it, must not take its gateway down.
+            let mut seen_up = false;
             while let Some(Ok(message)) = messages.next().await {
                 match message.kind {
                     Some(pb::agent_message::Kind::Report(report)) => {
+                        seen_up |= report.interface_up;
                         // A gone interface has no peers to tell, but the keys it had are what
                         // its sessions are re-homed by: they stay.
                         if report.interface_up {
@@ -81,13 +85,16 @@ impl pb::gateway_agents_server::GatewayAgents for Api {
                             });
                             agents.report(&attachment, peers);
                         }
-                        // Every report refreshes the vote; a change is logged once.
+                        // Every report refreshes the vote (taken in before the next message);
+                        // a change is logged once, after.
+                        if seen_up {
+                            api.agent_vote(&attachment.listener, &attachment.gateway, &report)
+                                .await;
+                        }
                         if up != Some(report.interface_up) {
                             up = Some(report.interface_up);
                             tracing::info!(listener = %attachment.listener, gateway = %attachment.gateway, interface_up = report.interface_up, detail = %report.detail, "agent report");
                         }
-                        api.agent_vote(&attachment.listener, &attachment.gateway, &report)
-                            .await;
                     }
                     Some(pb::agent_message::Kind::Result(result)) => {
                         agents.answered(result.id, &result.error);
@@ -117,10 +124,15 @@ impl Api {
             },
             ttl: REPORT_TTL,
         };
-        let (reply, _) = tokio::sync::oneshot::channel();
-        let _ = self
+        let (reply, taken) = tokio::sync::oneshot::channel();
+        let sent = self
             .control()
             .send(ControlRequest::Report { observation, reply })
             .await;
+        if sent.is_ok() {
+            if let Ok(Err(why)) = taken.await {
+                tracing::warn!(%listener, %gateway, "an agent's report was refused: {why}");
+            }
+        }
     }
 }
