@@ -569,6 +569,37 @@ impl Rig {
         Ok(())
     }
 
+    /// Gives running client i a new key, as a device whose key is rotated: every running
+    /// gateway gets the new peer (with the client's tunnel address), while the old one stays
+    /// behind, as it does until Core removes it. The client's next packet handshakes with it.
+    pub fn rotate_client_key(&mut self, i: usize) -> Result<()> {
+        let key = Keypair::generate()?;
+        let key_file = self.temp.path.join(format!("c{i}-rotated.key"));
+        key.write_private(&key_file)?;
+        let client = &self.clients[i];
+        ensure!(client.wg.is_some(), "client {i} is not running");
+        cmd::run(
+            client
+                .ns
+                .command("wg")
+                .args(["set", &client.ifname, "private-key"])
+                .arg(&key_file),
+        )?;
+        for gateway in self.gateways.iter().filter(|g| g.answering()) {
+            cmd::run(gateway.ns.command("wg").args([
+                "set",
+                &gateway.ifname,
+                "peer",
+                &key.public,
+                "allowed-ips",
+                &client_tunnel_cidr(i, 32),
+            ]))?;
+        }
+        self.clients[i].public = key.public;
+        self.clients[i].key_file = key_file;
+        Ok(())
+    }
+
     /// Removes a peer from gateway j.
     pub fn remove_gateway_peer(&self, j: usize, public_key: &str) -> Result<()> {
         let gateway = &self.gateways[j];
@@ -657,9 +688,14 @@ impl Rig {
     /// Where gateway j last heard the client's peer from: the balancer's address and the port it
     /// relays the client's session from.
     pub fn gateway_endpoint_of(&self, j: usize, client: usize) -> Result<Option<SocketAddr>> {
+        self.gateway_peer_endpoint(j, &self.clients[client].public)
+    }
+
+    /// [`Rig::gateway_endpoint_of`] for a peer known by its key (one a client left behind).
+    pub fn gateway_peer_endpoint(&self, j: usize, public_key: &str) -> Result<Option<SocketAddr>> {
         let gateway = &self.gateways[j];
         ensure!(gateway.answering(), "gateway {j} is stopped or frozen");
-        wg::peer_endpoint(&gateway.ns, &gateway.ifname, &self.clients[client].public)
+        wg::peer_endpoint(&gateway.ns, &gateway.ifname, public_key)
     }
 
     /// The running gateway that handshook with the client most recently: the one the balancer

@@ -151,7 +151,15 @@ impl Agents {
         let slot = (attachment.listener.clone(), attachment.gateway.clone());
         if let Some(attached) = board.attached.get_mut(&slot) {
             if attached.stream == attachment.stream {
-                attached.keys = latest.into_iter().map(|(e, (k, _))| (e, k)).collect();
+                let keys: HashMap<SocketAddr, [u8; 32]> =
+                    latest.into_iter().map(|(e, (k, _))| (e, k)).collect();
+                for (path, key) in &keys {
+                    if attached.keys.get(path) != Some(key) {
+                        let key = crate::config::format_public_key(key);
+                        tracing::debug!(listener = %attachment.listener, gateway = %attachment.gateway, %path, %key, "the client key behind a path");
+                    }
+                }
+                attached.keys = keys;
                 self.metrics.set_agent_peers(
                     &attachment.listener,
                     &attachment.gateway,

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Context, Result};
 use support::{
     config_text, connect, first_reply, lost_since, ports_for, predicted_gateway,
-    settled_handshakes, Balancer, Datapath,
+    settled_handshakes, Balancer, Datapath, HANDSHAKE,
 };
 use wglb_lab::{agents, require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
@@ -234,6 +234,58 @@ fn a_drained_gateways_clients_move_at_once(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
+/// Client 0's device gets a new key (its old peer stays on the gateways, with the same path as
+/// its endpoint, until Core would remove it): the gateway's agent reports both, the balancer
+/// takes the key that handshook last, and when the gateway dies the client is called with its
+/// new key and answers. Had the stale key been taken, the new gateway's call would go unanswered
+/// and the client would wait out its own 15 s.
+fn a_rotated_key_moves_nobody_wrongly(datapath: Datapath) -> Result<()> {
+    let mut fleet = Fleet::start(datapath, Family::V4)?;
+    let old_key = fleet.rig.client_public_key(0).to_string();
+    fleet.rig.rotate_client_key(0)?;
+    let new_key = fleet.rig.client_public_key(0).to_string();
+    wait_for(
+        "gw0 to handshake with client 0's new key",
+        HANDSHAKE,
+        || Ok(fleet.rig.gateway_handshake_with(0, 0)?.map(|_| ())),
+    )?;
+    // The balancer logs the key it holds for a path when it changes.
+    wait_for(
+        "the balancer to hold client 0's new key",
+        Duration::from_secs(5),
+        || {
+            let log = fleet.balancer.log_text();
+            let held = log
+                .lines()
+                .any(|l| l.contains("the client key behind a path") && l.contains(&new_key));
+            Ok(held.then_some(()))
+        },
+    )?;
+    // The old peer is still there, at the same path: the stale entry the agent reports too.
+    let stale = fleet
+        .rig
+        .gateway_peer_endpoint(0, &old_key)?
+        .context("the old peer has no endpoint")?;
+    let current = fleet
+        .rig
+        .gateway_endpoint_of(0, 0)?
+        .context("no endpoint")?;
+    ensure!(
+        stale == current,
+        "old peer at {stale}, new one at {current}"
+    );
+    fleet.rig.stop_gateway(0)?;
+    let killed = SystemTime::now();
+    let back = first_reply(&fleet.pingers[0], killed, Duration::from_secs(40))?;
+    eprintln!("client 0 (rotated key) answered again {back:?} after gw0 died");
+    ensure!(
+        back <= CALLED_BACK,
+        "client 0 answered again only {back:?} after gw0 died: it was called with its stale key"
+    );
+    fleet.wait_orders_completed(2)?;
+    Ok(())
+}
+
 /// An agent with a token no `[[agent]]` holds is refused, and orders nothing.
 fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
     require_root()?;
@@ -268,6 +320,7 @@ on_every_datapath!(
     a_dead_gateways_clients_are_called_by_their_new_gateway,
     a_dead_gateways_ipv6_clients_are_called_by_their_new_gateway,
     a_drained_gateways_clients_move_at_once,
+    a_rotated_key_moves_nobody_wrongly,
 );
 
 /// An agent pointed at an interface its gateway does not have (or started before it) attaches
