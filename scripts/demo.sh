@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -p wglb -p wglb-lab -p wglb-agent
-exec target/release/wglb-lab demo --wglb target/release/wglb --agent target/release/wglb-agent
+exec target/release/wglb-lab demo --wglb target/release/wglb --agent target/release/wglb-agent \
+    --svg target/wglb-demo.svg

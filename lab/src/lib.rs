@@ -21,6 +21,7 @@ mod netns;
 mod ping;
 mod rig;
 pub mod swarm;
+pub mod timeline;
 mod wg;
 
 use std::path::Path;

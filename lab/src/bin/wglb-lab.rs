@@ -12,10 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use wglb_lab::{
-    agents, metrics, require_root, terminate, wait_for, Family, Netns, Pinger, Rig, RigSpec,
+    agents, metrics, require_root, terminate, timeline, wait_for, Family, Netns, Pinger, Rig,
+    RigSpec,
 };
 
-const USAGE: &str = "usage: wglb-lab demo [--wglb PATH] [--agent PATH]";
+const USAGE: &str = "usage: wglb-lab demo [--wglb PATH] [--agent PATH] [--svg PATH]";
 const GATEWAYS: usize = 3;
 const CLIENTS: u16 = 6;
 const FIRST_CLIENT_PORT: u16 = 41000;
@@ -43,10 +44,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// The executables the demo runs.
+/// The executables the demo runs, and where its picture goes.
 struct Programs {
     wglb: PathBuf,
     agent: PathBuf,
+    svg: PathBuf,
 }
 
 /// The executables to run, or `None` when help was asked for.
@@ -58,10 +60,12 @@ fn parse_args() -> Result<Option<Programs>> {
         _ => bail!(USAGE),
     }
     let (mut wglb, mut agent) = (None, None);
+    let mut svg = PathBuf::from("wglb-demo.svg");
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--wglb" => wglb = Some(PathBuf::from(args.next().context("--wglb needs a path")?)),
             "--agent" => agent = Some(PathBuf::from(args.next().context("--agent needs a path")?)),
+            "--svg" => svg = PathBuf::from(args.next().context("--svg needs a path")?),
             "-h" | "--help" => return Ok(None),
             _ => bail!("unexpected argument {arg:?}\n{USAGE}"),
         }
@@ -73,7 +77,7 @@ fn parse_args() -> Result<Option<Programs>> {
             .with_file_name("wglb"),
     };
     let agent = agent.unwrap_or_else(|| wglb.with_file_name("wglb-agent"));
-    Ok(Some(Programs { wglb, agent }))
+    Ok(Some(Programs { wglb, agent, svg }))
 }
 
 struct Narrator {
@@ -129,11 +133,15 @@ fn demo(programs: &Programs) -> Result<()> {
         balancer.log.display()
     ));
 
-    if let Err(error) = exercise(&mut rig, &mut balancer, &programs.agent, &narrator) {
+    if let Err(error) = exercise(&mut rig, &mut balancer, programs, &narrator) {
         balancer.report_failure();
         return Err(error);
     }
 
+    narrator.say(format!(
+        "every client's ping replies over time: {}",
+        programs.svg.display()
+    ));
     narrator.say("stopping the balancer (SIGTERM)");
     let status = balancer.stop()?;
     narrator.say(format!("balancer exited: {status}"));
@@ -147,9 +155,10 @@ fn demo(programs: &Programs) -> Result<()> {
 fn exercise(
     rig: &mut Rig,
     balancer: &mut Balancer,
-    agent: &Path,
+    programs: &Programs,
     narrator: &Narrator,
 ) -> Result<()> {
+    let started = SystemTime::now();
     let clients = usize::from(CLIENTS);
     for i in 0..clients {
         rig.start_client(i)?;
@@ -195,13 +204,14 @@ fn exercise(
 
     narrator.say("1. a gateway dies, with nothing but the balancer to help its clients");
     let victim = serving[0];
+    let mut events = vec![(SystemTime::now(), format!("gw{victim} killed, no agents"))];
     serving = fail_gateway(rig, balancer, &pingers, &serving, victim, narrator)?;
 
     narrator.say(
         "2. the same with gateway agents: wglb-agent beside each live gateway reports its peers",
     );
     let live: Vec<usize> = (0..GATEWAYS).filter(|&j| j != victim).collect();
-    let _agents = agents::start_agents(rig, rig.temp_dir(), agent, live.iter().copied())?;
+    let _agents = agents::start_agents(rig, rig.temp_dir(), &programs.agent, live.iter().copied())?;
     for &j in &live {
         let clients_of_j = serving.iter().filter(|&&g| g == j).count() as f64;
         let series = format!("wglb_agent_peers{{gateway=\"gw{j}\",listener=\"demo\"}}");
@@ -220,7 +230,24 @@ fn exercise(
         .iter()
         .max_by_key(|&&j| serving.iter().filter(|&&g| g == j).count())
         .context("a live gateway")?;
+    events.push((SystemTime::now(), format!("gw{second} killed, with agents")));
     fail_gateway(rig, balancer, &pingers, &serving, second, narrator)?;
+
+    let rows: Vec<timeline::Row> = pingers
+        .iter()
+        .enumerate()
+        .map(|(i, pinger)| timeline::Row {
+            name: format!("client {i}"),
+            replies: pinger.replies().into_iter().map(|(at, _)| at).collect(),
+        })
+        .collect();
+    timeline::write_svg(
+        &programs.svg,
+        "ping replies through wglb: a gateway killed without agents, then one with",
+        started,
+        &rows,
+        &events,
+    )?;
 
     match fetch_metrics(rig.balancer_ns()) {
         Ok(lines) => {
