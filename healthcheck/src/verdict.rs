@@ -7,6 +7,10 @@
 //!   outage (which turns every gateway's `/health` 503) does not become a VPN outage;
 //! - otherwise it is **up**.
 //!
+//! Why the data-plane probes are required and `/health` is not: Defguard gateways 2.0.2 and later
+//! purge their WireGuard interface once Core has been gone for a grace period (30 s in 2.0.4)
+//! while `/health` goes on answering 503; only the port and handshake probes see that.
+//!
 //! Balancers get "healthy" for up and degraded, and the detail says which.
 
 use crate::config::Role;

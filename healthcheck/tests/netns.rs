@@ -353,6 +353,48 @@ fn core_detached_with_a_working_data_plane_stays_in_service_as_degraded() -> Res
     Ok(())
 }
 
+/// Defguard gateways 2.0.2 and later purge their WireGuard interface once Core's stream has been
+/// gone for a grace period (30 s in 2.0.4). A Core outage turns every `/health` 503 (degraded,
+/// in service); then one gateway purges its interface while its `/health` goes on answering 503:
+/// the data-plane probes take it out and its client moves, while the others stay in service.
+#[test]
+fn a_gateway_that_purges_its_interface_after_core_left_is_taken_out() -> Result<()> {
+    let mut setup = Setup::start("")?;
+    let (pinger, j) = setup.connect()?;
+    for k in 0..GATEWAYS {
+        setup
+            .rig
+            .set_gateway_health(k, HealthEndpoint::CoreDetached);
+    }
+    wait_for(
+        "the sidecar to call every gateway degraded",
+        Duration::from_secs(8),
+        || {
+            let log = setup.sidecar.log_text();
+            let all = (0..GATEWAYS).all(|k| {
+                log.contains(&format!(
+                    "gateway=gw{k} verdict=degraded detail=degraded: Core detached"
+                ))
+            });
+            Ok(all.then_some(()))
+        },
+    )
+    .with_context(|| tail(&setup.sidecar.log_text()))?;
+    setup.rig.stop_gateway_wireguard(j)?;
+    let purged = SystemTime::now();
+    setup.wait_metric(&setup.health(j, "down"), EJECTION, |v| v == 1.0)?;
+    pinger.wait_reply_after(purged + Duration::from_secs(1), Duration::from_secs(30))?;
+    let now = setup.rig.gateway_serving(0)?;
+    ensure!(now.is_some() && now != Some(j), "the client is on {now:?}");
+    for k in (0..GATEWAYS).filter(|&k| k != j) {
+        ensure!(
+            setup.metric(&setup.health(k, "up"))? == 1.0,
+            "gw{k} left service with Core gone"
+        );
+    }
+    Ok(())
+}
+
 /// A stand-in for Defguard Core's REST API: the two listings the sidecar reads, in Core's JSON
 /// shapes, behind a bearer token. The test changes the gateways it lists.
 struct CoreStandIn {
