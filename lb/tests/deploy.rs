@@ -171,7 +171,14 @@ fn the_compose_file_follows_the_compose_specification() -> Result<()> {
     // wglb stands where Envoy stood, in front of both gateways.
     let document = &yaml_documents(&compose)?[0];
     let wglb = &document["services"]["wglb"];
-    ensure!(wglb["ports"][0] == "50051:50051/udp", "{wglb}");
+    // On the location's port, as Defguard 2.x's HA example publishes it.
+    ensure!(wglb["ports"][0] == "51820:51820/udp", "{wglb}");
+    // 2.x's Core: adoption, no secrets it no longer reads.
+    let core = &document["services"]["core"]["environment"];
+    ensure!(core["DEFGUARD_ADOPT_GATEWAY"] == "gateway1:50066", "{core}");
+    for gone in ["DEFGUARD_SECRET_KEY", "DEFGUARD_GATEWAY_SECRET", "DEFGUARD_AUTH_SECRET"] {
+        ensure!(core.get(gone).is_none(), "{gone} is set: {core}");
+    }
     for (gateway, agent) in [("gateway1", "agent1"), ("gateway2", "agent2")] {
         ensure!(document["services"][gateway]["environment"]["HEALTH_PORT"] == 55003);
         // Each gateway's agent lives in its network namespace, with NET_ADMIN and nothing else.
