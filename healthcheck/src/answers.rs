@@ -111,6 +111,7 @@ mod tests {
             name: name.into(),
             public_key: None,
             mfa: false,
+            core_id: Some(1),
             gateways: gateways
                 .iter()
                 .enumerate()

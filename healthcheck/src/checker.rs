@@ -12,6 +12,7 @@ use crate::handshake::probe_handshake;
 use crate::http::probe_http;
 use crate::metrics::Metrics;
 use crate::port::{probe_port, PortState};
+use crate::registration::location_key;
 use crate::verdict::{GatewayHealth, Probe, Verdict};
 
 /// What the checkers tell the reporters.
@@ -71,6 +72,14 @@ pub fn spawn_gateway_checker(
     let mut health = GatewayHealth::new(&roles, probes.rise, probes.fall);
     let mut handshake_rtt = None;
     let (public_key, mfa) = (location.public_key, location.mfa);
+    // A Core location's probe peer is its own network device, which Core pushes to the gateways
+    // a moment after the sidecar registers it: until the handshake has worked once, its failures
+    // say nothing about the gateway.
+    let probe_key = match location.core_id {
+        Some(id) => probes.private_key.as_ref().map(|key| location_key(key, id)),
+        None => probes.private_key.clone(),
+    };
+    let mut handshake_proven = location.core_id.is_none();
     let location = location.name.clone();
     let gateway = gateway.clone();
     tokio::spawn(async move {
@@ -86,7 +95,7 @@ pub fn spawn_gateway_checker(
                     .any(|(p, role)| *p == probe && *role != Role::Off)
             };
             let handshake = timed(async {
-                match (&probes.private_key, public_key) {
+                match (&probe_key, public_key) {
                     (Some(key), Some(public)) if on(Probe::Handshake) => {
                         Some(probe_handshake(gateway.address, key, &public, probes.timeout).await)
                     }
@@ -120,6 +129,7 @@ pub fn spawn_gateway_checker(
                 tokio::join!(handshake, port, http);
             if let Some(Ok(done)) = &handshake {
                 handshake_rtt = Some(done.rtt);
+                handshake_proven = true;
             }
             let handshake = handshake.map(|result| {
                 result
@@ -142,6 +152,9 @@ pub fn spawn_gateway_checker(
                     metrics.probe(&location, &gateway.name, probe, result.is_ok(), took);
                     if let Err(why) = &result {
                         tracing::debug!(%location, gateway = %gateway.name, probe = probe.as_str(), "probe failed: {why}");
+                    }
+                    if probe == Probe::Handshake && !handshake_proven {
+                        continue;
                     }
                     health.record(probe, result);
                 }

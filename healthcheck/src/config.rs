@@ -89,6 +89,9 @@ pub struct Location {
     /// preshared key made for it), so the handshake probe cannot work there and does not run.
     pub mfa: bool,
     pub gateways: Vec<Gateway>,
+    /// Defguard Core's id for it; `None` for a location from the file only. Core's locations get
+    /// a probe key of their own, registered as a network device (`crate::registration`).
+    pub core_id: Option<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -325,6 +328,7 @@ impl Config {
                 public_key,
                 mfa: raw_location.mfa,
                 gateways,
+                core_id: None,
             });
         }
         let core = match raw.core {

@@ -127,6 +127,7 @@ impl Discovery {
                     public_key,
                     mfa,
                     gateways: Vec::new(),
+                    core_id: Some(network.id),
                 },
             );
         }

@@ -11,8 +11,9 @@
 //! [`thresholds`] turns results into a state that needs several in a row to change, and
 //! [`verdict`] combines a gateway's probes into one verdict by a documented policy. The sidecar
 //! binary runs a [`checker`] per gateway and a [`report`]er per balancer, as its [`config`] says,
-//! and with Core's API follows its gateway list ([`discovery`]) into the balancers' [`pools`];
-//! it serves the [`topology`] it sees over gRPC.
+//! and with Core's API follows its gateway list ([`discovery`]) into the balancers' [`pools`]
+//! and registers its probe peer as a network device of each location ([`registration`]); it
+//! serves the [`topology`] it sees over gRPC.
 
 pub mod answers;
 pub mod checker;
@@ -24,6 +25,7 @@ pub mod http;
 pub mod metrics;
 pub mod pools;
 pub mod port;
+pub mod registration;
 pub mod report;
 pub mod thresholds;
 pub mod topology;

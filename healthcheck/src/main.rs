@@ -2,7 +2,7 @@
 //! `[core]` section, of every location Defguard Core lists) and reports a verdict per gateway to
 //! one or more `wglb` balancers, whose pools it keeps in step with Core's list.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use boringtun::x25519::{PublicKey, StaticSecret};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
@@ -21,6 +22,7 @@ use wglb_healthcheck::discovery::Discovery;
 use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
 use wglb_healthcheck::metrics::Metrics;
 use wglb_healthcheck::pools::{sync_pools, Synced};
+use wglb_healthcheck::registration::{location_key, Registered, Registration};
 use wglb_healthcheck::report::{run_reporter, Latest};
 use wglb_healthcheck::topology::{poll_balancer, Topology, TopologyService};
 use wglb_proto::client::{read_token_file, Target};
@@ -164,6 +166,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     checkers.reconcile(&config.locations).await;
     tracing::info!(source = %config.source, gateways = checkers.running.len(), balancers = targets.len(), "probing");
     let discovery = config.core.clone().map(Discovery::new).transpose()?;
+    let registration = config
+        .core
+        .clone()
+        .map(|core| Registration::new(core, &config.source))
+        .transpose()?;
+    // Core locations whose probe peer is a network device (found or added by this process).
+    let mut registered: HashSet<i64> = HashSet::new();
     let mut poll = tokio::time::interval(
         config
             .core
@@ -212,6 +221,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 };
                 match answers.answer(found) {
                     Verdict::Accept => {
+                        if let (Some(registration), Some(probe)) = (&registration, &probes.private_key) {
+                            register(registration, probe, answers.accepted(), &mut registered).await;
+                        }
                         checkers.reconcile(&merge(&config.locations, answers.accepted())).await;
                     }
                     Verdict::Hold { location, dropped, had, seen } => {
@@ -230,6 +242,35 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ready.store(false, Ordering::Relaxed);
     notify_systemd(&[NotifyState::Stopping]);
     Ok(())
+}
+
+/// Makes each Core location's probe key (MFA locations run no handshake probe) a network device
+/// of the location, once per location and process; a failure is retried at the next poll.
+async fn register(
+    registration: &Registration,
+    probe: &StaticSecret,
+    locations: &[Location],
+    registered: &mut HashSet<i64>,
+) {
+    for location in locations.iter().filter(|l| !l.mfa) {
+        let Some(id) = location.core_id.filter(|id| !registered.contains(id)) else {
+            continue;
+        };
+        let key = PublicKey::from(&location_key(probe, id));
+        match registration.ensure(id, &location.name, &key).await {
+            Ok(Registered::Found(device)) => {
+                tracing::info!(location = %location.name, device, "the probe peer is a network device of the location in Core");
+                registered.insert(id);
+            }
+            Ok(Registered::Added) => {
+                tracing::info!(location = %location.name, "added the probe peer to the location as a network device: Core pushes it to every gateway");
+                registered.insert(id);
+            }
+            Err(e) => {
+                tracing::warn!(location = %location.name, "cannot register the probe peer in Core, retried at the next poll: {e:#}");
+            }
+        }
+    }
 }
 
 /// The gateways being probed, by location and name.
@@ -305,6 +346,7 @@ fn merge(file: &[Location], core: &[Location]) -> Vec<Location> {
             Some(known) => {
                 known.public_key = known.public_key.or(location.public_key);
                 known.mfa |= location.mfa;
+                known.core_id = known.core_id.or(location.core_id);
                 for gateway in &location.gateways {
                     if !known.gateways.iter().any(|g| g.name == gateway.name) {
                         known.gateways.push(gateway.clone());

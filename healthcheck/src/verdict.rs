@@ -118,16 +118,19 @@ impl GatewayHealth {
     }
 
     /// The verdict and what it rests on; `None` until every probe's state is backed by a result
-    /// (a sidecar started in front of a dead gateway must not report it up meanwhile).
+    /// (a sidecar started in front of a dead gateway must not report it up meanwhile), unless a
+    /// required probe already fails: that decides whatever the others will say.
     pub fn verdict(&self) -> Option<(Verdict, String)> {
-        if self.probes.iter().any(|s| s.detail.is_empty()) {
-            return None;
-        }
         let failing = |role: Role| {
             self.probes
                 .iter()
-                .filter(move |s| s.role == role && !s.thresholds.healthy())
+                .filter(move |s| s.role == role && !s.detail.is_empty() && !s.thresholds.healthy())
         };
+        if self.probes.iter().any(|s| s.detail.is_empty())
+            && failing(Role::Required).next().is_none()
+        {
+            return None;
+        }
         let verdict = if failing(Role::Required).next().is_some() {
             Verdict::Down
         } else if failing(Role::Advisory).next().is_some() {
@@ -200,6 +203,19 @@ mod tests {
         assert_eq!(g.verdict(), None);
         g.record(Probe::Port, Err("refused".into()));
         assert_eq!(g.verdict().unwrap().0, Verdict::Down);
+    }
+
+    #[test]
+    fn a_failing_required_probe_decides_before_the_others_have_results() {
+        let mut g = gateway();
+        // The handshake has said nothing yet (a probe peer not yet on the gateways).
+        g.record(Probe::Port, Err("port unreachable".into()));
+        assert_eq!(g.verdict().map(|(v, _)| v), Some(Verdict::Down));
+        // A passing one does not: the handshake may still fail.
+        let mut g = gateway();
+        g.record(Probe::Port, Ok("not refused".into()));
+        g.record(Probe::Health, Ok("200".into()));
+        assert_eq!(g.verdict(), None);
     }
 
     #[test]

@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
+use base64::Engine;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use wglb_healthcheck::registration::location_key;
 use wglb_lab::{
     metrics, require_root, wait_for, Daemon, Family, HealthEndpoint, Keypair, Rig, RigSpec,
 };
@@ -118,17 +121,7 @@ impl Setup {
             ],
             &dir.join("wglb.log"),
         )?;
-        let sidecar = Daemon::spawn(
-            rig.balancer_ns(),
-            Path::new(env!("CARGO_BIN_EXE_wglb-healthcheck")),
-            &[
-                "--log",
-                "wglb_healthcheck=debug",
-                "--config",
-                &path(&dir, "healthcheck.toml"),
-            ],
-            &dir.join("healthcheck.log"),
-        )?;
+        let sidecar = spawn_sidecar(&rig)?;
         let setup = Setup {
             rig,
             balancer,
@@ -141,6 +134,14 @@ impl Setup {
             Ok(setup.scrape(METRICS).ok())
         })?;
         Ok(setup)
+    }
+
+    /// Stops the sidecar (SIGTERM) and starts it again with the same configuration; its log
+    /// goes on in the same file.
+    fn restart_sidecar(&mut self) -> Result<()> {
+        let stopped = std::mem::replace(&mut self.sidecar, spawn_sidecar(&self.rig)?);
+        drop(stopped);
+        Ok(())
     }
 
     /// The balancer's series `prefix`; an error when it has none.
@@ -191,6 +192,21 @@ impl Setup {
             .context("no gateway serves the client")?;
         Ok((pinger, j))
     }
+}
+
+fn spawn_sidecar(rig: &Rig) -> Result<Daemon> {
+    let dir = rig.temp_dir();
+    Daemon::spawn(
+        rig.balancer_ns(),
+        Path::new(env!("CARGO_BIN_EXE_wglb-healthcheck")),
+        &[
+            "--log",
+            "wglb_healthcheck=debug",
+            "--config",
+            &path(dir, "healthcheck.toml"),
+        ],
+        &dir.join("healthcheck.log"),
+    )
 }
 
 fn path(dir: &Path, file: &str) -> String {
@@ -399,21 +415,34 @@ fn a_gateway_that_purges_its_interface_after_core_left_is_taken_out() -> Result<
 /// shapes, behind a bearer token. The test changes the gateways it lists.
 struct CoreStandIn {
     gateways: Arc<Mutex<String>>,
+    /// The bodies of `POST /api/v1/device/network`, in order.
+    posted: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 const CORE: &str = "127.0.0.1:8000";
 const CORE_TOKEN: &str = "core-api-token";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/defguard-2.0.1");
 
 impl CoreStandIn {
-    /// Location 1, "office", in MFA mode `mfa` ("disabled", "internal" or "external").
+    /// Location 1, "office", in MFA mode `mfa` ("disabled", "internal" or "external"). Network
+    /// devices are answered in Defguard 2.0.1's shapes (the fixtures), and a device posted is
+    /// listed from then on.
     fn start(rig: &Rig, mfa: &str) -> Result<CoreStandIn> {
         let networks = format!(
             r#"[{{"id":1,"name":"office","address":["10.99.0.1/24"],"port":51820,"pubkey":"{}","endpoint":"vpn.example.com","location_mfa_mode":"{mfa}"}}]"#,
             rig.gateway_public_key()
         );
+        let fixture = |file: &str| std::fs::read_to_string(format!("{FIXTURES}/{file}"));
+        let (list, free, added) = (
+            fixture("device_network_list.json")?,
+            fixture("device_network_ip.json")?,
+            fixture("device_network_add.json")?,
+        );
+        let list: serde_json::Value = serde_json::from_str(&list)?;
         let gateways = Arc::new(Mutex::new("[]".to_string()));
+        let posted: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         let listener = rig.balancer_ns().run(|| TcpListener::bind(CORE))??;
-        let serving = gateways.clone();
+        let (serving, devices) = (gateways.clone(), posted.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
@@ -424,6 +453,7 @@ impl CoreStandIn {
                 let mut request = String::new();
                 let _ = reader.read_line(&mut request);
                 let mut authorized = false;
+                let mut length = 0;
                 loop {
                     let mut header = String::new();
                     if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
@@ -432,11 +462,53 @@ impl CoreStandIn {
                     authorized |= header
                         .trim()
                         .eq_ignore_ascii_case(&format!("authorization: Bearer {CORE_TOKEN}"));
+                    if let Some((name, value)) = header.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
                 }
-                let (status, body) = match request.split_whitespace().nth(1) {
+                let mut body = vec![0u8; length];
+                let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                let mut words = request.split_whitespace();
+                let (method, target) = (words.next(), words.next());
+                let (status, body) = match (method, target) {
                     _ if !authorized => ("401 Unauthorized", "{}".to_string()),
-                    Some("/api/v1/network") => ("200 OK", networks.clone()),
-                    Some("/api/v1/gateway") => ("200 OK", serving.lock().unwrap().clone()),
+                    (Some("GET"), Some("/api/v1/network")) => ("200 OK", networks.clone()),
+                    (Some("GET"), Some("/api/v1/gateway")) => {
+                        ("200 OK", serving.lock().unwrap().clone())
+                    }
+                    (Some("GET"), Some(t)) if t.starts_with("/api/v1/device/network?") => {
+                        // The fixture's page, listing the devices posted so far.
+                        let template = &list["data"][0];
+                        let data: Vec<serde_json::Value> = devices
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .enumerate()
+                            .map(|(i, posted)| {
+                                let mut device = template.clone();
+                                device["id"] = (i + 7).into();
+                                device["name"] = posted["name"].clone();
+                                device["wireguard_pubkey"] = posted["wireguard_pubkey"].clone();
+                                device
+                            })
+                            .collect();
+                        let mut page = list.clone();
+                        page["pagination"]["total_items"] = data.len().into();
+                        page["data"] = data.into();
+                        ("200 OK", page.to_string())
+                    }
+                    (Some("GET"), Some("/api/v1/device/network/ip/1")) => ("200 OK", free.clone()),
+                    (Some("POST"), Some("/api/v1/device/network")) => {
+                        match serde_json::from_slice::<serde_json::Value>(&body) {
+                            Ok(device) => {
+                                devices.lock().unwrap().push(device);
+                                ("201 Created", added.clone())
+                            }
+                            Err(_) => ("400 Bad Request", "{}".to_string()),
+                        }
+                    }
                     _ => ("404 Not Found", "{}".to_string()),
                 };
                 let _ = write!(
@@ -446,7 +518,7 @@ impl CoreStandIn {
                 );
             }
         });
-        Ok(CoreStandIn { gateways })
+        Ok(CoreStandIn { gateways, posted })
     }
 
     /// Core's gateway rows: gateways adopted into location 1, by name and address.
@@ -462,6 +534,27 @@ impl CoreStandIn {
             })
             .collect();
         *self.gateways.lock().unwrap() = format!("[{}]", rows.join(","));
+    }
+
+    /// The network devices posted so far.
+    fn posted(&self) -> Vec<serde_json::Value> {
+        self.posted.lock().unwrap().clone()
+    }
+
+    /// Waits for the sidecar to register its probe peer, then does what Core does with a new
+    /// network device: puts it on every gateway of the location. Returns the posted device.
+    fn push_registered_device(&self, rig: &Rig) -> Result<serde_json::Value> {
+        let device = wait_for(
+            "the sidecar to register its probe peer",
+            Duration::from_secs(10),
+            || Ok(self.posted().into_iter().next()),
+        )?;
+        let key = device["wireguard_pubkey"]
+            .as_str()
+            .context("a key")?
+            .to_string();
+        rig.add_gateway_peer(&key)?;
+        Ok(device)
     }
 }
 
@@ -488,7 +581,22 @@ fn with_core(probes: &str, mfa: &str) -> Result<(Setup, CoreStandIn)> {
 #[test]
 fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
     // The balancer's file has gw0 only; Core lists gw0 and has adopted gw1.
-    let (setup, core) = with_core("", "disabled")?;
+    let (mut setup, core) = with_core("", "disabled")?;
+    // The sidecar registers the probe peer of location 1 as a network device, as Core 2.0.1
+    // takes it, with the key derived for that location and the address Core offered.
+    let device = core.push_registered_device(&setup.rig)?;
+    let probe = base64::engine::general_purpose::STANDARD.decode(&setup.probe.private)?;
+    let probe = StaticSecret::from(<[u8; 32]>::try_from(probe.as_slice())?);
+    let key = PublicKey::from(&location_key(&probe, 1));
+    let key = base64::engine::general_purpose::STANDARD.encode(key.as_bytes());
+    ensure!(device["wireguard_pubkey"] == key.as_str(), "{device}");
+    ensure!(device["location_id"] == 1, "{device}");
+    ensure!(
+        device["assigned_ips"] == serde_json::json!(["10.99.0.3"]),
+        "{device}"
+    );
+    ensure!(device["name"] == "wglb-probe-hc-test", "{device}");
+    ensure!(device["description"].is_string(), "{device}");
     let state = |j: usize, state: &str| {
         format!(r#"wglb_gateway_admin_state{{gateway="gw{j}",listener="office",state="{state}"}}"#)
     };
@@ -545,6 +653,20 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
         "drained before the answer was confirmed: {}",
         tail(&log)
     );
+    // A restarted sidecar finds its device again and adds none.
+    core.serve_gateways(&[("gw0", setup.rig.gateway_addr(0).ip())]);
+    setup.restart_sidecar()?;
+    wait_for(
+        "the restarted sidecar to find its device",
+        Duration::from_secs(10),
+        || {
+            let log = setup.sidecar.log_text();
+            Ok(log
+                .contains("the probe peer is a network device of the location in Core")
+                .then_some(()))
+        },
+    )?;
+    ensure!(core.posted().len() == 1, "{:?}", core.posted());
     Ok(())
 }
 
@@ -553,7 +675,7 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
 /// the port probe and `/health` keep the gateways in service, and the log says why.
 #[test]
 fn an_mfa_locations_gateways_are_judged_without_the_handshake_probe() -> Result<()> {
-    let (setup, _core) = with_core("handshake = \"required\"", "internal")?;
+    let (setup, core) = with_core("handshake = \"required\"", "internal")?;
     for j in 0..GATEWAYS {
         setup.rig.remove_gateway_peer(j, &setup.probe.public)?;
     }
@@ -592,6 +714,10 @@ fn an_mfa_locations_gateways_are_judged_without_the_handshake_probe() -> Result<
         log.contains("probing an MFA location: no handshake probe"),
         "{}",
         tail(&log)
+    );
+    ensure!(
+        core.posted().is_empty(),
+        "a probe peer registered in an MFA location"
     );
     Ok(())
 }

@@ -176,7 +176,11 @@ fn the_compose_file_follows_the_compose_specification() -> Result<()> {
     // 2.x's Core: adoption, no secrets it no longer reads.
     let core = &document["services"]["core"]["environment"];
     ensure!(core["DEFGUARD_ADOPT_GATEWAY"] == "gateway1:50066", "{core}");
-    for gone in ["DEFGUARD_SECRET_KEY", "DEFGUARD_GATEWAY_SECRET", "DEFGUARD_AUTH_SECRET"] {
+    for gone in [
+        "DEFGUARD_SECRET_KEY",
+        "DEFGUARD_GATEWAY_SECRET",
+        "DEFGUARD_AUTH_SECRET",
+    ] {
         ensure!(core.get(gone).is_none(), "{gone} is set: {core}");
     }
     for (gateway, agent) in [("gateway1", "agent1"), ("gateway2", "agent2")] {
