@@ -120,6 +120,7 @@ mod tests {
                     address: format!("10.0.0.{}:51820", i + 1).parse().unwrap(),
                     health_port: None,
                     core_id: None,
+                    core_connected: None,
                 })
                 .collect(),
         }

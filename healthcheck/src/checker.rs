@@ -1,6 +1,7 @@
 //! Probes one gateway forever: every interval, all its probes at once, then its verdict.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,9 +44,34 @@ pub struct Report {
     pub mfa: bool,
 }
 
+/// Core's latest word on its stream to a gateway, as the last answer of its gateway list had it:
+/// discovery writes it, the gateway's checker reads it every round (the `core` probe).
+#[derive(Debug, Default)]
+pub struct CoreView(AtomicU8);
+
+impl CoreView {
+    pub fn set(&self, connected: Option<bool>) {
+        let value = match connected {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+}
+
 pub fn spawn_gateway_checker(
     location: &Location,
     gateway: &Gateway,
+    core_view: Arc<CoreView>,
     probes: Arc<Probes>,
     updates: mpsc::Sender<Update>,
     metrics: Metrics,
@@ -64,6 +90,15 @@ pub fn spawn_gateway_checker(
             Probe::Health,
             if gateway.health_port.is_some() {
                 probes.health
+            } else {
+                Role::Off
+            },
+        ),
+        // What `/health` would have said, for a gateway Core lists without a health port.
+        (
+            Probe::Core,
+            if gateway.health_port.is_none() && gateway.core_id.is_some() {
+                probes.core
             } else {
                 Role::Off
             },
@@ -127,6 +162,16 @@ pub fn spawn_gateway_checker(
             });
             let ((handshake, handshake_took), (port, port_took), (http, http_took)) =
                 tokio::join!(handshake, port, http);
+            let core = core_view
+                .get()
+                .filter(|_| on(Probe::Core))
+                .map(|connected| {
+                    if connected {
+                        Ok("Core has its stream to the gateway".to_string())
+                    } else {
+                        Err("Core reports no stream to the gateway".to_string())
+                    }
+                });
             if let Some(Ok(done)) = &handshake {
                 handshake_rtt = Some(done.rtt);
                 handshake_proven = true;
@@ -147,6 +192,7 @@ pub fn spawn_gateway_checker(
                 (Probe::Handshake, handshake, handshake_took),
                 (Probe::Port, port, port_took),
                 (Probe::Health, http, http_took),
+                (Probe::Core, core, Duration::ZERO),
             ] {
                 if let Some(result) = result {
                     metrics.probe(&location, &gateway.name, probe, result.is_ok(), took);
@@ -169,7 +215,9 @@ pub fn spawn_gateway_checker(
                 core_id: gateway.core_id,
                 verdict,
                 detail,
-                core_attached: health.passing(Probe::Health),
+                core_attached: health
+                    .passing(Probe::Health)
+                    .or(health.passing(Probe::Core)),
                 data_plane_up: [Probe::Handshake, Probe::Port]
                     .into_iter()
                     .all(|p| health.passing(p) != Some(false)),

@@ -1,6 +1,7 @@
 //! The sidecar's configuration file: what to probe (locations and their gateways), how, and which
 //! balancers to report to. A mistake is refused with the file's line and the field.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,9 @@ pub struct Core {
     /// How many answers in a row must agree before one that drops most of a location's gateways
     /// at once is acted on (`crate::answers`).
     pub confirm_drops: u32,
+    /// Gateways (by Core's name) whose WireGuard endpoint is not the address Core dials their
+    /// gRPC at (a management address, a name of another network).
+    pub endpoints: BTreeMap<String, SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -66,6 +70,9 @@ pub struct Probes {
     pub port: Role,
     /// Defguard's `GET /health` (on gateways that have a health port).
     pub health: Role,
+    /// Core's `connected` for gateways Core lists that have no health port: what `/health`
+    /// would have said.
+    pub core: Role,
     pub health_path: String,
     /// The probe peer's private key; its public key must be a peer on every gateway.
     pub private_key: Option<StaticSecret>,
@@ -101,6 +108,9 @@ pub struct Gateway {
     pub health_port: Option<u16>,
     /// Defguard Core's id for it; `None` for a gateway from the file.
     pub core_id: Option<i64>,
+    /// Whether Core had its stream to the gateway at its latest answer; `None` when Core did
+    /// not say (a gateway from the file).
+    pub core_connected: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +144,7 @@ struct RawCore {
     /// 0 for none.
     health_port: Option<u16>,
     confirm_drops: Option<u32>,
+    endpoints: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -147,6 +158,7 @@ struct RawProbes {
     handshake: Option<Role>,
     port: Option<Role>,
     health: Option<Role>,
+    core: Option<Role>,
     health_path: Option<String>,
     private_key_file: Option<PathBuf>,
 }
@@ -265,6 +277,7 @@ impl Config {
             // A Core outage turns every /health 503 while WireGuard works: by default that only
             // degrades a gateway, it must not become a VPN outage.
             health: raw_probes.health.unwrap_or(Role::Advisory),
+            core: raw_probes.core.unwrap_or(Role::Advisory),
             health_path: raw_probes.health_path.unwrap_or_else(|| "/health".into()),
             private_key,
         };
@@ -321,6 +334,7 @@ impl Config {
                     address: gateway.address,
                     health_port: gateway.health_port,
                     core_id: None,
+                    core_connected: None,
                 });
             }
             locations.push(Location {
@@ -368,10 +382,20 @@ impl Config {
                         "field `confirm_drops`: 0 answers cannot confirm anything (1 acts on every answer)".into(),
                     ));
                 }
+                let mut endpoints = BTreeMap::new();
+                for (gateway, text) in raw_core.endpoints.unwrap_or_default() {
+                    let endpoint = text.parse().map_err(|_| {
+                        core_err(format!(
+                            "field `endpoints`: gateway `{gateway}`: `{text}` is not IP:PORT"
+                        ))
+                    })?;
+                    endpoints.insert(gateway, endpoint);
+                }
                 Some(Core {
                     url: raw_core.url,
                     token,
                     confirm_drops,
+                    endpoints,
                     interval: interval.max(Duration::from_millis(100)),
                     health_port: match raw_core.health_port {
                         Some(0) => None,
@@ -490,7 +514,36 @@ health_port = 55003
             "{GOOD}\n[core]\nurl = \"http://core\"\ntoken_file = \"{}\"\nconfirm_drops = 0\n",
             token.display()
         ));
-        let _ = std::fs::remove_file(&token);
         assert!(e.contains("[core]") && e.contains("confirm_drops"), "{e}");
+        let e = refused(&format!(
+            "{GOOD}\n[core]\nurl = \"http://core\"\ntoken_file = \"{}\"\nendpoints = {{ gw1 = \"gw1.example:51820\" }}\n",
+            token.display()
+        ));
+        assert!(
+            e.contains("endpoints") && e.contains("gw1") && e.contains("IP:PORT"),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(&token);
+    }
+
+    #[test]
+    fn core_endpoints_override_where_core_dials() {
+        let token = std::env::temp_dir().join(format!("hc-core-token2-{}", std::process::id()));
+        std::fs::write(&token, "t").unwrap();
+        let config = Config::parse(
+            &format!(
+                "{GOOD}\n[core]\nurl = \"http://core\"\ntoken_file = \"{}\"\n\
+                 [core.endpoints]\ngw2 = \"203.0.113.5:51820\"\n",
+                token.display()
+            ),
+            "hc.toml",
+            None,
+        );
+        let _ = std::fs::remove_file(&token);
+        let core = config.unwrap().core.unwrap();
+        assert_eq!(
+            core.endpoints.get("gw2"),
+            Some(&"203.0.113.5:51820".parse().unwrap())
+        );
     }
 }

@@ -62,6 +62,9 @@ pub struct CoreGateway {
     address: String,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
+    /// Core's own view of its gRPC stream to the gateway.
+    #[serde(default)]
+    connected: Option<bool>,
 }
 
 fn enabled_by_default() -> bool {
@@ -139,18 +142,24 @@ impl Discovery {
                 tracing::warn!(gateway = %gateway.name, location = gateway.location_id, "Core lists a gateway of a location it does not list");
                 continue;
             };
-            let address = match resolve(&gateway.address, port).await {
-                Ok(address) => address,
-                Err(e) => {
-                    tracing::warn!(gateway = %gateway.name, "skipped: {e:#}");
-                    continue;
-                }
+            // Core's address is where it dials the gateway's gRPC: the file says where the
+            // WireGuard endpoint is when that is elsewhere.
+            let address = match self.core.endpoints.get(&gateway.name) {
+                Some(endpoint) => *endpoint,
+                None => match resolve(&gateway.address, port).await {
+                    Ok(address) => address,
+                    Err(e) => {
+                        tracing::warn!(gateway = %gateway.name, "skipped: {e:#}");
+                        continue;
+                    }
+                },
             };
             location.gateways.push(Gateway {
                 name: gateway.name,
                 address,
                 health_port: self.core.health_port,
                 core_id: Some(gateway.id),
+                core_connected: gateway.connected,
             });
         }
         Ok(locations.into_values().collect())
@@ -179,27 +188,70 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
-    async fn a_refused_token_says_what_core_needs() {
+    /// A stand-in for Core answering `GET /api/v1/network` and `/api/v1/gateway` with `networks`
+    /// and `gateways`, and 401 to a request without the token.
+    async fn stand_in(networks: &'static str, gateways: &'static str) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let mut request = [0u8; 4096];
-                let _ = stream.read(&mut request).await;
+                let read = stream.read(&mut request).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&request[..read]).to_string();
+                let (status, body) = if !request.contains("Bearer dg-token") {
+                    ("401 Unauthorized", "{}")
+                } else if request.starts_with("GET /api/v1/network ") {
+                    ("200 OK", networks)
+                } else if request.starts_with("GET /api/v1/gateway ") {
+                    ("200 OK", gateways)
+                } else {
+                    ("404 Not Found", "{}")
+                };
                 let _ = stream
-                    .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                    .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes())
                     .await;
             }
         });
-        let discovery = Discovery::new(Core {
+        address
+    }
+
+    fn core(address: SocketAddr, token: &str) -> Core {
+        Core {
             url: format!("http://{address}"),
-            token: "a user's token".into(),
+            token: token.into(),
             interval: Duration::from_secs(10),
             health_port: None,
             confirm_drops: 3,
-        })
-        .unwrap();
+            endpoints: [("gw2".to_string(), "203.0.113.5:51820".parse().unwrap())].into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn gateways_are_where_the_file_says_when_core_dials_elsewhere_and_carry_cores_word() {
+        let address = stand_in(
+            r#"[{"id":1,"name":"office","port":51820,"pubkey":null}]"#,
+            r#"[{"id":1,"location_id":1,"name":"gw1","address":"10.0.0.2","enabled":true,"connected":true},
+                {"id":2,"location_id":1,"name":"gw2","address":"10.9.9.9:50066","enabled":true,"connected":false}]"#,
+        )
+        .await;
+        let locations = Discovery::new(core(address, "dg-token"))
+            .unwrap()
+            .fetch()
+            .await
+            .unwrap();
+        let gateways = &locations[0].gateways;
+        assert_eq!(locations[0].core_id, Some(1));
+        assert_eq!(gateways[0].address, "10.0.0.2:51820".parse().unwrap());
+        assert_eq!(gateways[0].core_connected, Some(true));
+        // Core dials gw2's gRPC at 10.9.9.9; its WireGuard endpoint is elsewhere.
+        assert_eq!(gateways[1].address, "203.0.113.5:51820".parse().unwrap());
+        assert_eq!(gateways[1].core_connected, Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_says_what_core_needs() {
+        let address = stand_in("[]", "[]").await;
+        let discovery = Discovery::new(core(address, "a user's token")).unwrap();
         let error = format!("{:#}", discovery.fetch().await.unwrap_err());
         assert!(
             error.contains("401")

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use wglb_healthcheck::answers::{Answers, Verdict};
-use wglb_healthcheck::checker::{spawn_gateway_checker, Update};
+use wglb_healthcheck::checker::{spawn_gateway_checker, CoreView, Update};
 use wglb_healthcheck::config::{Config, Location, Probes};
 use wglb_healthcheck::discovery::Discovery;
 use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
@@ -273,10 +273,17 @@ async fn register(
     }
 }
 
+/// A gateway's checker, the address and MFA mode it probes with, and Core's word on it.
+struct Running {
+    address: SocketAddr,
+    mfa: bool,
+    task: JoinHandle<()>,
+    core: Arc<CoreView>,
+}
+
 /// The gateways being probed, by location and name.
 struct Checkers {
-    /// Each gateway's checker, and the address and MFA mode it probes with.
-    running: HashMap<(String, String), (SocketAddr, bool, JoinHandle<()>)>,
+    running: HashMap<(String, String), Running>,
     probes: Arc<Probes>,
     updates: mpsc::Sender<Update>,
     metrics: Metrics,
@@ -298,16 +305,16 @@ impl Checkers {
         let stale: Vec<(String, String)> = self
             .running
             .iter()
-            .filter(|(key, (address, mfa, _))| {
+            .filter(|(key, running)| {
                 wanted
                     .get(*key)
-                    .is_none_or(|(l, g)| g.address != *address || l.mfa != *mfa)
+                    .is_none_or(|(l, g)| g.address != running.address || l.mfa != running.mfa)
             })
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            if let Some((_, _, task)) = self.running.remove(&key) {
-                task.abort();
+            if let Some(running) = self.running.remove(&key) {
+                running.task.abort();
                 tracing::info!(location = %key.0, gateway = %key.1, "no longer probed");
                 let _ = self
                     .updates
@@ -319,20 +326,31 @@ impl Checkers {
             }
         }
         for (key, (location, gateway)) in wanted {
+            if let Some(running) = self.running.get(&key) {
+                running.core.set(gateway.core_connected);
+            }
             if let std::collections::hash_map::Entry::Vacant(entry) = self.running.entry(key) {
                 if location.mfa {
                     tracing::info!(location = %location.name, gateway = %gateway.name, address = %gateway.address, "probing an MFA location: no handshake probe (its gateways carry only peers with a live MFA session); the port probe, /health and the balancers' passive health decide");
                 } else {
                     tracing::info!(location = %location.name, gateway = %gateway.name, address = %gateway.address, "probing");
                 }
+                let view = Arc::new(CoreView::default());
+                view.set(gateway.core_connected);
                 let task = spawn_gateway_checker(
                     location,
                     gateway,
+                    view.clone(),
                     self.probes.clone(),
                     self.updates.clone(),
                     self.metrics.clone(),
                 );
-                entry.insert((gateway.address, location.mfa, task));
+                entry.insert(Running {
+                    address: gateway.address,
+                    mfa: location.mfa,
+                    task,
+                    core: view,
+                });
             }
         }
     }

@@ -22,10 +22,13 @@ pub enum Probe {
     Handshake,
     Port,
     Health,
+    /// Core's own view of its stream to the gateway (`connected` in its gateway list), for
+    /// gateways with no health port to ask.
+    Core,
 }
 
 impl Probe {
-    pub const ALL: [Probe; 3] = [Probe::Handshake, Probe::Port, Probe::Health];
+    pub const ALL: [Probe; 4] = [Probe::Handshake, Probe::Port, Probe::Health, Probe::Core];
 
     /// Successes in a row that bring the probe back. A refused port is proof, but silence is
     /// weak evidence: the gateway's kernel sends about one ICMP error per second to a source
@@ -34,7 +37,7 @@ impl Probe {
     fn rise(self, rise: u32) -> u32 {
         match self {
             Probe::Port => rise.max(3),
-            Probe::Handshake | Probe::Health => rise,
+            Probe::Handshake | Probe::Health | Probe::Core => rise,
         }
     }
 
@@ -43,6 +46,7 @@ impl Probe {
             Probe::Handshake => "handshake",
             Probe::Port => "port",
             Probe::Health => "health",
+            Probe::Core => "core",
         }
     }
 }
@@ -139,9 +143,10 @@ impl GatewayHealth {
             Verdict::Up
         };
         let mut detail = verdict.as_str().to_string();
-        if verdict == Verdict::Degraded
-            && failing(Role::Advisory).any(|s| s.probe == Probe::Health && s.detail.contains("503"))
-        {
+        let detached = |s: &ProbeState| {
+            s.probe == Probe::Health && s.detail.contains("503") || s.probe == Probe::Core
+        };
+        if verdict == Verdict::Degraded && failing(Role::Advisory).any(detached) {
             detail += ": Core detached";
         }
         let parts: Vec<String> = self
@@ -216,6 +221,23 @@ mod tests {
         g.record(Probe::Port, Ok("not refused".into()));
         g.record(Probe::Health, Ok("200".into()));
         assert_eq!(g.verdict(), None);
+    }
+
+    #[test]
+    fn cores_word_on_a_gateway_without_a_health_port_only_degrades() {
+        let mut g = GatewayHealth::new(
+            &[(Probe::Port, Role::Required), (Probe::Core, Role::Advisory)],
+            1,
+            1,
+        );
+        g.record(Probe::Port, Ok("not refused".into()));
+        g.record(
+            Probe::Core,
+            Err("Core reports no stream to the gateway".into()),
+        );
+        let (verdict, detail) = g.verdict().unwrap();
+        assert_eq!(verdict, Verdict::Degraded);
+        assert!(detail.starts_with("degraded: Core detached"), "{detail}");
     }
 
     #[test]
