@@ -4,15 +4,14 @@
 //! `enabled`). A location becomes a balancer listener of the same name, an enabled gateway one of
 //! its gateways at the gateway's address and the location's WireGuard port.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
-
 use anyhow::Context;
 use boringtun::x25519::PublicKey;
 use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::config::{Core, Gateway, Location};
+use crate::core_api::CoreApi;
 use crate::handshake::parse_key;
 
 /// A location as `GET /api/v1/network` lists it (public so the fuzz targets parse Core's JSON
@@ -72,44 +71,20 @@ fn enabled_by_default() -> bool {
 }
 
 pub struct Discovery {
-    client: reqwest::Client,
-    core: Core,
+    api: CoreApi,
 }
 
 impl Discovery {
     pub fn new(core: Core) -> anyhow::Result<Discovery> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .context("building the HTTP client for Core")?;
-        Ok(Discovery { client, core })
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.core.url.trim_end_matches('/'));
-        let response = self
-            .client
-            .get(&url)
-            .bearer_auth(&self.core.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        anyhow::ensure!(
-            status != reqwest::StatusCode::UNAUTHORIZED,
-            "GET {url}: {status}: Core refused the API token; its REST API takes the token of an admin user, and only while a Business licence (or higher) is active"
-        );
-        anyhow::ensure!(status.is_success(), "GET {url}: {status}");
-        response
-            .json()
-            .await
-            .with_context(|| format!("GET {url}: not the JSON Core serves"))
+        Ok(Discovery {
+            api: CoreApi::new(core)?,
+        })
     }
 
     /// The locations and enabled gateways Core has now.
     pub async fn fetch(&self) -> anyhow::Result<Vec<Location>> {
-        let networks: Vec<Network> = self.get("/api/v1/network").await?;
-        let gateways: Vec<CoreGateway> = self.get("/api/v1/gateway").await?;
+        let networks: Vec<Network> = self.api.get("/api/v1/network").await?;
+        let gateways: Vec<CoreGateway> = self.api.get("/api/v1/gateway").await?;
         let mut locations: BTreeMap<i64, Location> = BTreeMap::new();
         let mut ports = BTreeMap::new();
         for network in networks {
@@ -144,7 +119,7 @@ impl Discovery {
             };
             // Core's address is where it dials the gateway's gRPC: the file says where the
             // WireGuard endpoint is when that is elsewhere.
-            let address = match self.core.endpoints.get(&gateway.name) {
+            let address = match self.api.core().endpoints.get(&gateway.name) {
                 Some(endpoint) => *endpoint,
                 None => match resolve(&gateway.address, port).await {
                     Ok(address) => address,
@@ -157,7 +132,7 @@ impl Discovery {
             location.gateways.push(Gateway {
                 name: gateway.name,
                 address,
-                health_port: self.core.health_port,
+                health_port: self.api.core().health_port,
                 core_id: Some(gateway.id),
                 core_connected: gateway.connected,
             });
@@ -186,6 +161,7 @@ async fn resolve(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A stand-in for Core answering `GET /api/v1/network` and `/api/v1/gateway` with `networks`

@@ -18,6 +18,7 @@
 pub mod answers;
 pub mod checker;
 pub mod config;
+pub mod core_api;
 pub mod discovery;
 pub mod exposition;
 pub mod handshake;

@@ -8,15 +8,14 @@
 //! Shapes as Defguard 2.0.1 serves them (`crates/defguard_core/src/handlers/network_devices.rs`;
 //! fixtures in `tests/fixtures/defguard-2.0.1/`).
 
-use std::time::Duration;
-
-use anyhow::{bail, Context};
+use anyhow::bail;
 use base64::Engine;
 use blake2::digest::{FixedOutput, KeyInit, Update};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Core;
+use crate::core_api::CoreApi;
 
 /// Location `location_id`'s probe key, derived from the configured one (a keyed BLAKE2s: knowing
 /// one location's key tells nothing of the configured key or of another location's).
@@ -84,44 +83,17 @@ pub enum Registered {
 }
 
 pub struct Registration {
-    client: reqwest::Client,
-    core: Core,
+    api: CoreApi,
     /// The device names: this sidecar's, per location.
     source: String,
 }
 
 impl Registration {
     pub fn new(core: Core, source: &str) -> anyhow::Result<Registration> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .context("building the HTTP client for Core")?;
         Ok(Registration {
-            client,
-            core,
+            api: CoreApi::new(core)?,
             source: source.to_string(),
         })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.core.url.trim_end_matches('/'))
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let url = self.url(path);
-        let response = self
-            .client
-            .get(&url)
-            .bearer_auth(&self.core.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        anyhow::ensure!(status.is_success(), "GET {url}: {status}");
-        response
-            .json()
-            .await
-            .with_context(|| format!("GET {url}: not the JSON Core serves"))
     }
 
     /// The network device whose key is `key`, wherever it is.
@@ -129,6 +101,7 @@ impl Registration {
         let mut page = 1;
         loop {
             let listed: Page<NetworkDevice> = self
+                .api
                 .get(&format!("/api/v1/device/network?page={page}&per_page=100"))
                 .await?;
             if let Some(device) = listed.data.into_iter().find(|d| d.wireguard_pubkey == key) {
@@ -161,6 +134,7 @@ impl Registration {
             return Ok(Registered::Found(device.id));
         }
         let free: Vec<FreeAddress> = self
+            .api
             .get(&format!("/api/v1/device/network/ip/{location_id}"))
             .await?;
         let request = AddNetworkDevice {
@@ -170,17 +144,8 @@ impl Registration {
             assigned_ips: free.into_iter().map(|a| a.ip).collect(),
             wireguard_pubkey: key.clone(),
         };
-        let url = self.url("/api/v1/device/network");
-        let response = self
-            .client
-            .post(&url)
-            .bearer_auth(&self.core.token)
-            .json(&request)
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        if status.is_success() {
+        let posted = self.api.post("/api/v1/device/network", &request).await;
+        if posted.is_ok() {
             return Ok(Registered::Added);
         }
         // Another sidecar of the same key, or a retry after an answer that got lost.
@@ -189,8 +154,7 @@ impl Registration {
                 return Ok(Registered::Found(device.id));
             }
         }
-        let body = response.text().await.unwrap_or_default();
-        bail!("POST {url}: {status}: {body}")
+        posted.map(|()| Registered::Added)
     }
 }
 

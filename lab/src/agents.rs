@@ -61,6 +61,18 @@ pub fn agents_config(
 
 /// Gateway j's agent, in the gateway's namespace, attaching with `token`; its log in `dir`.
 pub fn start_agent(rig: &Rig, dir: &Path, binary: &Path, j: usize, token: &Path) -> Result<Daemon> {
+    start_agent_on(rig, dir, binary, j, rig.gateway_ifname(j), token)
+}
+
+/// [`start_agent`] pointed at `interface` (one the gateway may not have).
+pub fn start_agent_on(
+    rig: &Rig,
+    dir: &Path,
+    binary: &Path,
+    j: usize,
+    interface: &str,
+    token: &Path,
+) -> Result<Daemon> {
     let api = SocketAddr::new(rig.balancer_seen_from_gateway(j), AGENT_API_PORT);
     let url = format!("http://{api}");
     let token = token.display().to_string();
@@ -69,7 +81,7 @@ pub fn start_agent(rig: &Rig, dir: &Path, binary: &Path, j: usize, token: &Path)
         binary,
         &[
             "--interface",
-            rig.gateway_ifname(j),
+            interface,
             "--backend",
             "userspace",
             "--balancer",
@@ -77,7 +89,7 @@ pub fn start_agent(rig: &Rig, dir: &Path, binary: &Path, j: usize, token: &Path)
             "--token-file",
             &token,
         ],
-        &dir.join(format!("agent-gw{j}.log")),
+        &dir.join(format!("agent-gw{j}-{interface}.log")),
     )
 }
 

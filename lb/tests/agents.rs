@@ -286,8 +286,8 @@ fn a_rotated_key_moves_nobody_wrongly(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
-/// An agent with a token no `[[agent]]` holds is refused, and orders nothing.
-fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
+/// One gateway with a health check, and a balancer that takes its agent.
+fn one_gateway(datapath: Datapath) -> Result<(Rig, Balancer)> {
     require_root()?;
     let listener = config_text(Family::V4, &["active"]);
     let rig = Rig::new(RigSpec {
@@ -299,6 +299,12 @@ fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
     })?;
     let config = config_with_agents(&rig, &listener, 1)?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
+    Ok((rig, balancer))
+}
+
+/// An agent with a token no `[[agent]]` holds is refused, and orders nothing.
+fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
+    let (rig, balancer) = one_gateway(datapath)?;
     let forged = rig.temp_dir().join("forged.token");
     fs::write(&forged, "not-the-token-of-any-gateway-0123")?;
     let agent = start_agent(&rig, 0, &forged)?;
@@ -326,38 +332,15 @@ on_every_datapath!(
 /// An agent pointed at an interface its gateway does not have (or started before it) attaches
 /// and reports it gone, and the balancer takes no word from it: the gateway stays up.
 fn an_agent_that_never_saw_its_interface_takes_nothing_down(datapath: Datapath) -> Result<()> {
-    require_root()?;
-    let listener = config_text(Family::V4, &["active"]);
-    let rig = Rig::new(RigSpec {
-        balancers: 1,
-        family: Family::V4,
-        gateways: 1,
-        client_ports: Vec::new(),
-        keepalive: None,
-    })?;
-    let config = config_with_agents(&rig, &listener, 1)?;
-    let balancer = Balancer::start(&rig, &config, datapath)?;
-    let url = format!(
-        "http://{}",
-        std::net::SocketAddr::new(rig.balancer_seen_from_gateway(0), agents::AGENT_API_PORT)
-    );
-    let token = agents::agent_token(rig.temp_dir(), 0)?
-        .display()
-        .to_string();
-    let agent = Daemon::spawn(
-        rig.gateway_ns(0),
+    let (rig, balancer) = one_gateway(datapath)?;
+    let token = agents::agent_token(rig.temp_dir(), 0)?;
+    let agent = agents::start_agent_on(
+        &rig,
+        rig.temp_dir(),
         &agent_binary()?,
-        &[
-            "--interface",
-            "wg-nonexistent",
-            "--backend",
-            "userspace",
-            "--balancer",
-            &url,
-            "--token-file",
-            &token,
-        ],
-        &rig.temp_dir().join("agent-wrong.log"),
+        0,
+        "wg-nonexistent",
+        &token,
     )?;
     let attached = r#"wglb_agent_attached{gateway="gw0",listener="test"}"#;
     balancer.wait_metric(&rig, attached, Duration::from_secs(10), |v| v == 1.0)?;
