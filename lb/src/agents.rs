@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -17,6 +17,11 @@ use crate::metrics::Metrics;
 /// Orders waiting for one gateway's agent beyond its pace; more are not sent (the sessions
 /// then wait out WireGuard's own timer, as without an agent).
 pub const ORDER_QUEUE: usize = 65_536;
+
+/// How long a gateway's keys outlive its agent's stream: a host that dies takes its agent with
+/// it, and the health checks that find it dead come seconds later; its sessions are re-homed by
+/// what the agent reported last. Past this, sessions may have changed too much to trust it.
+pub const KEYS_OUTLIVE_AGENT: Duration = Duration::from_secs(120);
 
 /// One handshake order on its way to an agent.
 #[derive(Clone, Debug)]
@@ -39,6 +44,9 @@ struct Board {
     configured: Vec<AgentConfig>,
     /// By (listener, gateway).
     attached: HashMap<(String, String), Attached>,
+    /// The client key behind each of this balancer's upstream paths, as each gateway's agent
+    /// reported last, and since when its agent is gone (if it is).
+    keys: HashMap<(String, String), Known>,
     next_id: u64,
     /// Orders sent and not answered yet: (listener, gateway, sent).
     pending: HashMap<u64, (String, String, Instant)>,
@@ -47,9 +55,13 @@ struct Board {
 struct Attached {
     /// Which attach holds it: a newer stream of the same agent replaces an older one.
     stream: u64,
-    /// The client key behind each of this balancer's upstream paths, as the gateway reported.
-    keys: HashMap<SocketAddr, [u8; 32]>,
     orders: mpsc::Sender<Order>,
+}
+
+#[derive(Default)]
+struct Known {
+    keys: HashMap<SocketAddr, [u8; 32]>,
+    detached: Option<Instant>,
 }
 
 /// An attached agent's stream: dropped, it detaches (unless a newer stream replaced it).
@@ -70,6 +82,9 @@ impl Drop for Attachment {
             .is_some_and(|a| a.stream == self.stream)
         {
             board.attached.remove(&key);
+            if let Some(known) = board.keys.get_mut(&key) {
+                known.detached = Some(Instant::now());
+            }
             // Orders it had not answered will not be: the stream that would carry them is gone.
             board
                 .pending
@@ -115,11 +130,7 @@ impl Agents {
         let stream = board.next_id;
         board.attached.insert(
             (agent.listener.clone(), agent.gateway.clone()),
-            Attached {
-                stream,
-                keys: HashMap::new(),
-                orders,
-            },
+            Attached { stream, orders },
         );
         self.metrics
             .set_agent_attached(&agent.listener, &agent.gateway, true);
@@ -149,43 +160,54 @@ impl Agents {
         }
         let mut board = self.lock();
         let slot = (attachment.listener.clone(), attachment.gateway.clone());
-        if let Some(attached) = board.attached.get_mut(&slot) {
-            if attached.stream == attachment.stream {
-                let keys: HashMap<SocketAddr, [u8; 32]> =
-                    latest.into_iter().map(|(e, (k, _))| (e, k)).collect();
-                for (path, key) in &keys {
-                    if attached.keys.get(path) != Some(key) {
-                        let key = crate::config::format_public_key(key);
-                        tracing::debug!(listener = %attachment.listener, gateway = %attachment.gateway, %path, %key, "the client key behind a path");
-                    }
-                }
-                attached.keys = keys;
-                self.metrics.set_agent_peers(
-                    &attachment.listener,
-                    &attachment.gateway,
-                    attached.keys.len(),
-                );
+        if board
+            .attached
+            .get(&slot)
+            .is_none_or(|attached| attached.stream != attachment.stream)
+        {
+            return;
+        }
+        let keys: HashMap<SocketAddr, [u8; 32]> =
+            latest.into_iter().map(|(e, (k, _))| (e, k)).collect();
+        let known = board.keys.entry(slot).or_default();
+        for (path, key) in &keys {
+            if known.keys.get(path) != Some(key) {
+                let key = crate::config::format_public_key(key);
+                tracing::debug!(listener = %attachment.listener, gateway = %attachment.gateway, %path, %key, "the client key behind a path");
             }
         }
+        self.metrics
+            .set_agent_peers(&attachment.listener, &attachment.gateway, keys.len());
+        *known = Known {
+            keys,
+            detached: None,
+        };
     }
 
     /// The client key the gateway knows behind `endpoint` (one of this balancer's upstream
-    /// paths), if its agent reported one.
+    /// paths), if its agent reported one, and not longer than [`KEYS_OUTLIVE_AGENT`] before it
+    /// went.
     pub fn key_behind(
         &self,
         listener: &str,
         gateway: &str,
         endpoint: SocketAddr,
     ) -> Option<[u8; 32]> {
-        let board = self.lock();
-        let attached = board
-            .attached
-            .get(&(listener.to_string(), gateway.to_string()))?;
-        attached.keys.get(&endpoint).copied()
+        let mut board = self.lock();
+        let slot = (listener.to_string(), gateway.to_string());
+        let known = board.keys.get(&slot)?;
+        if known
+            .detached
+            .is_some_and(|at| at.elapsed() > KEYS_OUTLIVE_AGENT)
+        {
+            board.keys.remove(&slot);
+            return None;
+        }
+        known.keys.get(&endpoint).copied()
     }
 
-    /// Whether any gateway of `listener` has an agent attached: without one, no session of it
-    /// can be re-homed, and a datapath need not look.
+    /// Whether any gateway of `listener` has an agent attached (to take orders): without one, no
+    /// session of it can be re-homed, and a datapath need not look.
     pub fn any_attached(&self, listener: &str) -> bool {
         self.lock().attached.keys().any(|(l, _)| l == listener)
     }
@@ -287,6 +309,24 @@ mod tests {
         );
         assert_eq!(agents.key_behind("l", "a", path), Some(new));
         assert_eq!(agents.key_behind("l", "b", path), None);
+    }
+
+    #[test]
+    fn a_gone_agents_keys_still_re_home_its_gateways_sessions() {
+        let agents = Agents::new(vec![agent("a")], Metrics::new());
+        let (orders, _queued) = mpsc::channel(4);
+        let attachment = agents.attach(&agent("a"), orders);
+        let path: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        agents.report(&attachment, [(path, [1; 32], 1_000)].into_iter());
+        // The host dies, its agent with it.
+        drop(attachment);
+        assert!(!agents.takes_orders("l", "a"));
+        assert_eq!(agents.key_behind("l", "a", path), Some([1; 32]));
+        // Until it is too old to trust.
+        agents.lock().keys.values_mut().for_each(|k| {
+            k.detached = Instant::now().checked_sub(KEYS_OUTLIVE_AGENT + Duration::from_secs(1));
+        });
+        assert_eq!(agents.key_behind("l", "a", path), None);
     }
 
     #[test]

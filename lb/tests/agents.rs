@@ -56,7 +56,7 @@ fn a_dead_gateways_ipv6_clients_are_called_by_their_new_gateway(datapath: Datapa
 struct Fleet {
     rig: Rig,
     balancer: Balancer,
-    _agents: Vec<Daemon>,
+    agents: Vec<Daemon>,
     pingers: Vec<Pinger>,
     wanted: [usize; 6],
 }
@@ -90,7 +90,7 @@ impl Fleet {
         Ok(Fleet {
             rig,
             balancer,
-            _agents: agents,
+            agents,
             pingers,
             wanted,
         })
@@ -183,6 +183,33 @@ fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()>
             "client {i} moved"
         );
     }
+    Ok(())
+}
+
+/// The whole host of gw0 dies, its agent with it: nothing reports its interface gone, so the
+/// balancer's own health checks find it dead (its suspect stage included), and its sessions are
+/// re-homed by what its agent reported last. Slower than an agent's word, still far from
+/// WireGuard's own 15 s.
+fn a_dead_hosts_clients_are_called_by_their_new_gateway(datapath: Datapath) -> Result<()> {
+    let mut fleet = Fleet::start(datapath, Family::V4)?;
+    fleet.agents[0].kill()?;
+    fleet.rig.stop_gateway(0)?;
+    let killed = SystemTime::now();
+    let without_gw0 = config_text(Family::V4, &["down", "active", "active"]);
+    for moved in [0, 3] {
+        let back = first_reply(&fleet.pingers[moved], killed, Duration::from_secs(40))?;
+        eprintln!("client {moved} answered again {back:?} after gw0's host died");
+        ensure!(
+            back <= Duration::from_secs(10),
+            "client {moved} answered again only {back:?} after gw0's host died: it was not called back"
+        );
+        let expected = predicted_gateway(&without_gw0, fleet.rig.client_addr(moved));
+        ensure!(
+            fleet.rig.gateway_serving(moved)? == Some(expected),
+            "client {moved} is not on gw{expected}"
+        );
+    }
+    fleet.wait_orders_completed(2)?;
     Ok(())
 }
 
@@ -327,6 +354,7 @@ on_every_datapath!(
     a_dead_gateways_ipv6_clients_are_called_by_their_new_gateway,
     a_drained_gateways_clients_move_at_once,
     a_rotated_key_moves_nobody_wrongly,
+    a_dead_hosts_clients_are_called_by_their_new_gateway,
 );
 
 /// An agent pointed at an interface its gateway does not have (or started before it) attaches
