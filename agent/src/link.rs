@@ -67,8 +67,8 @@ async fn attach(
                 let Some(order) = order.map_err(|e| anyhow::anyhow!("the stream broke: {}", error_chain(&e)))? else {
                     return Ok(());
                 };
-                // Orders are carried out one after another, off the stream's task: a balancer
-                // paces them, and the interface's writes are quick.
+                // Each order on a blocking thread of its own, off the stream's task: it waits up
+                // to seconds for the client's answer, and the balancer paces how many come.
                 let (interface, up) = (interface.clone(), up.clone());
                 tokio::spawn(async move {
                     let id = order.id;
