@@ -32,7 +32,6 @@ pub struct ClientLog {
 }
 
 pub struct Swarm {
-    public_keys: Vec<String>,
     logs: Arc<Mutex<Vec<ClientLog>>>,
     stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
@@ -90,12 +89,6 @@ impl Swarm {
                 })
                 .collect()
         })??;
-        let public_keys = secrets
-            .iter()
-            .map(|s| {
-                base64::engine::general_purpose::STANDARD.encode(PublicKey::from(s).as_bytes())
-            })
-            .collect();
         let clients: Vec<Client> = sockets
             .into_iter()
             .zip(secrets)
@@ -116,15 +109,10 @@ impl Swarm {
             })
             .context("starting the swarm's thread")?;
         Ok(Swarm {
-            public_keys,
             logs,
             stop,
             worker: Some(worker),
         })
-    }
-
-    pub fn public_keys(&self) -> &[String] {
-        &self.public_keys
     }
 
     /// What each client saw so far.
