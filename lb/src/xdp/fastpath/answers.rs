@@ -77,7 +77,7 @@ impl FastPath {
                         );
                     }
                 }
-                let pinned: Vec<(SocketAddr, Arc<str>)> = self.listeners[index]
+                let pinned: Vec<(SocketAddr, Option<Arc<str>>)> = self.listeners[index]
                     .pins
                     .iter()
                     .filter(|(client, pin)| {
@@ -87,7 +87,7 @@ impl FastPath {
                     .map(|(client, pin)| (*client, pin.peer.clone()))
                     .collect();
                 for (client, peer) in pinned {
-                    self.unpin(index, &peer, client);
+                    self.unpin(index, peer.as_deref(), client);
                 }
                 let listener = &self.listeners[index];
                 let total = slow + ended.total();

@@ -132,7 +132,9 @@ struct Listener {
 /// A peer's session, held as a pin in the program.
 struct Pin {
     slot: u32,
-    peer: Arc<str>,
+    /// The peer whose session it is; `None`: this balancer's userspace datapath relayed it
+    /// (`pins::relayed`).
+    peer: Option<Arc<str>>,
     /// Its last packet on the peer (coarse ns): pins expire as sessions do.
     seen_ns: u64,
 }
@@ -360,8 +362,9 @@ impl FastPath {
                     }
                     _ = tick.tick() => {
                         // Before the addresses are looked at: a session relayed until the
-                        // program serves its address comes with its index.
+                        // program serves its address comes with its index, and on its gateway.
                         self.adopt_relayed_indices(&links.slow_paths).await;
+                        self.pin_relayed_sessions(&links.slow_paths).await;
                         self.tick();
                     }
                 }

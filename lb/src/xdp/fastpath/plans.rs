@@ -243,15 +243,7 @@ impl FastPath {
             if !listener.served {
                 continue;
             }
-            let wanted: Vec<SocketAddr> = if listener.listen.ip().is_unspecified() {
-                local
-                    .iter()
-                    .filter(|ip| ip.is_ipv4() == listener.listen.is_ipv4())
-                    .map(|ip| SocketAddr::new(*ip, listener.listen.port()))
-                    .collect()
-            } else {
-                vec![listener.listen]
-            };
+            let wanted = wanted_addresses(listener, &local);
             if wanted == listener.addresses {
                 continue;
             }
@@ -273,5 +265,19 @@ impl FastPath {
             self.listeners[index].addresses = wanted;
         }
         Ok(())
+    }
+}
+
+/// The addresses the program answers `listener`'s clients on, of the machine's `local` ones: a
+/// wildcard listener's are every local address of its family.
+pub(super) fn wanted_addresses(listener: &Listener, local: &[IpAddr]) -> Vec<SocketAddr> {
+    if listener.listen.ip().is_unspecified() {
+        local
+            .iter()
+            .filter(|ip| ip.is_ipv4() == listener.listen.is_ipv4())
+            .map(|ip| SocketAddr::new(*ip, listener.listen.port()))
+            .collect()
+    } else {
+        vec![listener.listen]
     }
 }
