@@ -568,10 +568,13 @@ impl Relay {
         // Sessions of gateways that no longer keep theirs move where their gateway's agent can
         // make the new gateway call their client, or go at once, named as the plan they were
         // placed under had them (a removed gateway is not in the new one).
-        let plan = self.plan.clone();
-        self.rehome(&before.placement, |s| {
-            !plan.placement.keeps(s.gateway, s.gateway_address)
-        });
+        // Looking is worth it only when some gateway can be ordered (as in the XDP fast path).
+        if self.agents.any_attached(&self.name) {
+            let plan = self.plan.clone();
+            self.rehome(&before.placement, |s| {
+                !plan.placement.keeps(s.gateway, s.gateway_address)
+            });
+        }
         self.end_sessions(&before.placement);
         let placement = &self.plan.placement;
         self.gateway_counters
@@ -737,7 +740,7 @@ impl Relay {
         for (from, client, reply_from, key, id, name, address) in moves {
             let activity = Arc::new(Activity::default());
             activity.touch(now_ms());
-            let Some(mut link) = self.forward(
+            let Some(link) = self.forward(
                 client,
                 reply_from,
                 id,
@@ -754,7 +757,6 @@ impl Relay {
             let Some(session) = self.sessions.peek_mut(&client) else {
                 continue;
             };
-            link.index = None;
             *session = Session {
                 gateway: id,
                 gateway_address: address,

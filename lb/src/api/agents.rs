@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pb;
+use super::serve::bearer;
 use super::service::Api;
 use crate::agents::ORDER_QUEUE;
 use crate::control::ControlRequest;
@@ -31,16 +32,11 @@ impl pb::gateway_agents_server::GatewayAgents for Api {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "an agent attaches with its gateway's token (authorization: Bearer ...)",
-                )
-            })?;
+        let given = bearer(&request).ok_or_else(|| {
+            Status::unauthenticated(
+                "an agent attaches with its gateway's token (authorization: Bearer ...)",
+            )
+        })?;
         let agents = self.agents().clone();
         let agent = agents.authenticate(given).ok_or_else(|| {
             Status::unauthenticated("no [[agent]] of this balancer has this token")

@@ -26,7 +26,7 @@ use crate::config::{ApiConfig, SyncPeerConfig};
 #[derive(Clone)]
 pub struct RequireToken(Option<Arc<str>>);
 
-fn bearer(request: &Request<()>) -> Option<&str> {
+pub(crate) fn bearer<T>(request: &Request<T>) -> Option<&str> {
     request
         .metadata()
         .get("authorization")
