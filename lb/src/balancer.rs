@@ -16,6 +16,7 @@ use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
 use wglb_proto::client::{read_token_file, Target};
 
 use crate::agents::Agents;
+use crate::announce::Announcer;
 use crate::api::serve::ApiServer;
 use crate::api::service::Api;
 use crate::config::{Config, ConfigFile, DatapathKind};
@@ -51,6 +52,10 @@ struct Balancer {
     sync_peers: JoinSet<()>,
     stop_sync: watch::Sender<bool>,
     api: tokio::task::JoinHandle<()>,
+    /// The route announcement, if some listener has addresses to announce: told to stop, it
+    /// withdraws them and says whether any was announced.
+    announcer: Option<(tokio::task::JoinHandle<bool>, watch::Sender<bool>)>,
+    withdraw_wait: Duration,
     /// What `/ready` says.
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -122,6 +127,8 @@ impl Balancer {
         // The program before the sockets: a restarted balancer's clients then go on through the
         // program at once rather than through userspace until it attaches.
         let fast_path = start_fast_path(&config, &listener_plans, &metrics, &events)?;
+        let announcer = Announcer::start(&config, &listener_plans, &metrics, &events)
+            .context("cannot announce the listeners' addresses")?;
         let mut sockets = Vec::new();
         for listener in &config.listeners {
             let socket = UdpEndpoint::listen(listener.listen, listener.socket_buffer)
@@ -236,6 +243,15 @@ impl Balancer {
                 sync_stopping.clone(),
             ));
         }
+        // Announced once everything that forwards is up.
+        let (announce_handle, announcer) = match announcer {
+            Some((announcer, handle)) => {
+                let (stop, stopped) = watch::channel(false);
+                let task = tokio::spawn(announcer.run(stopped));
+                (Some(handle), Some((task, stop)))
+            }
+            None => (None, None),
+        };
         let api = Api::new(
             requests_tx.clone(),
             datapaths,
@@ -244,7 +260,8 @@ impl Balancer {
             file.clone(),
             config.sync.peers.iter().map(|p| p.name.clone()).collect(),
             agents,
-        );
+        )
+        .with_announce(announce_handle);
         // Nor the API: the balancer goes on with what it was last told.
         let api_task = tokio::spawn(async move {
             if let Err(e) = api_server.run(api).await {
@@ -265,6 +282,8 @@ impl Balancer {
             sync_peers: sync_tasks,
             stop_sync,
             api: api_task,
+            announcer,
+            withdraw_wait: config.announce.withdraw_wait,
             ready,
         })
     }
@@ -316,9 +335,20 @@ impl Balancer {
             mut sync_peers,
             stop_sync,
             api,
+            announcer,
+            withdraw_wait,
             ready,
             ..
         } = self;
+        // The routers first: they move this balancer's flows to its peers while it still
+        // forwards.
+        let announcing = match announcer {
+            Some((task, stop)) => {
+                let _ = stop.send(true);
+                task.await.unwrap_or(false)
+            }
+            None => false,
+        };
         if !clean {
             api.abort();
             return;
@@ -326,6 +356,10 @@ impl Balancer {
         tracing::info!("shutting down");
         ready.store(false, std::sync::atomic::Ordering::Relaxed);
         notify_systemd(&[NotifyState::Stopping]);
+        if announcing {
+            tracing::info!(wait = ?withdraw_wait, "routes withdrawn; forwarding on while the routers move the flows");
+            tokio::time::sleep(withdraw_wait).await;
+        }
         // The fast path first: it announces the sessions its last sweep has not, and its end detaches
         // the program (its links go with it); the userspace datapath takes what still comes.
         let _ = stop_fast_path.send(());

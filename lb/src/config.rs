@@ -14,6 +14,11 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+mod announce;
+
+pub use announce::AnnounceConfig;
+use announce::{build_announce, check_listener_addresses, RawAnnounce};
+
 use crate::passive::{PassiveConfig, PassiveRole};
 use crate::pool::{AdminState, AllDownPolicy, HashKey};
 use wglb_common::xdp::MAX_LISTENERS;
@@ -48,6 +53,7 @@ pub struct Config {
     pub sync: SyncConfig,
     /// The gateway agents that may attach (`[[agent]]`); fixed for the process's life.
     pub agents: Vec<AgentConfig>,
+    pub announce: AnnounceConfig,
     pub places: Places,
 }
 
@@ -236,6 +242,8 @@ pub struct ListenerConfig {
     pub admission: AdmissionConfig,
     /// The location's WireGuard public key: initiations whose mac1 is wrong for it are dropped.
     pub public_key: Option<[u8; 32]>,
+    /// Addresses announced (`crate::announce`) while this listener can forward.
+    pub announce: Vec<IpAddr>,
     pub gateways: Vec<GatewayConfig>,
 }
 
@@ -409,6 +417,7 @@ struct RawConfig {
     api: Option<Spanned<RawApi>>,
     datapath: Option<Spanned<RawDatapath>>,
     sync: Option<Spanned<RawSync>>,
+    announce: Option<Spanned<RawAnnounce>>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
@@ -517,6 +526,8 @@ struct RawListener {
     source_burst: Option<u32>,
     source_unconfirmed: Option<u32>,
     public_key: Option<String>,
+    #[serde(default)]
+    announce: Vec<IpAddr>,
     #[serde(default)]
     gateway: Vec<Spanned<RawGateway>>,
 }
@@ -668,6 +679,7 @@ impl Config {
             }),
             datapath: None,
             sync: None,
+            announce: None,
             listener: vec![Spanned::new(0..0, listener)],
             agent: Vec::new(),
         };
@@ -727,6 +739,12 @@ impl Config {
                 old.maglev_size.to_string(),
                 listener.maglev_size.to_string(),
             );
+            compare(
+                &section,
+                "announce",
+                format!("{:?}", old.announce),
+                format!("{:?}", listener.announce),
+            );
             // The XDP program's session maps are sized at load; the userspace tables resize.
             if self.datapath.kind != DatapathKind::Userspace {
                 compare(
@@ -759,6 +777,25 @@ impl Config {
             "listen",
             shown(self.metrics_listen),
             shown(new.metrics_listen),
+        );
+        let (old, now) = (&self.announce, &new.announce);
+        compare(
+            "[announce]",
+            "table",
+            old.table.to_string(),
+            now.table.to_string(),
+        );
+        compare(
+            "[announce]",
+            "device",
+            old.device.clone(),
+            now.device.clone(),
+        );
+        compare(
+            "[announce]",
+            "withdraw_wait",
+            humantime::format_duration(old.withdraw_wait).to_string(),
+            humantime::format_duration(now.withdraw_wait).to_string(),
         );
         let (old, now) = (&self.api, &new.api);
         let path = |p: Option<&Path>| shown(p.map(Path::display));
@@ -1156,6 +1193,8 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
             })?),
             None => None,
         };
+        check_listener_addresses(listen, &listener.announce)
+            .map_err(|reason| err("announce", reason))?;
         if listener.gateway.is_empty() {
             return Err(err("gateway", "no [[listener.gateway]] configured".into()));
         }
@@ -1202,6 +1241,7 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
             socket_buffer,
             admission,
             public_key,
+            announce: listener.announce,
             gateways,
         });
     }
@@ -1231,6 +1271,7 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
     }
     let sync = build_sync(raw.sync, &api, origin)?;
     let agents = build_agents(raw.agent, &listeners, &api, origin)?;
+    let announce = build_announce(raw.announce, &origin)?;
     Ok(Config {
         listeners,
         health,
@@ -1239,6 +1280,7 @@ fn build(raw: RawConfig, origin: Origin<'_>, layout: Layout) -> Result<Config, C
         datapath,
         sync,
         agents,
+        announce,
         places,
     })
 }

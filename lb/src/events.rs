@@ -50,6 +50,12 @@ pub enum EventKind {
     FailingOpen {
         active: bool,
     },
+    /// This balancer started or stopped announcing `address` to the routers (`crate::announce`).
+    Route {
+        address: std::net::IpAddr,
+        announced: bool,
+        why: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

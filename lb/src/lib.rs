@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod agents;
+pub mod announce;
 pub mod api;
 pub mod balancer;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod control;
 pub mod datapath;
 pub mod events;
 pub mod health;
+pub mod host;
 pub mod lifecycle;
 pub mod maglev;
 pub mod metrics;

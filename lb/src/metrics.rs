@@ -59,6 +59,7 @@ pub struct Metrics {
     agent_peers: IntGaugeVec,
     rehome_orders: IntCounterVec,
     rehome_order_seconds: HistogramVec,
+    route_announced: IntGaugeVec,
 }
 
 /// What the fast path's sweep (or the program itself) found wrong between the XDP program's
@@ -228,6 +229,7 @@ impl Metrics {
             unreachable: counter(r, "wglb_gateway_unreachable_total", "ICMP port unreachable from the gateway's WireGuard port for a session's datagram: nothing listens there.", &["listener", "gateway"]),
             passive_waiting: gauge(r, "wglb_passive_waiting_clients", "Client addresses whose handshake initiations the gateway has left unanswered for at least the passive health window.", &["listener", "gateway"]),
             passive_ejections: counter(r, "wglb_passive_ejections_total", "Times passive health found the gateway answering no one's handshakes and reported it down.", &["listener", "gateway"]),
+            route_announced: gauge(r, "wglb_route_announced", "1 while this balancer announces the address (its route is in the announcement table), 0 while it withholds it.", &["address"]),
             agents_attached: gauge(r, "wglb_agent_attached", "1 while the gateway's agent holds a stream to this balancer.", &["listener", "gateway"]),
             agent_peers: gauge(r, "wglb_agent_peers", "Peers the gateway's agent reported last, each with the endpoint its gateway sends to.", &["listener", "gateway"]),
             rehome_orders: counter(r, "wglb_rehome_orders_total", "Handshake orders for clients re-homed onto the gateway (their own gateway died), by result: sent to its agent, completed (the gateway started the handshake and the client completed it), failed (the agent refused the order, or the client did not answer), unsent (no agent attached, or its queue was full).", &["listener", "gateway", "result"]),
@@ -239,6 +241,12 @@ impl Metrics {
             },
             registry,
         }
+    }
+
+    pub fn set_route_announced(&self, address: std::net::IpAddr, announced: bool) {
+        self.route_announced
+            .with_label_values(&[&address.to_string()])
+            .set(announced as i64);
     }
 
     pub fn set_agent_attached(&self, listener: &str, gateway: &str, attached: bool) {

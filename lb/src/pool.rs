@@ -201,6 +201,14 @@ impl Placement {
         self.hash_key
     }
 
+    /// Whether some gateway may still be used: up (or suspect) and not taken down. Draining
+    /// counts: its sessions still go there.
+    pub fn usable(&self) -> bool {
+        self.gateways
+            .iter()
+            .any(|g| g.admin != AdminState::Down && g.health != Health::Down)
+    }
+
     /// True while no active gateway is up and health is being ignored.
     pub fn failing_open(&self) -> bool {
         self.failing_open

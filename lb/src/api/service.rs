@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::pb;
 use crate::agents::Agents;
+use crate::announce::{AnnounceHandle, RouteState};
 use crate::api::serve::PeerIdentity;
 use crate::config::{format_public_key, parse_public_key, ConfigFile, GatewayConfig};
 use crate::control::{
@@ -51,6 +52,8 @@ pub struct Api {
     /// The `[[sync.peer]]` names: the only balancers whose sessions are taken.
     sync_peers: Arc<[String]>,
     agents: Agents,
+    /// Set when some listener announces an address (`crate::announce`).
+    announce: Option<AnnounceHandle>,
 }
 
 impl Api {
@@ -72,7 +75,13 @@ impl Api {
             config_file,
             sync_peers,
             agents,
+            announce: None,
         }
+    }
+
+    pub fn with_announce(mut self, announce: Option<AnnounceHandle>) -> Api {
+        self.announce = announce;
+        self
     }
 
     pub(super) fn agents(&self) -> &Agents {
@@ -319,6 +328,16 @@ fn event_message(event: Event) -> pb::Event {
             message.active = active;
             Kind::FailingOpen
         }
+        EventKind::Route {
+            address,
+            announced,
+            why,
+        } => {
+            message.source = address.to_string();
+            message.active = announced;
+            message.detail = why;
+            Kind::Route
+        }
     };
     message.set_kind(kind);
     message
@@ -380,6 +399,12 @@ impl pb::control_server::Control for Api {
             listeners,
             health_sources: snapshot.sources,
             health_quorum: snapshot.quorum,
+            routes: self
+                .announce
+                .as_ref()
+                .map(|a| route_messages(a.routes()))
+                .unwrap_or_default(),
+            drained: self.announce.as_ref().is_some_and(AnnounceHandle::drained),
         }))
     }
 
@@ -665,6 +690,32 @@ impl pb::control_server::Control for Api {
             path: file.path.display().to_string(),
         }))
     }
+
+    async fn drain_self(
+        &self,
+        request: Request<pb::DrainSelfRequest>,
+    ) -> Result<Response<pb::DrainSelfResponse>, Status> {
+        let Some(announce) = &self.announce else {
+            return Err(Status::failed_precondition(
+                "this balancer announces no address (no listener has `announce`): there is nothing to withdraw",
+            ));
+        };
+        let routes = announce.set_drained(request.into_inner().drained).await;
+        Ok(Response::new(pb::DrainSelfResponse {
+            routes: route_messages(routes),
+        }))
+    }
+}
+
+fn route_messages(routes: Vec<RouteState>) -> Vec<pb::Route> {
+    routes
+        .into_iter()
+        .map(|route| pb::Route {
+            address: route.address.to_string(),
+            announced: route.held.is_none(),
+            held: route.held.map(|h| h.to_string()).unwrap_or_default(),
+        })
+        .collect()
 }
 
 #[tonic::async_trait]

@@ -133,9 +133,16 @@ pub enum ClientCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Stop placing new clients on a gateway; its sessions stay until they go idle.
+    /// Stop placing new clients on a gateway; its sessions stay until they go idle. With --self,
+    /// withdraw this balancer from the routers instead (active-active behind ECMP).
     Drain {
-        gateway: String,
+        #[arg(required_unless_present = "whole")]
+        gateway: Option<String>,
+        /// Withdraw every address this balancer announces: the routers send its flows to the
+        /// other balancers (which hold its sessions through sync), while it forwards what still
+        /// arrives. `wglb undrain --self` announces them again.
+        #[arg(long = "self", id = "whole", conflicts_with_all = ["gateway", "listener", "move_sessions", "wait"])]
+        whole: bool,
         /// Only in this listener (default: every listener with such a gateway).
         #[arg(long)]
         listener: Option<String>,
@@ -151,11 +158,15 @@ pub enum ClientCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
         timeout: Duration,
     },
-    /// Put a drained (or down) gateway back into placement.
+    /// Put a drained (or down) gateway back into placement; with --self, announce this
+    /// balancer's addresses again.
     Undrain {
-        gateway: String,
+        #[arg(required_unless_present = "whole")]
+        gateway: Option<String>,
         #[arg(long)]
         listener: Option<String>,
+        #[arg(long = "self", id = "whole", conflicts_with_all = ["gateway", "listener"])]
+        whole: bool,
     },
     /// Add, remove or change a gateway at runtime.
     #[command(subcommand)]
@@ -329,12 +340,24 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
             }
             render::sessions(&sessions, total, json);
         }
+        // clap asks for a gateway unless --self is given.
+        ClientCommand::Drain { gateway: None, .. }
+        | ClientCommand::Undrain { gateway: None, .. } => {
+            let drained = matches!(command, ClientCommand::Drain { .. });
+            let routes = api
+                .control
+                .drain_self(pb::DrainSelfRequest { drained })
+                .await?
+                .into_inner();
+            render::routes(&routes, json);
+        }
         ClientCommand::Drain {
-            gateway,
+            gateway: Some(gateway),
             listener,
             move_sessions,
             wait,
             timeout,
+            ..
         } => {
             let changed = set(
                 &mut api,
@@ -362,7 +385,11 @@ pub async fn execute(args: &ApiArgs, command: ClientCommand) -> Result<(), CliEr
             }
             wait_drained(&mut api, &gateway, listener.as_deref(), timeout, json).await?;
         }
-        ClientCommand::Undrain { gateway, listener } => {
+        ClientCommand::Undrain {
+            gateway: Some(gateway),
+            listener,
+            ..
+        } => {
             let changed = set(
                 &mut api,
                 &gateway,

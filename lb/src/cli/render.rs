@@ -71,6 +71,8 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
                 },
                 "public_key": (!l.public_key.is_empty()).then_some(&l.public_key),
             })).collect::<Vec<_>>(),
+            "drained": status.drained,
+            "routes": routes_json(&status.routes),
         }));
         return;
     }
@@ -93,6 +95,13 @@ pub fn status(status: &pb::StatusResponse, json: bool) {
         },
         status.health_quorum
     );
+    if !status.routes.is_empty() {
+        println!(
+            "routes{}: {}",
+            if status.drained { " (drained)" } else { "" },
+            routes_text(&status.routes)
+        );
+    }
     let mut listeners = table(&[
         "LISTENER",
         "LISTEN",
@@ -305,6 +314,42 @@ pub fn drained(gateway: &str, took: Duration, json: bool) {
     }
 }
 
+fn routes_json(routes: &[pb::Route]) -> Value {
+    routes
+        .iter()
+        .map(|r| {
+            json!({
+                "address": r.address,
+                "announced": r.announced,
+                "held": (!r.held.is_empty()).then_some(&r.held),
+            })
+        })
+        .collect()
+}
+
+fn routes_text(routes: &[pb::Route]) -> String {
+    routes
+        .iter()
+        .map(|r| {
+            if r.announced {
+                format!("{} announced", r.address)
+            } else {
+                format!("{} withheld ({})", r.address, r.held)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What `wglb drain --self` (and `undrain --self`) leaves announced.
+pub fn routes(response: &pb::DrainSelfResponse, json: bool) {
+    if json {
+        print_json(&json!({ "routes": routes_json(&response.routes) }));
+    } else {
+        println!("routes: {}", routes_text(&response.routes));
+    }
+}
+
 fn kind_name(kind: pb::event::Kind) -> &'static str {
     use pb::event::Kind;
     match kind {
@@ -320,6 +365,7 @@ fn kind_name(kind: pb::event::Kind) -> &'static str {
         Kind::ConfigRefused => "config_refused",
         Kind::FailStatic => "fail_static",
         Kind::FailingOpen => "failing_open",
+        Kind::Route => "route",
         Kind::Lagged => "lagged",
     }
 }
@@ -364,6 +410,16 @@ pub fn event(event: &pb::Event, json: bool) {
             (if event.active { "on" } else { "off" }).to_string()
         }
         Kind::Lagged => format!("{} event(s) missed", event.count),
+        Kind::Route => format!(
+            "{} {} ({})",
+            event.source,
+            if event.active {
+                "announced"
+            } else {
+                "withdrawn"
+            },
+            event.detail
+        ),
         _ => String::new(),
     };
     let at = UNIX_EPOCH + Duration::from_millis(event.unix_ms);

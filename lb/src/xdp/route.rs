@@ -9,19 +9,16 @@
 //! the gateway's packets to userspace.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::IpAddr;
 
 use anyhow::{bail, Context};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::host::Netlink;
 
 /// The way to a gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,78 +32,7 @@ pub struct Path {
     pub source: IpAddr,
 }
 
-/// A route socket: requests and their answers, one at a time.
-pub struct Netlink {
-    socket: Socket,
-    sequence: u32,
-    buffer: Vec<u8>,
-}
-
 impl Netlink {
-    pub fn open() -> io::Result<Netlink> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Netlink {
-            socket,
-            sequence: 0,
-            buffer: vec![0; 64 * 1024],
-        })
-    }
-
-    /// Sends one request and collects its answers (several for a dump) until the kernel says done.
-    fn request(
-        &mut self,
-        message: RouteNetlinkMessage,
-        dump: bool,
-    ) -> anyhow::Result<Vec<RouteNetlinkMessage>> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
-        header.sequence_number = self.sequence;
-        let mut request = NetlinkMessage::new(header, NetlinkPayload::from(message));
-        request.finalize();
-        let mut bytes = vec![0; request.buffer_len()];
-        request.serialize(&mut bytes);
-        self.socket.send(&bytes, 0).context("netlink send")?;
-        let mut answers = Vec::new();
-        loop {
-            let size = self
-                .socket
-                .recv(&mut &mut self.buffer[..], 0)
-                .context("netlink receive")?;
-            let mut offset = 0;
-            while offset < size {
-                let message: NetlinkMessage<RouteNetlinkMessage> =
-                    NetlinkMessage::deserialize(&self.buffer[offset..size])
-                        .context("a netlink answer that does not parse")?;
-                let length = message.header.length as usize;
-                if message.header.sequence_number == self.sequence {
-                    match message.payload {
-                        NetlinkPayload::Done(_) => return Ok(answers),
-                        NetlinkPayload::Error(error) => match error.code {
-                            Some(code) => {
-                                return Err(io::Error::from_raw_os_error(-code.get()).into())
-                            }
-                            None => return Ok(answers),
-                        },
-                        NetlinkPayload::InnerMessage(inner) => {
-                            answers.push(inner);
-                            if !dump {
-                                return Ok(answers);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
-            }
-        }
-    }
-
     /// The kernel's route to `destination` (as `ip route get`), from `source` if given.
     pub fn path_to(&mut self, destination: IpAddr, source: Option<IpAddr>) -> anyhow::Result<Path> {
         let mut query = RouteMessage::default();
@@ -123,7 +49,7 @@ impl Netlink {
             query.header.source_prefix_length = bits;
             query.attributes.push(RouteAttribute::Source(source.into()));
         }
-        let answers = self.request(RouteNetlinkMessage::GetRoute(query), false)?;
+        let answers = self.ask(RouteNetlinkMessage::GetRoute(query))?;
         let Some(RouteNetlinkMessage::NewRoute(route)) = answers.into_iter().next() else {
             bail!("no route to {destination}");
         };
@@ -155,10 +81,9 @@ impl Netlink {
     /// the kernel keeps using them until a probe says otherwise, and XDP traffic, which does not
     /// confirm them, would otherwise lose its next hop every few minutes.
     pub fn neighbours(&mut self) -> anyhow::Result<HashMap<(u32, IpAddr), [u8; 6]>> {
-        let answers = self.request(
-            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
-            true,
-        )?;
+        let answers = self.dump(RouteNetlinkMessage::GetNeighbour(
+            NeighbourMessage::default(),
+        ))?;
         let mut neighbours = HashMap::new();
         for answer in answers {
             let RouteNetlinkMessage::NewNeighbour(entry) = answer else {

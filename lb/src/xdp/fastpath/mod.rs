@@ -19,7 +19,7 @@
 //! It runs on a thread of its own: map operations are system calls, and a sweep of a million
 //! sessions takes seconds that must not stall the userspace datapath.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,11 +42,13 @@ mod rehome;
 mod sweep;
 
 use super::program::{endpoint_of, maglev_entries, nat_key, Limits, Table, XdpProgram};
-use super::route::{Netlink, Path};
+use super::route::Path;
 use crate::agents::Agents;
 use crate::config::{Config, DatapathConfig, XdpMode};
 use crate::control::ListenerPlan;
 use crate::events::EventBus;
+use crate::host::local_addresses;
+use crate::host::Netlink;
 use crate::metrics::{Direction, DropReason, GatewayCounters, ListenerCounters, Metrics, NatDrift};
 use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, HashKey};
@@ -249,7 +251,7 @@ impl FastPath {
             fast.apply(index, plan)?;
         }
         fast.refresh_paths()?;
-        fast.refresh_addresses()?;
+        fast.refresh_addresses(&local_addresses()?)?;
         fast.attach(datapath)?;
         metrics.set_datapath("xdp");
         Ok(fast)
@@ -364,20 +366,32 @@ impl FastPath {
                         // Before the addresses are looked at: a session relayed until the
                         // program serves its address comes with its index, and on its gateway.
                         self.adopt_relayed_indices(&links.slow_paths).await;
-                        self.pin_relayed_sessions(&links.slow_paths).await;
-                        self.tick();
+                        match local_addresses() {
+                            Ok(local) => {
+                                self.pin_relayed_sessions(&links.slow_paths, &local).await;
+                                self.tick(Some(&local));
+                            }
+                            Err(e) => {
+                                tracing::warn!("cannot read the local addresses: {e:#}");
+                                self.tick(None);
+                            }
+                        }
                     }
                 }
             }
         });
     }
 
-    fn tick(&mut self) {
+    /// A look at the world once a second; the listeners' addresses only if the local ones
+    /// could be read.
+    fn tick(&mut self, local: Option<&[IpAddr]>) {
         if let Err(e) = self.refresh_paths() {
             tracing::warn!("cannot refresh the routes to gateways: {e:#}");
         }
-        if let Err(e) = self.refresh_addresses() {
-            tracing::warn!("cannot refresh the listeners' addresses: {e:#}");
+        if let Some(local) = local {
+            if let Err(e) = self.refresh_addresses(local) {
+                tracing::warn!("cannot refresh the listeners' addresses: {e:#}");
+            }
         }
         if let Err(e) = self.read_counters() {
             tracing::warn!("cannot read the XDP program's counters: {e:#}");
@@ -485,24 +499,6 @@ fn ethernet_interfaces_up() -> anyhow::Result<Vec<String>> {
 }
 
 /// Every address of this host but loopback ones, in a stable order.
-fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
-    let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .context("listing local addresses")?
-        .filter_map(|interface| {
-            let address = interface.address?;
-            if let Some(v4) = address.as_sockaddr_in() {
-                return Some(IpAddr::V4(v4.ip()));
-            }
-            address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-        })
-        .filter(|ip| !ip.is_loopback())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    addresses.sort();
-    Ok(addresses)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

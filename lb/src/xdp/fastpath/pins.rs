@@ -28,20 +28,14 @@ impl FastPath {
     pub(super) async fn pin_relayed_sessions(
         &mut self,
         slow_paths: &[mpsc::Sender<SessionRequest>],
+        local: &[IpAddr],
     ) {
-        let local = match local_addresses() {
-            Ok(local) => local,
-            Err(e) => {
-                tracing::warn!("cannot read the local addresses: {e:#}");
-                return;
-            }
-        };
         for (index, slow_path) in slow_paths.iter().enumerate() {
             let Some(listener) = self.listeners.get(index) else {
                 continue;
             };
             let gaining = listener.served
-                && wanted_addresses(listener, &local)
+                && wanted_addresses(listener, local)
                     .iter()
                     .any(|a| !listener.addresses.contains(a));
             if !gaining {

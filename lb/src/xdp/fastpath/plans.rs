@@ -236,14 +236,13 @@ impl FastPath {
 
     /// The addresses each served listener answers on: its own, or for a wildcard every local
     /// address of its family.
-    pub(super) fn refresh_addresses(&mut self) -> anyhow::Result<()> {
-        let local = local_addresses()?;
+    pub(super) fn refresh_addresses(&mut self, local: &[IpAddr]) -> anyhow::Result<()> {
         for index in 0..self.listeners.len() {
             let listener = &self.listeners[index];
             if !listener.served {
                 continue;
             }
-            let wanted = wanted_addresses(listener, &local);
+            let wanted = wanted_addresses(listener, local);
             if wanted == listener.addresses {
                 continue;
             }
