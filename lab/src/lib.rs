@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod bench;
+mod bird;
 mod cmd;
 pub mod contender;
 pub mod cpu;
@@ -29,12 +30,13 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+pub use bird::Bird;
 pub use cmd::{run, terminate, wait_for};
 pub use daemon::Daemon;
 pub use health::HealthEndpoint;
 pub use netns::Netns;
 pub use ping::Pinger;
-pub use rig::{Family, Rig, RigSpec, FLOATING_ADDR};
+pub use rig::{Family, Rig, RigSpec, ANYCAST_ADDR, FLOATING_ADDR, ROUTER_ADDR};
 pub use wg::Keypair;
 
 /// Checks that rigs can be built here. Tests call it first and fail with its error: skipping

@@ -34,6 +34,10 @@ const GATEWAY_LINKS: (u8, u16) = (202, 0x202);
 const FRONT_BRIDGE: &str = "front";
 const BACK_BRIDGE: &str = "back";
 pub const FLOATING_ADDR: Ipv4Addr = Ipv4Addr::new(10, CLIENT_LINKS.0, 255, 100);
+/// With [`Rig::route_anycast`]: the address every balancer holds and announces, on no segment,
+/// and the router the clients send it to (the switch namespace, on the front segment).
+pub const ANYCAST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 255, 100);
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(10, CLIENT_LINKS.0, 255, 254);
 
 /// Makes rig ids unique within the process; the process id makes them unique across processes.
 static RIG_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -92,6 +96,8 @@ pub struct Rig {
     family: Family,
     keepalive: Option<u16>,
     gateway_public: String,
+    /// Clients send to [`ANYCAST_ADDR`] through the router instead of the floating address.
+    anycast: bool,
 }
 
 struct Client {
@@ -160,6 +166,7 @@ impl Rig {
             family: spec.family,
             keepalive: spec.keepalive,
             gateway_public: gateway_key.public,
+            anycast: false,
         };
         if spec.balancers > 1 {
             rig.add_switch(spec.balancers)
@@ -437,6 +444,9 @@ impl Rig {
     /// Where client i sends its WireGuard packets: the balancer's address on client i's link, or
     /// the floating address of a shared-segment rig.
     pub fn listen_addr(&self, i: usize) -> SocketAddr {
+        if self.anycast {
+            return SocketAddr::new(ANYCAST_ADDR.into(), WG_PORT);
+        }
         if self.shared_segments() {
             return SocketAddr::new(FLOATING_ADDR.into(), WG_PORT);
         }
@@ -763,6 +773,115 @@ impl Rig {
                 &via,
             ])?;
         }
+        Ok(())
+    }
+
+    /// Makes a shared-segment rig an anycast site behind a router, as for balancers that run
+    /// active-active behind ECMP: the switch namespace routes too, at [`ROUTER_ADDR`] on the
+    /// front segment, hashing flows over equal-cost paths by their UDP ports; every balancer
+    /// holds [`ANYCAST_ADDR`] on its loopback; clients send to it through the router (their
+    /// answers come straight back over the segment). Routes to it come from a routing daemon
+    /// the test runs in [`Rig::router_ns`].
+    pub fn route_anycast(&mut self) -> Result<()> {
+        ensure!(
+            self.shared_segments(),
+            "anycast needs a rig of several balancers"
+        );
+        let router = &self.balancer;
+        router.ip(&["addr", "add", &format!("{ROUTER_ADDR}/16"), "dev", FRONT_BRIDGE])?;
+        // The router forwards back out of the segment it received on: no ICMP redirects, or
+        // clients would learn to bypass it for a balancer.
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            &format!("net.ipv4.conf.{FRONT_BRIDGE}.send_redirects=0"),
+        ] {
+            cmd::run(router.command("sysctl").args(["-q", "-w", setting]))?;
+        }
+        for client in &self.clients {
+            cmd::run(client.ns.command("sysctl").args([
+                "-q",
+                "-w",
+                "net.ipv4.conf.all.accept_redirects=0",
+            ]))?;
+            client.ns.ip(&[
+                "route",
+                "add",
+                &format!("{ANYCAST_ADDR}/32"),
+                "via",
+                &ROUTER_ADDR.to_string(),
+            ])?;
+        }
+        for balancer in &self.balancers {
+            balancer.ip(&["addr", "add", &format!("{ANYCAST_ADDR}/32"), "dev", "lo"])?;
+        }
+        self.anycast = true;
+        Ok(())
+    }
+
+    /// The router's namespace of an anycast rig (the switch).
+    pub fn router_ns(&self) -> &Netns {
+        &self.balancer
+    }
+
+    /// Which balancer the router sends client i's datagrams from `port` to now (by the
+    /// multipath hash of its routes to [`ANYCAST_ADDR`]), if it has a route.
+    pub fn router_choice(&self, i: usize, port: u16) -> Result<Option<usize>> {
+        let client = self.clients[i].outer.to_string();
+        let route = cmd::run(self.balancer.command("ip").args([
+            "route",
+            "get",
+            &ANYCAST_ADDR.to_string(),
+            "from",
+            &client,
+            "iif",
+            FRONT_BRIDGE,
+            "ipproto",
+            "udp",
+            "sport",
+            &port.to_string(),
+            "dport",
+            &WG_PORT.to_string(),
+        ]));
+        let Ok(route) = route else {
+            return Ok(None);
+        };
+        let front = |b: usize| Ipv4Addr::new(10, CLIENT_LINKS.0, 255, b as u8 + 1).to_string();
+        let via = route
+            .split_whitespace()
+            .skip_while(|word| *word != "via")
+            .nth(1);
+        Ok(via.and_then(|via| (0..self.balancers.len()).find(|&b| front(b) == via)))
+    }
+
+    /// The balancers the router has a path to [`ANYCAST_ADDR`] through, in order.
+    pub fn router_paths(&self) -> Result<Vec<usize>> {
+        let routes = self.balancer.ip(&["route", "show", &format!("{ANYCAST_ADDR}/32")])?;
+        Ok((0..self.balancers.len())
+            .filter(|&b| {
+                let front = Ipv4Addr::new(10, CLIENT_LINKS.0, 255, b as u8 + 1);
+                routes.contains(&format!("via {front} "))
+            })
+            .collect())
+    }
+
+    /// Sets the WireGuard port client i will send from; only before it starts.
+    pub fn set_client_port(&mut self, i: usize, port: u16) -> Result<()> {
+        let client = &mut self.clients[i];
+        ensure!(client.wg.is_none(), "client {i} is already running");
+        ensure!(port != 0, "client ports must be fixed, not 0");
+        client.port = port;
+        Ok(())
+    }
+
+    /// Cuts balancer b off a shared segment (front: the clients' and the router's; back: the
+    /// gateways'), as a dead link or a dead host would: its processes are told nothing.
+    pub fn cut_balancer(&self, b: usize, front: bool) -> Result<()> {
+        let bridge = if front { FRONT_BRIDGE } else { BACK_BRIDGE };
+        let id = &self.id;
+        self.balancer
+            .ip(&["link", "set", &format!("v{id}{bridge}{b}"), "down"])?;
         Ok(())
     }
 
