@@ -788,7 +788,13 @@ impl Rig {
             "anycast needs a rig of several balancers"
         );
         let router = &self.balancer;
-        router.ip(&["addr", "add", &format!("{ROUTER_ADDR}/16"), "dev", FRONT_BRIDGE])?;
+        router.ip(&[
+            "addr",
+            "add",
+            &format!("{ROUTER_ADDR}/16"),
+            "dev",
+            FRONT_BRIDGE,
+        ])?;
         // The router forwards back out of the segment it received on: no ICMP redirects, or
         // clients would learn to bypass it for a balancer.
         for setting in [
@@ -857,7 +863,9 @@ impl Rig {
 
     /// The balancers the router has a path to [`ANYCAST_ADDR`] through, in order.
     pub fn router_paths(&self) -> Result<Vec<usize>> {
-        let routes = self.balancer.ip(&["route", "show", &format!("{ANYCAST_ADDR}/32")])?;
+        let routes = self
+            .balancer
+            .ip(&["route", "show", &format!("{ANYCAST_ADDR}/32")])?;
         Ok((0..self.balancers.len())
             .filter(|&b| {
                 let front = Ipv4Addr::new(10, CLIENT_LINKS.0, 255, b as u8 + 1);

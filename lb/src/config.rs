@@ -797,6 +797,12 @@ impl Config {
             humantime::format_duration(old.withdraw_wait).to_string(),
             humantime::format_duration(now.withdraw_wait).to_string(),
         );
+        compare(
+            "[announce]",
+            "sync_wait",
+            humantime::format_duration(old.sync_wait).to_string(),
+            humantime::format_duration(now.sync_wait).to_string(),
+        );
         let (old, now) = (&self.api, &new.api);
         let path = |p: Option<&Path>| shown(p.map(Path::display));
         compare(

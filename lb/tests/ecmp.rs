@@ -17,7 +17,9 @@ use anyhow::{ensure, Context, Result};
 use support::{
     config_text, connect, lost_since, predicted_gateway, settled_handshakes, Balancer, Datapath,
 };
-use wglb_lab::{require_root, wait_for, Bird, Family, Pinger, Rig, RigSpec, ANYCAST_ADDR, ROUTER_ADDR};
+use wglb_lab::{
+    require_root, wait_for, Bird, Family, Pinger, Rig, RigSpec, ANYCAST_ADDR, ROUTER_ADDR,
+};
 
 const BALANCERS: usize = 3;
 const CLIENTS: usize = 6;
@@ -62,7 +64,10 @@ fn listener_config() -> String {
 fn shipped(text: &str, replacements: &[(&str, String)]) -> Result<String> {
     let mut config = text.to_string();
     for (from, to) in replacements {
-        ensure!(config.contains(from), "the shipped BIRD configuration has no `{from}`");
+        ensure!(
+            config.contains(from),
+            "the shipped BIRD configuration has no `{from}`"
+        );
         config = config.replace(from, to);
     }
     Ok(config)
@@ -76,7 +81,10 @@ fn balancer_bird(rig: &Rig, b: usize) -> Result<String> {
             ("router id 192.0.2.10;", format!("router id {front};")),
             ("interface \"eth0\"", format!("interface \"{interface}\"")),
             ("local 192.0.2.10 as", format!("local {front} as")),
-            ("neighbor 192.0.2.1 as", format!("neighbor {ROUTER_ADDR} as")),
+            (
+                "neighbor 192.0.2.1 as",
+                format!("neighbor {ROUTER_ADDR} as"),
+            ),
         ],
     )
 }
@@ -86,14 +94,24 @@ fn router_bird(rig: &Rig) -> Result<String> {
         ("router id 192.0.2.1;", format!("router id {ROUTER_ADDR};")),
         ("interface \"eth0\"", "interface \"front\"".to_string()),
         ("local 192.0.2.1 as", format!("local {ROUTER_ADDR} as")),
-        ("203.0.113.0/24{32,32}", format!("{ANYCAST_ADDR}/32{{32,32}}")),
+        (
+            "203.0.113.0/24{32,32}",
+            format!("{ANYCAST_ADDR}/32{{32,32}}"),
+        ),
     ];
-    let neighbors = ["neighbor 192.0.2.10 as", "neighbor 192.0.2.11 as", "neighbor 192.0.2.12 as"];
+    let neighbors = [
+        "neighbor 192.0.2.10 as",
+        "neighbor 192.0.2.11 as",
+        "neighbor 192.0.2.12 as",
+    ];
     for (b, neighbor) in neighbors.into_iter().enumerate() {
         let (front, _, _) = rig.balancer_front(b);
         replacements.push((neighbor, format!("neighbor {front} as")));
     }
-    shipped(include_str!("../../deploy/bird/bird-router.conf"), &replacements)
+    shipped(
+        include_str!("../../deploy/bird/bird-router.conf"),
+        &replacements,
+    )
 }
 
 /// A balancer's sessions: client -> (gateway, synced from).
@@ -140,7 +158,12 @@ impl Site {
             keepalive: None,
         })?;
         rig.route_anycast()?;
-        let router = Bird::start(rig.router_ns(), rig.temp_dir(), "router", &router_bird(&rig)?)?;
+        let router = Bird::start(
+            rig.router_ns(),
+            rig.temp_dir(),
+            "router",
+            &router_bird(&rig)?,
+        )?;
         let configs: Vec<String> = (0..BALANCERS)
             .map(|b| site_config(&rig, b))
             .collect::<Result<_>>()?;
@@ -190,17 +213,21 @@ impl Site {
         }
         // Flows spread: each balancer forwards its two clients, and holds the others' sessions
         // from its peers.
-        wait_for("every balancer to hold every session", Duration::from_secs(15), || {
-            let mut carried = Vec::new();
-            for balancer in &site.balancers {
-                let held = sessions(balancer)?;
-                if held.len() < CLIENTS {
-                    return Ok(None);
+        wait_for(
+            "every balancer to hold every session",
+            Duration::from_secs(15),
+            || {
+                let mut carried = Vec::new();
+                for balancer in &site.balancers {
+                    let held = sessions(balancer)?;
+                    if held.len() < CLIENTS {
+                        return Ok(None);
+                    }
+                    carried.push(held.values().filter(|(_, from)| from.is_none()).count());
                 }
-                carried.push(held.values().filter(|(_, from)| from.is_none()).count());
-            }
-            Ok(Some(carried))
-        })
+                Ok(Some(carried))
+            },
+        )
         .and_then(|carried| {
             eprintln!("flows per balancer: {carried:?}");
             ensure!(
@@ -268,20 +295,52 @@ fn active_active(datapath: Datapath) -> Result<()> {
     let all: Vec<usize> = (0..CLIENTS).collect();
     let handshakes = settled_handshakes(&site.rig, &all)?;
 
-    // A clean stop: the route goes before the forwarding.
+    // An operator withdraws lb0 (`wglb drain --self`): its flows go to the others, which hold
+    // its sessions; then it is announced again.
     let marks = site.marks();
-    site.balancers[2].stop()?;
+    let said = site.balancers[0].cli(&["drain", "--self"])?;
     ensure!(
-        site.rig.router_paths()? == [0, 1],
-        "lb2 stopped but the router still sends to it: {:?}",
-        site.rig.router_paths()?
+        said.contains("withheld (drained"),
+        "wglb drain --self said: {said}"
     );
+    site.wait_paths(&[1, 2], Duration::from_secs(5))?;
+    site.lost_at_most(&marks, 1, "lb0 drained")?;
+    site.kept(&handshakes, "lb0 drained")?;
+    let said = site.balancers[0].cli(&["undrain", "--self"])?;
+    ensure!(
+        said.contains("announced"),
+        "wglb undrain --self said: {said}"
+    );
+    site.wait_paths(&[0, 1, 2], Duration::from_secs(5))?;
+
+    // A clean stop: the route goes while lb2 still forwards (for `withdraw_wait`).
+    let marks = site.marks();
+    site.balancers[2].ask_to_stop()?;
+    site.wait_paths(&[0, 1], Duration::from_secs(5))?;
+    ensure!(
+        site.balancers[2].running()?,
+        "lb2 exited before the router stopped sending to it"
+    );
+    site.balancers[2].stop()?;
     site.lost_at_most(&marks, 1, "lb2 stopped")?;
     site.kept(&handshakes, "lb2 stopped")?;
 
-    // Back: its flows return to it, on their gateways.
+    // Back: its flows return to it, on their gateways. gw2 is drained meanwhile, so that lb2's
+    // own placement would send gw2's clients elsewhere: only the sessions its peers push it keep
+    // them there, and it announces itself only once it has them.
+    for b in [0, 1] {
+        site.balancers[b].cli(&["drain", "gw2"])?;
+    }
+    let drained = site.configs[2].replace(
+        "name = \"gw2\"\naddress = \"10.202.2.2:51820\"\nhealth_port = 55003\nstate = \"active\"",
+        "name = \"gw2\"\naddress = \"10.202.2.2:51820\"\nhealth_port = 55003\nstate = \"draining\"",
+    );
+    ensure!(
+        drained != site.configs[2],
+        "no gw2 to drain in lb2's configuration"
+    );
     let marks = site.marks();
-    site.balancers[2] = Balancer::start_at(&site.rig, Some(2), &site.configs[2], datapath)?;
+    site.balancers[2] = Balancer::start_at(&site.rig, Some(2), &drained, datapath)?;
     site.wait_paths(&[0, 1, 2], BGP_UP)?;
     site.lost_at_most(&marks, 1, "lb2 came back")?;
     site.kept(&handshakes, "lb2 came back")?;

@@ -4,15 +4,17 @@
 //! over every balancer that announces. An address is announced only while this balancer can
 //! take its traffic ([`decide`]): it is local (the datapaths receive it), every listener it is
 //! announced for has a gateway it may use, and no operator withdrew it (`wglb drain --self`).
-//! A stopping balancer withdraws first and forwards on for `[announce] withdraw_wait`, while the
-//! routers move the flows; one that dies loses its routes with its interface.
+//! A starting balancer announces once its sync peers have pushed it their sessions (or after
+//! `[announce] sync_wait`), so that the flows the routers move to it keep their gateways; a
+//! stopping one withdraws first and forwards on for `withdraw_wait`, while the routers move the
+//! flows; one that dies loses its routes with its interface.
 
 pub mod device;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -34,6 +36,8 @@ pub enum Held {
     Drained,
     /// The balancer is stopping.
     Stopping,
+    /// The balancer started and these sync peers have not pushed it their sessions yet.
+    Syncing(Vec<String>),
     /// No interface of this host has the address, so its traffic would not reach a datapath.
     NotLocal,
     /// This listener, one the address is announced for, has no gateway it may use.
@@ -45,6 +49,11 @@ impl std::fmt::Display for Held {
         match self {
             Held::Drained => write!(f, "drained by an operator (wglb drain --self)"),
             Held::Stopping => write!(f, "the balancer is stopping"),
+            Held::Syncing(peers) => write!(
+                f,
+                "waiting for the sessions of sync peer(s) {}",
+                peers.join(", ")
+            ),
             Held::NotLocal => write!(f, "no local interface has the address"),
             Held::NoGateway(listener) => {
                 write!(f, "listener `{listener}` has no gateway it may use")
@@ -61,9 +70,13 @@ pub fn decide(
     listeners: &[(&str, bool)],
     local: &[IpAddr],
     drained: bool,
+    syncing: &[String],
 ) -> Result<(), Held> {
     if drained {
         return Err(Held::Drained);
+    }
+    if !syncing.is_empty() {
+        return Err(Held::Syncing(syncing.to_vec()));
     }
     if !local.contains(&address) {
         return Err(Held::NotLocal);
@@ -81,14 +94,22 @@ pub struct RouteState {
     pub held: Option<Held>,
 }
 
-/// The API's side: withdraw or restore this balancer, and see what is announced.
+/// The API's side: withdraw or restore this balancer, see what is announced, and tell which
+/// sync peers have pushed their sessions.
 #[derive(Clone)]
 pub struct AnnounceHandle {
     drained: watch::Sender<bool>,
     routes: watch::Receiver<Arc<[RouteState]>>,
+    resynced: watch::Sender<BTreeSet<Arc<str>>>,
 }
 
 impl AnnounceHandle {
+    /// `peer` pushed this balancer every session it forwards (a resync ended).
+    pub fn peer_resynced(&self, peer: &Arc<str>) {
+        self.resynced
+            .send_if_modified(|peers| peers.insert(peer.clone()));
+    }
+
     /// Withdraws every address (`true`) or announces them again where they may be (`false`);
     /// what stands once the announcer has acted.
     pub async fn set_drained(&self, drained: bool) -> Vec<RouteState> {
@@ -121,6 +142,11 @@ pub struct Announcer {
     drained: watch::Receiver<bool>,
     routes: watch::Sender<Arc<[RouteState]>>,
     announced: BTreeMap<IpAddr, bool>,
+    /// The sync peers, and those that have pushed their sessions since the start.
+    peers: Vec<String>,
+    resynced: watch::Receiver<BTreeSet<Arc<str>>>,
+    started: Instant,
+    sync_wait: Duration,
     metrics: Metrics,
     events: EventBus,
 }
@@ -153,6 +179,7 @@ impl Announcer {
             })
             .collect();
         let (routes_tx, routes) = watch::channel(initial);
+        let (resynced_tx, resynced) = watch::channel(BTreeSet::new());
         for address in addresses.keys() {
             metrics.set_route_announced(*address, false);
         }
@@ -174,12 +201,17 @@ impl Announcer {
             drained,
             routes: routes_tx,
             announced: BTreeMap::new(),
+            peers: config.sync.peers.iter().map(|p| p.name.clone()).collect(),
+            resynced,
+            started: Instant::now(),
+            sync_wait: config.announce.sync_wait,
             metrics: metrics.clone(),
             events: events.clone(),
         };
         let handle = AnnounceHandle {
             drained: drained_tx,
             routes,
+            resynced: resynced_tx,
         };
         Ok(Some((announcer, handle)))
     }
@@ -193,6 +225,7 @@ impl Announcer {
             tokio::select! {
                 _ = look.tick() => self.look(false),
                 Ok(()) = self.drained.changed() => self.look(false),
+                Ok(()) = self.resynced.changed() => self.look(false),
                 _ = stop.wait_for(|&stop| stop) => break,
             }
         }
@@ -214,6 +247,16 @@ impl Announcer {
             }
         };
         let drained = *self.drained.borrow_and_update();
+        let syncing: Vec<String> = if self.started.elapsed() < self.sync_wait {
+            let resynced = self.resynced.borrow_and_update();
+            self.peers
+                .iter()
+                .filter(|p| !resynced.contains(p.as_str()))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         let usable: Vec<bool> = self
             .listeners
             .iter()
@@ -228,7 +271,7 @@ impl Announcer {
             let decision = if stopping {
                 Err(Held::Stopping)
             } else {
-                decide(address, &named, &local, drained)
+                decide(address, &named, &local, drained, &syncing)
             };
             let wanted = decision.is_ok();
             if self.announced.get(&address).copied() != Some(wanted) {
@@ -280,24 +323,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn announced_only_while_local_usable_and_not_drained() {
+    fn announced_only_while_local_usable_synced_and_not_drained() {
         let vip: IpAddr = "192.0.2.100".parse().unwrap();
         let local: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), vip];
+        let none: &[String] = &[];
         assert_eq!(
-            decide(vip, &[("a", true), ("b", true)], &local, false),
+            decide(vip, &[("a", true), ("b", true)], &local, false, none),
             Ok(())
         );
         assert_eq!(
-            decide(vip, &[("a", true), ("b", false)], &local, false),
+            decide(vip, &[("a", true), ("b", false)], &local, false, none),
             Err(Held::NoGateway("b".into()))
         );
         assert_eq!(
-            decide(vip, &[("a", true)], &local[..1], false),
+            decide(vip, &[("a", true)], &local[..1], false, none),
             Err(Held::NotLocal)
         );
         assert_eq!(
-            decide(vip, &[("a", true)], &local, true),
+            decide(vip, &[("a", true)], &local, true, none),
             Err(Held::Drained)
+        );
+        assert_eq!(
+            decide(vip, &[("a", true)], &local, false, &["lb1".to_string()]),
+            Err(Held::Syncing(vec!["lb1".into()]))
         );
     }
 }

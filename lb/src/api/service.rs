@@ -853,10 +853,18 @@ impl pb::session_sync_server::SessionSync for Api {
                     Ok(batch) => {
                         let peer =
                             sync::receive::peer_of(&batch, credential.as_ref(), &api.sync_peers);
+                        let resync_end = batch.resync_end;
                         match peer {
                             Ok(peer) => {
-                                sync::receive::apply(&peer, batch, &api.sessions, &api.metrics)
-                                    .await
+                                let applied =
+                                    sync::receive::apply(&peer, batch, &api.sessions, &api.metrics)
+                                        .await;
+                                if let (Ok(_), true, Some(announce)) =
+                                    (&applied, resync_end, &api.announce)
+                                {
+                                    announce.peer_resynced(&peer);
+                                }
+                                applied
                             }
                             Err(bad) => Err(bad),
                         }

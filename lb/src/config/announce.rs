@@ -17,6 +17,10 @@ pub const DEFAULT_ANNOUNCE_DEVICE: &str = "wglb-announce";
 /// before a stopping balancer stops forwarding.
 pub const DEFAULT_WITHDRAW_WAIT: Duration = Duration::from_secs(2);
 const MAX_WITHDRAW_WAIT: Duration = Duration::from_secs(60);
+/// A starting balancer's longest wait for its sync peers' sessions before it announces: a live
+/// peer reconnects within 5 s (its backoff's bound) and resyncs in well under a second.
+pub const DEFAULT_SYNC_WAIT: Duration = Duration::from_secs(10);
+const MAX_SYNC_WAIT: Duration = Duration::from_secs(120);
 
 /// Where the routes of the announced addresses go, for the routing daemon to export. Fixed for
 /// the process's life.
@@ -27,6 +31,9 @@ pub struct AnnounceConfig {
     /// and all, however the process ends.
     pub device: String,
     pub withdraw_wait: Duration,
+    /// How long a starting balancer waits for every sync peer to push its sessions before it
+    /// announces anyway (a dead peer never will).
+    pub sync_wait: Duration,
 }
 
 impl Default for AnnounceConfig {
@@ -35,6 +42,7 @@ impl Default for AnnounceConfig {
             table: DEFAULT_ANNOUNCE_TABLE,
             device: DEFAULT_ANNOUNCE_DEVICE.into(),
             withdraw_wait: DEFAULT_WITHDRAW_WAIT,
+            sync_wait: DEFAULT_SYNC_WAIT,
         }
     }
 }
@@ -46,6 +54,8 @@ pub(super) struct RawAnnounce {
     device: Option<String>,
     #[serde(default, with = "opt_duration")]
     withdraw_wait: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    sync_wait: Option<Duration>,
 }
 
 pub(super) fn build_announce(
@@ -88,10 +98,18 @@ pub(super) fn build_announce(
             "must be at most 60s (a stop waits that long)",
         ));
     }
+    let sync_wait = raw.sync_wait.unwrap_or(defaults.sync_wait);
+    if sync_wait > MAX_SYNC_WAIT {
+        return Err(err(
+            "sync_wait",
+            "must be at most 120s (a balancer withholds its routes that long after a start)",
+        ));
+    }
     Ok(AnnounceConfig {
         table,
         device,
         withdraw_wait,
+        sync_wait,
     })
 }
 

@@ -333,6 +333,24 @@ impl Balancer {
         Ok(())
     }
 
+    /// SIGTERM without waiting: [`Balancer::stop`] waits for the exit.
+    pub fn ask_to_stop(&self) -> Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(())
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> Result<bool> {
+        Ok(match &mut self.child {
+            Some(child) => child.try_wait()?.is_none(),
+            None => false,
+        })
+    }
+
     /// SIGTERM, and wait for the process to exit.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
