@@ -15,13 +15,6 @@ set -euo pipefail
 source "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# policy-rc.d: the benchmarks start nginx themselves, in a namespace; Debian's package would
-# otherwise start one on this host's port 80 when it is installed.
-if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-fi
 bash scripts/apt-install.sh nginx libnginx-mod-stream nftables iperf3
 source "$HOME/.cargo/env" 2>/dev/null || true
 # The failover and rehome benchmarks run the gateway agent (another package) next to wglb.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Debian package builds, installs with dpkg, its units pass `systemd-analyze verify` and its
-# keepalived example `keepalived --config-test` with the binaries in place, and it removes
+# keepalived example `keepalived --config-test` with the binaries in place, its BIRD examples
+# parse, and it removes
 # cleanly. Run as root by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,10 @@ getent group wglb >/dev/null
 test -x /usr/lib/wglb/keepalived-notify
 # The shipped keepalived configuration, with the installed wglb and notify hook in place.
 keepalived --config-test -f /usr/share/doc/wglb/examples/keepalived.conf
+# The BIRD examples for active-active sites parse (bird -p checks a file and exits).
+for example in bird-balancer bird-router; do
+    bird -p -c "/usr/share/doc/wglb/examples/$example.conf"
+done
 systemd-analyze verify /lib/systemd/system/wglb.service /lib/systemd/system/wglb-healthcheck.service \
     /lib/systemd/system/wglb-agent.service
 dpkg -r wglb

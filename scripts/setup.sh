@@ -16,6 +16,7 @@ packages=(
     ethtool          # test rigs set veth offloads for the XDP datapath
     nftables         # tests rewrite a client's source mapping (NAT rebinding) with nft
     keepalived       # VRRP for the HA pair tests (deploy/keepalived/)
+    bird2            # BGP and BFD for the active-active tests (deploy/bird/)
     systemd          # systemd-analyze verifies the packaged units
     binutils         # strip, for the Debian package
     python3-venv     # the schema checkers of deploy/ (below) live in a virtualenv

@@ -1913,6 +1913,40 @@ address = "[fd00::2]:51820"
     }
 
     #[test]
+    fn announce_is_checked_against_the_listeners_and_the_kernel() {
+        let announcing = |line: &str| {
+            GOOD.replace(
+                "hash_key = \"source-ip-port\"\n",
+                &format!("hash_key = \"source-ip-port\"\n{line}\n"),
+            )
+        };
+        let config = Config::parse(&announcing("announce = [\"203.0.113.10\"]"), "wglb.toml")
+            .expect("an IPv4 address on a 0.0.0.0 listener");
+        assert_eq!(config.listeners[0].announce, ["203.0.113.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(config.announce, AnnounceConfig::default());
+
+        let msg = refused(&announcing("announce = [\"2001:db8::1\"]"));
+        assert!(
+            msg.contains("line 9") && msg.contains("field `announce`") && msg.contains("does not reach"),
+            "{msg}"
+        );
+        let msg = refused(&announcing("announce = [\"203.0.113.10\", \"203.0.113.10\"]"));
+        assert!(msg.contains("listed twice"), "{msg}");
+        let msg = refused(&announcing("announce = [\"127.0.0.1\"]"));
+        assert!(msg.contains("unicast address routers can reach"), "{msg}");
+
+        let msg = refused(&format!("[announce]\ntable = 254\n{GOOD}"));
+        assert!(
+            msg.contains("line 1") && msg.contains("field `table`") && msg.contains("main (254)"),
+            "{msg}"
+        );
+        let msg = refused(&format!("[announce]\ndevice = \"much-too-long-name\"\n{GOOD}"));
+        assert!(msg.contains("field `device`"), "{msg}");
+        let msg = refused(&format!("[announce]\nwithdraw_wait = \"2m\"\n{GOOD}"));
+        assert!(msg.contains("field `withdraw_wait`"), "{msg}");
+    }
+
+    #[test]
     fn the_shipped_example_is_valid() {
         let text = include_str!("../../deploy/wglb.example.toml");
         let config = Config::parse(text, "wglb.example.toml").unwrap();

@@ -252,6 +252,22 @@ fn describe(config: &Config) -> String {
             config.sync.node, peer.name, peer.url, config.sync.queue
         );
     }
+    let announced: Vec<String> = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.announce.iter().map(move |a| format!("{a} ({})", l.name)))
+        .collect();
+    if !announced.is_empty() {
+        let announce = &config.announce;
+        out += &format!(
+            "announce: {} while they can forward, as routes in table {} through {} (withdrawn {:?} before a stop; after a start, up to {:?} for the sync peers' sessions)\n",
+            announced.join(", "),
+            announce.table,
+            announce.device,
+            announce.withdraw_wait,
+            announce.sync_wait
+        );
+    }
     for l in &config.listeners {
         out += &format!(
             "listener {} on {}: hash {}, idle timeout {:?}, up to {} sessions, Maglev {} slots, all down: {}\n",
