@@ -48,7 +48,7 @@ impl Bird {
             name: name.to_string(),
         };
         cmd::wait_for(
-            &format!("BIRD `{name}` to answer"),
+            format!("BIRD `{name}` to answer"),
             Duration::from_secs(10),
             || Ok(bird.birdc(&["show", "status"]).ok()),
         )?;

@@ -1922,15 +1922,22 @@ address = "[fd00::2]:51820"
         };
         let config = Config::parse(&announcing("announce = [\"203.0.113.10\"]"), "wglb.toml")
             .expect("an IPv4 address on a 0.0.0.0 listener");
-        assert_eq!(config.listeners[0].announce, ["203.0.113.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            config.listeners[0].announce,
+            ["203.0.113.10".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(config.announce, AnnounceConfig::default());
 
         let msg = refused(&announcing("announce = [\"2001:db8::1\"]"));
         assert!(
-            msg.contains("line 9") && msg.contains("field `announce`") && msg.contains("does not reach"),
+            msg.contains("line 9")
+                && msg.contains("field `announce`")
+                && msg.contains("does not reach"),
             "{msg}"
         );
-        let msg = refused(&announcing("announce = [\"203.0.113.10\", \"203.0.113.10\"]"));
+        let msg = refused(&announcing(
+            "announce = [\"203.0.113.10\", \"203.0.113.10\"]",
+        ));
         assert!(msg.contains("listed twice"), "{msg}");
         let msg = refused(&announcing("announce = [\"127.0.0.1\"]"));
         assert!(msg.contains("unicast address routers can reach"), "{msg}");
@@ -1940,7 +1947,9 @@ address = "[fd00::2]:51820"
             msg.contains("line 1") && msg.contains("field `table`") && msg.contains("main (254)"),
             "{msg}"
         );
-        let msg = refused(&format!("[announce]\ndevice = \"much-too-long-name\"\n{GOOD}"));
+        let msg = refused(&format!(
+            "[announce]\ndevice = \"much-too-long-name\"\n{GOOD}"
+        ));
         assert!(msg.contains("field `device`"), "{msg}");
         let msg = refused(&format!("[announce]\nwithdraw_wait = \"2m\"\n{GOOD}"));
         assert!(msg.contains("field `withdraw_wait`"), "{msg}");

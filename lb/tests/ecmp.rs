@@ -169,8 +169,8 @@ impl Site {
             .collect::<Result<_>>()?;
         let mut balancers = Vec::new();
         let mut birds = Vec::new();
-        for b in 0..BALANCERS {
-            balancers.push(Balancer::start_at(&rig, Some(b), &configs[b], datapath)?);
+        for (b, config) in configs.iter().enumerate() {
+            balancers.push(Balancer::start_at(&rig, Some(b), config, datapath)?);
             birds.push(Bird::start(
                 rig.balancer_ns_at(b),
                 rig.temp_dir(),
@@ -256,12 +256,15 @@ impl Site {
 
     /// Every client still on its gateway, with no handshake since `handshakes`.
     fn kept(&self, handshakes: &[Option<u64>], what: &str) -> Result<()> {
-        for i in 0..CLIENTS {
+        for (i, &before) in handshakes.iter().enumerate() {
             let latest = self.rig.client_latest_handshake(i)?;
+            // WireGuard rekeys by itself once a session is REKEY_AFTER_TIME (120 s) old, which a
+            // loaded machine may reach here; a rekey keeps the client on its gateway, checked
+            // below.
+            let rekeyed = matches!((before, latest), (Some(b), Some(l)) if l >= b + 115);
             ensure!(
-                latest == handshakes[i],
-                "{what}: client {i} handshook again ({:?} -> {latest:?}): its session did not survive",
-                handshakes[i]
+                latest == before || rekeyed,
+                "{what}: client {i} handshook again ({before:?} -> {latest:?}): its session did not survive"
             );
             ensure!(
                 self.rig.gateway_serving(i)? == Some(self.gateways[i]),
