@@ -10,12 +10,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    config_text, connect, lost_since, predicted_gateway, settled_handshakes, Balancer, Datapath,
+    config_text, connect, lost_since, predicted_gateway, settled_handshakes, synced_config,
+    Balancer, Datapath,
 };
 use wglb_lab::{
     require_root, wait_for, Bird, Family, Pinger, Rig, RigSpec, ANYCAST_ADDR, ROUTER_ADDR,
@@ -23,35 +23,18 @@ use wglb_lab::{
 
 const BALANCERS: usize = 3;
 const CLIENTS: usize = 6;
-const API_PORT: u16 = 7443;
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 /// Time for BGP sessions to come up: BIRD waits a few seconds before it first connects.
 const BGP_UP: Duration = Duration::from_secs(30);
 
 /// Balancer b's configuration: the test listener announcing the anycast address, its API on the
 /// back segment for its peers, and every other balancer to sync with.
 fn site_config(rig: &Rig, b: usize) -> Result<String> {
-    let token = rig.temp_dir().join("api.token");
-    fs::write(&token, TOKEN)?;
-    let sync_token = |b: usize| -> Result<String> {
-        let path = rig.temp_dir().join(format!("sync-lb{b}.token"));
-        fs::write(&path, format!("{TOKEN}-lb{b}"))?;
-        Ok(path.display().to_string())
-    };
-    let (_, _, back) = rig.balancer_front(b);
-    let mut text = format!(
-        "[api]\ntcp = \"{back}:{API_PORT}\"\ntoken_file = \"{}\"\n\n[announce]\nwithdraw_wait = \"1s\"\n\n[sync]\nnode = \"lb{b}\"\n",
-        token.display()
+    let peers: Vec<usize> = (0..BALANCERS).filter(|&p| p != b).collect();
+    let rest = format!(
+        "[announce]\nwithdraw_wait = \"1s\"\n\n{}",
+        listener_config()
     );
-    for peer in (0..BALANCERS).filter(|&p| p != b) {
-        let (_, _, peer_back) = rig.balancer_front(peer);
-        text += &format!(
-            "[[sync.peer]]\nname = \"lb{peer}\"\nurl = \"http://{peer_back}:{API_PORT}\"\ntoken_file = \"{}\"\naccept_token_file = \"{}\"\n",
-            sync_token(b)?,
-            sync_token(peer)?
-        );
-    }
-    Ok(format!("{text}\n{}", listener_config()))
+    synced_config(rig, b, &peers, &rest)
 }
 
 fn listener_config() -> String {
@@ -376,6 +359,19 @@ fn active_active(datapath: Datapath) -> Result<()> {
     }
     site.lost_at_most(&marks, 5, "lb1 died")?;
     site.kept(&handshakes, "lb1 died")?;
+    // Its flows went to the other two, which forward every client now.
+    let mut forwarded = std::collections::BTreeSet::new();
+    for b in [0, 2] {
+        let own = sessions(&site.balancers[b])?
+            .into_iter()
+            .filter(|(_, (_, from))| from.is_none())
+            .map(|(client, _)| client);
+        forwarded.extend(own);
+    }
+    ensure!(
+        forwarded.len() == CLIENTS,
+        "lb0 and lb2 forward {forwarded:?}, not every client"
+    );
 
     // lb0 loses every gateway (its link to them): it withdraws, and lb2 carries everyone.
     site.rig.cut_balancer(0, false)?;

@@ -16,12 +16,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Context, Result};
 use support::{
     client_ip, config_text, connect, first_reply, lost_since, ports_for, predicted_gateway,
-    settled_handshakes, Balancer, Datapath,
+    settled_handshakes, synced_config, Balancer, Datapath,
 };
 use wglb_lab::{require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
-const API_PORT: u16 = 7443;
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 /// The track script misses twice a second apart, then VRRP moves the address at once (the
 /// failing node advertises priority 0); a generous bound for two loaded cores.
 const VRRP_SWITCH: Duration = Duration::from_secs(10);
@@ -29,25 +27,7 @@ const VRRP_SWITCH: Duration = Duration::from_secs(10);
 /// Balancer b's configuration: the test listener and gateways, its API on the back segment for
 /// the peer, and the peer to sync with.
 fn ha_config(rig: &Rig, b: usize, listener_config: &str) -> Result<String> {
-    let token = rig.temp_dir().join("api.token");
-    fs::write(&token, TOKEN)?;
-    // Each balancer pushes its sessions with a token of its own, which names it to its peer.
-    let sync_token = |b: usize| -> Result<String> {
-        let path = rig.temp_dir().join(format!("sync-lb{b}.token"));
-        fs::write(&path, format!("{TOKEN}-lb{b}"))?;
-        Ok(path.display().to_string())
-    };
-    let peer = 1 - b;
-    let (_, _, back) = rig.balancer_front(b);
-    let (_, _, peer_back) = rig.balancer_front(peer);
-    let token = token.display();
-    let (mine, theirs) = (sync_token(b)?, sync_token(peer)?);
-    Ok(format!(
-        "[api]\ntcp = \"{back}:{API_PORT}\"\ntoken_file = \"{token}\"\n\n\
-         [sync]\nnode = \"lb{b}\"\n[[sync.peer]]\nname = \"lb{peer}\"\n\
-         url = \"http://{peer_back}:{API_PORT}\"\ntoken_file = \"{mine}\"\n\
-         accept_token_file = \"{theirs}\"\n\n{listener_config}"
-    ))
+    synced_config(rig, b, &[1 - b], listener_config)
 }
 
 /// keepalived for balancer b from the shipped configuration, with this rig's interface and

@@ -41,6 +41,37 @@ pub fn config_text(family: Family, states: &[&str]) -> String {
     text
 }
 
+/// The TCP API port of the balancers of a shared-segment rig, on their back segment addresses.
+pub const API_PORT: u16 = 7443;
+const API_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// Balancer b's configuration on a shared-segment rig: its API on the back segment (bearer
+/// token), session sync with `peers` (each balancer pushes with a token of its own, which names
+/// it to its peers), then `rest` (more sections, and the listeners).
+pub fn synced_config(rig: &Rig, b: usize, peers: &[usize], rest: &str) -> Result<String> {
+    let token = rig.temp_dir().join("api.token");
+    fs::write(&token, API_TOKEN)?;
+    let sync_token = |b: usize| -> Result<String> {
+        let path = rig.temp_dir().join(format!("sync-lb{b}.token"));
+        fs::write(&path, format!("{API_TOKEN}-lb{b}"))?;
+        Ok(path.display().to_string())
+    };
+    let (_, _, back) = rig.balancer_front(b);
+    let mut text = format!(
+        "[api]\ntcp = \"{back}:{API_PORT}\"\ntoken_file = \"{}\"\n\n[sync]\nnode = \"lb{b}\"\n",
+        token.display()
+    );
+    for &peer in peers {
+        let (_, _, peer_back) = rig.balancer_front(peer);
+        text += &format!(
+            "[[sync.peer]]\nname = \"lb{peer}\"\nurl = \"http://{peer_back}:{API_PORT}\"\ntoken_file = \"{}\"\naccept_token_file = \"{}\"\n",
+            sync_token(b)?,
+            sync_token(peer)?
+        );
+    }
+    Ok(format!("{text}\n{rest}"))
+}
+
 /// `config_text` with an [api] socket of its own (every balancer of a test run has one), in the
 /// text's [api] section if it has one.
 fn with_api(config_text: &str, socket: &Path) -> String {
