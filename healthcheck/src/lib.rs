@@ -20,14 +20,14 @@ pub mod checker;
 pub mod config;
 pub mod core_api;
 pub mod discovery;
-pub mod exposition;
 pub mod handshake;
-pub mod http;
 pub mod metrics;
 pub mod pools;
 pub mod port;
 pub mod registration;
 pub mod report;
-pub mod thresholds;
 pub mod topology;
 pub mod verdict;
+
+// The probe library the balancer links too, where the sidecar's own modules expect it.
+pub use wglb_probe::{exposition, http, thresholds};

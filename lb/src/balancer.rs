@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
-use wglb_healthcheck::exposition::{notify_systemd, NotifyState};
+use wglb_probe::exposition::{notify_systemd, NotifyState};
 use wglb_proto::client::{read_token_file, Target};
 
 use crate::agents::Agents;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use wglb_healthcheck::http::{probe_http, CORE_DETACHED};
-use wglb_healthcheck::thresholds::Thresholds;
+use wglb_probe::http::{probe_http, CORE_DETACHED};
+use wglb_probe::thresholds::Thresholds;
 
 use crate::config::HealthCheckConfig;
 

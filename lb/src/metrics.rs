@@ -302,7 +302,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        wglb_healthcheck::exposition::render(&self.registry)
+        wglb_probe::exposition::render(&self.registry)
     }
 
     pub fn listener(&self, listener: &str) -> ListenerCounters {
@@ -583,5 +583,5 @@ pub async fn serve(
     metrics: Metrics,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
-    wglb_healthcheck::exposition::serve(socket, metrics.registry, ready).await
+    wglb_probe::exposition::serve(socket, metrics.registry, ready).await
 }

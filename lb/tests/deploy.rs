@@ -239,7 +239,7 @@ fn exported_metrics() -> BTreeSet<String> {
     sidecar.probe("l", "g", Probe::Handshake, true, Duration::from_millis(1));
     sidecar.verdict("l", "g", Verdict::Up, true);
     sidecar.balancer("b", true);
-    let text = metrics.render() + &wglb_healthcheck::exposition::render(&sidecar.registry());
+    let text = metrics.render() + &wglb_probe::exposition::render(&sidecar.registry());
     text.lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
         .filter_map(|line| line.split_whitespace().next())
