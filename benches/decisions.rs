@@ -8,7 +8,7 @@
 //! sorting them all); the edge's mac1 check (against RustCrypto's BLAKE2s), and routing a new
 //! tuple by its receiver index among 100k (against Maglev placement).
 //!
-//! Run: `cargo bench -p wglb --bench decisions`
+//! Run: `cargo bench -p wglb-benches --bench decisions`
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};

@@ -13,11 +13,10 @@
 //! alive; nginx stream has no active health checks in its open-source build, only passive ones.
 //!
 //! Writes `benches/results/failover.{csv,md}`. Run (as root): `sudo bash scripts/bench.sh`, or
-//! `cargo bench -p wglb --bench failover` with nginx, libnginx-mod-stream and nftables installed.
+//! `cargo bench -p wglb-benches --bench failover` with nginx, libnginx-mod-stream and nftables installed.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -65,7 +64,7 @@ fn trial(contender: Contender, agents: bool) -> Result<Trial> {
         keepalive: None,
     })?;
     let dir = rig.temp_dir().to_path_buf();
-    let wglb = Path::new(env!("CARGO_BIN_EXE_wglb"));
+    let wglb = &bench::workspace_binary("wglb")?;
     let agent = agents
         .then(|| wglb_lab::agents::agent_binary(wglb))
         .transpose()?;
@@ -134,7 +133,7 @@ fn main() -> Result<()> {
     let mut csv =
         String::from("contender,trial,failover_s,beyond_floor_s,survivors,survivors_disturbed\n");
     let mut md = format!(
-        "# Failover: a gateway dies under a live WireGuard session\n\nCommand: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb --bench failover`).\n\n\
+        "# Failover: a gateway dies under a live WireGuard session\n\nCommand: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb-benches --bench failover`).\n\n\
          Machine: {}\n\n{CLIENTS} wireguard-go clients pinging through the balancer every 0.2 s, 2 gateways; the gateway of client 0 stops \
          (WireGuard and `/health`). Failover: from its death to client 0's first reply through the other gateway (a reply counts from 0.3 s after the death, \
          as one the dying gateway sent may still be on its way: no failover reads below 0.3 s); without help WireGuard's floor is 15 s (the client's own re-handshake); \"+ agents\": each gateway runs `wglb-agent`, and the new gateway calls the client. \

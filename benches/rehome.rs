@@ -8,7 +8,7 @@
 //!
 //! Every moved client must be called (the benchmark fails otherwise). Writes
 //! `benches/results/rehome.{csv,md}`. Run (as root): `sudo bash scripts/bench.sh rehome`, or
-//! `cargo bench -p wglb --bench rehome` with `wglb-agent` built (`cargo build --release -p
+//! `cargo bench -p wglb-benches --bench rehome` with `wglb-agent` built (`cargo build --release -p
 //! wglb-agent`).
 
 use std::collections::HashMap;
@@ -50,7 +50,7 @@ fn trial(contender: Contender) -> Result<Trial> {
     let (secrets, public_keys) = Swarm::keys(CLIENTS);
     rig.add_gateway_peers(&public_keys)?;
     let dir = rig.temp_dir().to_path_buf();
-    let wglb = Path::new(env!("CARGO_BIN_EXE_wglb"));
+    let wglb = &bench::workspace_binary("wglb")?;
     let agent = agents::agent_binary(wglb)?;
     let running = contender.start(
         &Setup {
@@ -214,7 +214,7 @@ fn main() -> Result<()> {
         "contender,trial,moved,median_s,last_s,gateway,called,first_to_last_s,pacing_floor_s\n",
     );
     let mut md = format!(
-        "# Re-homing {CLIENTS} clients at once\n\nCommand: `sudo bash scripts/bench.sh rehome` (runs `cargo bench -p wglb --bench rehome`).\n\n\
+        "# Re-homing {CLIENTS} clients at once\n\nCommand: `sudo bash scripts/bench.sh rehome` (runs `cargo bench -p wglb-benches --bench rehome`).\n\n\
          Machine: {}\n\n{CLIENTS} WireGuard clients (boringtun handshakes, one process, one port each) on {GATEWAYS} wireguard-go gateways \
          with `wglb-agent` each; the gateway with the most clients dies (WireGuard and `/health`). Called: from its death to the moment a \
          client received its new gateway's handshake initiation and answered. Pacing: a gateway given k clients needs at least \

@@ -5,7 +5,7 @@
 //! snapshot is taken by `wglb::lifecycle::snapshot` over a million sessions, the same pass the
 //! datapaths make. No root, no namespaces.
 //!
-//! Run: `cargo bench -p wglb --bench resync`
+//! Run: `cargo bench -p wglb-benches --bench resync`
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

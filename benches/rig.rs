@@ -19,7 +19,7 @@
 //! figure is the median over rounds.
 //!
 //! Writes `benches/results/rig.{csv,md,svg}`. Run (as root): `sudo bash scripts/bench.sh`, or
-//! `cargo bench -p wglb --bench rig` with nginx, libnginx-mod-stream and nftables installed.
+//! `cargo bench -p wglb-benches --bench rig` with nginx, libnginx-mod-stream and nftables installed.
 //! `WGLB_BENCH_QUICK=1` runs one short round (to try the rig, not for figures);
 //! `WGLB_BENCH_ONLY="wglb userspace,nginx stream"` runs those contenders and writes nothing (to
 //! profile one, or try a change against another).
@@ -147,7 +147,7 @@ impl Results {
     fn markdown(&self, machine: &str) -> String {
         let mut out = format!(
             "# The rig: wglb against nginx stream, nftables DNAT and kernel forwarding\n\n\
-             Command: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb --bench rig`).\n\n\
+             Command: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb-benches --bench rig`).\n\n\
              Machine: {machine}\n\n\
              {FLOWS} source tuples, WireGuard transport messages, 2 gateways (UDP sinks); generator \
              pinned to CPU {GENERATOR_CPU}; medians of {} alternating rounds of {} s. CPU: the whole \
@@ -336,9 +336,10 @@ fn main() -> Result<()> {
     let sinks = Sinks::start(&rig, &gateways)?;
     rig.route_through_balancer()?;
     let dir = rig.temp_dir().to_path_buf();
+    let wglb = bench::workspace_binary("wglb")?;
     let setup = Setup {
         rig: &rig,
-        wglb: Path::new(env!("CARGO_BIN_EXE_wglb")),
+        wglb: &wglb,
         dir: &dir,
         listen: rig.listen_addr(0),
         gateways: gateways.clone(),

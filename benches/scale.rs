@@ -14,11 +14,10 @@
 //! which it does not have.
 //!
 //! Writes `benches/results/scale.{csv,md}`. Run (as root): `sudo bash scripts/bench.sh`, or
-//! `cargo bench -p wglb --bench scale`.
+//! `cargo bench -p wglb-benches --bench scale`.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,6 +146,7 @@ fn main() -> Result<()> {
         .collect();
     let sinks = Sinks::start(&rig, &gateways)?;
     let dir = rig.temp_dir().to_path_buf();
+    let wglb = bench::workspace_binary("wglb")?;
     let clients: Vec<Ipv4Addr> = (10..26).map(|h| Ipv4Addr::new(10, 201, 0, h)).collect();
     let listen = rig.listen_addr(0);
     let plan: [(Contender, &[usize]); 2] = [
@@ -166,7 +166,7 @@ fn main() -> Result<()> {
             let slab_before = slab_bytes();
             let setup = Setup {
                 rig: &rig,
-                wglb: Path::new(env!("CARGO_BIN_EXE_wglb")),
+                wglb: &wglb,
                 dir: &dir,
                 listen,
                 gateways: gateways.clone(),
@@ -240,7 +240,7 @@ fn main() -> Result<()> {
         "contender,sessions,sessions_held,pps,offered_pps,rss_bytes,bpf_map_bytes,slab_growth_bytes\n",
     );
     let mut md = format!(
-        "# Scale: packets/s and memory by live sessions\n\nCommand: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb --bench scale`).\n\n\
+        "# Scale: packets/s and memory by live sessions\n\nCommand: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb-benches --bench scale`).\n\n\
          Machine: {}\n\n64-byte WireGuard transport messages, flat out round-robin over every session's source tuple for {seconds} s \
          (generator pinned to CPU {GENERATOR_CPU}); 32 gateways. The userspace datapath's largest level is bounded by the open-file limit \
          ({files} here) as well as by its ports.\n\n\

@@ -68,7 +68,7 @@ fn main() {
     let gateway = UdpSocket::bind("127.0.0.1:0").expect("gateway socket");
     let gateway_addr = gateway.local_addr().unwrap();
     let balancer = Killed(
-        Command::new(env!("CARGO_BIN_EXE_wglb"))
+        Command::new(wglb_lab::bench::workspace_binary("wglb").expect("the wglb binary"))
             .args([
                 "--log",
                 "warn",

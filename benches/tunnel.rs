@@ -4,7 +4,7 @@
 //! figure is what wglb takes away from it.
 //!
 //! Writes `benches/results/tunnel.{csv,md}`. Run (as root): `sudo bash scripts/bench.sh`, or
-//! `cargo bench -p wglb --bench tunnel` with iperf3 installed.
+//! `cargo bench -p wglb-benches --bench tunnel` with iperf3 installed.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -67,6 +67,7 @@ fn main() -> Result<()> {
     rig.route_through_balancer()?;
     rig.start_client(0)?;
     let dir = rig.temp_dir().to_path_buf();
+    let wglb = bench::workspace_binary("wglb")?;
     let _server = Daemon::spawn(
         rig.gateway_ns(0),
         Path::new("iperf3"),
@@ -75,7 +76,7 @@ fn main() -> Result<()> {
     )?;
     let setup = Setup {
         rig: &rig,
-        wglb: Path::new(env!("CARGO_BIN_EXE_wglb")),
+        wglb: &wglb,
         dir: &dir,
         listen: rig.listen_addr(0),
         gateways: vec![rig.gateway_addr(0)],
@@ -105,7 +106,7 @@ fn main() -> Result<()> {
     let direct = medians[0].1;
     let mut csv = String::from("path,mbit_per_s,ratio_to_direct\n");
     let mut md = format!(
-        "# iperf3 TCP inside a wireguard-go tunnel\n\nCommand: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb --bench tunnel`).\n\n\
+        "# iperf3 TCP inside a wireguard-go tunnel\n\nCommand: `sudo bash scripts/bench.sh` (runs `cargo bench -p wglb-benches --bench tunnel`).\n\n\
          Machine: {}\n\nOne client and one gateway (wireguard-go, MTU 1420), {SECONDS} s per run, median of {rounds} alternating rounds.\n\n\
          | path | Mbit/s | through wglb / direct |\n|---|---|---|\n",
         machine()

@@ -13,7 +13,7 @@
 //! entry's, so the frame the program sends is the frame it received, and every run is a hit.
 //! The refusal and junk cases change nothing. New sessions are timed one run each.
 //!
-//! Run: `sudo cargo bench -p wglb --bench xdp_cost`
+//! Run: `sudo cargo bench -p wglb-benches --bench xdp_cost`
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -228,10 +228,7 @@ fn main() -> anyhow::Result<()> {
     let refused = refused.context("a source was never refused")?;
     let refused_ns = program.time(&refused, REPEAT)?;
 
-    let mut floor = aya::Ebpf::load(aya::include_bytes_aligned!(concat!(
-        env!("OUT_DIR"),
-        "/xdp-floor"
-    )))?;
+    let mut floor = aya::Ebpf::load(wglb::xdp::program::FLOOR_OBJECT)?;
     let floor: &mut Xdp = floor
         .program_mut("floor")
         .context("floor program")?

@@ -17,11 +17,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/apt-install.sh nginx libnginx-mod-stream nftables iperf3
 source "$HOME/.cargo/env" 2>/dev/null || true
-# The failover and rehome benchmarks run the gateway agent (another package) next to wglb.
-cargo build --release --locked -p wglb-agent
+# The benchmarks (crate wglb-benches) run the balancer's binary, and the failover and rehome ones
+# the gateway agent next to it: both built first, into target/release where they look.
+cargo build --release --locked -p wglb -p wglb-agent
 benches=("${@:-rig tunnel failover rehome scale}")
 for bench in ${benches[*]}; do
     echo "== $bench"
-    cargo bench -p wglb --bench "$bench" 2> >(grep -v '^warning: wglb@' >&2)
+    cargo bench -p wglb-benches --bench "$bench" 2> >(grep -v '^warning: wglb@' >&2)
 done
 echo "results: benches/results/"

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{Family, Rig, RigSpec};
 
@@ -63,6 +63,24 @@ pub fn write_results(manifest_dir: &str, stem: &str, csv: &str, markdown: &str) 
     std::fs::write(out.join(format!("{stem}.csv")), csv)?;
     std::fs::write(out.join(format!("{stem}.md")), markdown)?;
     Ok(out)
+}
+
+/// A binary of this workspace, built before the benchmark runs (`cargo build --release -p wglb`,
+/// as `scripts/bench.sh` does): it sits beside the directory of the benchmark's own executable
+/// (`target/release/deps/`), in the profile's directory.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the benchmark's executable has no target directory")?;
+    let path = profile.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "no {name} binary at {} (cargo build --release -p {name} first; scripts/bench.sh does)",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// The machine, as benchmark results describe it.

@@ -22,6 +22,10 @@ use crate::pool::{GatewayView, HashKey, Placement};
 
 /// The compiled program, built from `ebpf/xdp` by `lb/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wglb-xdp"));
+/// The floor program built beside it: parse, rewrite, transmit and nothing more, which the cost
+/// benchmark (`benches/xdp_cost.rs`) sets the program's per-packet cost against.
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-floor"));
 
 /// The name of the program in the object (its function's name).
 const PROGRAM: &str = "wglb";
