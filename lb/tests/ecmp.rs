@@ -116,14 +116,14 @@ fn sessions(balancer: &Balancer) -> Result<BTreeMap<String, (String, Option<Stri
         .collect())
 }
 
+/// Dropped in field order: the processes first, then the rig (its namespaces).
 struct Site {
-    rig: Rig,
-    configs: Vec<String>,
-    /// Declared before the daemons' namespaces go (the rig), as every field here.
     balancers: Vec<Balancer>,
     birds: Vec<Bird>,
     router: Bird,
     pingers: Vec<Pinger>,
+    rig: Rig,
+    configs: Vec<String>,
     /// Client i's gateway.
     gateways: Vec<usize>,
 }
