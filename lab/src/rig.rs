@@ -853,7 +853,7 @@ impl Rig {
         let Ok(route) = route else {
             return Ok(None);
         };
-        let front = |b: usize| Ipv4Addr::new(10, CLIENT_LINKS.0, 255, b as u8 + 1).to_string();
+        let front = |b: usize| self.balancer_front(b).0.to_string();
         let via = route
             .split_whitespace()
             .skip_while(|word| *word != "via")
@@ -867,10 +867,7 @@ impl Rig {
             .balancer
             .ip(&["route", "show", &format!("{ANYCAST_ADDR}/32")])?;
         Ok((0..self.balancers.len())
-            .filter(|&b| {
-                let front = Ipv4Addr::new(10, CLIENT_LINKS.0, 255, b as u8 + 1);
-                routes.contains(&format!("via {front} "))
-            })
+            .filter(|&b| routes.contains(&format!("via {} ", self.balancer_front(b).0)))
             .collect())
     }
 

@@ -9,13 +9,12 @@
 #[macro_use]
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    config_text, connect, lost_since, predicted_gateway, settled_handshakes, synced_config,
-    Balancer, Datapath,
+    config_text, connect, lost_since, predicted_gateway, sessions, settled_handshakes, shipped,
+    synced_config, Balancer, Datapath,
 };
 use wglb_lab::{
     require_root, wait_for, Bird, Family, Pinger, Rig, RigSpec, ANYCAST_ADDR, ROUTER_ADDR,
@@ -41,19 +40,6 @@ fn listener_config() -> String {
     let text = config_text(Family::V4, &["active", "active", "active"]);
     let hash = "hash_key = \"source-ip-port\"\n";
     text.replace(hash, &format!("{hash}announce = [\"{ANYCAST_ADDR}\"]\n"))
-}
-
-/// The shipped configuration with this rig's addresses.
-fn shipped(text: &str, replacements: &[(&str, String)]) -> Result<String> {
-    let mut config = text.to_string();
-    for (from, to) in replacements {
-        ensure!(
-            config.contains(from),
-            "the shipped BIRD configuration has no `{from}`"
-        );
-        config = config.replace(from, to);
-    }
-    Ok(config)
 }
 
 fn balancer_bird(rig: &Rig, b: usize) -> Result<String> {
@@ -95,25 +81,6 @@ fn router_bird(rig: &Rig) -> Result<String> {
         include_str!("../../deploy/bird/bird-router.conf"),
         &replacements,
     )
-}
-
-/// A balancer's sessions: client -> (gateway, synced from).
-fn sessions(balancer: &Balancer) -> Result<BTreeMap<String, (String, Option<String>)>> {
-    let text = balancer.cli(&["sessions", "--all", "--json"])?;
-    let value: serde_json::Value = serde_json::from_str(&text)?;
-    let sessions = value["sessions"].as_array().context("a session list")?;
-    Ok(sessions
-        .iter()
-        .map(|s| {
-            (
-                s["client"].as_str().unwrap_or_default().to_string(),
-                (
-                    s["gateway"].as_str().unwrap_or_default().to_string(),
-                    s["synced_from"].as_str().map(str::to_string),
-                ),
-            )
-        })
-        .collect())
 }
 
 /// Dropped in field order: the processes first, then the rig (its namespaces).
@@ -206,7 +173,7 @@ impl Site {
                     if held.len() < CLIENTS {
                         return Ok(None);
                     }
-                    carried.push(held.values().filter(|(_, from)| from.is_none()).count());
+                    carried.push(held.iter().filter(|s| s.synced_from.is_none()).count());
                 }
                 Ok(Some(carried))
             },
@@ -331,8 +298,8 @@ fn active_active(datapath: Datapath) -> Result<()> {
     site.lost_at_most(&marks, 1, "lb2 came back")?;
     site.kept(&handshakes, "lb2 came back")?;
     let returned = sessions(&site.balancers[2])?
-        .into_iter()
-        .filter(|(_, (_, from))| from.is_none())
+        .iter()
+        .filter(|s| s.synced_from.is_none())
         .count();
     ensure!(returned > 0, "no flow came back to lb2");
     eprintln!("flows back on lb2: {returned}");
@@ -364,8 +331,8 @@ fn active_active(datapath: Datapath) -> Result<()> {
     for b in [0, 2] {
         let own = sessions(&site.balancers[b])?
             .into_iter()
-            .filter(|(_, (_, from))| from.is_none())
-            .map(|(client, _)| client);
+            .filter(|s| s.synced_from.is_none())
+            .map(|s| s.client);
         forwarded.extend(own);
     }
     ensure!(

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Context, Result};
 use support::{
     client_ip, config_text, connect, first_reply, lost_since, ports_for, predicted_gateway,
-    settled_handshakes, synced_config, Balancer, Datapath,
+    sessions, settled_handshakes, shipped, synced_config, Balancer, Datapath, Listed,
 };
 use wglb_lab::{require_root, wait_for, Daemon, Family, Pinger, Rig, RigSpec};
 
@@ -35,7 +35,7 @@ fn ha_config(rig: &Rig, b: usize, listener_config: &str) -> Result<String> {
 /// rig's directory. Script security is off only because a test's paths may sit under a world-
 /// writable temporary directory, which keepalived refuses for root's scripts.
 fn start_keepalived(rig: &Rig, b: usize, api_socket: &Path) -> Result<Daemon> {
-    let shipped = include_str!("../../deploy/keepalived/keepalived.conf");
+    let shipped_text = include_str!("../../deploy/keepalived/keepalived.conf");
     let (front, interface, _) = rig.balancer_front(b);
     let (peer_front, _, _) = rig.balancer_front(1 - b);
     let temp = rig.temp_dir();
@@ -69,14 +69,7 @@ fn start_keepalived(rig: &Rig, b: usize, api_socket: &Path) -> Result<Daemon> {
             notify.display().to_string(),
         ),
     ];
-    let mut config = shipped.to_string();
-    for (from, to) in &replacements {
-        ensure!(
-            config.contains(from),
-            "the shipped keepalived.conf has no `{from}`"
-        );
-        config = config.replace(from, to);
-    }
+    let config = shipped(shipped_text, &replacements)?;
     let path = temp.join(format!("keepalived{b}.conf"));
     fs::write(&path, config)?;
     let pid = |what: &str| temp.join(format!("{what}{b}.pid")).display().to_string();
@@ -107,31 +100,6 @@ fn holds_floating_address(rig: &Rig, b: usize) -> Result<bool> {
             .args(["-4", "-o", "addr", "show", "dev", &interface]),
     )?;
     Ok(addresses.contains(&format!("{}/", wglb_lab::FLOATING_ADDR)))
-}
-
-/// The sessions `wglb sessions --all --json` lists: (client, gateway, synced from).
-/// A balancer's sessions as `wglb sessions` lists them.
-#[derive(Debug)]
-struct Listed {
-    client: String,
-    gateway: String,
-    synced_from: Option<String>,
-    receiver_index: Option<u64>,
-}
-
-fn sessions(balancer: &Balancer) -> Result<Vec<Listed>> {
-    let text = balancer.cli(&["sessions", "--all", "--json"])?;
-    let value: serde_json::Value = serde_json::from_str(&text)?;
-    let sessions = value["sessions"].as_array().context("a session list")?;
-    Ok(sessions
-        .iter()
-        .map(|s| Listed {
-            client: s["client"].as_str().unwrap_or_default().to_string(),
-            gateway: s["gateway"].as_str().unwrap_or_default().to_string(),
-            synced_from: s["synced_from"].as_str().map(str::to_string),
-            receiver_index: s["receiver_index"].as_u64(),
-        })
-        .collect())
 }
 
 /// What changes in the gateway set between placement and failover.

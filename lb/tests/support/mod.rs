@@ -403,6 +403,45 @@ impl Drop for Balancer {
     }
 }
 
+/// A balancer's session as `wglb sessions --all --json` lists it.
+#[derive(Debug)]
+pub struct Listed {
+    pub client: String,
+    pub gateway: String,
+    pub synced_from: Option<String>,
+    pub receiver_index: Option<u64>,
+}
+
+/// Every session a balancer holds, its own and its peers' (standby).
+pub fn sessions(balancer: &Balancer) -> Result<Vec<Listed>> {
+    let text = balancer.cli(&["sessions", "--all", "--json"])?;
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    let sessions = value["sessions"].as_array().context("a session list")?;
+    Ok(sessions
+        .iter()
+        .map(|s| Listed {
+            client: s["client"].as_str().unwrap_or_default().to_string(),
+            gateway: s["gateway"].as_str().unwrap_or_default().to_string(),
+            synced_from: s["synced_from"].as_str().map(str::to_string),
+            receiver_index: s["receiver_index"].as_u64(),
+        })
+        .collect())
+}
+
+/// A configuration shipped in deploy/ with a test's names and addresses in place of the
+/// example's: each example value must be there, or the test would run a different file.
+pub fn shipped(text: &str, replacements: &[(&str, String)]) -> Result<String> {
+    let mut config = text.to_string();
+    for (from, to) in replacements {
+        ensure!(
+            config.contains(from),
+            "the shipped configuration has no `{from}`"
+        );
+        config = config.replace(from, to);
+    }
+    Ok(config)
+}
+
 /// Longest wait for a first handshake through the balancer.
 pub const HANDSHAKE: Duration = Duration::from_secs(20);
 
