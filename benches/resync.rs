@@ -42,6 +42,7 @@ impl SessionStore for Table {
             idle_ms: 1_000,
             standing: Standing::Confirmed,
             synced_from: None,
+            shard: None,
             index: Some(SessionIndex {
                 index: u32::from(client.port()) << 16 | gateway as u32,
                 age_ms: 30_000,

@@ -21,7 +21,7 @@ use crate::api::serve::ApiServer;
 use crate::api::service::Api;
 use crate::config::{Config, ConfigFile, DatapathKind};
 use crate::control::{announce_refused_reload, ControlPlane, ControlRequest, ListenerPlan};
-use crate::datapath::{run_listener, ListenerLinks, UdpEndpoint};
+use crate::datapath::{bind_shards, run_listener, ListenerLinks};
 use crate::events::EventBus;
 use crate::metrics::{self, Metrics};
 use crate::sync::{self, PeerQueue, SyncOut};
@@ -131,7 +131,8 @@ impl Balancer {
             .context("cannot announce the listeners' addresses")?;
         let mut sockets = Vec::new();
         for listener in &config.listeners {
-            let socket = UdpEndpoint::listen(listener.listen, listener.socket_buffer)
+            let shards = config.datapath.shards;
+            let socket = bind_shards(listener.listen, listener.socket_buffer, shards)
                 .with_context(|| {
                     format!(
                         "listener `{}`: cannot listen on {}",

@@ -496,6 +496,12 @@ impl Config {
             ports(&old.nat_ports),
             ports(&now.nat_ports),
         );
+        compare(
+            "[datapath]",
+            "shards",
+            old.shards.to_string(),
+            now.shards.to_string(),
+        );
         let (old, now) = (&self.sync, &new.sync);
         compare("[sync]", "node", old.node.clone(), now.node.clone());
         compare(

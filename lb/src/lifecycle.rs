@@ -128,6 +128,8 @@ pub struct Held<'a> {
     /// The peer a standby entry came from.
     pub synced_from: Option<&'a str>,
     pub index: Option<SessionIndex>,
+    /// The userspace datapath's shard that holds it; None in the XDP program.
+    pub shard: Option<usize>,
 }
 
 impl Held<'_> {
@@ -139,6 +141,7 @@ impl Held<'_> {
             idle_ms: self.idle_ms,
             synced_from: self.synced_from.map(str::to_string),
             index: self.index,
+            shard: self.shard,
         }
     }
 }
@@ -248,6 +251,7 @@ mod tests {
                 standing,
                 synced_from: (standing == Standing::Standby).then_some("lb-b"),
                 index: None,
+                shard: None,
             }))
         }
     }

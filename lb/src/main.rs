@@ -246,6 +246,10 @@ fn describe(config: &Config) -> String {
             datapath.nat_ports.end()
         ),
     };
+    out += &format!(
+        "userspace datapath: {} shard(s) per listener, steered by client address and port\n",
+        datapath.shards
+    );
     for peer in &config.sync.peers {
         out += &format!(
             "session sync: node {} pushes its sessions to peer {} at {} (queue {})\n",

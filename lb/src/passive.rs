@@ -84,7 +84,8 @@ impl Default for PassiveConfig {
 /// Which datapath posted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Part {
-    Userspace,
+    /// A shard of the userspace datapath.
+    Userspace(usize),
     Xdp,
 }
 
@@ -366,7 +367,7 @@ mod tests {
                 pairs.iter().map(|(ip, s)| (*ip, S * *s as u32)).collect(),
             )])
         };
-        board.post("l", Part::Userspace, waits(&[(a, 7), (b, 2)]));
+        board.post("l", Part::Userspace(0), waits(&[(a, 7), (b, 2)]));
         board.post("l", Part::Xdp, waits(&[(a, 9)]));
         board.post("other", Part::Xdp, waits(&[(b, 9)]));
         let now = Instant::now();

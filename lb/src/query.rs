@@ -66,6 +66,8 @@ pub struct SessionInfo {
     pub synced_from: Option<String>,
     /// The receiver index its gateway chose last, while it is the session's.
     pub index: Option<SessionIndex>,
+    /// The userspace datapath's shard that holds it; None in the XDP program.
+    pub shard: Option<usize>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -245,6 +247,7 @@ mod tests {
                 idle_ms: 0,
                 synced_from: None,
                 index: None,
+                shard: None,
             })
             .collect()
     }

@@ -18,9 +18,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use support::{
-    config_text, connect, first_reply, lost_since, ports_for, predicted_gateway,
-    settled_handshakes, Balancer, Datapath, HANDSHAKE,
+    config_text, connect, first_reply, lost_since, ports_for, predicted_gateway, sessions,
+    settled_handshakes, Balancer, Datapath, Listed, HANDSHAKE,
 };
+use wglb::datapath::shard_of;
 use wglb_lab::{require_root, wait_for, Family, HealthEndpoint, Pinger, Rig, RigSpec};
 
 /// WireGuard's floor for a session that moves (a client re-handshakes 15 s after its data went
@@ -1008,8 +1009,15 @@ fn a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again(
 /// a new upstream path; the gateway roams there once the data authenticates; the old tuple's
 /// session is retired. Each client keeps its gateway with no new handshake and at most one lost
 /// ping. Before this, 4 of 6 clients handshook again 15.5 s later, often elsewhere.
+/// The userspace datapath's shards in the rebinding tests: more than the cores of a small
+/// machine, so that some new tuples land on another shard than their session's old one.
+const SHARDS: usize = 4;
+
 fn rebinding(datapath: Datapath, family: Family) -> Result<()> {
-    let config = config_text(family, &["active", "active", "active"]);
+    let config = format!(
+        "[datapath]\nshards = {SHARDS}\n\n{}",
+        config_text(family, &["active", "active", "active"])
+    );
     let wanted = [0, 1, 2, 0, 1, 2];
     let mut rig = rig(family, 3, &config, &wanted)?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
@@ -1017,15 +1025,43 @@ fn rebinding(datapath: Datapath, family: Family) -> Result<()> {
     let clients: Vec<usize> = (0..wanted.len()).collect();
     let handshakes = settled_handshakes(&rig, &clients)?;
     let mut moved_at = Vec::new();
+    let mut tuples = Vec::new();
     for (i, pinger) in pingers.iter().enumerate() {
         moved_at.push(pinger.last_seq());
+        let old = rig.client_addr(i);
         let new = rig.rebind_client(i)?;
         eprintln!("client {i} now appears as {new}");
+        tuples.push((old, new));
     }
     let rebound = r#"wglb_session_evictions_total{listener="test",reason="rebound"}"#;
     balancer.wait_metric(&rig, rebound, Duration::from_secs(10), |v| {
         v >= wanted.len() as f64
     })?;
+    if datapath == Datapath::Userspace {
+        // Each client's one session is on the shard its new tuple's datagrams reach, also where
+        // that is another shard than its old tuple's (whose session that shard retired).
+        let crossed = tuples
+            .iter()
+            .filter(|(old, new)| shard_of(*old, SHARDS) != shard_of(*new, SHARDS))
+            .count();
+        ensure!(crossed > 0, "no rebinding crosses shards: {tuples:?}");
+        let listed = sessions(&balancer)?;
+        for (i, (_, new)) in tuples.iter().enumerate() {
+            let held: Vec<&Listed> = listed
+                .iter()
+                .filter(|s| s.client == new.to_string())
+                .collect();
+            ensure!(
+                held.len() == 1 && held[0].shard == Some(shard_of(*new, SHARDS)),
+                "client {i} ({new}) is not held once, on shard {}: {listed:?}",
+                shard_of(*new, SHARDS)
+            );
+        }
+        ensure!(
+            listed.len() == wanted.len(),
+            "old tuples' sessions are left: {listed:?}"
+        );
+    }
     // A few more pings through the new mappings, then no more than one lost each.
     std::thread::sleep(Duration::from_secs(3));
     for (i, &j) in wanted.iter().enumerate() {

@@ -582,6 +582,7 @@ impl pb::control_server::Control for Api {
                 idle_ms: s.idle_ms,
                 synced_from: s.synced_from.unwrap_or_default(),
                 receiver_index: s.index.map(|i| i.index),
+                shard: s.shard.map(|shard| shard as u32),
             }));
         }
         let next_page_token = match sessions.last() {

@@ -246,6 +246,7 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
                 "idle_ms": s.idle_ms,
                 "synced_from": (!s.synced_from.is_empty()).then_some(&s.synced_from),
                 "receiver_index": s.receiver_index,
+                "shard": s.shard,
             })).collect::<Vec<_>>(),
         }));
         return;
@@ -258,6 +259,7 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
         "IDLE",
         "SYNCED FROM",
         "RECEIVER INDEX",
+        "SHARD",
     ]);
     for s in sessions {
         out.add_row(vec![
@@ -269,6 +271,7 @@ pub fn sessions(sessions: &[pb::Session], total: u64, json: bool) {
             s.synced_from.clone(),
             s.receiver_index
                 .map_or_else(String::new, |index| format!("{index:08x}")),
+            s.shard.map_or_else(String::new, |shard| shard.to_string()),
         ]);
     }
     right_align(&mut out, &[4]);

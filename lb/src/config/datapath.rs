@@ -37,7 +37,13 @@ pub struct DatapathConfig {
     /// The source ports the XDP program sends to gateways from. They must be nobody else's:
     /// outside net.ipv4.ip_local_port_range (checked at start) and unbound.
     pub nat_ports: RangeInclusive<u16>,
+    /// Sockets (and tasks) each listener's userspace datapath is spread over
+    /// (`crate::datapath::shards`).
+    pub shards: usize,
 }
+
+/// The most shards a listener takes.
+const MAX_SHARDS: usize = 256;
 
 /// Default NAT ports: below Linux's default ephemeral range (32768-60999).
 pub const DEFAULT_NAT_PORTS: RangeInclusive<u16> = 16384..=32767;
@@ -49,6 +55,8 @@ impl Default for DatapathConfig {
             xdp_mode: XdpMode::Auto,
             interfaces: Vec::new(),
             nat_ports: DEFAULT_NAT_PORTS,
+            // One per core: the shards' tasks run on the runtime's threads, one per core too.
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SHARDS)),
         }
     }
 }
@@ -82,6 +90,7 @@ pub(super) struct RawDatapath {
     interfaces: Option<Vec<String>>,
     /// "FIRST-LAST".
     nat_ports: Option<String>,
+    shards: Option<usize>,
 }
 
 pub(super) fn build_datapath(raw: RawDatapath, place: &str) -> Result<DatapathConfig, ConfigError> {
@@ -110,11 +119,21 @@ pub(super) fn build_datapath(raw: RawDatapath, place: &str) -> Result<DatapathCo
             &format!("`{bad}` is not an interface name"),
         ));
     }
+    let shards = match raw.shards {
+        Some(shards) if !(1..=MAX_SHARDS).contains(&shards) => {
+            return Err(err(
+                "shards",
+                &format!("expected 1 to {MAX_SHARDS} (leave it out for one per core)"),
+            ))
+        }
+        shards => shards.unwrap_or(defaults.shards),
+    };
     Ok(DatapathConfig {
         kind: raw.kind.unwrap_or(defaults.kind),
         xdp_mode: raw.xdp_mode.unwrap_or(defaults.xdp_mode),
         interfaces,
         nat_ports,
+        shards,
     })
 }
 

@@ -410,6 +410,8 @@ pub struct Listed {
     pub gateway: String,
     pub synced_from: Option<String>,
     pub receiver_index: Option<u64>,
+    /// The userspace datapath's shard holding it.
+    pub shard: Option<usize>,
 }
 
 /// Every session a balancer holds, its own and its peers' (standby).
@@ -424,6 +426,7 @@ pub fn sessions(balancer: &Balancer) -> Result<Vec<Listed>> {
             gateway: s["gateway"].as_str().unwrap_or_default().to_string(),
             synced_from: s["synced_from"].as_str().map(str::to_string),
             receiver_index: s["receiver_index"].as_u64(),
+            shard: s["shard"].as_u64().map(|shard| shard as usize),
         })
         .collect())
 }

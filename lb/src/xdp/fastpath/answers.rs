@@ -197,6 +197,7 @@ impl SessionStore for MapRead<'_> {
                 standing: table.standing(),
                 synced_from: None,
                 index: session_index(key, session, self.indices.get(&session.index), self.now_ns),
+                shard: None,
             })
         }))
     }

@@ -21,17 +21,15 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use quinn_udp::RecvMeta;
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use wglb_common::admission::Refusal;
 use wglb_common::index::{index_at, sender_offset};
@@ -39,178 +37,32 @@ use wglb_common::mac1::{Blake2sWork, Mac1Key};
 use wglb_common::session::{confirms, on_client_datagram, ClientAction, Found};
 use wglb_common::wireguard::{classify, MessageType};
 
+mod endpoint;
+mod shards;
+mod steering;
+
+pub use endpoint::UdpEndpoint;
+use endpoint::{datagrams, RecvBuffers};
+pub use shards::{bind_shards, run_listener, ListenerLinks};
+pub use steering::shard_of;
+
 use crate::admission::Sources;
 use crate::agents::Agents;
-use crate::config::ListenerConfig;
 use crate::control::ListenerPlan;
 use crate::events::{EventBus, EventKind};
 use crate::lifecycle::{self, announce_due, fate, Evictions, Fate, Held, SessionStore, Standing};
 use crate::metrics::{Direction, GatewayCounters, ListenerCounters, Metrics};
 use crate::passive::{self, Board, Part, Waiting};
 use crate::pool::{GatewayId, Placement};
-use crate::query::{IndicesAfter, KnownIndex, Moved, SessionRequest};
+use crate::query::{IndicesAfter, Moved, SessionRequest};
 use crate::rebinding::{Indices, Learned, Routed, SessionIndex};
 use crate::session::{now_ms, now_ns, Activity, EvictionReason, Session, SessionTable};
 use crate::sync::{self, Resyncs, SyncOut};
 
-/// Room for one GRO batch: the kernel coalesces up to 64 KiB.
-const RECV_BUFFER: usize = 64 * 1024;
 /// How often idle sessions are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// Indices learned by reply paths and not yet taken in by the listener's task: a handshake per client
-/// every two minutes, so a burst of 4,096 is a lot.
-const LEARNED_QUEUE: usize = 4096;
 /// Receive batches handled before the listener task looks at plan changes and timers again.
 const BATCHES_PER_TURN: usize = 16;
-
-/// A UDP socket with quinn-udp's batched, offload-aware I/O.
-pub struct UdpEndpoint {
-    io: UdpSocket,
-    state: UdpSocketState,
-    /// A session's socket, connected to its gateway: a single datagram goes out with send(2),
-    /// naming no destination, so the kernel uses the route cached on the socket instead of
-    /// looking one up per datagram (as a sendmsg naming the destination makes it do).
-    connected: bool,
-}
-
-impl UdpEndpoint {
-    fn from_socket2(socket: Socket, connected: bool) -> io::Result<UdpEndpoint> {
-        socket.set_nonblocking(true)?;
-        let std: std::net::UdpSocket = socket.into();
-        let state = UdpSocketState::new((&std).into())?;
-        Ok(UdpEndpoint {
-            io: UdpSocket::from_std(std)?,
-            state,
-            connected,
-        })
-    }
-
-    /// Opens a listener: reuse-port so a new balancer can bind before the old one exits (an
-    /// upgrade without a gap; both place clients alike), large buffers so bursts are not dropped
-    /// by the kernel. An IPv6 listener takes IPv6 only, so a
-    /// `0.0.0.0` listener on the same port can take IPv4.
-    pub fn listen(address: SocketAddr, buffer: usize) -> io::Result<UdpEndpoint> {
-        let socket = Socket::new(
-            Domain::for_address(address),
-            Type::DGRAM,
-            Some(Protocol::UDP),
-        )?;
-        if address.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        set_buffers(&socket, buffer);
-        socket.bind(&address.into())?;
-        UdpEndpoint::from_socket2(socket, false)
-    }
-
-    /// Opens a session's socket towards its gateway.
-    fn upstream(gateway: SocketAddr, source: Option<IpAddr>) -> io::Result<UdpEndpoint> {
-        let socket = Socket::new(
-            Domain::for_address(gateway),
-            Type::DGRAM,
-            Some(Protocol::UDP),
-        )?;
-        let local = match (source, gateway) {
-            (Some(ip), _) => SocketAddr::new(ip, 0),
-            (None, SocketAddr::V4(_)) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-            (None, SocketAddr::V6(_)) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
-        };
-        socket.bind(&local.into())?;
-        // Connected: the kernel hands this socket only the gateway's datagrams.
-        socket.connect(&gateway.into())?;
-        UdpEndpoint::from_socket2(socket, true)
-    }
-
-    /// Sends `data`, split into `stride`-sized datagrams, in one GSO send when the kernel allows.
-    fn send(
-        &self,
-        destination: SocketAddr,
-        src_ip: Option<IpAddr>,
-        data: &[u8],
-        stride: usize,
-    ) -> io::Result<()> {
-        let segments = data.len().div_ceil(stride);
-        if segments == 1 || segments <= self.state.max_gso_segments() {
-            return self.send_one(destination, src_ip, data, (segments > 1).then_some(stride));
-        }
-        datagrams(data, stride)
-            .try_for_each(|datagram| self.send_one(destination, src_ip, datagram, None))
-    }
-
-    fn send_one(
-        &self,
-        destination: SocketAddr,
-        src_ip: Option<IpAddr>,
-        contents: &[u8],
-        segment_size: Option<usize>,
-    ) -> io::Result<()> {
-        // Straight to the non-blocking socket, not through tokio's readiness flags: a new socket
-        // is not known writable until the reactor has polled it, and a relay drops (counted)
-        // rather than waits when the kernel's send buffer is full.
-        if self.connected && segment_size.is_none() && src_ip.is_none() {
-            return socket2::SockRef::from(&self.io).send(contents).map(drop);
-        }
-        let transmit = Transmit {
-            destination,
-            ecn: None,
-            contents,
-            segment_size,
-            src_ip,
-        };
-        self.state.try_send((&self.io).into(), &transmit)
-    }
-
-    /// Receives one batch without waiting; Err(WouldBlock) when nothing is queued.
-    fn recv_batch(&self, buffers: &mut RecvBuffers) -> io::Result<usize> {
-        let mut slices: Vec<IoSliceMut<'_>> = buffers
-            .data
-            .iter_mut()
-            .map(|b| IoSliceMut::new(b))
-            .collect();
-        self.io.try_io(Interest::READABLE, || {
-            self.state
-                .recv((&self.io).into(), &mut slices, &mut buffers.meta)
-        })
-    }
-}
-
-/// Asks for `bytes` of kernel buffer each way. The kernel caps SO_RCVBUF/SO_SNDBUF at
-/// net.core.[rw]mem_max (about 208 KiB by default, which a burst fills in milliseconds); with
-/// CAP_NET_ADMIN the FORCE variants lift the cap. Without it the capped size still works.
-fn set_buffers(socket: &Socket, bytes: usize) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    let _ = socket.set_recv_buffer_size(bytes);
-    let _ = socket.set_send_buffer_size(bytes);
-    // The kernel reports twice what was set (it counts its own overhead).
-    if socket.recv_buffer_size().unwrap_or(0) < bytes {
-        let _ = setsockopt(socket, sockopt::RcvBufForce, &bytes);
-    }
-    if socket.send_buffer_size().unwrap_or(0) < bytes {
-        let _ = setsockopt(socket, sockopt::SndBufForce, &bytes);
-    }
-}
-
-struct RecvBuffers {
-    data: Vec<Vec<u8>>,
-    meta: Vec<RecvMeta>,
-}
-
-impl RecvBuffers {
-    fn new() -> RecvBuffers {
-        RecvBuffers {
-            data: vec![vec![0; RECV_BUFFER]; BATCH_SIZE],
-            meta: vec![RecvMeta::default(); BATCH_SIZE],
-        }
-    }
-}
-
-thread_local! {
-    /// Reply tasks drain their socket synchronously, so one buffer set per worker thread serves
-    /// every session: a quiet session holds no buffer at all.
-    static REPLY_BUFFERS: RefCell<RecvBuffers> = RefCell::new(RecvBuffers::new());
-}
 
 /// What the session table holds for a session besides its gateway.
 enum Link {
@@ -290,11 +142,10 @@ impl Drop for Standby {
     }
 }
 
-/// The datagrams of a receive buffer: GRO packs several of `stride` bytes into one. An empty
-/// datagram is still a datagram (and junk).
-fn datagrams(data: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
-    let empty = data.is_empty().then_some(data);
-    data.chunks(stride).chain(empty)
+thread_local! {
+    /// Reply tasks drain their socket synchronously, so one buffer set per worker thread serves
+    /// every session: a quiet session holds no buffer at all.
+    static REPLY_BUFFERS: RefCell<RecvBuffers> = RefCell::new(RecvBuffers::new());
 }
 
 /// Classifies every datagram of a batch once: counts and logs the ones that are not WireGuard
@@ -520,6 +371,8 @@ impl ReplyPath {
 /// A listener's relay state, owned by its task.
 struct Relay {
     name: String,
+    /// Which of the listener's shards this is.
+    shard: usize,
     socket: Arc<UdpEndpoint>,
     source: Option<IpAddr>,
     plan: Arc<ListenerPlan>,
@@ -527,7 +380,7 @@ struct Relay {
     sessions: SessionTable<Link>,
     /// Unconfirmed sessions: their gateway has not answered yet.
     probation: SessionTable<Forwarding>,
-    sources: Sources,
+    shared: Shared,
     metrics: Metrics,
     counters: Arc<ListenerCounters>,
     gateway_counters: HashMap<GatewayId, Arc<GatewayCounters>>,
@@ -547,21 +400,65 @@ struct Relay {
     refreshed_at: u64,
     board: Board,
     agents: Agents,
-    indices: Indices,
     /// Where reply paths send the indices they see gateways choose.
     learned: mpsc::Sender<Learned>,
 }
 
+/// What a listener's shards share, each behind a lock taken only off the path of a session's
+/// datagrams (for a new tuple, a handshake, a sweep): one receiver index table, so that a client
+/// whose NAT rebinding lands it on another shard is still routed by its index (and the XDP
+/// program asks one table); one budget per source address, whichever shards its ports reach.
+#[derive(Clone)]
+struct Shared {
+    indices: Arc<Mutex<Indices>>,
+    sources: Arc<Mutex<Sources>>,
+    /// Each shard's queue of [`Sibling`] messages, in shard order.
+    siblings: Arc<[mpsc::Sender<Sibling>]>,
+}
+
+/// What one shard tells the shard holding a tuple.
+enum Sibling {
+    /// The gateway answered a rebound tuple on another shard: the old tuple's session goes.
+    Retired { old: SocketAddr, gateway: GatewayId },
+}
+
+/// A shard's part of a table of `size` entries: the steering spreads tuples evenly.
+fn share(size: NonZeroUsize, shards: usize) -> NonZeroUsize {
+    NonZeroUsize::new(size.get().div_ceil(shards.max(1))).unwrap_or(NonZeroUsize::MIN)
+}
+
 impl Relay {
+    fn shards(&self) -> usize {
+        self.shared.siblings.len()
+    }
+
+    fn indices(&self) -> MutexGuard<'_, Indices> {
+        self.shared
+            .indices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sources(&self) -> MutexGuard<'_, Sources> {
+        self.shared
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn apply(&mut self, plan: Arc<ListenerPlan>) {
         let before = std::mem::replace(&mut self.plan, plan);
-        for (client, session) in self.sessions.set_capacity(self.plan.table_size) {
+        let shards = self.shards();
+        for (client, session) in self
+            .sessions
+            .set_capacity(share(self.plan.table_size, shards))
+        {
             self.push_out(client, &session);
         }
-        self.sources.set_limits(self.plan.admission.limits());
+        self.sources().set_limits(self.plan.admission.limits());
         for (client, session) in self
             .probation
-            .set_capacity(self.plan.admission.probation_size)
+            .set_capacity(share(self.plan.admission.probation_size, shards))
         {
             self.left_probation(client, session.gateway, EvictionReason::Unconfirmed);
         }
@@ -612,7 +509,7 @@ impl Relay {
     /// An unconfirmed session of `client` on `gateway` left probation without being confirmed
     /// (pushed out, or evicted through the API): its source may open another.
     fn left_probation(&mut self, client: SocketAddr, gateway: GatewayId, reason: EvictionReason) {
-        self.sources.settled(client.ip());
+        self.sources().settled(client.ip());
         let name = self.gateway_name(gateway).to_string();
         self.ended.record(&self.sync, client, &name, reason, false);
     }
@@ -670,7 +567,7 @@ impl Relay {
             ) != Fate::Keep
         });
         for (client, session) in gone {
-            self.sources.settled(client.ip());
+            self.sources().settled(client.ip());
             let last = session.activity.last_ms();
             if let Fate::Evict(reason) =
                 fate_of(unconfirmed, session.gateway, session.gateway_address, last)
@@ -783,7 +680,7 @@ impl Relay {
         let Some(session) = self.probation.remove(&client) else {
             return;
         };
-        self.sources.settled(client.ip());
+        self.sources().settled(client.ip());
         self.counters.confirmed.inc();
         let session = Session {
             gateway: session.gateway,
@@ -823,23 +720,47 @@ impl Relay {
 
     /// `client`'s receiver index `index`, if it still routes the session.
     fn session_index(&self, client: SocketAddr, index: Option<u32>) -> Option<SessionIndex> {
-        self.indices.of_session(index?, client, now_ns())
+        self.indices().of_session(index?, client, now_ns())
     }
 
     /// The gateway answered the rebound tuple `client`: it roamed there, so the old tuple's
     /// session goes.
     fn retire(&mut self, client: SocketAddr, rebinding: &Routed) {
-        self.indices.retire(rebinding, client, now_ns());
+        self.indices().retire(rebinding, client, now_ns());
         let old = rebinding.learned_on;
+        let holder = steering::shard_of(old, self.shards());
+        if holder == self.shard {
+            self.retired(old, rebinding.gateway);
+            return;
+        }
+        let retired = Sibling::Retired {
+            old,
+            gateway: rebinding.gateway,
+        };
+        // A full queue leaves the old tuple's session to idle out; its datagrams are dropped
+        // as a retired tuple's meanwhile.
+        if self.shared.siblings[holder].try_send(retired).is_err() {
+            tracing::debug!(listener = %self.name, %old, "could not tell the old tuple's shard of a rebinding");
+        }
+    }
+
+    /// The rebound tuple of `old`'s session on `gateway` was confirmed: `old`'s session goes.
+    fn retired(&mut self, old: SocketAddr, gateway: GatewayId) {
         let on_its_gateway = self
             .sessions
             .peek(&old)
-            .is_some_and(|s| s.gateway == rebinding.gateway);
+            .is_some_and(|s| s.gateway == gateway);
         if on_its_gateway {
             if let Some(gone) = self.sessions.remove(&old) {
                 self.ended_between_sweeps(old, &gone, EvictionReason::Rebound);
-                tracing::debug!(listener = %self.name, %client, %old, "the client's NAT mapping changed: its gateway roamed to the new tuple");
+                tracing::debug!(listener = %self.name, %old, "the client's NAT mapping changed: its gateway roamed to a new tuple");
             }
+        }
+    }
+
+    fn told(&mut self, message: Sibling) {
+        match message {
+            Sibling::Retired { old, gateway } => self.retired(old, gateway),
         }
     }
 
@@ -848,7 +769,7 @@ impl Relay {
     /// route its rebound tuples from the moment they would forward it.
     fn learn(&mut self, learned: Learned) {
         let now = now_ns();
-        if !self.indices.learn(learned, now, now, &self.counters) {
+        if !self.indices().learn(learned, now, now, &self.counters) {
             return;
         }
         let client = learned.client;
@@ -911,7 +832,7 @@ impl Relay {
                     }
                 }
                 for (client, session) in unconfirmed {
-                    self.sources.settled(client.ip());
+                    self.sources().settled(client.ip());
                     let name = name_of(session.gateway);
                     ended.record(&self.sync, client, name, EvictionReason::Operator, false);
                 }
@@ -934,18 +855,9 @@ impl Relay {
             SessionRequest::Sync { peer, step, reply } => {
                 let _ = reply.send(sync::apply(self, &peer, &step));
             }
-            SessionRequest::Indices { after, reply } => {
-                let (mark, learned) = self.indices.learned_after(after, now_ns());
-                let indices = learned
-                    .into_iter()
-                    .map(|(learned, index)| KnownIndex {
-                        client: learned.client,
-                        gateway: name_of(learned.gateway).to_string(),
-                        gateway_address: learned.address,
-                        index,
-                    })
-                    .collect();
-                let _ = reply.send(IndicesAfter { mark, indices });
+            SessionRequest::Indices { reply, .. } => {
+                // The shards share one index table, which their front answers from.
+                let _ = reply.send(IndicesAfter::default());
             }
         }
     }
@@ -1043,7 +955,8 @@ impl Relay {
                 passive::note(&mut waiting, &gateway.name, client.ip(), waited);
             }
         }
-        self.board.post(&self.name, Part::Userspace, waiting);
+        self.board
+            .post(&self.name, Part::Userspace(self.shard), waiting);
     }
 
     fn handle_client_datagram(&mut self, meta: &RecvMeta, data: &[u8]) {
@@ -1118,20 +1031,24 @@ impl Relay {
             None => {}
         }
         let now_ns = now_ns();
-        if self.indices.retired(&client, now_ns) {
+        let indices = self.indices();
+        if indices.retired(&client, now_ns) {
+            drop(indices);
             self.counters.retired_tuple.inc_by(batch.valid);
             return;
         }
-        let sessions = &self.sessions;
+        let (sessions, shard, shards) = (&self.sessions, self.shard, self.shards());
+        // Another shard's tuple is taken for alive while its index routes: a shard cannot look
+        // into another's table.
         let alive = |old: SocketAddr, gateway: GatewayId| {
-            sessions
-                .peek(&old)
-                .is_some_and(|s| s.gateway == gateway && s.link.standing() == Standing::Confirmed)
+            steering::shard_of(old, shards) != shard
+                || sessions.peek(&old).is_some_and(|s| {
+                    s.gateway == gateway && s.link.standing() == Standing::Confirmed
+                })
         };
         let first = datagrams(data, stride).next().unwrap_or_default();
-        let routed = self
-            .indices
-            .route(client, first, &self.plan.placement, now_ns, alive);
+        let routed = indices.route(client, first, &self.plan.placement, now_ns, alive);
+        drop(indices);
         if self.open_session(client, meta.dst_ip, now, batch, routed) {
             self.forward_held(client, data, stride, batch);
         }
@@ -1183,7 +1100,8 @@ impl Relay {
             return false;
         };
         let (id, name, address) = (gateway.id, gateway.name.clone(), gateway.address);
-        if let Err(refusal) = self.sources.admit(client.ip(), now * 1_000_000) {
+        let admitted = self.sources().admit(client.ip(), now * 1_000_000);
+        if let Err(refusal) = admitted {
             self.counters.refused(refusal).inc_by(batch.valid);
             if let Some(slot) = Refusal::ALL.iter().position(|r| *r == refusal) {
                 self.refused[slot] += 1;
@@ -1195,7 +1113,7 @@ impl Relay {
         activity.touch(now);
         let Some(mut link) = self.forward(client, reply_from, id, &name, address, &activity, batch)
         else {
-            self.sources.settled(client.ip());
+            self.sources().settled(client.ip());
             return false;
         };
         link.rebinding = routed.filter(|r| r.rebinds(client));
@@ -1312,6 +1230,7 @@ impl SessionStore for Relay {
             standing: s.link.standing(),
             synced_from: s.link.synced_from(),
             index: self.session_index(*client, s.link.index()),
+            shard: Some(self.shard),
         });
         let unconfirmed = self.probation.iter().map(move |(client, s)| Held {
             client: *client,
@@ -1321,6 +1240,7 @@ impl SessionStore for Relay {
             standing: Standing::Unconfirmed,
             synced_from: None,
             index: self.session_index(*client, s.link.index),
+            shard: Some(self.shard),
         });
         Box::new(confirmed.chain(unconfirmed))
     }
@@ -1360,7 +1280,7 @@ impl sync::Standbys for Relay {
                 gateway: id,
                 address,
             };
-            self.indices
+            self.indices()
                 .learn(learned, index.learned_ns(now), now, &self.counters)
         });
         let standby = Standby::new(peer.clone(), &self.standby, index.map(|i| i.index));
@@ -1372,7 +1292,7 @@ impl sync::Standbys for Relay {
         };
         // Replacing the client's own session is not an eviction: its traffic went elsewhere.
         if self.probation.remove(&client).is_some() {
-            self.sources.settled(client.ip());
+            self.sources().settled(client.ip());
         }
         if let Some(mine) = self.sessions.remove(&client) {
             if let Link::Forwarding(_) = mine.link {
@@ -1442,98 +1362,6 @@ fn to_gateway(
             }
             counters.send_failed_to_gateway.inc_by(batch.valid);
             tracing::debug!(%client, "dropped a datagram: send to gateway failed: {e}");
-        }
-    }
-}
-
-/// What a listener's datapath is connected to besides its socket.
-pub struct ListenerLinks {
-    pub plans: watch::Receiver<Arc<ListenerPlan>>,
-    pub requests: mpsc::Receiver<SessionRequest>,
-    pub metrics: Metrics,
-    pub events: EventBus,
-    pub sync: SyncOut,
-    /// The control plane's board for passive health.
-    pub board: Board,
-    /// The gateway agents: the client keys behind this balancer's upstream paths, and their
-    /// gateways' handshake orders.
-    pub agents: Agents,
-}
-
-/// Runs one listener until its socket fails. The socket is bound by the caller so that a bad
-/// address fails the start, not a background task. Should the control plane go away, traffic
-/// keeps flowing on the last plan it published.
-pub async fn run_listener(
-    config: &ListenerConfig,
-    socket: UdpEndpoint,
-    links: ListenerLinks,
-) -> io::Result<()> {
-    let ListenerLinks {
-        mut plans,
-        mut requests,
-        metrics,
-        events,
-        sync,
-        board,
-        agents,
-    } = links;
-    let plan = plans.borrow_and_update().clone();
-    let (learned_tx, mut learned) = mpsc::channel(LEARNED_QUEUE);
-    let mut relay = Relay {
-        name: config.name.clone(),
-        socket: Arc::new(socket),
-        source: config.source,
-        sessions: SessionTable::new(plan.table_size),
-        probation: SessionTable::new(plan.admission.probation_size),
-        sources: Sources::new(plan.admission.limits()),
-        counters: Arc::new(metrics.listener(&config.name)),
-        standby: metrics.sync_standby(&config.name),
-        metrics,
-        plan: plan.clone(),
-        gateway_counters: HashMap::new(),
-        events,
-        ended: Evictions::default(),
-        refused: [0; Refusal::ALL.len()],
-        unconfirmed_counted: 0,
-        sync,
-        resyncs: Resyncs::default(),
-        refreshed_at: now_ms(),
-        board,
-        agents,
-        indices: Indices::new(plan.table_size),
-        learned: learned_tx,
-    };
-    relay.apply(plan);
-    let mut buffers = RecvBuffers::new();
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let socket = relay.socket.clone();
-    let mut control_plane_alive = true;
-    loop {
-        tokio::select! {
-            biased;
-            changed = plans.changed(), if control_plane_alive => match changed {
-                Ok(()) => {
-                    let plan = plans.borrow_and_update().clone();
-                    relay.apply(plan);
-                }
-                Err(_) => {
-                    tracing::error!(listener = %relay.name, "the control plane is gone: forwarding on its last plan");
-                    control_plane_alive = false;
-                }
-            },
-            _ = sweep.tick() => relay.sweep(),
-            Some(index) = learned.recv() => relay.learn(index),
-            Some(request) = requests.recv() => {
-                relay.answer(request);
-                // A long answer (a page of a big table) must not be followed by another while
-                // datagrams wait: drain what queued up before looking at requests again.
-                relay.receive(&socket, &mut buffers);
-            }
-            ready = socket.io.readable() => {
-                ready?;
-                relay.receive(&socket, &mut buffers);
-            }
         }
     }
 }
