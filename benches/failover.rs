@@ -79,6 +79,7 @@ fn trial(contender: Contender, agents: bool) -> Result<Trial> {
             wglb_listener_extra: String::new(),
             wglb_datapath_extra: String::new(),
             agent: agent.as_deref(),
+            relay: None,
         },
         || Ok(()),
     )?;

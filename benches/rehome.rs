@@ -63,6 +63,7 @@ fn trial(contender: Contender) -> Result<Trial> {
             wglb_listener_extra: String::new(),
             wglb_datapath_extra: String::new(),
             agent: Some(&agent),
+            relay: None,
         },
         || Ok(()),
     )?;

@@ -178,6 +178,7 @@ fn main() -> Result<()> {
                 ),
                 wglb_datapath_extra: nat.to_string(),
                 agent: None,
+                relay: None,
             };
             let once = Duration::from_secs_f64(size as f64 / 100_000.0 + 1.0);
             let running = contender.start(&setup, || {

@@ -84,6 +84,7 @@ fn main() -> Result<()> {
         wglb_listener_extra: String::new(),
         wglb_datapath_extra: String::new(),
         agent: None,
+        relay: None,
     };
     let mut runs: Vec<(Contender, Vec<f64>)> =
         CONTENDERS.iter().map(|&c| (c, Vec::new())).collect();

@@ -1,6 +1,8 @@
 //! The balancers the benchmarks compare, started in a rig's balancer namespace: wglb on each of
-//! its datapaths, nginx stream, nftables DNAT, and plain kernel forwarding. Each is configured
-//! the way a fair operator would (see [`Contender::start`]); stopping one resets the namespace.
+//! its datapaths, nginx stream, the floor of a userspace relay (`wglb-relay`: one thread,
+//! `recvmmsg`/`sendmmsg`, a hash of the source), nftables DNAT, and plain kernel forwarding. Each
+//! is configured the way a fair operator would (see [`Contender::start`]); stopping one resets
+//! the namespace.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -8,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 use crate::netns::run_in;
 use crate::{agents, cmd, metrics, Daemon, Rig};
@@ -23,16 +25,19 @@ pub enum Contender {
     XdpNative,
     XdpGeneric,
     Nginx,
+    /// `wglb-relay`: what a userspace relay costs at the least, beside wglb's userspace datapath.
+    Relay,
     Nftables,
     KernelForwarding,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 6] = [
+    pub const ALL: [Contender; 7] = [
         Contender::Userspace,
         Contender::XdpNative,
         Contender::XdpGeneric,
         Contender::Nginx,
+        Contender::Relay,
         Contender::Nftables,
         Contender::KernelForwarding,
     ];
@@ -48,6 +53,7 @@ impl Contender {
             Contender::XdpNative => "wglb XDP native",
             Contender::XdpGeneric => "wglb XDP generic",
             Contender::Nginx => "nginx stream",
+            Contender::Relay => "userspace relay (floor)",
             Contender::Nftables => "nftables DNAT",
             Contender::KernelForwarding => "kernel forwarding",
         }
@@ -82,6 +88,8 @@ pub struct Setup<'a> {
     pub wglb_datapath_extra: String,
     /// The `wglb-agent` binary: when set, each gateway gets its agent (`crate::agents`).
     pub agent: Option<&'a Path>,
+    /// The `wglb-relay` binary, for [`Contender::Relay`]; None: that contender cannot start.
+    pub relay: Option<&'a Path>,
 }
 
 /// A running contender; stopped on drop, with forwarding off and the nftables table gone. It
@@ -89,7 +97,8 @@ pub struct Setup<'a> {
 /// (start clients, stop gateways).
 pub struct Running {
     ns: String,
-    /// wglb or nginx (whose master takes its workers down with it on SIGTERM, Daemon's stop).
+    /// wglb, nginx (whose master takes its workers down with it on SIGTERM, Daemon's stop) or
+    /// the relay.
     process: Option<Daemon>,
     /// The gateways' agents, when the setup asked for them.
     agents: Vec<Daemon>,
@@ -127,8 +136,8 @@ impl Drop for Running {
 impl Contender {
     /// Starts the contender and waits until it forwards: wglb serves metrics (and, with XDP,
     /// the program forwards to every gateway itself: `warm_up` is called until it does), nginx
-    /// listens, the nftables rules are in. `warm_up` sends traffic through it, so that the
-    /// gateways' MACs get resolved.
+    /// or the relay listens, the nftables rules are in. `warm_up` sends traffic through it, so
+    /// that the gateways' MACs get resolved.
     pub fn start(self, setup: &Setup, warm_up: impl Fn() -> Result<()>) -> Result<Running> {
         let rig = setup.rig;
         let mut running = Running {
@@ -194,15 +203,18 @@ impl Contender {
                     &["-c", &config, "-g", "daemon off;"],
                     "nginx.log",
                 )?);
-                let port = format!(":{}", setup.listen.port());
-                cmd::wait_for("nginx to listen", Duration::from_secs(10), || {
-                    let bound = cmd::run(
-                        rig.balancer_ns()
-                            .command("ss")
-                            .args(["-Hlun", "sport", "=", &port]),
-                    )?;
-                    Ok((!bound.trim().is_empty()).then_some(()))
-                })?;
+                wait_to_listen(setup, "nginx")?;
+                warm_up()?;
+            }
+            Contender::Relay => {
+                let relay = setup.relay.context(
+                    "no wglb-relay binary in the setup (cargo build --release -p wglb-lab --bin wglb-relay)",
+                )?;
+                let mut args = vec![setup.listen.to_string()];
+                args.extend(setup.gateways.iter().map(SocketAddr::to_string));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                running.process = Some(spawn(relay, &args, "relay.log")?);
+                wait_to_listen(setup, "the relay")?;
                 warm_up()?;
             }
             Contender::Nftables => {
@@ -219,6 +231,15 @@ impl Contender {
         }
         Ok(running)
     }
+}
+
+/// Waits until a UDP socket in the balancer namespace is bound to the listener's port.
+fn wait_to_listen(setup: &Setup, what: &str) -> Result<()> {
+    let (ns, port) = (setup.rig.balancer_ns(), format!(":{}", setup.listen.port()));
+    cmd::wait_for(format!("{what} to listen"), Duration::from_secs(10), || {
+        let bound = cmd::run(ns.command("ss").args(["-Hlun", "sport", "=", &port]))?;
+        Ok((!bound.trim().is_empty()).then_some(()))
+    })
 }
 
 fn wglb_config(setup: &Setup) -> Result<String> {
