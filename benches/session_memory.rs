@@ -4,14 +4,13 @@
 //! before and after. The baseline in the same run is a process that only holds N plain UDP
 //! sockets, what any per-session-socket relay (Envoy's udp_proxy, nginx stream) pays at least.
 //!
-//! Run (as root, for the open-file limit): `cargo bench -p wglb --bench session_memory`
+//! Run (as root, for the open-file limit): `cargo bench -p wglb-benches --bench session_memory`
 //! Only loopback addresses (127.0.0.0/8) are used.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use wglb_lab::{metrics, wait_for};
+use wglb_lab::{metrics, wait_for, Launch};
 
 const SESSIONS: usize = 10_000;
 const LISTEN: &str = "127.0.0.1:45820";
@@ -51,15 +50,6 @@ fn client(i: usize) -> SocketAddr {
     ))
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` probes benchmarks this way: nothing to list.
@@ -67,31 +57,21 @@ fn main() {
     let _ = rlimit::increase_nofile_limit(SESSIONS as u64 * 2 + 100);
     let gateway = UdpSocket::bind("127.0.0.1:0").expect("gateway socket");
     let gateway_addr = gateway.local_addr().unwrap();
-    let balancer = Killed(
-        Command::new(wglb_lab::bench::workspace_binary("wglb").expect("the wglb binary"))
-            .args([
-                "--log",
-                "warn",
-                "run",
-                "--listen",
-                LISTEN,
-                "--metrics-listen",
-                METRICS,
-                "--table-size",
-            ])
-            .arg((SESSIONS + 1000).to_string())
-            .arg("--gateway")
-            .arg(format!("gw={gateway_addr}"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting wglb (cargo builds it for benches)"),
+    let dir = std::env::temp_dir().join(format!("wglb-session-memory-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    // The stand-in gateway never answers, so every session stays unconfirmed: probation must
+    // hold them all.
+    let room = SESSIONS + 1000;
+    let config = format!(
+        "[[listener]]\nname = \"memory\"\nlisten = \"{LISTEN}\"\ntable_size = {room}\n\
+         probation_size = {room}\n[[listener.gateway]]\nname = \"gw\"\naddress = \"{gateway_addr}\"\n"
     );
-    let pid = balancer.0.id();
-    // Until it serves them, a refused scrape only means "not yet".
-    wait_for("wglb to serve metrics", Duration::from_secs(10), || {
-        Ok(metrics::scrape(metrics_address()).ok())
-    })
-    .expect("wglb serves metrics");
+    let wglb = wglb_lab::bench::workspace_binary("wglb").expect("the wglb binary");
+    let balancer = Launch::new(&wglb, &dir, metrics_address())
+        .log("warn")
+        .config(&config)
+        .expect("wglb starts");
+    let pid = balancer.pid().expect("running");
     std::thread::sleep(Duration::from_millis(300));
     let (rss_before, slab_before) = (rss_kib(pid), meminfo_kib("Slab:"));
 
@@ -109,6 +89,7 @@ fn main() {
     let (rss_after, slab_after) = (rss_kib(pid), meminfo_kib("Slab:"));
     drop(balancer);
     drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
 
     // Baseline: the same number of bound, connected UDP sockets and nothing else.
     std::thread::sleep(Duration::from_millis(500));

@@ -16,7 +16,8 @@ use base64::Engine;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use wglb_healthcheck::registration::location_key;
 use wglb_lab::{
-    metrics, require_root, wait_for, Daemon, Family, HealthEndpoint, Keypair, Rig, RigSpec,
+    metrics, require_root, wait_for, Daemon, Family, HealthEndpoint, Keypair, Launch, Rig, RigSpec,
+    Wglb,
 };
 
 const METRICS: &str = "127.0.0.1:9640";
@@ -28,7 +29,7 @@ const EJECTION: Duration = Duration::from_secs(8);
 
 struct Setup {
     rig: Rig,
-    balancer: Daemon,
+    balancer: Wglb,
     sidecar: Daemon,
     probe: Keypair,
 }
@@ -105,35 +106,19 @@ impl Setup {
             );
         }
         sidecar_config += extra;
-        std::fs::write(dir.join("wglb.toml"), balancer_config)?;
         probe.write_private(&dir.join("probe.key"))?;
         std::fs::write(dir.join("healthcheck.toml"), sidecar_config)?;
         prepare(&rig)?;
-        let balancer = Daemon::spawn(
-            rig.balancer_ns(),
-            &wglb()?,
-            &[
-                "--log",
-                "wglb=debug",
-                "run",
-                "--config",
-                &path(&dir, "wglb.toml"),
-            ],
-            &dir.join("wglb.log"),
-        )?;
+        let balancer = Launch::new(&wglb()?, &dir, METRICS.parse()?)
+            .inside(rig.balancer_ns())
+            .config(&balancer_config)?;
         let sidecar = spawn_sidecar(&rig)?;
-        let setup = Setup {
+        Ok(Setup {
             rig,
             balancer,
             sidecar,
             probe,
-        };
-        // Until the balancer serves its metrics, a refused scrape only means "not yet"; after,
-        // it is an error.
-        wait_for("wglb to serve metrics", Duration::from_secs(15), || {
-            Ok(setup.scrape(METRICS).ok())
-        })?;
-        Ok(setup)
+        })
     }
 
     /// Stops the sidecar (SIGTERM) and starts it again with the same configuration; its log
@@ -146,16 +131,17 @@ impl Setup {
 
     /// The balancer's series `prefix`; an error when it has none.
     fn metric(&self, prefix: &str) -> Result<f64> {
-        metrics::value(&self.scrape(METRICS)?, prefix)
+        self.balancer.metric(prefix)
     }
 
     /// [`Setup::metric`] of a counter that nothing may have created yet: absent is zero.
     fn metric_or_zero(&self, prefix: &str) -> Result<f64> {
-        Ok(metrics::value_or_zero(&self.scrape(METRICS)?, prefix))
+        self.balancer.metric_or_zero(prefix)
     }
 
-    fn scrape(&self, address: &str) -> Result<String> {
-        let address: SocketAddr = address.parse()?;
+    /// The sidecar's metrics, served in the balancer namespace.
+    fn sidecar_metrics(&self) -> Result<String> {
+        let address: SocketAddr = SIDECAR_METRICS.parse()?;
         self.rig
             .balancer_ns()
             .run(move || metrics::scrape(address))?
@@ -167,13 +153,15 @@ impl Setup {
         timeout: Duration,
         done: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        metrics::wait_for_value(prefix, timeout, || self.scrape(METRICS), done).with_context(|| {
-            format!(
-                "balancer log:\n{}\nsidecar log:\n{}",
-                tail(&self.balancer.log_text()),
-                tail(&self.sidecar.log_text())
-            )
-        })
+        metrics::wait_for_value(prefix, timeout, || self.balancer.metrics(), done).with_context(
+            || {
+                format!(
+                    "balancer log:\n{}\nsidecar log:\n{}",
+                    tail(&self.balancer.log_text()),
+                    tail(&self.sidecar.log_text())
+                )
+            },
+        )
     }
 
     fn health(&self, j: usize, state: &str) -> String {
@@ -257,7 +245,7 @@ fn a_dead_data_plane_is_ejected_though_its_health_endpoint_says_200() -> Result<
         tail(&log)
     );
     // The sidecar's own metrics say the same, and promtool accepts them.
-    let text = setup.scrape(SIDECAR_METRICS)?;
+    let text = setup.sidecar_metrics()?;
     let series = |name: &str, labels: &str| metrics::value(&text, &format!("{name}{{{labels}"));
     let gateway = format!(r#"gateway="gw{j}",location="office""#);
     ensure!(
@@ -602,15 +590,12 @@ fn gateways_follow_cores_list_into_the_balancer() -> Result<()> {
     };
     setup.wait_metric(&state(1, "active"), Duration::from_secs(10), |v| v == 1.0)?;
     // The location's public key, from Core, is the listener's: the balancer checks mac1 for it.
-    let socket = path(setup.rig.temp_dir(), "api.sock");
     wait_for(
         "the listener to take Core's key",
         Duration::from_secs(10),
         || {
-            let output = std::process::Command::new(wglb()?)
-                .args(["--api", &socket, "--json", "status"])
-                .output()?;
-            let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+            let status = setup.balancer.cli(&["--json", "status"])?;
+            let status: serde_json::Value = serde_json::from_str(&status)?;
             let key = &status["listeners"][0]["public_key"];
             Ok((key.as_str() == Some(setup.rig.gateway_public_key())).then_some(()))
         },
@@ -690,7 +675,7 @@ fn an_mfa_locations_gateways_are_judged_without_the_handshake_probe() -> Result<
     }
     // Rounds go by (each runs every probe that is on) and the gateways stay up.
     let rounds = |j: usize| -> Result<f64> {
-        let text = setup.scrape(SIDECAR_METRICS)?;
+        let text = setup.sidecar_metrics()?;
         Ok(metrics::value_or_zero(
             &text,
             &format!(
@@ -702,7 +687,7 @@ fn an_mfa_locations_gateways_are_judged_without_the_handshake_probe() -> Result<
     wait_for("three more probe rounds", EJECTION, || {
         Ok((rounds(0)? >= before + 3.0).then_some(()))
     })?;
-    let text = setup.scrape(SIDECAR_METRICS)?;
+    let text = setup.sidecar_metrics()?;
     ensure!(
         !text.contains(r#"probe="handshake""#),
         "a handshake probe ran in an MFA location"

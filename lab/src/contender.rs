@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use crate::netns::run_in;
-use crate::{agents, cmd, metrics, Daemon, Rig};
+use crate::{agents, cmd, metrics, Daemon, Launch, Rig, Wglb};
 
 const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 /// Where a wglb contender serves metrics, inside the balancer namespace.
@@ -96,10 +95,11 @@ pub struct Setup<'a> {
 /// holds the balancer namespace by name, so the rig stays free for the benchmark to change
 /// (start clients, stop gateways).
 pub struct Running {
-    ns: String,
-    /// wglb, nginx (whose master takes its workers down with it on SIGTERM, Daemon's stop) or
-    /// the relay.
+    /// nginx (whose master takes its workers down with it on SIGTERM, Daemon's stop) or the
+    /// relay.
     process: Option<Daemon>,
+    wglb: Option<Wglb>,
+    ns: String,
     /// The gateways' agents, when the setup asked for them.
     agents: Vec<Daemon>,
 }
@@ -107,19 +107,22 @@ pub struct Running {
 impl Running {
     /// The contender's process (nginx's master, whose workers count with it), if it has one.
     pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(Daemon::pid)
+        match &self.wglb {
+            Some(wglb) => wglb.pid(),
+            None => self.process.as_ref().map(Daemon::pid),
+        }
     }
 
     /// The wglb contender's metrics.
     pub fn wglb_metrics(&self) -> Result<String> {
-        let address: SocketAddr = WGLB_METRICS.parse()?;
-        run_in(&self.ns, move || metrics::scrape(address))?
+        self.wglb.as_ref().context("not wglb")?.metrics()
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         drop(self.process.take());
+        drop(self.wglb.take());
         for command in [
             &["nft", "delete", "table", "ip", "bench"][..],
             &["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"],
@@ -143,6 +146,7 @@ impl Contender {
         let mut running = Running {
             ns: rig.balancer_ns().name().to_string(),
             process: None,
+            wglb: None,
             agents: Vec::new(),
         };
         let spawn = |program: &Path, args: &[&str], log: &str| {
@@ -150,19 +154,16 @@ impl Contender {
         };
         match self {
             Contender::Userspace | Contender::XdpNative | Contender::XdpGeneric => {
-                let config = setup.dir.join("wglb.toml");
-                std::fs::write(&config, wglb_config(setup)?)?;
-                let config = config.display().to_string();
-                let mut args = vec!["--log", "warn", "run", "--config", &config];
-                args.extend(match self {
+                let flags = match self {
                     Contender::Userspace => &["--datapath", "userspace"][..],
                     Contender::XdpNative => &["--datapath", "xdp", "--xdp-mode", "native"],
                     _ => &["--datapath", "xdp", "--xdp-mode", "generic"],
-                });
-                running.process = Some(spawn(setup.wglb, &args, "wglb.log")?);
-                cmd::wait_for("wglb to serve metrics", Duration::from_secs(15), || {
-                    Ok(running.wglb_metrics().ok())
-                })?;
+                };
+                let launch = Launch::new(setup.wglb, setup.dir, WGLB_METRICS.parse()?)
+                    .inside(rig.balancer_ns())
+                    .log("warn")
+                    .flags(flags);
+                running.wglb = Some(launch.config(&wglb_config(setup)?)?);
                 if let Some(agent) = setup.agent {
                     let gateways = setup.gateways.len();
                     running.agents = agents::start_agents(rig, setup.dir, agent, 0..gateways)?;

@@ -24,6 +24,7 @@ mod rig;
 pub mod swarm;
 pub mod timeline;
 mod wg;
+mod wglb;
 
 use std::path::Path;
 use std::process::Command;
@@ -38,6 +39,7 @@ pub use netns::Netns;
 pub use ping::Pinger;
 pub use rig::{Family, Rig, RigSpec, ANYCAST_ADDR, FLOATING_ADDR, ROUTER_ADDR};
 pub use wg::Keypair;
+pub use wglb::{Launch, Wglb};
 
 /// Checks that rigs can be built here. Tests call it first and fail with its error: skipping
 /// would let a CI job that lost its root privileges pass without testing anything.

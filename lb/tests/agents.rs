@@ -85,7 +85,7 @@ impl Fleet {
         }
         for j in 0..3 {
             let series = format!(r#"wglb_agent_peers{{gateway="gw{j}",listener="test"}}"#);
-            balancer.wait_metric(&rig, &series, Duration::from_secs(10), |v| v == 2.0)?;
+            balancer.wait_metric(&series, Duration::from_secs(10), |v| v == 2.0)?;
         }
         Ok(Fleet {
             rig,
@@ -105,7 +105,7 @@ impl Fleet {
             || Ok((self.orders_completed()? == f64::from(count)).then_some(())),
         )
         .with_context(|| {
-            let metrics = self.balancer.metrics(&self.rig).unwrap_or_default();
+            let metrics = self.balancer.metrics().unwrap_or_default();
             let orders: Vec<&str> = metrics.lines().filter(|l| l.contains("rehome")).collect();
             orders.join("\n")
         })
@@ -114,7 +114,7 @@ impl Fleet {
     fn orders_completed(&self) -> Result<f64> {
         Ok(self
             .balancer
-            .metrics(&self.rig)?
+            .metrics()?
             .lines()
             .filter(|l| {
                 l.starts_with("wglb_rehome_orders_total{") && l.contains(r#"result="completed""#)
@@ -160,10 +160,10 @@ fn called_by_their_new_gateway(datapath: Datapath, family: Family) -> Result<()>
     }
     fleet.wait_orders_completed(2)?;
     ensure!(
-        fleet.balancer.metric(
-            &fleet.rig,
-            r#"wglb_health_report_up{gateway="gw0",listener="test",source="agent"}"#
-        )? == 0.0,
+        fleet
+            .balancer
+            .metric(r#"wglb_health_report_up{gateway="gw0",listener="test",source="agent"}"#)?
+            == 0.0,
         "gw0's agent did not report its interface gone"
     );
 
@@ -340,12 +340,12 @@ fn an_agent_without_a_valid_token_is_refused(datapath: Datapath) -> Result<()> {
     })?;
     let attached = r#"wglb_agent_attached{gateway="gw0",listener="test"}"#;
     ensure!(
-        !balancer.metrics(&rig)?.contains(&format!("{attached} 1")),
+        !balancer.metrics()?.contains(&format!("{attached} 1")),
         "a forged agent attached"
     );
     drop(agent);
     let _agent = start_agent(&rig, 0, &agents::agent_token(rig.temp_dir(), 0)?)?;
-    balancer.wait_metric(&rig, attached, Duration::from_secs(10), |v| v == 1.0)?;
+    balancer.wait_metric(attached, Duration::from_secs(10), |v| v == 1.0)?;
     Ok(())
 }
 
@@ -371,7 +371,7 @@ fn an_agent_that_never_saw_its_interface_takes_nothing_down(datapath: Datapath) 
         &token,
     )?;
     let attached = r#"wglb_agent_attached{gateway="gw0",listener="test"}"#;
-    balancer.wait_metric(&rig, attached, Duration::from_secs(10), |v| v == 1.0)?;
+    balancer.wait_metric(attached, Duration::from_secs(10), |v| v == 1.0)?;
     // Its report of the interface gone has reached the balancer (which logs each change).
     wait_for("the agent's report", Duration::from_secs(10), || {
         Ok(balancer
@@ -384,16 +384,13 @@ fn an_agent_that_never_saw_its_interface_takes_nothing_down(datapath: Datapath) 
         "{}",
         agent.log_text()
     );
-    let metrics = balancer.metrics(&rig)?;
+    let metrics = balancer.metrics()?;
     ensure!(
         !metrics.contains(r#"source="agent""#),
         "the agent's word counted: {metrics}"
     );
     ensure!(
-        balancer.metric(
-            &rig,
-            r#"wglb_gateway_health{gateway="gw0",listener="test",state="up"}"#
-        )? == 1.0
+        balancer.metric(r#"wglb_gateway_health{gateway="gw0",listener="test",state="up"}"#)? == 1.0
     );
     Ok(())
 }

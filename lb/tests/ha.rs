@@ -309,7 +309,7 @@ fn failover(datapath: Datapath, between: Between) -> Result<()> {
                     "--health-port",
                     &port,
                 ])?;
-                balancer.wait_health(rig, 2, "up")?;
+                balancer.wait_health(2, "up")?;
             }
         }
     }
@@ -358,7 +358,6 @@ fn a_restarted_master_makes_the_standby_forget_nothing(datapath: Datapath) -> Re
     // lb0 comes back, empty, and resyncs its (no) sessions to lb1: acknowledged, so applied.
     pair.balancers[0] = Balancer::start_at(&pair.rig, Some(0), &pair.configs[0], datapath)?;
     pair.balancers[0].wait_metric(
-        &pair.rig,
         r#"wglb_sync_lag_seconds{peer="lb1"}"#,
         Duration::from_secs(20),
         |_| true,
@@ -428,7 +427,7 @@ fn clients_whose_mapping_changes_after_a_failover_keep_their_gateway(
         pair.rig.rebind_client(i)?;
     }
     let rebound = r#"wglb_session_evictions_total{listener="test",reason="rebound"}"#;
-    pair.balancers[1].wait_metric(&pair.rig, rebound, Duration::from_secs(10), |v| {
+    pair.balancers[1].wait_metric(rebound, Duration::from_secs(10), |v| {
         v >= wanted.len() as f64
     })?;
     // A few more pings through the new mappings, then no more than one lost each.
@@ -567,18 +566,18 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
 
     let dropped = r#"wglb_sync_changes_dropped_total{peer="lb1"}"#;
     let resyncs = r#"wglb_sync_resyncs_total{peer="lb1"}"#;
-    let resyncs_before = balancers[0].metric_or_zero(&rig, resyncs)?;
+    let resyncs_before = balancers[0].metric_or_zero(resyncs)?;
     for b in 0..2 {
         route(&rig, b, "add")?;
     }
     // More than the queue and the batches in flight hold.
     offer(&rig, 30_000..40_000)?;
     balancers[0].cli(&["evict", "--gateway", "gw0"])?;
-    balancers[0].wait_metric(&rig, dropped, Duration::from_secs(20), |v| v > 0.0)?;
+    balancers[0].wait_metric(dropped, Duration::from_secs(20), |v| v > 0.0)?;
     // Long enough for the stream to be found dead (HTTP/2 pings): the heal then goes through a
     // new connection and its resync.
     let connected = r#"wglb_sync_peer_connected{peer="lb1"}"#;
-    balancers[0].wait_metric(&rig, connected, Duration::from_secs(30), |v| v == 0.0)?;
+    balancers[0].wait_metric(connected, Duration::from_secs(30), |v| v == 0.0)?;
     for b in 0..2 {
         route(&rig, b, "del")?;
     }
@@ -588,17 +587,15 @@ fn sync_follows_churn_and_converges_after_a_partition(datapath: Datapath) -> Res
         "{healed} sessions after the partition, {left} before"
     );
     ensure!(
-        balancers[0].metric(&rig, resyncs)? > resyncs_before,
+        balancers[0].metric(resyncs)? > resyncs_before,
         "lb0 converged lb1 without a resync"
     );
 
     // A clean stop hands the last sessions over before the process ends.
     let confirmed = "wglb_sessions_confirmed_total";
-    let before = balancers[0].metric(&rig, confirmed)?;
+    let before = balancers[0].metric(confirmed)?;
     offer(&rig, 40_000..40_500)?;
-    balancers[0].wait_metric(&rig, confirmed, Duration::from_secs(10), |v| {
-        v >= before + 500.0
-    })?;
+    balancers[0].wait_metric(confirmed, Duration::from_secs(10), |v| v >= before + 500.0)?;
     balancers[0].stop()?;
     // No waiting: the flush was acknowledged, so applied, before lb0 exited.
     let (_, held) = clients(&balancers[1], "lb0")?;

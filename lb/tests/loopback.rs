@@ -144,15 +144,11 @@ fn tells_systemd_and_kubernetes_when_it_is_ready_and_when_it_stops() -> Result<(
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_read_timeout(Some(Duration::from_secs(15)))?;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
-        .args(["run", "--listen", &at(ip, 51820).to_string()])
-        .args(["--gateway", &format!("gw={}", gateway.address)])
-        .args(["--metrics-listen", &metrics.to_string()])
-        .arg("--api-socket")
-        .arg(local::temp_path(ip, ".sock"))
+    let mut wglb = local::launch(metrics)
         .env("NOTIFY_SOCKET", &notify_path)
-        .stdin(std::process::Stdio::null())
-        .spawn()?;
+        .flags(&["--listen", &at(ip, 51820).to_string()])
+        .flags(&["--gateway", &format!("gw={}", gateway.address)])
+        .flags_only()?;
     let mut message = [0u8; 256];
     let len = notify.recv(&mut message)?;
     ensure!(
@@ -171,7 +167,7 @@ fn tells_systemd_and_kubernetes_when_it_is_ready_and_when_it_stops() -> Result<(
     http.read_to_string(&mut response)?;
     ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
 
-    let status = wglb_lab::terminate(&mut child, Duration::from_secs(10))?;
+    let status = wglb.stop()?;
     let len = notify.recv(&mut message)?;
     ensure!(
         &message[..len] == b"STOPPING=1\n",

@@ -64,21 +64,21 @@ fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
         );
     }
     // The XDP datapath counts its sessions once a second.
-    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 6.0)?;
-    ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw0",listener="test",message="handshake_initiation"}"#)? >= 2.0);
-    ensure!(balancer.metric(&rig, r#"wglb_handshake_messages_total{gateway="gw2",listener="test",message="handshake_response"}"#)? >= 2.0);
-    ensure!(balancer.metric_or_zero(&rig, "wglb_dropped_packets_total")? == 0.0);
+    balancer.wait_metric("wglb_sessions{", Duration::from_secs(5), |v| v == 6.0)?;
+    ensure!(balancer.metric(r#"wglb_handshake_messages_total{gateway="gw0",listener="test",message="handshake_initiation"}"#)? >= 2.0);
+    ensure!(balancer.metric(r#"wglb_handshake_messages_total{gateway="gw2",listener="test",message="handshake_response"}"#)? >= 2.0);
+    ensure!(balancer.metric_or_zero("wglb_dropped_packets_total")? == 0.0);
 
     // The forwarding counters move with the traffic: every answered ping is at least one
     // WireGuard data packet each way (keepalives only add).
-    let counters = |rig: &Rig| -> Result<[f64; 3]> {
+    let counters = || -> Result<[f64; 3]> {
         Ok([
-            balancer.metric(rig, r#"wglb_packets_total{direction="to_gateway""#)?,
-            balancer.metric(rig, r#"wglb_packets_total{direction="to_client""#)?,
-            balancer.metric(rig, r#"wglb_bytes_total{direction="to_gateway""#)?,
+            balancer.metric(r#"wglb_packets_total{direction="to_gateway""#)?,
+            balancer.metric(r#"wglb_packets_total{direction="to_client""#)?,
+            balancer.metric(r#"wglb_bytes_total{direction="to_gateway""#)?,
         ])
     };
-    let before = counters(&rig)?;
+    let before = counters()?;
     let seqs: Vec<u32> = pingers.iter().map(|p| p.last_seq()).collect();
     std::thread::sleep(Duration::from_secs(3));
     let answered: usize = pingers
@@ -97,10 +97,10 @@ fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
         out >= answered as f64 && back >= answered as f64
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    let mut after = counters(&rig)?;
+    let mut after = counters()?;
     while !enough(&after) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        after = counters(&rig)?;
+        after = counters()?;
     }
     let [packets_out, packets_back, bytes_out] = moved(&after);
     ensure!(
@@ -109,7 +109,7 @@ fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
     );
     // A WireGuard data packet is at least 32 bytes.
     ensure!(bytes_out >= 32.0 * packets_out);
-    wglb_lab::metrics::check_exposition(&balancer.metrics(&rig)?)?;
+    wglb_lab::metrics::check_exposition(&balancer.metrics()?)?;
 
     // The CLI lists and evicts the sessions wherever the datapath holds them.
     let listed: serde_json::Value = serde_json::from_str(&balancer.cli(&["--json", "sessions"])?)?;
@@ -124,17 +124,14 @@ fn handshakes_and_pings_spread_over_gateways(datapath: Datapath) -> Result<()> {
             .with_context(|| format!("client {i} is not listed: {listed}"))?;
         ensure!(session["gateway"] == format!("gw{gateway}"), "{session}");
     }
-    let created = balancer.metric(&rig, "wglb_sessions_created_total")?;
+    let created = balancer.metric("wglb_sessions_created_total")?;
     let client = rig.client_addr(0).to_string();
     let out = balancer.cli(&["evict", "--client", &client])?;
     ensure!(out.contains("evicted 1 session(s)"), "{out}");
     // Its next ping places it again, on the same gateway: Maglev has not changed.
-    balancer.wait_metric(
-        &rig,
-        "wglb_sessions_created_total",
-        Duration::from_secs(5),
-        |v| v == created + 1.0,
-    )?;
+    balancer.wait_metric("wglb_sessions_created_total", Duration::from_secs(5), |v| {
+        v == created + 1.0
+    })?;
     ensure!(rig.gateway_serving(0)? == Some(wanted[0]));
     Ok(())
 }
@@ -177,16 +174,13 @@ fn a_dead_gateways_clients_move_and_the_others_do_not_notice(datapath: Datapath)
         );
     }
     ensure!(
-        balancer.metric(
-            &rig,
-            r#"wglb_gateway_health{gateway="gw0",listener="test",state="down"}"#
-        )? == 1.0
+        balancer.metric(r#"wglb_gateway_health{gateway="gw0",listener="test",state="down"}"#)?
+            == 1.0
     );
     ensure!(
-        balancer.metric(
-            &rig,
-            r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#
-        )? == 2.0
+        balancer
+            .metric(r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#)?
+            == 2.0
     );
 
     std::thread::sleep(Duration::from_secs(2));
@@ -238,17 +232,15 @@ fn a_core_outage_turning_every_health_check_503_keeps_every_gateway_in_service(
     std::thread::sleep(Duration::from_secs(4));
     for j in 0..3 {
         ensure!(
-            balancer.metric(
-                &rig,
-                &format!(r#"wglb_gateway_health{{gateway="gw{j}",listener="test",state="up"}}"#)
-            )? == 1.0,
+            balancer.metric(&format!(
+                r#"wglb_gateway_health{{gateway="gw{j}",listener="test",state="up"}}"#
+            ))? == 1.0,
             "gw{j} is not up during the Core outage"
         );
     }
-    ensure!(balancer.metric(&rig, "wglb_failing_open{")? == 0.0);
+    ensure!(balancer.metric("wglb_failing_open{")? == 0.0);
     ensure!(
         balancer.metric_or_zero(
-            &rig,
             r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#
         )? == 0.0
     );
@@ -311,7 +303,7 @@ fn a_gateway_whose_health_endpoint_is_dead_takes_no_new_clients_until_it_answers
     let mut rig = rig(Family::V4, 3, &config, &[1, 1])?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
     rig.set_gateway_health(1, HealthEndpoint::Unreachable);
-    balancer.wait_health(&rig, 1, "down")?;
+    balancer.wait_health(1, "down")?;
     let _first = connect(&mut rig, 0..1)?;
     let expected = predicted_gateway(
         &config_text(Family::V4, &["active", "down", "active"]),
@@ -323,7 +315,7 @@ fn a_gateway_whose_health_endpoint_is_dead_takes_no_new_clients_until_it_answers
     );
 
     rig.set_gateway_health(1, HealthEndpoint::Alive);
-    balancer.wait_health(&rig, 1, "up")?;
+    balancer.wait_health(1, "up")?;
     let _second = connect(&mut rig, 1..2)?;
     ensure!(
         rig.gateway_serving(1)? == Some(1),
@@ -348,10 +340,7 @@ fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere(
     let rx = rig.gateway_rx_bytes_from(1, 0)?;
 
     // A broken file is refused and changes nothing.
-    balancer.reload_refused(
-        &rig,
-        &config.replace("state = \"active\"", "state = \"resting\""),
-    )?;
+    balancer.reload_refused(&config.replace("state = \"active\"", "state = \"resting\""))?;
     // A reload that changes what only a restart can apply is refused whole through the CLI,
     // naming the line ([api] comes first in the file the balancer reads), and the running
     // configuration stays: not even the state change beside it applies.
@@ -372,7 +361,7 @@ fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere(
         serde_json::from_str(&balancer.cli(&["--json", "gateways"])?)?;
     ensure!(gateways["gateways"][0]["state"] == "active", "{gateways}");
     ensure!(
-        balancer.metric(&rig, r#"wglb_config_reloads_total{result="error"}"#)? == 2.0,
+        balancer.metric(r#"wglb_config_reloads_total{result="error"}"#)? == 2.0,
         "the SIGHUP and the CLI refusals are not both counted"
     );
     let out = balancer.cli(&["drain", "gw1"])?;
@@ -380,7 +369,6 @@ fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere(
     let drained = config_text(Family::V4, &["active", "draining", "active"]);
     ensure!(
         balancer.metric(
-            &rig,
             r#"wglb_gateway_admin_state{gateway="gw1",listener="test",state="draining"}"#
         )? == 1.0
     );
@@ -407,7 +395,7 @@ fn draining_through_the_cli_keeps_sessions_and_sends_new_clients_elsewhere(
         "the drained gateway's client left it"
     );
     // A reload of the unchanged file keeps the drain the CLI set.
-    balancer.reload(&rig, &config)?;
+    balancer.reload(&config)?;
     let gateways: serde_json::Value =
         serde_json::from_str(&balancer.cli(&["--json", "gateways"])?)?;
     ensure!(gateways["gateways"][1]["state"] == "draining", "{gateways}");
@@ -456,7 +444,7 @@ fn a_restarted_balancer_puts_clients_back_on_their_gateways(datapath: Datapath) 
             },
         )?;
     }
-    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 3.0)?;
+    balancer.wait_metric("wglb_sessions{", Duration::from_secs(5), |v| v == 3.0)?;
     Ok(())
 }
 
@@ -501,13 +489,12 @@ fn junk_is_dropped_counted_and_harmless(datapath: Datapath) -> Result<()> {
         socket.send_to(datagram, target)?;
     }
     balancer.wait_metric(
-        &rig,
         "wglb_dropped_packets_total{direction=\"to_gateway\"",
         Duration::from_secs(10),
         |v| v == sent as f64,
     )?;
     ensure!(
-        balancer.metric(&rig, "wglb_sessions_created_total")? == 1.0,
+        balancer.metric("wglb_sessions_created_total")? == 1.0,
         "junk opened a session"
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -536,7 +523,7 @@ fn ipv6_clients_and_gateways(datapath: Datapath) -> Result<()> {
             "client {i} reached gw{i} from {endpoint}, not through the {datapath:?} datapath"
         );
     }
-    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 2.0)?;
+    balancer.wait_metric("wglb_sessions{", Duration::from_secs(5), |v| v == 2.0)?;
     Ok(())
 }
 
@@ -558,9 +545,8 @@ fn a_gateway_removed_by_a_reload_hands_its_clients_over(datapath: Datapath) -> R
     let without_gw0 = format!("{}{}", &config[..start], &config[end..]);
     ensure!(!without_gw0.contains("gw0") && without_gw0.contains("gw1"));
     let removed = SystemTime::now();
-    balancer.reload(&rig, &without_gw0)?;
+    balancer.reload(&without_gw0)?;
     balancer.wait_metric(
-        &rig,
         r#"wglb_session_evictions_total{listener="test",reason="gateway_gone"}"#,
         Duration::from_secs(5),
         |v| v == 1.0,
@@ -580,7 +566,7 @@ fn a_gateway_removed_by_a_reload_hands_its_clients_over(datapath: Datapath) -> R
     let lost = lost_since(&pingers[1], seq);
     ensure!(lost.is_empty(), "client 1 lost pings {lost:?}");
     ensure!(rig.client_latest_handshake(1)? == handshake);
-    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 2.0)?;
+    balancer.wait_metric("wglb_sessions{", Duration::from_secs(5), |v| v == 2.0)?;
     Ok(())
 }
 
@@ -590,16 +576,16 @@ fn idle_sessions_expire(datapath: Datapath) -> Result<()> {
     let mut rig = rig(Family::V4, 2, &config, &[1])?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..1)?;
-    balancer.wait_metric(&rig, "wglb_sessions{", Duration::from_secs(5), |v| v == 1.0)?;
+    balancer.wait_metric("wglb_sessions{", Duration::from_secs(5), |v| v == 1.0)?;
     let idle = r#"wglb_session_evictions_total{listener="test",reason="idle"}"#;
     ensure!(
-        balancer.metric_or_zero(&rig, idle)? == 0.0,
+        balancer.metric_or_zero(idle)? == 0.0,
         "expired while in use"
     );
     // Silence: no pings, and no keepalive before WireGuard's 10 s.
     drop(pingers);
-    balancer.wait_metric(&rig, idle, Duration::from_secs(9), |v| v == 1.0)?;
-    ensure!(balancer.metric(&rig, "wglb_sessions{")? == 0.0);
+    balancer.wait_metric(idle, Duration::from_secs(9), |v| v == 1.0)?;
+    ensure!(balancer.metric("wglb_sessions{")? == 0.0);
     let listed: serde_json::Value = serde_json::from_str(&balancer.cli(&["--json", "sessions"])?)?;
     ensure!(listed["total"] == 0, "{listed}");
     Ok(())
@@ -629,7 +615,7 @@ fn xdp_that_cannot_attach_falls_back_to_userspace_under_auto_and_refuses_to_star
     let _pingers = connect(&mut rig, 0..1)?;
     let endpoint = rig.gateway_endpoint_of(0, 0)?.context("no endpoint")?;
     ensure!(Datapath::Userspace.relayed_from(endpoint), "{endpoint}");
-    ensure!(balancer.metric(&rig, r#"wglb_datapath{datapath="userspace"}"#)? == 1.0);
+    ensure!(balancer.metric(r#"wglb_datapath{datapath="userspace"}"#)? == 1.0);
     let log = balancer.log_text();
     ensure!(
         log.contains("forwarding in userspace only") && log.contains("nowhere0"),
@@ -782,7 +768,6 @@ fn a_flood_of_new_sessions_pushes_out_no_idle_client(datapath: Datapath) -> Resu
     );
     // The flood reached the balancer and was held to its budget.
     balancer.wait_metric(
-        &rig,
         r#"wglb_dropped_packets_total{direction="to_gateway",listener="test",reason="source_"#,
         Duration::from_secs(5),
         |v| v > 10_000.0,
@@ -835,26 +820,22 @@ fn a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health(
     let mut rig = rig(Family::V4, 3, &config, &wanted)?;
     let balancer = Balancer::start(&rig, &config, datapath)?;
     let pingers = connect(&mut rig, 0..wanted.len())?;
-    let ejections = |rig: &Rig, j: usize| -> Result<f64> {
-        balancer.metric_or_zero(
-            rig,
-            &format!(r#"wglb_passive_ejections_total{{gateway="gw{j}",listener="test"}}"#),
-        )
+    let ejections = |j: usize| -> Result<f64> {
+        balancer.metric_or_zero(&format!(
+            r#"wglb_passive_ejections_total{{gateway="gw{j}",listener="test"}}"#
+        ))
     };
 
     // Client 5 (on gw2) is revoked: its data goes unanswered, and 15 s later its initiations.
     let revoked = 5;
     rig.revoke_client(revoked)?;
     let waiting = r#"wglb_passive_waiting_clients{gateway="gw2",listener="test"}"#;
-    balancer.wait_metric(&rig, waiting, Duration::from_secs(40), |v| v >= 1.0)?;
+    balancer.wait_metric(waiting, Duration::from_secs(40), |v| v >= 1.0)?;
     // Two more looks after the window: time enough for a wrong verdict.
     std::thread::sleep(Duration::from_secs(3));
-    balancer.wait_metric(&rig, waiting, Duration::from_secs(5), |v| v >= 1.0)?;
+    balancer.wait_metric(waiting, Duration::from_secs(5), |v| v >= 1.0)?;
     for j in 0..3 {
-        ensure!(
-            ejections(&rig, j)? == 0.0,
-            "a revoked client took gw{j} down"
-        );
+        ensure!(ejections(j)? == 0.0, "a revoked client took gw{j} down");
     }
 
     let stayers = [0, 2, 3];
@@ -872,24 +853,22 @@ fn a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health(
         );
     }
     ensure!(
-        ejections(&rig, 1)? >= 1.0,
+        ejections(1)? >= 1.0,
         "gw1 was not ejected by passive health"
     );
     ensure!(
-        balancer.metric(
-            &rig,
-            r#"wglb_health_report_up{gateway="gw1",listener="test",source="passive"}"#
-        )? == 0.0
+        balancer
+            .metric(r#"wglb_health_report_up{gateway="gw1",listener="test",source="passive"}"#)?
+            == 0.0
     );
     ensure!(
         balancer.metric(
-            &rig,
             r#"wglb_health_report_up{gateway="gw1",listener="test",source="builtin-http"}"#
         )? == 1.0,
         "gw1's /health should still say 200"
     );
     for j in [0, 2] {
-        ensure!(ejections(&rig, j)? == 0.0, "gw{j} was ejected too");
+        ensure!(ejections(j)? == 0.0, "gw{j} was ejected too");
     }
     for (k, &i) in stayers.iter().enumerate() {
         ensure!(
@@ -904,7 +883,7 @@ fn a_gateway_that_answers_no_handshakes_is_ejected_by_passive_health(
     // Its round trips were measured on the way: every client's first handshake at least.
     let rtt = r#"wglb_handshake_rtt_seconds_count{gateway="gw0",listener="test"}"#;
     ensure!(
-        balancer.metric(&rig, rtt)? >= 2.0,
+        balancer.metric(rtt)? >= 2.0,
         "no handshake round trips for gw0"
     );
     Ok(())
@@ -942,12 +921,10 @@ fn initiations_with_a_wrong_mac1_never_reach_a_gateway(datapath: Datapath) -> Re
     let dropped =
         r#"wglb_dropped_packets_total{direction="to_gateway",listener="test",reason="bad_mac1"}"#;
     // The XDP datapath's counters are read once a second.
-    let counted = balancer.wait_metric(&rig, dropped, Duration::from_secs(5), |v| v >= 9_000.0)?;
+    let counted = balancer.wait_metric(dropped, Duration::from_secs(5), |v| v >= 9_000.0)?;
     let mut forwarded = 0.0;
     for j in 0..3 {
-        forwarded += balancer.metric_or_zero(
-            &rig,
-            &format!(
+        forwarded += balancer.metric_or_zero(&format!(
                 r#"wglb_handshake_messages_total{{gateway="gw{j}",listener="test",message="handshake_initiation"}}"#
             ),
         )?;
@@ -982,13 +959,10 @@ fn a_gateway_whose_port_is_closed_is_ejected_before_its_clients_handshake_again(
     let stopped = SystemTime::now();
     let ejections = r#"wglb_passive_ejections_total{gateway="gw1",listener="test"}"#;
     // The clients' timer fires 15 s after their first unanswered data.
-    balancer.wait_metric(&rig, ejections, Duration::from_secs(14), |v| v >= 1.0)?;
+    balancer.wait_metric(ejections, Duration::from_secs(14), |v| v >= 1.0)?;
     eprintln!("gw1 ejected {:?} after its port closed", stopped.elapsed()?);
     ensure!(
-        balancer.metric(
-            &rig,
-            r#"wglb_gateway_unreachable_total{gateway="gw1",listener="test"}"#
-        )? >= 1.0
+        balancer.metric(r#"wglb_gateway_unreachable_total{gateway="gw1",listener="test"}"#)? >= 1.0
     );
     for moved in [1, 4] {
         let back = first_reply(&pingers[moved], stopped, Duration::from_secs(40))?;
@@ -1034,7 +1008,7 @@ fn rebinding(datapath: Datapath, family: Family) -> Result<()> {
         tuples.push((old, new));
     }
     let rebound = r#"wglb_session_evictions_total{listener="test",reason="rebound"}"#;
-    balancer.wait_metric(&rig, rebound, Duration::from_secs(10), |v| {
+    balancer.wait_metric(rebound, Duration::from_secs(10), |v| {
         v >= wanted.len() as f64
     })?;
     if datapath == Datapath::Userspace {
@@ -1138,7 +1112,7 @@ fn forged_messages_with_a_clients_index_cost_it_nothing(datapath: Datapath) -> R
     )?;
     let path = rig.gateway_endpoint_of(j, victim)?;
     let created = format!(r#"wglb_sessions_created_total{{gateway="gw{j}",listener="test"}}"#);
-    let created_before = balancer.metric(&rig, &created)?;
+    let created_before = balancer.metric(&created)?;
     let from = pingers[victim].last_seq();
     let mut forged = [0u8; 64];
     forged[0] = 4;
@@ -1146,7 +1120,7 @@ fn forged_messages_with_a_clients_index_cost_it_nothing(datapath: Datapath) -> R
     flood(&rig, 8, 400, &forged)?;
     // The forgeries reached the victim's gateway (routed by its index, not placed by their
     // tuples, which would spread them over all three).
-    let forwarded = balancer.wait_metric(&rig, &created, Duration::from_secs(5), |v| {
+    let forwarded = balancer.wait_metric(&created, Duration::from_secs(5), |v| {
         v >= created_before + 8.0
     })?;
     eprintln!(
@@ -1162,7 +1136,7 @@ fn forged_messages_with_a_clients_index_cost_it_nothing(datapath: Datapath) -> R
     );
     let rebound = r#"wglb_session_evictions_total{listener="test",reason="rebound"}"#;
     ensure!(
-        balancer.metric_or_zero(&rig, rebound)? == 0.0,
+        balancer.metric_or_zero(rebound)? == 0.0,
         "a forgery retired a session"
     );
     ensure!(

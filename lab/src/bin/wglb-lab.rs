@@ -2,18 +2,15 @@
 //! as WireGuard alone allows (about 15 s), then one with gateway agents (well under a second).
 
 use std::fmt::Display;
-use std::fs::{self, File};
-
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use wglb_lab::{
-    agents, metrics, require_root, terminate, timeline, wait_for, Family, Netns, Pinger, Rig,
-    RigSpec,
+    agents, metrics, require_root, timeline, Family, Launch, Pinger, Rig, RigSpec, Wglb,
 };
 
 const USAGE: &str = "usage: wglb-lab demo [--wglb PATH] [--agent PATH] [--svg PATH]";
@@ -123,18 +120,26 @@ fn demo(programs: &Programs) -> Result<()> {
         rig.temp_dir().display()
     ));
 
-    let config = write_config(&rig)?;
-    let mut balancer = Balancer::start(&rig, wglb, &config)?;
+    let metrics: SocketAddr = METRICS_ADDR.parse()?;
+    let mut balancer = Launch::new(wglb, rig.temp_dir(), metrics)
+        .inside(rig.balancer_ns())
+        .log("info")
+        .config(&config(&rig)?)?;
     narrator.say(format!(
         "started {} run --config {} in {}; its log: {}",
         wglb.display(),
-        config.display(),
+        rig.temp_dir().join("wglb.toml").display(),
         rig.balancer_ns().name(),
-        balancer.log.display()
+        balancer.log_path().display()
     ));
 
     if let Err(error) = exercise(&mut rig, &mut balancer, programs, &narrator) {
-        balancer.report_failure();
+        // The balancer's log is deleted with the rig, so show its end before it goes.
+        eprintln!(
+            "last lines of {}:\n{}",
+            balancer.log_path().display(),
+            balancer.log_tail(30)
+        );
         return Err(error);
     }
 
@@ -154,7 +159,7 @@ fn demo(programs: &Programs) -> Result<()> {
 /// same with gateway agents, and the balancer's metrics.
 fn exercise(
     rig: &mut Rig,
-    balancer: &mut Balancer,
+    balancer: &mut Wglb,
     programs: &Programs,
     narrator: &Narrator,
 ) -> Result<()> {
@@ -172,7 +177,7 @@ fn exercise(
 
     let mut waiting: Vec<usize> = (0..clients).collect();
     balancer
-        .wait("every client's handshake", HANDSHAKE_TIMEOUT, || {
+        .wait("every client's handshake", HANDSHAKE_TIMEOUT, |_| {
             let mut still_waiting = Vec::new();
             for &i in &waiting {
                 if rig.client_latest_handshake(i)?.is_none() {
@@ -193,7 +198,7 @@ fn exercise(
         balancer.wait(
             format_args!("a ping reply to client {i}"),
             Duration::from_secs(5),
-            || Ok(pinger.first_reply_after(now)),
+            |_| Ok(pinger.first_reply_after(now)),
         )?;
         narrator.say(format!(
             "client {i} ({}) is served by gw{gateway}; pings flow",
@@ -218,8 +223,8 @@ fn exercise(
         balancer.wait(
             format_args!("gw{j}'s agent to report its {clients_of_j} client(s)"),
             Duration::from_secs(10),
-            || {
-                let text = balancer_metrics(rig.balancer_ns())?;
+            |w| {
+                let text = w.metrics()?;
                 Ok((metrics::sum(&text, &series) == Some(clients_of_j)).then_some(()))
             },
         )?;
@@ -249,7 +254,7 @@ fn exercise(
         &events,
     )?;
 
-    match fetch_metrics(rig.balancer_ns()) {
+    match balancer.metrics().map(|text: String| nonzero(&text)) {
         Ok(lines) => {
             narrator.say(format!(
                 "nonzero wglb_ metrics from http://{METRICS_ADDR}/metrics:"
@@ -267,7 +272,7 @@ fn exercise(
 /// where it is now, and what the other clients lost; returns who serves each client after.
 fn fail_gateway(
     rig: &mut Rig,
-    balancer: &mut Balancer,
+    balancer: &mut Wglb,
     pingers: &[Pinger],
     serving: &[usize],
     victim: usize,
@@ -290,7 +295,7 @@ fn fail_gateway(
         let reply = balancer.wait(
             format_args!("client {i} to fail over (its first ping reply after the kill)"),
             FAILOVER_TIMEOUT,
-            || Ok(pingers[i].first_reply_after(killed_at + in_flight)),
+            |_| Ok(pingers[i].first_reply_after(killed_at + in_flight)),
         )?;
         let failover = reply.duration_since(killed_at).unwrap_or_default();
         let new_gateway = rig.gateway_serving(i)?;
@@ -335,7 +340,7 @@ fn fail_gateway(
     Ok(now_serving)
 }
 
-fn write_config(rig: &Rig) -> Result<PathBuf> {
+fn config(rig: &Rig) -> Result<String> {
     let (api, agents) = agents::agents_config(rig, rig.temp_dir(), "demo", GATEWAYS)?;
     let mut config = format!(
         "[api]\n{api}\n[metrics]\nlisten = \"{METRICS_ADDR}\"\n\n\
@@ -349,70 +354,7 @@ fn write_config(rig: &Rig) -> Result<PathBuf> {
         ));
     }
     config.push_str(&agents);
-    let path = rig.temp_dir().join("wglb.toml");
-    fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-/// The wglb process under demonstration; dropping it stops it.
-struct Balancer {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Balancer {
-    fn start(rig: &Rig, wglb: &Path, config: &Path) -> Result<Balancer> {
-        let log = rig.temp_dir().join("wglb.log");
-        let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = rig
-            .balancer_ns()
-            .command(wglb)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().context("duplicating a log file handle")?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("starting {} in the balancer namespace", wglb.display()))?;
-        Ok(Balancer { child, log })
-    }
-
-    /// Polls `check` until it yields a value, like the rig's waits, but gives up as soon as
-    /// wglb exits: nothing can succeed then, and its exit is the error worth reporting.
-    fn wait<T>(
-        &mut self,
-        what: impl Display,
-        timeout: Duration,
-        mut check: impl FnMut() -> Result<Option<T>>,
-    ) -> Result<T> {
-        wait_for(what, timeout, || {
-            if let Some(status) = self.child.try_wait().context("checking on wglb")? {
-                bail!("wglb exited ({status})");
-            }
-            check()
-        })
-    }
-
-    fn stop(mut self) -> Result<ExitStatus> {
-        terminate(&mut self.child, Duration::from_secs(10)).context("stopping wglb")
-    }
-
-    /// The balancer's log is deleted with the rig, so show its end before it goes.
-    fn report_failure(&self) {
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        eprintln!("last lines of {}:", self.log.display());
-        for line in &lines[lines.len().saturating_sub(30)..] {
-            eprintln!("    {line}");
-        }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = terminate(&mut self.child, Duration::from_secs(10));
-    }
+    Ok(config)
 }
 
 /// `[3, 4, 5, 9]` as `3-5, 9`: a failover loses long runs of pings.
@@ -436,22 +378,14 @@ fn ranges(seqs: &[u32]) -> String {
         .join(", ")
 }
 
-/// The balancer's metrics listen on loopback inside its namespace, so fetch them from there.
-fn balancer_metrics(ns: &Netns) -> Result<String> {
-    let address: SocketAddr = METRICS_ADDR.parse()?;
-    ns.run(move || metrics::scrape(address))?
-}
-
-/// The balancer's nonzero `wglb_` samples.
-fn fetch_metrics(ns: &Netns) -> Result<Vec<String>> {
-    let text = balancer_metrics(ns)?;
-    Ok(text
-        .lines()
+/// The nonzero `wglb_` samples of a scrape.
+fn nonzero(text: &str) -> Vec<String> {
+    text.lines()
         .filter(|line| {
             line.starts_with("wglb_") && metrics::sample_value(line).is_some_and(|v| v != 0.0)
         })
         .map(str::to_owned)
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -33,11 +33,12 @@ impl UdpEndpoint {
         })
     }
 
-    /// Opens a listener: reuse-port so a new balancer can bind before the old one exits (an
-    /// upgrade without a gap; both place clients alike), large buffers so bursts are not dropped
-    /// by the kernel. An IPv6 listener takes IPv6 only, so a
-    /// `0.0.0.0` listener on the same port can take IPv4.
-    pub fn listen(address: SocketAddr, buffer: usize) -> io::Result<UdpEndpoint> {
+    /// Binds a listener's socket: reuse-port so that a listener's shards share its address and
+    /// a new balancer can bind before the old one exits (an upgrade without a gap; both place
+    /// clients alike), large buffers so bursts are not dropped by the kernel. An IPv6 listener
+    /// takes IPv6 only, so a `0.0.0.0` listener on the same port can take IPv4. The socket
+    /// joins a runtime with [`UdpEndpoint::listener`], on the thread that will serve it.
+    pub(super) fn bind_listener(address: SocketAddr, buffer: usize) -> io::Result<Socket> {
         let socket = Socket::new(
             Domain::for_address(address),
             Type::DGRAM,
@@ -50,6 +51,11 @@ impl UdpEndpoint {
         socket.set_reuse_port(true)?;
         set_buffers(&socket, buffer);
         socket.bind(&address.into())?;
+        Ok(socket)
+    }
+
+    /// A bound listener socket, registered with the current runtime.
+    pub(super) fn listener(socket: Socket) -> io::Result<UdpEndpoint> {
         UdpEndpoint::from_socket2(socket, false)
     }
 

@@ -1,16 +1,19 @@
 //! A listener on every core: one shard per socket of a reuse-port group, each a whole relay of
-//! its own (its sessions, their sockets and reply tasks), steered so that a client's datagrams
-//! always reach the shard that holds its session (`steering`). In front of them a small task
-//! answers the API, the XDP program and sync peers as one listener: it asks every shard and
-//! merges, and hands a peer's sessions to the shard their clients' datagrams reach.
+//! its own (its sessions, their sockets and reply tasks) on a thread of its own with a
+//! single-threaded runtime, steered so that a client's datagrams always reach the shard that
+//! holds its session (`steering`). A shard's datagrams, timers and reply tasks never wake
+//! another thread: a multi-threaded runtime's work stealing cost more CPU per packet than it
+//! saved at moderate rates. In front of them a small task answers the API, the XDP program
+//! and sync peers as one listener: it asks every shard and merges, and hands a peer's sessions
+//! to the shard their clients' datagrams reach; it going away stops the shards.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use socket2::Socket;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
 use wglb_common::admission::Refusal;
 
 use super::endpoint::{RecvBuffers, UdpEndpoint};
@@ -56,25 +59,21 @@ pub struct ListenerLinks {
 /// stops) join the group too and shift the order the program counts in: datagrams then reach
 /// another shard than `shard_of` says, which opens its own session on the same gateway (the
 /// gateway follows the client's new source port, as it follows any roaming).
-pub fn bind_shards(
-    address: SocketAddr,
-    buffer: usize,
-    shards: usize,
-) -> io::Result<Vec<UdpEndpoint>> {
+pub fn bind_shards(address: SocketAddr, buffer: usize, shards: usize) -> io::Result<Vec<Socket>> {
     let sockets = (0..shards.max(1))
-        .map(|_| UdpEndpoint::listen(address, buffer))
+        .map(|_| UdpEndpoint::bind_listener(address, buffer))
         .collect::<io::Result<Vec<_>>>()?;
     if sockets.len() > 1 {
-        steering::steer(&sockets[0].io, address.is_ipv6(), sockets.len())?;
+        steering::steer(&sockets[0], address.is_ipv6(), sockets.len())?;
     }
     Ok(sockets)
 }
 
-/// Runs one listener until a shard's socket fails. Should the control plane go away, traffic
-/// keeps flowing on the last plan it published.
+/// Runs one listener until a shard's socket fails; dropping the future stops its shards.
+/// Should the control plane go away, traffic keeps flowing on the last plan it published.
 pub async fn run_listener(
     config: &ListenerConfig,
-    sockets: Vec<UdpEndpoint>,
+    sockets: Vec<Socket>,
     links: ListenerLinks,
 ) -> io::Result<()> {
     let ListenerLinks {
@@ -98,34 +97,48 @@ pub async fn run_listener(
     let counters = Arc::new(metrics.listener(&config.name));
     let standby = metrics.sync_standby(&config.name);
     let mut shards = Vec::new();
-    let mut tasks = JoinSet::new();
+    let (ended_tx, mut ended) = mpsc::unbounded_channel();
     for (shard, (socket, told)) in sockets.into_iter().zip(told).enumerate() {
         let (learned_tx, learned) = mpsc::channel(LEARNED_QUEUE);
-        let relay = Relay {
-            name: config.name.clone(),
+        let (name, source, plan, shared) = (
+            config.name.clone(),
+            config.source,
+            plan.clone(),
+            shared.clone(),
+        );
+        let (counters, standby, metrics, events) = (
+            counters.clone(),
+            standby.clone(),
+            metrics.clone(),
+            events.clone(),
+        );
+        let (sync, board, agents) = (sync.clone(), board.clone(), agents.clone());
+        // Built on the shard's thread, around the socket it registers with its runtime there.
+        let relay = move |socket| Relay {
+            name,
             shard,
-            socket: Arc::new(socket),
-            source: config.source,
+            socket,
+            source,
             sessions: SessionTable::new(super::share(plan.table_size, shared.siblings.len())),
             probation: SessionTable::new(super::share(
                 plan.admission.probation_size,
                 shared.siblings.len(),
             )),
-            shared: shared.clone(),
-            counters: counters.clone(),
-            standby: standby.clone(),
-            metrics: metrics.clone(),
-            plan: plan.clone(),
+            shared,
+            counters,
+            standby,
+            metrics,
+            plan,
             gateway_counters: HashMap::new(),
-            events: events.clone(),
+            events,
             ended: Evictions::default(),
             refused: [0; Refusal::ALL.len()],
             unconfirmed_counted: 0,
-            sync: sync.clone(),
+            sync,
             resyncs: Resyncs::default(),
             refreshed_at: now_ms(),
-            board: board.clone(),
-            agents: agents.clone(),
+            board,
+            agents,
             learned: learned_tx,
         };
         let (asks, asked) = mpsc::channel(16);
@@ -136,7 +149,21 @@ pub async fn run_listener(
             learned,
             told,
         };
-        tasks.spawn(run_shard(relay, inbox));
+        let ended = ended_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("wglb-shard-{shard}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let outcome = runtime.and_then(|runtime| {
+                    runtime.block_on(async move {
+                        let socket = Arc::new(UdpEndpoint::listener(socket)?);
+                        run_shard(relay(socket), inbox).await
+                    })
+                });
+                let _ = ended.send(outcome);
+            })?;
     }
     let front = Front {
         shards,
@@ -145,7 +172,7 @@ pub async fn run_listener(
     };
     loop {
         tokio::select! {
-            Some(ended) = tasks.join_next() => return ended.map_err(io::Error::other)?,
+            Some(outcome) = ended.recv() => return outcome,
             Some(request) = requests.recv() => front.answer(request).await,
         }
     }
@@ -187,7 +214,11 @@ async fn run_shard(mut relay: Relay, mut inbox: Inbox) -> io::Result<()> {
             _ = sweep.tick() => relay.sweep(),
             Some(index) = inbox.learned.recv() => relay.learn(index),
             Some(message) = inbox.told.recv() => relay.told(message),
-            Some(request) = inbox.requests.recv() => {
+            request = inbox.requests.recv() => {
+                // The front is gone: the listener stops.
+                let Some(request) = request else {
+                    return Ok(());
+                };
                 relay.answer(request);
                 // A long answer (a page of a big table) must not be followed by another while
                 // datagrams wait: drain what queued up before looking at requests again.

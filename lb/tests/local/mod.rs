@@ -7,15 +7,15 @@
 
 use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use wglb::config::Config;
 use wglb::control::initial_placement;
-use wglb_lab::{metrics, wait_for};
+use wglb_lab::{wait_for, Launch};
 use wglb_proto::client::{Connection, Target};
 
 pub fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -126,11 +126,11 @@ pub fn clients_for(
         .collect()
 }
 
+/// A balancer on the host: the lab's runner, with its files named after the test's address.
 pub struct Wglb {
-    child: Child,
+    wglb: wglb_lab::Wglb,
     pub metrics: SocketAddr,
     pub api_socket: PathBuf,
-    pub config: Option<PathBuf>,
 }
 
 /// A file name unique to this test process and `tag` (tests in parallel use their own address,
@@ -139,79 +139,48 @@ pub fn temp_path(tag: impl std::fmt::Display, suffix: &str) -> PathBuf {
     std::env::temp_dir().join(format!("wglb-test-{}-{tag}{suffix}", std::process::id()))
 }
 
+/// A balancer on the host with its files named after `metrics`'s address (the test's own).
+pub fn launch(metrics: SocketAddr) -> Launch {
+    let name = temp_path(metrics.ip(), "");
+    let name = name.file_name().expect("a file name").to_string_lossy();
+    Launch::new(
+        Path::new(env!("CARGO_BIN_EXE_wglb")),
+        &std::env::temp_dir(),
+        metrics,
+    )
+    .named(&name)
+    .log("warn")
+}
+
 impl Wglb {
+    fn started(wglb: wglb_lab::Wglb) -> Wglb {
+        Wglb {
+            metrics: wglb.metrics_address(),
+            api_socket: wglb.api_socket().to_path_buf(),
+            wglb,
+        }
+    }
+
     /// `wglb run` with flags, serving metrics on `metrics`.
     pub fn start(args: &[&str], metrics: SocketAddr) -> Result<Wglb> {
-        let api_socket = temp_path(metrics.ip(), ".sock");
-        let mut all = vec![
-            "--metrics-listen".to_string(),
-            metrics.to_string(),
-            "--api-socket".to_string(),
-            api_socket.display().to_string(),
-        ];
-        all.extend(args.iter().map(|a| a.to_string()));
-        Wglb::spawn(&all, metrics, api_socket, None)
+        Ok(Wglb::started(launch(metrics).flags(args).flags_only()?))
     }
 
-    /// `wglb run --config` with `config` plus [metrics] and, unless `config` has one, [api]
-    /// sections. The file stays, for reloads.
+    /// `wglb run --config` with `config`, plus the metrics address and an API socket unless
+    /// `config` names its own. The file stays, for reloads.
     pub fn start_with_file(config: &str, metrics: SocketAddr) -> Result<Wglb> {
-        let path = temp_path(metrics.ip(), ".toml");
-        let api_socket = temp_path(metrics.ip(), ".sock");
-        let api = if config.contains("[api]") {
-            String::new()
-        } else {
-            format!("[api]\nsocket = \"{}\"\n", api_socket.display())
-        };
-        std::fs::write(
-            &path,
-            format!("[metrics]\nlisten = \"{metrics}\"\n{api}{config}"),
-        )?;
-        Wglb::spawn(
-            &["--config".into(), path.display().to_string()],
-            metrics,
-            api_socket,
-            Some(path),
-        )
-    }
-
-    fn spawn(
-        args: &[String],
-        metrics: SocketAddr,
-        api_socket: PathBuf,
-        config: Option<PathBuf>,
-    ) -> Result<Wglb> {
-        let child = Command::new(env!("CARGO_BIN_EXE_wglb"))
-            .args(["--log", "error", "run"])
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()?;
-        let wglb = Wglb {
-            child,
-            metrics,
-            api_socket,
-            config,
-        };
-        wglb.wait("metrics to be served", |w| {
-            metrics::scrape(w.metrics).is_ok()
-        })?;
-        Ok(wglb)
+        Ok(Wglb::started(launch(metrics).config(config)?))
     }
 
     /// Sum of every sample whose series starts with `prefix`; an error when there is none, or
     /// when the scrape fails.
     pub fn metric(&self, prefix: &str) -> Result<f64> {
-        metrics::value(&metrics::scrape(self.metrics)?, prefix)
+        self.wglb.metric(prefix)
     }
 
     /// Polls a metric until it exists and `done` holds for it.
     pub fn wait_metric(&self, prefix: &str, done: impl Fn(f64) -> bool) -> Result<f64> {
-        metrics::wait_for_value(
-            prefix,
-            Duration::from_secs(10),
-            || metrics::scrape(self.metrics),
-            done,
-        )
+        self.wglb.wait_metric(prefix, Duration::from_secs(10), done)
     }
 
     pub fn wait(&self, what: &str, done: impl Fn(&Wglb) -> bool) -> Result<()> {
@@ -222,19 +191,12 @@ impl Wglb {
 
     /// Runs `wglb --api SOCKET ARGS...` to completion.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        cli(&self.api_socket, args)
+        self.wglb.run_cli(args)
     }
 
     /// Like [`Wglb::cli`], for a command that must succeed; returns its stdout.
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
-        let output = self.cli(args)?;
-        anyhow::ensure!(
-            output.status.success(),
-            "wglb {args:?}: {}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(String::from_utf8(output.stdout)?)
+        self.wglb.cli(args)
     }
 
     /// Like [`Wglb::cli_ok`] with `--json`, parsed.
@@ -267,11 +229,10 @@ pub fn cli(api: impl AsRef<OsStr>, args: &[&str]) -> Result<Output> {
 
 impl Drop for Wglb {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(config) = &self.config {
-            let _ = std::fs::remove_file(config);
+        // Its files are in the shared temporary directory: they go with it.
+        let _ = self.wglb.kill();
+        for suffix in [".toml", ".sock", ".log"] {
+            let _ = std::fs::remove_file(temp_path(self.metrics.ip(), suffix));
         }
-        let _ = std::fs::remove_file(&self.api_socket);
     }
 }

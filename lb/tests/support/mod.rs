@@ -7,14 +7,14 @@
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use nix::sys::signal::Signal;
 use wglb::config::{Config, DEFAULT_NAT_PORTS};
 use wglb::control::initial_placement;
 use wglb::pool::Placement;
-use wglb_lab::{metrics, wait_for, Family, Rig};
+use wglb_lab::{Family, Launch, Rig, Wglb};
 
 pub const METRICS_PORT: u16 = 9638;
 
@@ -70,16 +70,6 @@ pub fn synced_config(rig: &Rig, b: usize, peers: &[usize], rest: &str) -> Result
         );
     }
     Ok(format!("{text}\n{rest}"))
-}
-
-/// `config_text` with an [api] socket of its own (every balancer of a test run has one), in the
-/// text's [api] section if it has one.
-fn with_api(config_text: &str, socket: &Path) -> String {
-    let socket = format!("[api]\nsocket = \"{}\"\n", socket.display());
-    match config_text.strip_prefix("[api]\n") {
-        Some(rest) => format!("{socket}{rest}"),
-        None => format!("{socket}{config_text}"),
-    }
 }
 
 /// Client i's outer address in a rig of `family`, as the lab lays it out.
@@ -163,13 +153,9 @@ impl Datapath {
     }
 }
 
+/// A balancer under test: the lab's runner, started in the rig's balancer namespace.
 pub struct Balancer {
-    child: Option<Child>,
-    /// Which balancer of a shared-segment rig; None for the rig's one balancer.
-    at: Option<usize>,
-    config: PathBuf,
-    api_socket: PathBuf,
-    pub log: PathBuf,
+    wglb: Wglb,
 }
 
 impl Balancer {
@@ -187,129 +173,85 @@ impl Balancer {
         config_text: &str,
         datapath: Datapath,
     ) -> Result<Balancer> {
-        let suffix = at.map_or(String::new(), |b| b.to_string());
-        let config = rig.temp_dir().join(format!("wglb{suffix}.toml"));
-        let api_socket = rig.temp_dir().join(format!("api{suffix}.sock"));
-        fs::write(&config, with_api(config_text, &api_socket))?;
-        let log = rig.temp_dir().join(format!("wglb{suffix}.log"));
-        let log_file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
+        let name = format!("wglb{}", at.map_or(String::new(), |b| b.to_string()));
         let ns = match at {
             Some(b) => rig.balancer_ns_at(b),
             None => rig.balancer_ns(),
         };
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_wglb"))
-            .args(["--log", "wglb=debug", "run", "--config"])
-            .arg(&config)
-            .args(datapath.args())
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("starting wglb")?;
-        let balancer = Balancer {
-            child: Some(child),
-            at,
-            config,
-            api_socket,
-            log,
-        };
-        wait_for("wglb to serve metrics", Duration::from_secs(15), || {
-            Ok(balancer.metrics(rig).ok())
-        })
-        .with_context(|| format!("log:\n{}", balancer.log_text()))?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+        let mut launch = Launch::new(
+            Path::new(env!("CARGO_BIN_EXE_wglb")),
+            rig.temp_dir(),
+            metrics,
+        )
+        .named(&name)
+        .inside(ns)
+        .flags(datapath.args());
         if datapath.is_xdp() {
-            let gateways = config_text.matches("[[listener.gateway]]").count() as f64;
-            balancer.wait_metric(
-                rig,
-                "wglb_xdp_gateway_ready{",
-                Duration::from_secs(15),
-                |v| v == gateways,
-            )?;
+            launch = launch.xdp_ready(config_text.matches("[[listener.gateway]]").count());
         }
-        Ok(balancer)
+        Ok(Balancer {
+            wglb: launch.config(config_text)?,
+        })
     }
 
     pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.wglb.log_text()
     }
 
     pub fn api_socket(&self) -> PathBuf {
-        self.api_socket.clone()
+        self.wglb.api_socket().to_path_buf()
     }
 
     /// The Prometheus text the balancer serves.
-    pub fn metrics(&self, rig: &Rig) -> Result<String> {
-        let address = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
-        let ns = match self.at {
-            Some(b) => rig.balancer_ns_at(b),
-            None => rig.balancer_ns(),
-        };
-        ns.run(move || metrics::scrape(address))?
+    pub fn metrics(&self) -> Result<String> {
+        self.wglb.metrics()
     }
 
     /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels); an
     /// error when there is none.
-    pub fn metric(&self, rig: &Rig, prefix: &str) -> Result<f64> {
-        metrics::value(&self.metrics(rig)?, prefix)
+    pub fn metric(&self, prefix: &str) -> Result<f64> {
+        self.wglb.metric(prefix)
     }
 
     /// [`Balancer::metric`] of a counter that nothing may have created yet: absent is zero.
-    pub fn metric_or_zero(&self, rig: &Rig, prefix: &str) -> Result<f64> {
-        Ok(metrics::value_or_zero(&self.metrics(rig)?, prefix))
+    pub fn metric_or_zero(&self, prefix: &str) -> Result<f64> {
+        self.wglb.metric_or_zero(prefix)
     }
 
     /// Polls a metric until it exists and `done` holds for it.
     pub fn wait_metric(
         &self,
-        rig: &Rig,
         prefix: &str,
         timeout: Duration,
         done: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        metrics::wait_for_value(prefix, timeout, || self.metrics(rig), done)
-            .with_context(|| format!("log:\n{}", self.log_text()))
+        self.wglb.wait_metric(prefix, timeout, done)
     }
 
     /// Waits until the balancer has settled gateway `gw{j}`'s health to `state`.
-    pub fn wait_health(&self, rig: &Rig, j: usize, state: &str) -> Result<()> {
+    pub fn wait_health(&self, j: usize, state: &str) -> Result<()> {
         let series =
             format!(r#"wglb_gateway_health{{gateway="gw{j}",listener="test",state="{state}"}}"#);
-        self.wait_metric(rig, &series, Duration::from_secs(10), |v| v == 1.0)?;
+        self.wait_metric(&series, Duration::from_secs(10), |v| v == 1.0)?;
         Ok(())
     }
 
     /// Writes a new configuration and sends SIGHUP; returns once the balancer says it applied it.
-    pub fn reload(&self, rig: &Rig, config_text: &str) -> Result<()> {
-        self.sighup(rig, config_text, "ok")
+    pub fn reload(&self, config_text: &str) -> Result<()> {
+        self.wglb.reload(config_text, "ok")
     }
 
     /// Like [`Balancer::reload`], for a configuration the balancer must refuse.
-    pub fn reload_refused(&self, rig: &Rig, config_text: &str) -> Result<()> {
-        self.sighup(rig, config_text, "error")
-    }
-
-    fn sighup(&self, rig: &Rig, config_text: &str, result: &str) -> Result<()> {
-        let counter = format!(r#"wglb_config_reloads_total{{result="{result}"}}"#);
-        let before = self.metric_or_zero(rig, &counter)?;
-        fs::write(&self.config, with_api(config_text, &self.api_socket))?;
-        let pid = self.child.as_ref().context("running")?.id();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )?;
-        self.wait_metric(rig, &counter, Duration::from_secs(10), |v| v > before)?;
-        Ok(())
+    pub fn reload_refused(&self, config_text: &str) -> Result<()> {
+        self.wglb.reload(config_text, "error")
     }
 
     /// Writes a new configuration and asks for a reload through the CLI (`wglb reload`), which
     /// the balancer must refuse (exit code 1); returns what the CLI said about it.
     pub fn reload_refused_through_cli(&self, config_text: &str) -> Result<String> {
-        fs::write(&self.config, with_api(config_text, &self.api_socket))?;
-        let output = self.run_cli(&["reload"])?;
+        self.wglb.write_config(config_text)?;
+        let output = self.wglb.run_cli(&["reload"])?;
         let said = String::from_utf8_lossy(&output.stderr).into_owned();
         ensure!(
             output.status.code() == Some(1),
@@ -319,87 +261,35 @@ impl Balancer {
         Ok(said)
     }
 
-    /// Runs the `wglb` CLI against this balancer's API socket (a file, so reachable from any
-    /// namespace); returns its stdout, or fails with its stderr.
+    /// Runs the `wglb` CLI against this balancer's API socket; returns its stdout, or fails
+    /// with its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let output = self.run_cli(args)?;
-        if !output.status.success() {
-            bail!(
-                "wglb {args:?}: {}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8(output.stdout)?)
+        self.wglb.cli(args)
     }
 
     /// The balancer's open files and resident memory (bytes) now.
     pub fn footprint(&self) -> Result<(usize, u64)> {
-        let pid = self.child.as_ref().context("not running")?.id();
-        let files = fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kb: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS")?;
-        Ok((files, rss_kb * 1024))
-    }
-
-    fn run_cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_wglb"))
-            .arg("--api")
-            .arg(&self.api_socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()?)
+        self.wglb.footprint()
     }
 
     /// SIGKILL: the balancer dies without a word to anyone.
     pub fn kill(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        self.wglb.kill()
     }
 
     /// SIGTERM without waiting: [`Balancer::stop`] waits for the exit.
     pub fn ask_to_stop(&self) -> Result<()> {
-        let pid = self.child.as_ref().context("not running")?.id();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        Ok(())
+        self.wglb.signal(Signal::SIGTERM)
     }
 
     /// Whether the process still runs.
     pub fn running(&mut self) -> Result<bool> {
-        Ok(match &mut self.child {
-            Some(child) => child.try_wait()?.is_none(),
-            None => false,
-        })
+        self.wglb.running()
     }
 
-    /// SIGTERM, and wait for the process to exit.
+    /// SIGTERM, and wait for the process to exit cleanly.
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            let status = wglb_lab::terminate(&mut child, Duration::from_secs(5))?;
-            if !status.success() {
-                bail!("wglb exited with {status}; log:\n{}", self.log_text());
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.wglb.stop_cleanly()
     }
 }
 
