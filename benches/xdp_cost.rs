@@ -26,7 +26,9 @@ use wglb::config::Config;
 use wglb::control::initial_placement;
 use wglb::xdp::{endpoint_of, Limits, Table, XdpProgram, XDP_DROP, XDP_TX};
 use wglb_common::mac1::{Blake2sWork, Mac1Key, INITIATION_LEN, MAC1_OFFSET};
-use wglb_common::xdp::{FlowKey, Gateway, Session, GATEWAY_KEEPS, GATEWAY_READY};
+use wglb_common::xdp::{
+    Endpoint, FlowKey, Gateway, ListenerInfo, Session, GATEWAY_KEEPS, GATEWAY_READY,
+};
 
 const REPEAT: u32 = 1_000_000;
 const MISSES: u16 = 20_000;
@@ -239,6 +241,23 @@ fn main() -> anyhow::Result<()> {
         .context("the floor's session map")?
         .try_into()?;
     sessions.insert(hit_key, hit_session, 0)?;
+    // The hit's listener, as wglb's program holds it, for the floor that looks it up; and the
+    // address the floors rewrite the destination to, which the repeats after the first see.
+    let mut listeners: HashMap<_, Endpoint, ListenerInfo> = floors
+        .map_mut("FLOOR_LISTENERS")
+        .context("the floor's listener map")?
+        .try_into()?;
+    let listener_info = ListenerInfo {
+        index: 0,
+        maglev_offset: 0,
+        maglev_size: slots,
+        hash_port: 1,
+        pad: [0; 3],
+        admission,
+    };
+    for address in [listener.listen, SocketAddr::from(([10, 202, 0, 2], 51820))] {
+        listeners.insert(endpoint_of(address), listener_info, 0)?;
+    }
     let mut time_floor = |name: &str| -> anyhow::Result<Duration> {
         let floor: &mut Xdp = floors
             .program_mut(name)
@@ -262,6 +281,7 @@ fn main() -> anyhow::Result<()> {
     };
     let floor_ns = time_floor("floor")?;
     let session_floor_ns = time_floor("floor_session")?;
+    let listener_floor_ns = time_floor("floor_listener_session")?;
 
     let ratio = |d: Duration, of: Duration| d.as_nanos() as f64 / of.as_nanos().max(1) as f64;
     println!("case                            ns/packet   vs floor   vs session floor");
@@ -273,6 +293,12 @@ fn main() -> anyhow::Result<()> {
         "session floor (+ lookup, touch) {:>9}   {:.2}x      1.00x",
         session_floor_ns.as_nanos(),
         ratio(session_floor_ns, floor_ns)
+    );
+    println!(
+        "  + listener lookup first       {:>9}   {:.2}x      {:.2}x",
+        listener_floor_ns.as_nanos(),
+        ratio(listener_floor_ns, floor_ns),
+        ratio(listener_floor_ns, session_floor_ns)
     );
     println!("(new sessions and rebound tuples: the mean of the runs that opened one)");
     for (case, d) in [

@@ -4,6 +4,8 @@
 //! and sends the frame back out (XDP_TX), with no lookups at all. `floor_session`: the same
 //! plus what any balancer that keeps sessions adds, one lookup of the client's session in an
 //! LRU hash map keyed and valued as wglb's, and a touch of its last-seen time.
+//! `floor_listener_session`: the same after a lookup of the destination in a hash map of
+//! listener addresses, as wglb finds the listener (whose index is part of the session key).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -12,9 +14,9 @@ mod floor {
     use aya_ebpf::bindings::xdp_action;
     use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
     use aya_ebpf::macros::{map, xdp};
-    use aya_ebpf::maps::LruHashMap;
+    use aya_ebpf::maps::{HashMap, LruHashMap};
     use aya_ebpf::programs::XdpContext;
-    use wglb_common::xdp::{Endpoint, FlowKey, Session};
+    use wglb_common::xdp::{Endpoint, FlowKey, ListenerInfo, Session, MAX_LISTENER_ADDRS};
 
     const NEW_ADDRESS: [u8; 4] = [10, 202, 0, 2];
     const NEW_PORT: [u8; 2] = 51820u16.to_be_bytes();
@@ -22,6 +24,10 @@ mod floor {
     /// As large as the benchmark makes wglb's SESSIONS.
     #[map]
     static FLOOR_SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::with_max_entries(65_536, 0);
+
+    #[map]
+    static FLOOR_LISTENERS: HashMap<Endpoint, ListenerInfo> =
+        HashMap::with_max_entries(MAX_LISTENER_ADDRS, 0);
 
     #[xdp]
     pub fn floor(ctx: XdpContext) -> u32 {
@@ -33,21 +39,44 @@ mod floor {
 
     #[xdp]
     pub fn floor_session(ctx: XdpContext) -> u32 {
+        match udp_frame(&ctx) {
+            Some(frame) => session(frame, 0),
+            None => xdp_action::XDP_PASS,
+        }
+    }
+
+    #[xdp]
+    pub fn floor_listener_session(ctx: XdpContext) -> u32 {
         let Some(frame) = udp_frame(&ctx) else {
             return xdp_action::XDP_PASS;
         };
-        // The client's address as wglb keys it: IPv4 mapped into IPv6.
+        let listener = endpoint(&frame[30..34], [frame[36], frame[37]]);
+        match unsafe { FLOOR_LISTENERS.get(&listener) } {
+            Some(info) => session(frame, info.index),
+            None => xdp_action::XDP_PASS,
+        }
+    }
+
+    /// An IPv4 address and port as wglb keys them: the address mapped into IPv6.
+    #[inline(always)]
+    fn endpoint(v4: &[u8], port: [u8; 2]) -> Endpoint {
         let mut addr = [0u8; 16];
         addr[10] = 0xff;
         addr[11] = 0xff;
-        addr[12..16].copy_from_slice(&frame[26..30]);
+        addr[12..16].copy_from_slice(v4);
+        Endpoint {
+            addr,
+            port,
+            pad: [0; 2],
+        }
+    }
+
+    /// Finds and touches the client's session of `listener`, then forwards.
+    #[inline(always)]
+    fn session(frame: &mut [u8; 42], listener: u32) -> u32 {
         let key = FlowKey {
-            listener: 0,
-            client: Endpoint {
-                addr,
-                port: [frame[34], frame[35]],
-                pad: [0; 2],
-            },
+            listener,
+            client: endpoint(&frame[26..30], [frame[34], frame[35]]),
         };
         let Some(session) = FLOOR_SESSIONS.get_ptr_mut(&key) else {
             return xdp_action::XDP_PASS;
