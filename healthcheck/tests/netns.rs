@@ -106,9 +106,12 @@ impl Setup {
             );
         }
         sidecar_config += extra;
+        // Written before `prepare`, which may change it; the runner then starts from the file.
+        std::fs::write(dir.join("wglb.toml"), balancer_config)?;
         probe.write_private(&dir.join("probe.key"))?;
         std::fs::write(dir.join("healthcheck.toml"), sidecar_config)?;
         prepare(&rig)?;
+        let balancer_config = std::fs::read_to_string(dir.join("wglb.toml"))?;
         let balancer = Launch::new(&wglb()?, &dir, METRICS.parse()?)
             .inside(rig.balancer_ns())
             .config(&balancer_config)?;

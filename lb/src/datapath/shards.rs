@@ -153,15 +153,18 @@ pub async fn run_listener(
         std::thread::Builder::new()
             .name(format!("wglb-shard-{shard}"))
             .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                let outcome = runtime.and_then(|runtime| {
+                // A panic ends the listener as a failed socket would, not a shard in silence.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
                     runtime.block_on(async move {
                         let socket = Arc::new(UdpEndpoint::listener(socket)?);
                         run_shard(relay(socket), inbox).await
                     })
-                });
+                }));
+                let outcome = outcome
+                    .unwrap_or_else(|_| Err(io::Error::other(format!("shard {shard} panicked"))));
                 let _ = ended.send(outcome);
             })?;
     }
