@@ -396,14 +396,14 @@ impl Wglb {
     }
 
     /// SIGTERM, and its exit status once it exits (SIGKILL after a grace period).
-    pub fn stop(&mut self) -> Result<ExitStatus> {
+    pub fn stop_for_status(&mut self) -> Result<ExitStatus> {
         let mut child = self.child.take().context("wglb was stopped already")?;
         Ok(terminate(&mut child, STOP_GRACE)?)
     }
 
-    /// [`Wglb::stop`], which must end in a clean exit.
-    pub fn stop_cleanly(&mut self) -> Result<()> {
-        let status = self.stop()?;
+    /// SIGTERM; it must exit cleanly.
+    pub fn stop(&mut self) -> Result<()> {
+        let status = self.stop_for_status()?;
         ensure!(
             status.success(),
             "wglb exited with {status}; log:\n{}",

@@ -164,7 +164,7 @@ impl Pair {
             .map(|b| Balancer::start_at(&rig, Some(b), &configs[b], datapath))
             .collect::<Result<_>>()?;
         let keepalived: Vec<Daemon> = (0..2)
-            .map(|b| start_keepalived(&rig, b, &balancers[b].api_socket()))
+            .map(|b| start_keepalived(&rig, b, balancers[b].api_socket()))
             .collect::<Result<_>>()?;
         wait_for("lb0 to take the floating address", VRRP_SWITCH * 2, || {
             Ok(holds_floating_address(&rig, 0)?.then_some(()))

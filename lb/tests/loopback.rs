@@ -167,7 +167,7 @@ fn tells_systemd_and_kubernetes_when_it_is_ready_and_when_it_stops() -> Result<(
     http.read_to_string(&mut response)?;
     ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
 
-    let status = wglb.stop()?;
+    let status = wglb.stop_for_status()?;
     let len = notify.recv(&mut message)?;
     ensure!(
         &message[..len] == b"STOPPING=1\n",

@@ -148,7 +148,7 @@ fn demo(programs: &Programs) -> Result<()> {
         programs.svg.display()
     ));
     narrator.say("stopping the balancer (SIGTERM)");
-    let status = balancer.stop()?;
+    let status = balancer.stop_for_status()?;
     narrator.say(format!("balancer exited: {status}"));
     drop(rig);
     narrator.say("rig torn down");

@@ -6,10 +6,12 @@
 //! handshakes do not carry). Replies leave through the listener socket, from the address the
 //! client sent to.
 //!
-//! One task per listener receives client datagrams in batches (recvmmsg, and GRO where the kernel
-//! offers it) and owns the session table; one small task per session waits on its upstream socket
-//! and relays replies, borrowing a per-thread batch buffer only while it drains. Decisions come
-//! from the [`ListenerPlan`]; this module only executes them.
+//! A listener runs as shards (`shards`: one per core by default, each on a thread of its own
+//! with its own socket on the listener's address, `steering` keeping a client on one). A
+//! shard's task receives its clients' datagrams in batches (recvmmsg, and GRO where the kernel
+//! offers it) and owns its part of the session table; one small task per session waits on its
+//! upstream socket and relays replies, borrowing a per-thread batch buffer only while it
+//! drains. Decisions come from the [`ListenerPlan`]; this module only executes them.
 //!
 //! The table also holds peers' sessions (session sync): standby entries with no socket, which
 //! become forwarding sessions on the gateway they name when their client's traffic comes here.
@@ -41,8 +43,7 @@ mod endpoint;
 mod shards;
 mod steering;
 
-pub use endpoint::UdpEndpoint;
-use endpoint::{datagrams, RecvBuffers};
+use endpoint::{datagrams, RecvBuffers, UdpEndpoint};
 pub use shards::{bind_shards, run_listener, ListenerLinks};
 pub use steering::shard_of;
 
@@ -368,7 +369,7 @@ impl ReplyPath {
     }
 }
 
-/// A listener's relay state, owned by its task.
+/// A shard's relay state, owned by its thread's task.
 struct Relay {
     name: String,
     /// Which of the listener's shards this is.

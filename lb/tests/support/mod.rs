@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
@@ -153,9 +153,24 @@ impl Datapath {
     }
 }
 
-/// A balancer under test: the lab's runner, started in the rig's balancer namespace.
+/// A balancer under test: the lab's runner, started in the rig's balancer namespace; what it
+/// does not add here (metrics, CLI, kill...) is the runner's.
 pub struct Balancer {
     wglb: Wglb,
+}
+
+impl std::ops::Deref for Balancer {
+    type Target = Wglb;
+
+    fn deref(&self) -> &Wglb {
+        &self.wglb
+    }
+}
+
+impl std::ops::DerefMut for Balancer {
+    fn deref_mut(&mut self) -> &mut Wglb {
+        &mut self.wglb
+    }
 }
 
 impl Balancer {
@@ -195,40 +210,6 @@ impl Balancer {
         })
     }
 
-    pub fn log_text(&self) -> String {
-        self.wglb.log_text()
-    }
-
-    pub fn api_socket(&self) -> PathBuf {
-        self.wglb.api_socket().to_path_buf()
-    }
-
-    /// The Prometheus text the balancer serves.
-    pub fn metrics(&self) -> Result<String> {
-        self.wglb.metrics()
-    }
-
-    /// Sum of every sample whose series starts with `prefix` (a name, or a name and labels); an
-    /// error when there is none.
-    pub fn metric(&self, prefix: &str) -> Result<f64> {
-        self.wglb.metric(prefix)
-    }
-
-    /// [`Balancer::metric`] of a counter that nothing may have created yet: absent is zero.
-    pub fn metric_or_zero(&self, prefix: &str) -> Result<f64> {
-        self.wglb.metric_or_zero(prefix)
-    }
-
-    /// Polls a metric until it exists and `done` holds for it.
-    pub fn wait_metric(
-        &self,
-        prefix: &str,
-        timeout: Duration,
-        done: impl Fn(f64) -> bool,
-    ) -> Result<f64> {
-        self.wglb.wait_metric(prefix, timeout, done)
-    }
-
     /// Waits until the balancer has settled gateway `gw{j}`'s health to `state`.
     pub fn wait_health(&self, j: usize, state: &str) -> Result<()> {
         let series =
@@ -261,35 +242,9 @@ impl Balancer {
         Ok(said)
     }
 
-    /// Runs the `wglb` CLI against this balancer's API socket; returns its stdout, or fails
-    /// with its stderr.
-    pub fn cli(&self, args: &[&str]) -> Result<String> {
-        self.wglb.cli(args)
-    }
-
-    /// The balancer's open files and resident memory (bytes) now.
-    pub fn footprint(&self) -> Result<(usize, u64)> {
-        self.wglb.footprint()
-    }
-
-    /// SIGKILL: the balancer dies without a word to anyone.
-    pub fn kill(&mut self) -> Result<()> {
-        self.wglb.kill()
-    }
-
     /// SIGTERM without waiting: [`Balancer::stop`] waits for the exit.
     pub fn ask_to_stop(&self) -> Result<()> {
         self.wglb.signal(Signal::SIGTERM)
-    }
-
-    /// Whether the process still runs.
-    pub fn running(&mut self) -> Result<bool> {
-        self.wglb.running()
-    }
-
-    /// SIGTERM, and wait for the process to exit cleanly.
-    pub fn stop(&mut self) -> Result<()> {
-        self.wglb.stop_cleanly()
     }
 }
 
