@@ -136,6 +136,16 @@ impl std::ops::AddAssign for Moved {
     }
 }
 
+/// Asks a listener's datapath (or whatever answers for it); `None` if it is gone.
+pub async fn ask<T>(
+    datapath: &mpsc::Sender<SessionRequest>,
+    request: impl FnOnce(oneshot::Sender<T>) -> SessionRequest,
+) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    datapath.send(request(reply)).await.ok()?;
+    answer.await.ok()
+}
+
 /// What [`SessionRequest::Indices`] answers.
 #[derive(Debug, Default)]
 pub struct IndicesAfter {

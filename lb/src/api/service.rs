@@ -26,7 +26,7 @@ use crate::health::Observation;
 use crate::metrics::Metrics;
 use crate::pool::{AdminState, Health};
 use crate::query::{
-    ClientMatch, Moved, SessionFilter, SessionPage, SessionRequest, SessionRequests,
+    self, ClientMatch, Moved, SessionFilter, SessionPage, SessionRequest, SessionRequests,
 };
 use crate::sync;
 use wglb_common::admission::Refusal;
@@ -171,13 +171,9 @@ impl Api {
         listener: &str,
         request: impl FnOnce(oneshot::Sender<T>) -> SessionRequest,
     ) -> Result<T, Status> {
-        let gone = || Status::unavailable(format!("listener `{listener}` has stopped"));
-        let (reply, answer) = oneshot::channel();
-        self.datapath(listener)?
-            .send(request(reply))
+        query::ask(self.datapath(listener)?, request)
             .await
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())
+            .ok_or_else(|| Status::unavailable(format!("listener `{listener}` has stopped")))
     }
 
     /// Sessions per gateway name of one listener.

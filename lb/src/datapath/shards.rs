@@ -261,16 +261,6 @@ impl Front {
         answered
     }
 
-    async fn ask<T>(
-        &self,
-        shard: usize,
-        request: impl FnOnce(oneshot::Sender<T>) -> SessionRequest,
-    ) -> Option<T> {
-        let (reply, answer) = oneshot::channel();
-        self.shards[shard].send(request(reply)).await.ok()?;
-        answer.await.ok()
-    }
-
     async fn answer(&self, request: SessionRequest) {
         match request {
             SessionRequest::Count { reply } => {
@@ -350,9 +340,10 @@ impl Front {
                             }
                             let step = SyncStep::Changes(part);
                             let peer = peer.clone();
-                            let answer = self
-                                .ask(shard, |reply| SessionRequest::Sync { peer, step, reply })
-                                .await;
+                            let answer = query::ask(&self.shards[shard], |reply| {
+                                SessionRequest::Sync { peer, step, reply }
+                            })
+                            .await;
                             add(answer.unwrap_or_default());
                         }
                     }

@@ -4,6 +4,7 @@
 use super::pins::ListenerPins;
 use super::*;
 use crate::lifecycle::{self, Evictions, Held, SessionStore};
+use crate::query::ask;
 
 impl FastPath {
     pub(super) async fn answer(
@@ -164,16 +165,6 @@ impl FastPath {
             now_ns: coarse_now_ns(),
         }
     }
-}
-
-/// Asks the userspace datapath; `None` if it is gone.
-pub(super) async fn ask<T>(
-    slow_path: &mpsc::Sender<SessionRequest>,
-    request: impl FnOnce(oneshot::Sender<T>) -> SessionRequest,
-) -> Option<T> {
-    let (reply, answer) = oneshot::channel();
-    slow_path.send(request(reply)).await.ok()?;
-    answer.await.ok()
 }
 
 /// A read of the program's sessions of one listener, as the API's answers list them.

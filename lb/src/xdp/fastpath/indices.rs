@@ -5,8 +5,8 @@
 
 use wglb_common::index::{learn, Learn};
 
-use super::answers::ask;
 use super::*;
+use crate::query::ask;
 
 impl FastPath {
     /// Takes in what each served listener's userspace datapath learned since last asked.

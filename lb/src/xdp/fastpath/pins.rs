@@ -3,10 +3,9 @@
 //! layer's [`sync::Standbys`] for the XDP datapath), and the sessions the userspace datapath
 //! relayed before the program served their address.
 
-use super::answers::ask;
 use super::plans::wanted_addresses;
 use super::*;
-use crate::query::SessionRequest;
+use crate::query::{ask, SessionRequest};
 
 impl FastPath {
     /// Drops `peer`'s pin of `client` (`None`: a relayed session's), if it is `peer`'s.
