@@ -415,7 +415,12 @@ fn clients_whose_mapping_changes_after_a_failover_keep_their_gateway(
             });
             Ok((told.count() == wanted.len()).then_some(()))
         },
-    )?;
+    )
+    .with_context(|| {
+        // What each held, for a wait that times out.
+        let listed = |b: usize| sessions(&pair.balancers[b]).map(|s| format!("{s:?}"));
+        format!("lb0: {:?}\nlb1: {:?}", listed(0), listed(1))
+    })?;
     let killed = pair.kill_master()?;
     for pinger in &pair.pingers {
         first_reply(pinger, killed, VRRP_SWITCH + Duration::from_secs(5))?;
